@@ -1,0 +1,1 @@
+"""The numerical oracle: MUG-V models and losses in equinox, fp32-first, written for clarity."""

@@ -1,0 +1,1 @@
+"""Triton kernels, each with its autograd wrapper and the reference it must equal."""

@@ -1,0 +1,50 @@
+"""Shared launch plumbing of the Triton kernels: interpreter detection and launch configs.
+
+Importing this module before any `@triton.jit` definition matters: Triton decides at decoration
+time whether a kernel is compiled or interpreted. On a machine without CUDA the interpreter is the
+only way a kernel can run, so TRITON_INTERPRET=1 is set here when no GPU is visible
+(../shared/notes/platform.md, "Triton on CPU").
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402  (after the environment decision above)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its numpy interpreter (CPU tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def row_block(n: int) -> int:
+    """Power-of-two block covering a row of n features (72 -> 128, 3456 -> 4096)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def row_warps(block: int) -> int:
+    """One config per block size, chosen rather than autotuned: the interpreter refuses several
+    autotune configs, and for these memory-bound row kernels ~128 elements per warp-row is the
+    usual sweet spot (1 warp at 128, 8 at 1024+, 16 at 4096)."""
+    if interpreting():
+        return 1
+    return int(min(16, max(1, block // 256)))
+
+
+def reduction_programs(device: torch.device) -> int:
+    """How many programs a loop-over-rows backward kernel should launch: a few per SM on the GPU
+    (each writes one fp32 partial of the parameter gradients), very few in the interpreter."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def check(cond: bool, name: str, value, expected: str) -> None:
+    """Raise ValueError naming the argument, the value and what was expected."""
+    if not cond:
+        raise ValueError(f"{name}: got {value}, expected {expected}")

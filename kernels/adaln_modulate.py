@@ -1,0 +1,186 @@
+"""AdaLN modulate fused with the non-affine LayerNorm of a MUG-DiT block (forward-notes 1.10).
+
+    y[b, l] = LN(x[b, l]) * (1 + scale[b, index[b, l]]) + shift[b, index[b, l]]
+
+LN is LayerNorm over the hidden axis without weight or bias (eps 1e-6). K = 1 is the plain
+per-sample modulation; K = 2 with `index` built from x_mask picks, per token, the noisy-timestep
+row or the t = 0 row (conditioning frames of image-to-video and the start/end tokens, notes 1.8).
+
+Reference: `adaln_modulate_reference` (plain torch, the model's default path). The Triton path
+(`adaln_modulate`) computes in fp32 inside the kernel and stores in the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mugv.kernels import _launch
+from mugv.kernels._launch import check
+
+import triton  # noqa: E402  (after _launch decided on the interpreter)
+import triton.language as tl  # noqa: E402
+
+
+def adaln_modulate_reference(x, shift, scale, index=None, eps: float = 1e-6):
+    """Plain torch: F.layer_norm (no affine) then the per-token modulation pick, in x's dtype.
+
+    x: (B, L, h); shift, scale: (B, K, h); index: (B, L) integers in [0, K) or None when K = 1.
+    """
+    index = _index_or_zeros(x, shift, index)
+    pick = index.long().unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    sh = torch.gather(shift, 1, pick)
+    sc = torch.gather(scale, 1, pick)
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + sc) + sh
+
+
+def gather_rows(table, index):
+    """table (B, K, h), index (B, L) -> (B, L, h): the per-token row of a modulation table."""
+    pick = index.long().unsqueeze(-1).expand(-1, -1, table.shape[-1])
+    return torch.gather(table, 1, pick)
+
+
+@triton.jit
+def _adaln_fwd_kernel(x_ptr, shift_ptr, scale_ptr, index_ptr, y_ptr, mean_ptr, rstd_ptr,
+                      L, H, K, eps, BLOCK_H: tl.constexpr):
+    # One program per token row; all math in fp32 (load, convert, compute, convert, store).
+    row = tl.program_id(0).to(tl.int64)
+    b = row // L
+    k = tl.load(index_ptr + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / H
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / H + eps)
+    mod = (b * K + k) * H + cols
+    shift = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * (1.0 + scale) + shift
+    tl.store(y_ptr + row * H + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _adaln_bwd_kernel(x_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr, dy_ptr, dx_ptr,
+                      dshift_part_ptr, dscale_part_ptr, L, H, K, rows_per_program,
+                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Program (b, c) walks rows [c * rows_per_program, ...) of sample b, writes dx row by row and
+    # keeps fp32 per-branch sums of dy and dy * xhat; one partial per program, summed in torch
+    # (deterministic, unlike atomics).
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    n_prog = tl.num_programs(1)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    branches = tl.arange(0, BLOCK_K)
+    acc_shift = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
+    acc_scale = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
+    start = c * rows_per_program
+    end = tl.minimum(start + rows_per_program, L)
+    for l in range(start, end):
+        row = b * L + l
+        k = tl.load(index_ptr + row).to(tl.int64)
+        x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + (b * K + k) * H + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        g = dy * (1.0 + scale)  # gradient w.r.t. xhat
+        c_mean = tl.sum(g, axis=0) / H
+        c_proj = tl.sum(g * xhat, axis=0) / H
+        dx = (g - c_mean - xhat * c_proj) * rstd
+        tl.store(dx_ptr + row * H + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        sel = branches[:, None] == k
+        acc_shift += tl.where(sel, dy[None, :], 0.0)
+        acc_scale += tl.where(sel, (dy * xhat)[None, :], 0.0)
+    part = ((b * n_prog + c) * K + branches[:, None]) * H + cols[None, :]
+    pmask = (branches[:, None] < K) & mask[None, :]
+    tl.store(dshift_part_ptr + part, acc_shift, mask=pmask)
+    tl.store(dscale_part_ptr + part, acc_scale, mask=pmask)
+
+
+def _index_or_zeros(x, shift, index):
+    if index is None:
+        check(shift.shape[1] == 1, "index", None, f"an index tensor when K = {shift.shape[1]} > 1")
+        return torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
+    return index
+
+
+def validate_modulation(x, tables: dict, index, what: str = "adaln_modulate"):
+    """Shared argument checks: x (B, L, h), every table (B, K, h) of one K, index (B, L) ints."""
+    check(x.dim() == 3, f"{what}: x", tuple(x.shape), "(B, L, h)")
+    b, length, h = x.shape
+    k = None
+    for name, t in tables.items():
+        check(t.dim() == 3 and t.shape[0] == b and t.shape[2] == h, f"{what}: {name}",
+              tuple(t.shape), f"(B={b}, K, h={h})")
+        k = t.shape[1] if k is None else k
+        check(t.shape[1] == k, f"{what}: {name}", tuple(t.shape), f"K = {k} like the other tables")
+    if index is not None:
+        check(tuple(index.shape) == (b, length), f"{what}: index", tuple(index.shape), f"({b}, {length})")
+        check(not index.is_floating_point(), f"{what}: index dtype", index.dtype, "an integer or bool tensor")
+        if index.device.type == "cpu":
+            lo, hi = int(index.min()), int(index.max())
+            check(lo >= 0 and hi < k, f"{what}: index values", (lo, hi), f"in [0, {k})")
+        else:  # no host sync on the GPU: the check runs asynchronously
+            torch._assert_async(((index >= 0) & (index < k)).all())
+    return b, length, h, k
+
+
+def backward_grid(b: int, length: int, device) -> tuple[int, int]:
+    """(programs per sample, rows per program) of the loop-over-rows backward kernels."""
+    per_sample = max(1, min(length, _launch.reduction_programs(device) // b))
+    rows = triton.cdiv(length, per_sample)
+    return triton.cdiv(length, rows), rows
+
+
+class _AdaLNModulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale, index, eps):
+        b, length, h, k = validate_modulation(x, {"shift": shift, "scale": scale}, index)
+        x = x.contiguous()
+        shift, scale = shift.contiguous(), scale.contiguous()
+        index = _index_or_zeros(x, shift, index).to(torch.int32).contiguous()
+        y = torch.empty_like(x)
+        mean = torch.empty(b * length, dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        block = _launch.row_block(h)
+        _adaln_fwd_kernel[(b * length,)](x, shift, scale, index, y, mean, rstd, length, h, k, eps,
+                                         BLOCK_H=block, num_warps=_launch.row_warps(block))
+        ctx.save_for_backward(x, scale, index, mean, rstd)
+        ctx.shift_dtype = shift.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale, index, mean, rstd = ctx.saved_tensors
+        b, length, h = x.shape
+        k = scale.shape[1]
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        n_prog, rows = backward_grid(b, length, x.device)
+        dshift = torch.empty((b, n_prog, k, h), dtype=torch.float32, device=x.device)
+        dscale = torch.empty_like(dshift)
+        block = _launch.row_block(h)
+        _adaln_bwd_kernel[(b, n_prog)](x, scale, index, mean, rstd, dy, dx, dshift, dscale,
+                                       length, h, k, rows, BLOCK_H=block,
+                                       BLOCK_K=triton.next_power_of_2(k),
+                                       num_warps=_launch.row_warps(block))
+        return (dx, dshift.sum(1).to(ctx.shift_dtype), dscale.sum(1).to(scale.dtype), None, None)
+
+
+def adaln_modulate(x, shift, scale, index=None, eps: float = 1e-6):
+    """Fused LN(x) * (1 + scale[b, index]) + shift[b, index] (Triton; equals
+    `adaln_modulate_reference`). Gradients flow to x, shift and scale.
+
+    Arguments:
+        x: (B, L, h) activations.
+        shift, scale: (B, K, h) modulation tables (K = 1 per sample, K = 2 for t vs t = 0).
+        index: (B, L) integer/bool branch of each token in [0, K); None when K = 1.
+        eps: LayerNorm epsilon (1e-6 in MUG-DiT).
+    Returns:
+        (B, L, h) in x's dtype.
+    """
+    return _AdaLNModulate.apply(x, shift, scale, index, eps)

@@ -1,0 +1,228 @@
+"""GroupNorm followed by SiLU, the pre-convolution pair of every VAE ResBlock (forward-notes 3.x:
+GN(32) -> SiLU -> conv3^3):
+
+    y = SiLU((x - mean_g) * rstd_g * weight[c] + bias[c]),  mean/var over (C/G channels x T H W)
+
+A group of a video feature map holds millions of elements, so the statistics are a split
+reduction: each program reduces a span of one channel to (count, shift, sum(x-shift),
+sum((x-shift)^2)) with `shift` the span's first element (the "shifted data" variance, which keeps
+fp32 accurate when |mean| >> std), and torch merges the spans of a group with Chan's formula.
+Forward: 2 reads of x and 1 write. Backward: 2 reads of x and dy, 1 write of dx.
+
+Reference: `groupnorm_silu_reference` (plain torch F.group_norm then F.silu).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mugv.kernels import _launch
+from mugv.kernels._launch import check
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+def groupnorm_silu_reference(x, weight, bias, groups: int, eps: float = 1e-6):
+    """Plain torch: F.silu(F.group_norm(x, groups, weight, bias, eps)), x (B, C, *spatial)."""
+    return F.silu(F.group_norm(x, groups, weight, bias, eps))
+
+
+@triton.jit
+def _span(S, span):
+    row = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1).to(tl.int64) * span
+    count = tl.minimum(start + span, S) - start
+    return row, start, count
+
+
+@triton.jit
+def _gn_stats_kernel(x_ptr, shift_ptr, s1_ptr, s2_ptr, S, span, BLOCK: tl.constexpr):
+    # Program (row = b*C + c, j): span j of channel c of sample b.
+    row, start, count = _span(S, span)
+    base = x_ptr + row * S + start
+    shift = tl.load(base).to(tl.float32)
+    offs = tl.arange(0, BLOCK)
+    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, count, BLOCK):
+        m = i + offs < count
+        v = tl.where(m, tl.load(base + i + offs, mask=m, other=0.0).to(tl.float32) - shift, 0.0)
+        s1 += v
+        s2 += v * v
+    out = row * tl.num_programs(1) + tl.program_id(1)
+    tl.store(shift_ptr + out, shift)
+    tl.store(s1_ptr + out, tl.sum(s1, axis=0))
+    tl.store(s2_ptr + out, tl.sum(s2, axis=0))
+
+
+@triton.jit
+def _gn_apply_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr, C, CG, S, span,
+                     BLOCK: tl.constexpr):
+    row, start, count = _span(S, span)
+    c = row % C
+    group = (row // C) * (C // CG) + c // CG
+    mean = tl.load(mean_ptr + group)
+    rstd = tl.load(rstd_ptr + group)
+    a = rstd * tl.load(w_ptr + c).to(tl.float32)
+    shift = tl.load(b_ptr + c).to(tl.float32) - mean * a  # z = x * a + shift
+    offs = tl.arange(0, BLOCK)
+    base = row * S + start
+    for i in range(0, count, BLOCK):
+        m = i + offs < count
+        z = tl.load(x_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32) * a + shift
+        y = z / (1.0 + tl.exp(-z))
+        tl.store(y_ptr + base + i + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _dz(x, dy, mean, rstd, w, bias):
+    """xhat and dL/dz of y = SiLU(z), z = xhat * w + bias, in fp32."""
+    xhat = (x - mean) * rstd
+    z = xhat * w + bias
+    sig = 1.0 / (1.0 + tl.exp(-z))
+    return xhat, dy * sig * (1.0 + z * (1.0 - sig))
+
+
+@triton.jit
+def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_ptr, sdzx_ptr,
+                          C, CG, S, span, BLOCK: tl.constexpr):
+    # Per (channel row, span): sum(dz) and sum(dz * xhat), from which torch forms the bias and
+    # weight gradients and the two group means of the GroupNorm backward.
+    row, start, count = _span(S, span)
+    c = row % C
+    group = (row // C) * (C // CG) + c // CG
+    mean = tl.load(mean_ptr + group)
+    rstd = tl.load(rstd_ptr + group)
+    w = tl.load(w_ptr + c).to(tl.float32)
+    bias = tl.load(b_ptr + c).to(tl.float32)
+    offs = tl.arange(0, BLOCK)
+    base = row * S + start
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    accx = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, count, BLOCK):
+        m = i + offs < count
+        x = tl.load(x_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
+        xhat, dz = _dz(x, dy, mean, rstd, w, bias)
+        acc += tl.where(m, dz, 0.0)
+        accx += tl.where(m, dz * xhat, 0.0)
+    out = row * tl.num_programs(1) + tl.program_id(1)
+    tl.store(sdz_ptr + out, tl.sum(acc, axis=0))
+    tl.store(sdzx_ptr + out, tl.sum(accx, axis=0))
+
+
+@triton.jit
+def _gn_bwd_apply_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c_mean_ptr, c_proj_ptr,
+                         dx_ptr, C, CG, S, span, BLOCK: tl.constexpr):
+    # dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dz * w.
+    row, start, count = _span(S, span)
+    c = row % C
+    group = (row // C) * (C // CG) + c // CG
+    mean = tl.load(mean_ptr + group)
+    rstd = tl.load(rstd_ptr + group)
+    c_mean = tl.load(c_mean_ptr + group)
+    c_proj = tl.load(c_proj_ptr + group)
+    w = tl.load(w_ptr + c).to(tl.float32)
+    bias = tl.load(b_ptr + c).to(tl.float32)
+    offs = tl.arange(0, BLOCK)
+    base = row * S + start
+    for i in range(0, count, BLOCK):
+        m = i + offs < count
+        x = tl.load(x_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
+        xhat, dz = _dz(x, dy, mean, rstd, w, bias)
+        dx = (dz * w - c_mean - xhat * c_proj) * rstd
+        tl.store(dx_ptr + base + i + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+def _launch_shape(rows: int, spatial: int, device) -> tuple[int, int, int, int]:
+    """(block, span, spans per channel, warps): spans are whole blocks, and enough of them that the
+    GPU has ~8 programs per SM; the interpreter gets few, large programs."""
+    if _launch.interpreting() or device.type != "cuda":
+        block = min(1024, triton.next_power_of_2(spatial))
+        spans = 1
+        warps = 1
+    else:
+        block = min(2048, triton.next_power_of_2(spatial))
+        target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        spans = max(1, min(triton.cdiv(spatial, block), triton.cdiv(target, rows)))
+        warps = 8 if block >= 2048 else 4
+    span = triton.cdiv(triton.cdiv(spatial, spans), block) * block
+    return block, span, triton.cdiv(spatial, span), warps
+
+
+def _group_stats(shift, s1, s2, b, groups, spatial, span, eps):
+    """Chan's merge of the span partials (B*C, spans) into per-group fp32 mean and rstd (B*G,)."""
+    spans = shift.shape[1]
+    counts = (spatial - span * torch.arange(spans, device=shift.device)).clamp(0, span).float()
+    mean_i = shift + s1 / counts
+    m2_i = s2 - s1 * s1 / counts
+    mean_i, m2_i = (t.reshape(b * groups, -1) for t in (mean_i, m2_i))
+    n = counts.repeat(shift.shape[0] // (b * groups))  # per group: (channels per group x spans)
+    total = n.sum()
+    mean = (mean_i * n).sum(1) / total
+    m2 = m2_i.sum(1) + (n * (mean_i - mean[:, None]) ** 2).sum(1)
+    return mean, torch.rsqrt(m2 / total + eps)
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        b, c = x.shape[:2]
+        x = x.contiguous()
+        spatial = x[0, 0].numel()
+        block, span, spans, warps = _launch_shape(b * c, spatial, x.device)
+        parts = [torch.empty((b * c, spans), dtype=torch.float32, device=x.device) for _ in range(3)]
+        _gn_stats_kernel[(b * c, spans)](x, *parts, spatial, span, BLOCK=block, num_warps=warps)
+        mean, rstd = _group_stats(*parts, b, groups, spatial, span, eps)
+        y = torch.empty_like(x)
+        _gn_apply_kernel[(b * c, spans)](x, weight, bias, mean, rstd, y, c, c // groups, spatial,
+                                         span, BLOCK=block, num_warps=warps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.groups = groups
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        b, c = x.shape[:2]
+        groups = ctx.groups
+        dy = dy.contiguous()
+        spatial = x[0, 0].numel()
+        block, span, spans, warps = _launch_shape(b * c, spatial, x.device)
+        sdz, sdzx = (torch.empty((b * c, spans), dtype=torch.float32, device=x.device) for _ in range(2))
+        _gn_bwd_reduce_kernel[(b * c, spans)](x, dy, weight, bias, mean, rstd, sdz, sdzx,
+                                              c, c // groups, spatial, span, BLOCK=block,
+                                              num_warps=warps)
+        sdz, sdzx = sdz.sum(1).view(b, c), sdzx.sum(1).view(b, c)
+        w = weight.float()
+        n = (c // groups) * spatial
+        c_mean = (sdz * w).view(b * groups, -1).sum(1) / n
+        c_proj = (sdzx * w).view(b * groups, -1).sum(1) / n
+        dx = torch.empty_like(x)
+        _gn_bwd_apply_kernel[(b * c, spans)](x, dy, weight, bias, mean, rstd, c_mean, c_proj, dx,
+                                             c, c // groups, spatial, span, BLOCK=block,
+                                             num_warps=warps)
+        return dx, sdzx.sum(0).to(weight.dtype), sdz.sum(0).to(bias.dtype), None, None
+
+
+def groupnorm_silu(x, weight, bias, groups: int, eps: float = 1e-6):
+    """Fused SiLU(GroupNorm(x)) (Triton; equals `groupnorm_silu_reference`).
+
+    Arguments:
+        x: (B, C, T, H, W) or (B, C, H, W) feature map.
+        weight, bias: (C,) GroupNorm affine parameters.
+        groups: number of groups (32 in the VAE); must divide C.
+        eps: GroupNorm epsilon (1e-6 in the SDXL-style VAE, 1e-5 where torch's default is used).
+    Returns:
+        y of x's shape and dtype. Gradients flow to x, weight and bias.
+    """
+    check(x.dim() >= 3, "groupnorm_silu: x", tuple(x.shape), "(B, C, *spatial)")
+    c = x.shape[1]
+    check(isinstance(groups, int) and groups > 0 and c % groups == 0, "groupnorm_silu: groups",
+          groups, f"a positive divisor of C = {c}")
+    check(tuple(weight.shape) == (c,) and tuple(bias.shape) == (c,), "groupnorm_silu: weight/bias",
+          (tuple(weight.shape), tuple(bias.shape)), f"({c},) each")
+    check(x[0, 0].numel() > 0, "groupnorm_silu: spatial size", tuple(x.shape[2:]), "non-empty")
+    return _GroupNormSiLU.apply(x, weight.contiguous(), bias.contiguous(), groups, eps)

@@ -73,7 +73,7 @@ def test_flops_count():
     f = step_flops(cfg, (14, 90, 160), text_tokens=300)
     seq = 50_402
     h = 3456
-    per_layer = 24 * seq * h * h + 4 * seq * seq * h + 4 * 300 * h * h + 4 * seq * 300 * h
+    per_layer = 28 * seq * h * h + 4 * seq * seq * h + 4 * 300 * h * h + 4 * seq * 300 * h
     assert abs(f.forward - 56 * per_layer) / f.forward < 0.002    # embedders are < 0.2%
     assert f.backward == 2 * f.forward and f.recompute == 0
     assert 0.66 < f.attention_fraction < 0.69      # "attention is 67% of the FLOPs" at 720p

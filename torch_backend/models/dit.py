@@ -1,0 +1,294 @@
+"""MUG-DiT, the production model on Megatron-Core.
+
+The forward contract is the one of `jax_reference/dit.py::dit_forward` (docs: mugv-forward-notes.md
+section 1): latents (B, 24, T, H, W) of any size, timestep (B,) on the 0..1000 scale, text (B, L, D)
+with a per-sample bool mask, x_mask (B, T) (False = clean conditioning frame, modulated with t = 0),
+fps (B,), frame_indice (B, T'+2) -> float32 (B, 48, T, H, W).
+
+Parameter names equal `core/dit.py::dit_schema` (the state dict is canonical; under tensor
+parallelism each rank holds its contiguous slice along the schema's `tp_axis`). Parameters are drawn
+from the schema's `Init` rules (`init_parameters`): the same seed gives the same global model at every
+tensor-parallel size.
+
+Parallelism and kernels are configured, never written here: the blocks come from a layer spec
+(`dit_layers.mugdit_layer_spec`), the TransformerConfig carries sequence parallelism and activation
+recomputation (`recompute_granularity` None / "selective" (attention core) / "full" with
+`recompute_method` "block" (the first `recompute_num_layers` layers) or "uniform" (every layer, in
+groups of `recompute_num_layers`)).
+
+Text with padding: masks (per-sample key mask in cross-attention; padded tokens never reach the
+output). A sample with no real token gets a zero cross-attention output before `proj`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mugv.core.dit import DiTConfig, dit_schema, patch_grid
+from mugv.core.rope import rope_angles, sinusoidal_embedding
+from mugv.torch_backend import megatron_compat
+from mugv.torch_backend.models.dit_layers import mugdit_layer_spec
+
+
+def transformer_config(cfg: DiTConfig, params_dtype: torch.dtype = torch.float32,
+                       **overrides) -> TransformerConfig:
+    """Megatron's TransformerConfig for `cfg`; overrides set parallel/recompute fields, e.g.
+    `sequence_parallel=True`, `recompute_granularity="full", recompute_method="block",
+    recompute_num_layers=4`. Tensor-parallel size is read from Megatron's parallel state."""
+    tp = (parallel_state.get_tensor_model_parallel_world_size()
+          if parallel_state.model_parallel_is_initialized() else 1)
+    fields = dict(
+        num_layers=cfg.depth, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
+        ffn_hidden_size=cfg.mlp_hidden, kv_channels=cfg.head_dim,
+        layernorm_epsilon=cfg.norm_eps, init_method_std=cfg.init_std,
+        hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=True, add_qkv_bias=True,
+        qk_layernorm=True, gated_linear_unit=False, params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=tp, use_cpu_initialization=megatron_compat.cuda_absent(),
+        perform_initialization=False,  # drawn from the schema instead (init_parameters)
+    )
+    return TransformerConfig(**{**fields, **overrides})
+
+
+class _TwoLayerMLP(torch.nn.Module):
+    """fc2(act(fc1(x))): the timestep/fps (SiLU) and text (GELU tanh) embedders (replicated)."""
+
+    def __init__(self, in_f: int, hidden: int, act):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(in_f, hidden)
+        self.fc2 = torch.nn.Linear(hidden, hidden)
+        self.act = act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class FinalLayer(torch.nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.scale_shift_table = torch.nn.Parameter(torch.zeros(2, cfg.hidden_size))
+        self.linear = torch.nn.Linear(cfg.hidden_size, cfg.patch_volume * cfg.out_channels)
+
+    def forward(self, x, c, c0, video_mask):
+        """x (b, N, h); c, c0 (b, h) RAW conditioning vectors (no SiLU/linear, notes 1.14);
+        video_mask (b, N) bool -> (b, N, p * out)."""
+        table = self.scale_shift_table.to(x.dtype)
+        pair_t = table[None] + c[:, None]  # (b, 2, h): row 0 shift, row 1 scale
+        pair_0 = table[None] + c0[:, None]
+        shift, scale = torch.where(video_mask[:, None, :, None], pair_t[:, :, None], pair_0[:, :, None]).unbind(1)
+        x = F.layer_norm(x, (x.shape[-1],), eps=self.eps) * (1 + scale) + shift
+        return self.linear(x)
+
+
+class MUGDiT(torch.nn.Module):
+    """The MUG-DiT model (see module docstring). Build with `build_dit`."""
+
+    def __init__(self, cfg: DiTConfig, config: TransformerConfig, layer_spec: ModuleSpec):
+        super().__init__()
+        self.cfg = cfg
+        self.config = config
+        h = cfg.hidden_size
+        self.start_token = torch.nn.Parameter(torch.zeros(h))
+        self.end_token = torch.nn.Parameter(torch.zeros(h))
+        self.patch_embed = torch.nn.Conv3d(cfg.in_channels, h, cfg.patch_size, stride=cfg.patch_size)
+        self.t_embedder = _TwoLayerMLP(cfg.freq_dim, h, F.silu)
+        self.fps_embedder = _TwoLayerMLP(cfg.freq_dim, h, F.silu)
+        self.t_block = torch.nn.Linear(h, 6 * h)
+        self.text_embedder = _TwoLayerMLP(cfg.text_dim, h, lambda y: F.gelu(y, approximate="tanh"))
+        self.layers = torch.nn.ModuleList(
+            build_module(layer_spec, config=config, layer_number=i) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def conditioning(self, timestep, fps):
+        """c = t_emb(t) + fps_emb, c0 = t_emb(0) + fps_emb (B, h); mod = t_block(SiLU(c)) (B, 6, h),
+        mod0 likewise. Sinusoids in fp32 (as the official code), then the model dtype."""
+        dtype = self.t_block.weight.dtype
+        b = timestep.shape[0]
+        freq = lambda v: sinusoidal_embedding(torch, v.float(), self.cfg.freq_dim).to(dtype)
+        t_emb = self.t_embedder(freq(torch.cat([timestep.float(), timestep.new_zeros(b).float()])))
+        fps_emb = self.fps_embedder(freq(fps))
+        c, c0 = t_emb[:b] + fps_emb, t_emb[b:] + fps_emb
+        mod = self.t_block(F.silu(torch.cat([c, c0]))).unflatten(-1, (6, self.cfg.hidden_size))
+        return c, c0, mod[:b], mod[b:]
+
+    def embed_text(self, text):
+        """LN (no affine) -> fc1 -> GELU tanh -> fc2 -> LN (no affine), per token (notes 1.7)."""
+        eps = self.cfg.norm_eps
+        y = F.layer_norm(text.to(self.t_block.weight.dtype), (text.shape[-1],), eps=eps)
+        y = self.text_embedder(y)
+        return F.layer_norm(y, (y.shape[-1],), eps=eps)
+
+    def _run_layers(self, hidden, *args):
+        c = self.config
+        n = len(self.layers)
+        if c.recompute_granularity != "full":
+            for layer in self.layers:
+                hidden = layer(hidden, *args)
+            return hidden
+        k = c.recompute_num_layers
+        if c.recompute_method == "block":  # the first k layers recomputed, one at a time
+            for i, layer in enumerate(self.layers):
+                hidden = (tensor_parallel.checkpoint(layer, False, hidden, *args) if i < k
+                          else layer(hidden, *args))
+            return hidden
+        for start in range(0, n, k):  # uniform: every layer, in chunks of k
+            chunk = self.layers[start:start + k]
+
+            def run(x, *a, chunk=chunk):
+                for layer in chunk:
+                    x = layer(x, *a)
+                return x
+            hidden = tensor_parallel.checkpoint(run, False, hidden, *args)
+        return hidden
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, x, timestep, text, text_mask, x_mask, fps, frame_indice):
+        """See the module docstring for shapes; returns float32 (B, out_channels, T, H, W)."""
+        cfg = self.cfg
+        check_inputs(cfg, x, timestep, text, text_mask, x_mask, fps, frame_indice)
+        b, _, t, hh, ww = x.shape
+        grid = patch_grid(cfg, (t, hh, ww))
+        dtype = self.patch_embed.weight.dtype
+        # Zero-pad the end of each axis to whole patches (notes 1.2); unpatchify crops.
+        pad = [n * p - s for n, p, s in zip(grid, cfg.patch_size, (t, hh, ww))]
+        x = F.pad(x.to(dtype), (0, pad[2], 0, pad[1], 0, pad[0]))
+        video = self.patch_embed(x).flatten(2).transpose(1, 2)  # (b, N, h), f-major, w fastest
+        with torch.device(x.device):  # core.rope allocates with the namespace's defaults
+            c, c0, mod, mod0 = self.conditioning(timestep, fps)
+            angles = rope_angles(torch, cfg, grid, frame_indice)  # (b, L, head_dim / 2) fp32
+        start = self.start_token.to(dtype).expand(b, 1, -1)
+        end = self.end_token.to(dtype).expand(b, 1, -1)
+        hidden = torch.cat([start, video, end], dim=1).transpose(0, 1).contiguous()  # (L, b, h)
+        # Token mask: patch frame f uses latent frame f * pt's mask; start/end are always t = 0.
+        frames = x_mask[:, ::cfg.patch_size[0]].bool()
+        video_mask = frames.repeat_interleave(grid[1] * grid[2], dim=1)  # (b, N)
+        never = torch.zeros(b, 1, dtype=torch.bool, device=x.device)
+        token_mask = torch.cat([never, video_mask, never], dim=1).t()  # (L, b)
+        cos = angles.cos().transpose(0, 1)[:, :, None]  # (L, b, 1, head_dim / 2)
+        sin = angles.sin().transpose(0, 1)[:, :, None]
+        text_h = self.embed_text(text).transpose(0, 1).contiguous()  # (Lt, b, h)
+
+        if self.config.sequence_parallel:
+            hidden, token_mask = _scatter_sequence(hidden, token_mask)
+        hidden = self._run_layers(hidden, mod, mod0, token_mask, text_h, text_mask.bool(), cos, sin)
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=True)
+
+        out = self.final_layer(hidden[1:-1].transpose(0, 1), c, c0, video_mask)  # (b, N, p*co)
+        return unpatchify(cfg, out, grid, (t, hh, ww))
+
+
+def _scatter_sequence(hidden, token_mask):
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if hidden.shape[0] % tp:
+        raise ValueError(f"sequence parallelism: sequence length {hidden.shape[0]} (video tokens "
+                         f"+ 2) is not divisible by tensor-parallel size {tp}")
+    part = hidden.shape[0] // tp
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return (tensor_parallel.scatter_to_sequence_parallel_region(hidden),
+            token_mask[rank * part:(rank + 1) * part])
+
+
+def unpatchify(cfg: DiTConfig, out, grid, thw):
+    """(B, N, prod(patch) * C) with features (pt, ph, pw, C), C fastest -> float32 (B, C, T, H, W),
+    cropped to the input size (notes 1.15)."""
+    b = out.shape[0]
+    (tp_, hp_, wp_), (pt, ph, pw) = grid, cfg.patch_size
+    y = out.reshape(b, tp_, hp_, wp_, pt, ph, pw, cfg.out_channels)
+    y = y.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_channels, tp_ * pt, hp_ * ph, wp_ * pw)
+    t, hh, ww = thw
+    return y[:, :, :t, :hh, :ww].float()
+
+
+def check_inputs(cfg: DiTConfig, x, timestep, text, text_mask, x_mask, fps, frame_indice) -> None:
+    """Shape/dtype checks of the forward contract, naming the argument, its value and the expectation."""
+    def fail(name, got, expected):
+        raise ValueError(f"MUGDiT input {name}: got {got}, expected {expected}")
+
+    if x.ndim != 5 or x.shape[1] != cfg.in_channels or not x.is_floating_point():
+        fail("x", f"shape {tuple(x.shape)} dtype {x.dtype}", f"float (B, {cfg.in_channels}, T, H, W)")
+    b, _, t, hh, ww = x.shape
+    tp = patch_grid(cfg, (t, hh, ww))[0]
+    if tuple(timestep.shape) != (b,):
+        fail("timestep", f"shape {tuple(timestep.shape)}", f"({b},)")
+    if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
+        fail("text", f"shape {tuple(text.shape)}", f"({b}, L, {cfg.text_dim})")
+    if text.shape[1] > cfg.text_max_len:
+        fail("text", f"{text.shape[1]} tokens", f"at most text_max_len={cfg.text_max_len}")
+    if tuple(text_mask.shape) != tuple(text.shape[:2]) or text_mask.dtype != torch.bool:
+        fail("text_mask", f"shape {tuple(text_mask.shape)} dtype {text_mask.dtype}", f"bool {tuple(text.shape[:2])}")
+    if tuple(x_mask.shape) != (b, t) or x_mask.dtype != torch.bool:
+        fail("x_mask", f"shape {tuple(x_mask.shape)} dtype {x_mask.dtype}", f"bool ({b}, {t})")
+    if tuple(fps.shape) != (b,):
+        fail("fps", f"shape {tuple(fps.shape)}", f"({b},)")
+    if tuple(frame_indice.shape) != (b, tp + 2) or frame_indice.is_floating_point():
+        fail("frame_indice", f"shape {tuple(frame_indice.shape)} dtype {frame_indice.dtype}",
+             f"integer ({b}, {tp + 2}) (patch frames + start + end)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and initialising
+
+
+def build_dit(cfg: DiTConfig, config: Optional[TransformerConfig] = None,
+              layer_spec: Optional[ModuleSpec] = None, seed: Optional[int] = 0,
+              device: Optional[torch.device] = None) -> MUGDiT:
+    """Build MUG-DiT. Megatron's parallel state must be initialised
+    (`megatron_compat.initialize_parallel`). `seed=None` leaves parameters undrawn (to be loaded)."""
+    megatron_compat.enable()  # no-op on a GPU
+    config = config or transformer_config(cfg)
+    model = MUGDiT(cfg, config, layer_spec or mugdit_layer_spec())
+    model.to(device=device, dtype=config.params_dtype)
+    check_against_schema(model, cfg)
+    if seed is not None:
+        init_parameters(model, cfg, seed)
+    return model
+
+
+def _tp() -> tuple[int, int]:
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())
+
+
+def check_against_schema(model: MUGDiT, cfg: DiTConfig) -> None:
+    """Every schema parameter exists with its TP-local shape, and nothing else does."""
+    _, tp = _tp()
+    schema = dit_schema(cfg).as_dict()
+    mine = dict(model.named_parameters())
+    extra, missing = sorted(set(mine) - set(schema)), sorted(set(schema) - set(mine))
+    if extra or missing:
+        raise AssertionError(f"torch MUG-DiT vs schema: extra {extra[:8]}, missing {missing[:8]}")
+    for name, spec in schema.items():
+        if tuple(mine[name].shape) != spec.shard_shape(tp):
+            raise AssertionError(f"{name}: torch shape {tuple(mine[name].shape)}, schema shard "
+                                 f"{spec.shard_shape(tp)} (global {spec.shape}, tp {tp})")
+
+
+@torch.no_grad()
+def init_parameters(model: MUGDiT, cfg: DiTConfig, seed: int) -> None:
+    """Draw every parameter from the schema's Init rule. Each rank draws the GLOBAL tensor with one
+    generator in schema order and keeps its slice, so the model is the same at every TP size."""
+    rank, tp = _tp()
+    params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for spec in dit_schema(cfg):
+        rule = spec.init
+        if rule.kind in ("zeros", "ones"):
+            full = torch.full(spec.shape, 0.0 if rule.kind == "zeros" else 1.0, device=device)
+        elif rule.kind == "normal":
+            full = torch.randn(spec.shape, generator=gen, device=device) * rule.std + rule.mean
+        else:  # uniform U(-std, std)
+            full = (torch.rand(spec.shape, generator=gen, device=device) * 2 - 1) * rule.std
+        params[spec.name].copy_(full[spec.shard_index(rank, tp)])

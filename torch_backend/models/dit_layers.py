@@ -1,0 +1,312 @@
+"""The MUG-DiT transformer layer on Megatron-Core, built from a layer spec.
+
+One block (mugv-forward-notes.md 1.10-1.12), hidden states sequence-first [s, b, h] as Megatron's:
+    u = LN0(x) * (1 + scale_msa) + shift_msa;  x = x + gate_msa * SelfAttn(u)      (QK-RMSNorm, 3D RoPE)
+    x = x + CrossAttn(LN1(x), text)                                               (QK-RMSNorm, text mask)
+    u = LN0(x) * (1 + scale_mlp) + shift_mlp;  x = x + gate_mlp * MLP(u)           (GELU tanh)
+Every shift/scale/gate is picked per token: from the t branch where the token mask is True, from the
+t = 0 branch elsewhere (clean conditioning frames, start/end tokens).
+
+What is configurable, and where:
+- the linears come from the spec (ColumnParallelLinear / RowParallelLinear: tensor parallelism and
+  sequence parallelism are Megatron's, driven by the TransformerConfig);
+- `DiTOps` (spec param `ops`): the elementwise pieces a Triton kernel may fuse (AdaLN norm+modulate,
+  gated residual, QK-RMSNorm+RoPE). `REFERENCE_OPS` is plain torch and always available;
+- `core_attention` (spec submodule): softmax attention, `DotProductAttention(backend=...)`, see
+  `mugv.torch_backend.attention`;
+- selective recomputation of the attention core (config.recompute_granularity == "selective").
+
+Module names equal the canonical parameter names of `core/dit.py::dit_schema`.
+Under tensor parallelism q_norm/k_norm weights are replicated but each rank's gradient covers only its
+own heads: they are tagged `partial_grad_over_tp = True` and must be sum-reduced over the TP group.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mugv.torch_backend.attention import DotProductAttention
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise ops (the kernel slot)
+
+
+def _pick(pair: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """pair (2, b, h) = [t branch, t=0 branch]; token_mask (s, b) -> (s, b, h) per-token rows."""
+    return torch.where(token_mask[..., None], pair[0][None], pair[1][None])
+
+
+def reference_norm_modulate(x, shift, scale, token_mask, eps: float):
+    """AdaLN: LayerNorm(x, no affine) * (1 + scale) + shift (official `t2i_modulate`).
+
+    x (s, b, h); shift, scale (2, b, h) stacked [t branch, t=0 branch]; token_mask (s, b) bool.
+    """
+    normed = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    return normed * (1 + _pick(scale, token_mask)) + _pick(shift, token_mask)
+
+
+def reference_gated_residual(residual, y, gate, token_mask):
+    """residual + gate * y, gate (2, b, h) picked per token like the modulation."""
+    return residual + _pick(gate, token_mask) * y
+
+
+def reference_qk_norm_rope(x, weight, eps: float, cos=None, sin=None):
+    """Per-head RMSNorm over head_dim, then (if cos is given) interleaved-pair RoPE.
+
+    x (s, b, n, d); weight (d,); cos, sin (s, b, 1, d/2). As the official code: normalise in fp32,
+    cast back, multiply by the weight; rotate in fp32 (complex64 there), cast back. Pair q rotates
+    features (2q, 2q+1).
+    """
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    if cos is None:
+        return normed
+    pairs = normed.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTOps:
+    """The elementwise operations of a block; a kernel set replaces any of them (same signature)."""
+
+    norm_modulate: Callable = reference_norm_modulate
+    gated_residual: Callable = reference_gated_residual
+    qk_norm_rope: Callable = reference_qk_norm_rope
+
+
+REFERENCE_OPS = DiTOps()
+
+
+# ---------------------------------------------------------------------------------------------
+# Submodules
+
+
+class HeadRMSNorm(torch.nn.Module):
+    """The (head_dim,) weight of a per-head RMSNorm; the math lives in `DiTOps.qk_norm_rope`."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(head_dim))
+        self.weight.partial_grad_over_tp = True
+
+
+@dataclasses.dataclass
+class SelfAttentionSubmodules:
+    qkv: type | ModuleSpec = tensor_parallel.ColumnParallelLinear
+    proj: type | ModuleSpec = tensor_parallel.RowParallelLinear
+    core_attention: type | ModuleSpec = DotProductAttention
+
+
+@dataclasses.dataclass
+class CrossAttentionSubmodules:
+    q: type | ModuleSpec = tensor_parallel.ColumnParallelLinear
+    kv: type | ModuleSpec = tensor_parallel.ColumnParallelLinear
+    proj: type | ModuleSpec = tensor_parallel.RowParallelLinear
+    core_attention: type | ModuleSpec = DotProductAttention
+
+
+@dataclasses.dataclass
+class MLPSubmodules:
+    fc1: type | ModuleSpec = tensor_parallel.ColumnParallelLinear
+    fc2: type | ModuleSpec = tensor_parallel.RowParallelLinear
+
+
+def _tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _tp_group():
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Megatron's init_method slot: parameters are drawn afterwards from the schema's Init rules."""
+
+
+def _column(spec, config, in_f, out_f, **kw):
+    return build_module(spec, in_f, out_f, config=config, init_method=_no_init, bias=True,
+                        gather_output=False, skip_bias_add=False, tp_group=_tp_group(), **kw)
+
+
+def _row(spec, config, in_f, out_f):
+    return build_module(spec, in_f, out_f, config=config, init_method=_no_init, bias=True,
+                        input_is_parallel=True, skip_bias_add=False, tp_group=_tp_group())
+
+
+class _AttentionBase(torch.nn.Module):
+    def __init__(self, config: TransformerConfig, ops: DiTOps, core_attention):
+        super().__init__()
+        tp = _tp_size()
+        if config.num_attention_heads % tp:
+            raise ValueError(f"num_attention_heads={config.num_attention_heads} is not divisible by "
+                             f"tensor-parallel size {tp}")
+        self.heads = config.num_attention_heads // tp  # heads on this rank
+        self.head_dim = config.kv_channels
+        self.eps = config.layernorm_epsilon
+        self.ops = ops
+        self.selective_recompute = (config.recompute_granularity == "selective"
+                                    and "core_attn" in (config.recompute_modules or []))
+        self.q_norm = HeadRMSNorm(self.head_dim)
+        self.k_norm = HeadRMSNorm(self.head_dim)
+        self.core_attention = build_module(core_attention)
+
+    def _attend(self, q, k, v, key_mask=None):
+        if not self.selective_recompute:
+            return self.core_attention(q, k, v, key_mask)
+        args = (q, k, v) if key_mask is None else (q, k, v, key_mask)
+        return tensor_parallel.checkpoint(self.core_attention, False, *args)
+
+
+class SelfAttention(_AttentionBase):
+    """Fused qkv (rows (head, q|k|v, dim): a contiguous TP split gives whole heads) -> per-head
+    RMSNorm -> 3D RoPE -> softmax attention over all tokens -> proj."""
+
+    def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules,
+                 ops: DiTOps = REFERENCE_OPS):
+        super().__init__(config, ops, submodules.core_attention)
+        h = config.hidden_size
+        self.qkv = _column(submodules.qkv, config, h, 3 * h)
+        self.proj = _row(submodules.proj, config, h, h)
+
+    def forward(self, x, cos, sin):
+        """x (s, b, h) (the local sequence chunk under sequence parallelism); cos/sin (S, b, 1, d/2)
+        for the full sequence S."""
+        qkv, _ = self.qkv(x)  # (S, b, 3 h / tp), full sequence
+        qkv = qkv.unflatten(-1, (self.heads, 3, self.head_dim))
+        q, k, v = qkv.unbind(dim=-2)
+        q = self.ops.qk_norm_rope(q, self.q_norm.weight, self.eps, cos, sin)
+        k = self.ops.qk_norm_rope(k, self.k_norm.weight, self.eps, cos, sin)
+        out = self._attend(q, k, v)
+        out, _ = self.proj(out)
+        return out
+
+
+class CrossAttention(_AttentionBase):
+    """q from video tokens, fused kv (rows (head, k|v, dim)) from text, per-head RMSNorm on q and k,
+    no RoPE, key padding mask per sample."""
+
+    def __init__(self, config: TransformerConfig, submodules: CrossAttentionSubmodules,
+                 ops: DiTOps = REFERENCE_OPS):
+        super().__init__(config, ops, submodules.core_attention)
+        h = config.hidden_size
+        self.q = _column(submodules.q, config, h, h)
+        # Text is never split along the sequence: its kv projection must not all-gather it.
+        text_config = dataclasses.replace(config, sequence_parallel=False)
+        self.kv = _column(submodules.kv, text_config, h, 2 * h)
+        self.proj = _row(submodules.proj, config, h, h)
+
+    def forward(self, x, text, text_mask):
+        """x (s, b, h); text (Lt, b, h) embedded text; text_mask (b, Lt) bool, True = real token."""
+        q, _ = self.q(x)
+        q = q.unflatten(-1, (self.heads, self.head_dim))
+        kv, _ = self.kv(text)
+        k, v = kv.unflatten(-1, (self.heads, 2, self.head_dim)).unbind(dim=-2)
+        q = self.ops.qk_norm_rope(q, self.q_norm.weight, self.eps)
+        k = self.ops.qk_norm_rope(k, self.k_norm.weight, self.eps)
+        # A sample without any real token would softmax over nothing: let it attend to its
+        # (padded) keys and zero its output instead, as an empty key block contributes nothing.
+        has_text = text_mask.any(dim=1)
+        key_mask = text_mask | ~has_text[:, None]
+        out = self._attend(q, k, v, key_mask)
+        out = out * has_text[None, :, None].to(out.dtype)
+        out, _ = self.proj(out)
+        return out
+
+
+class MLP(torch.nn.Module):
+    """fc2(GELU_tanh(fc1(x))), h -> 4h -> h (official and Megatron's fused bias-GELU use tanh)."""
+
+    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules):
+        super().__init__()
+        self.fc1 = _column(submodules.fc1, config, config.hidden_size, config.ffn_hidden_size)
+        self.fc2 = _row(submodules.fc2, config, config.ffn_hidden_size, config.hidden_size)
+
+    def forward(self, x):
+        y, _ = self.fc1(x)
+        y, _ = self.fc2(F.gelu(y, approximate="tanh"))
+        return y
+
+
+class AffineLayerNorm(torch.nn.LayerNorm):
+    """LN1 before cross-attention (weight and bias). Its parameters are tagged sequence_parallel so
+    Megatron all-reduces their gradients over TP when sequence parallelism is on."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config.hidden_size, eps=config.layernorm_epsilon)
+        for p in self.parameters():
+            p.sequence_parallel = config.sequence_parallel
+
+
+@dataclasses.dataclass
+class MUGDiTLayerSubmodules:
+    self_attn: ModuleSpec | type = None
+    cross_attn_norm: ModuleSpec | type = AffineLayerNorm
+    cross_attn: ModuleSpec | type = None
+    mlp: ModuleSpec | type = None
+
+
+class MUGDiTLayer(torch.nn.Module):
+    """One MUG-DiT block (see module docstring)."""
+
+    def __init__(self, config: TransformerConfig, submodules: MUGDiTLayerSubmodules,
+                 layer_number: int = 0, ops: DiTOps = REFERENCE_OPS):
+        super().__init__()
+        self.layer_number = layer_number
+        self.eps = config.layernorm_epsilon
+        self.ops = ops
+        self.scale_shift_table = torch.nn.Parameter(torch.zeros(6, config.hidden_size))
+        self.scale_shift_table.sequence_parallel = config.sequence_parallel
+        self.self_attn = build_module(submodules.self_attn, config=config, ops=ops)
+        self.cross_attn_norm = build_module(submodules.cross_attn_norm, config=config)
+        self.cross_attn = build_module(submodules.cross_attn, config=config, ops=ops)
+        self.mlp = build_module(submodules.mlp, config=config)
+
+    def forward(self, x, mod, mod0, token_mask, text, text_mask, cos, sin):
+        """
+        Arguments:
+            x: (s, b, h) hidden states (local chunk under sequence parallelism).
+            mod, mod0: (b, 6, h) t_block outputs of the t and t=0 branches (before the table).
+            token_mask: (s, b) bool, True = modulate with t (same chunk as x).
+            text: (Lt, b, h) embedded text; text_mask: (b, Lt) bool.
+            cos, sin: (S, b, 1, head_dim / 2) RoPE of the full sequence.
+        Returns (s, b, h).
+        """
+        # (6, 2, b, h): table + t_block(c) for both branches; rows shift/scale/gate (msa, mlp).
+        table = self.scale_shift_table.to(mod.dtype)
+        rows = torch.stack([table[None] + mod, table[None] + mod0]).permute(2, 0, 1, 3)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = rows.unbind(0)
+        u = self.ops.norm_modulate(x, shift_msa, scale_msa, token_mask, self.eps)
+        x = self.ops.gated_residual(x, self.self_attn(u, cos, sin), gate_msa, token_mask)
+        x = x + self.cross_attn(self.cross_attn_norm(x), text, text_mask)
+        u = self.ops.norm_modulate(x, shift_mlp, scale_mlp, token_mask, self.eps)
+        return self.ops.gated_residual(x, self.mlp(u), gate_mlp, token_mask)
+
+
+def mugdit_layer_spec(ops: DiTOps = REFERENCE_OPS, attention_backend: str = "auto",
+                      column: type = tensor_parallel.ColumnParallelLinear,
+                      row: type = tensor_parallel.RowParallelLinear) -> ModuleSpec:
+    """The MUG-DiT layer spec: Megatron's parallel linears, the kernel slot `ops` and the attention
+    backend (see `mugv.torch_backend.attention.BACKENDS`)."""
+    core = ModuleSpec(module=DotProductAttention, params={"backend": attention_backend})
+    return ModuleSpec(
+        module=MUGDiTLayer,
+        params={"ops": ops},
+        submodules=MUGDiTLayerSubmodules(
+            self_attn=ModuleSpec(module=SelfAttention,
+                                 submodules=SelfAttentionSubmodules(qkv=column, proj=row,
+                                                                    core_attention=core)),
+            cross_attn_norm=AffineLayerNorm,
+            cross_attn=ModuleSpec(module=CrossAttention,
+                                  submodules=CrossAttentionSubmodules(q=column, kv=column, proj=row,
+                                                                      core_attention=core)),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(fc1=column, fc2=row)),
+        ),
+    )

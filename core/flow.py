@@ -138,22 +138,33 @@ def velocity_target(x0, noise):
     return x0 - noise
 
 
-def masked_mse(xp, pred, target, frame_mask=None):
-    """Per-sample mean of (pred - target)^2 over C, H, W and the frames with mask True: (B,).
+def masked_mean(xp, values, frame_mask=None):
+    """Per-sample mean of `values` (B, C, T, H, W) over C, H, W and the frames with mask True: (B,).
 
-    pred, target: (B, C, T, H, W) float; frame_mask: bool (B, T) or None (all frames).
-    A sample whose mask is all False has no loss to average: that is an error naming the
-    sample, not a NaN (checked whenever the mask is concrete, i.e. outside jax.jit).
+    frame_mask: bool (B, T) or None (all frames). A sample whose mask is all False has nothing
+    to average: that is an error naming the sample, not a NaN (checked whenever the mask is
+    concrete, i.e. outside jax.jit).
     """
-    _check_same_shape("masked_mse", pred=pred, target=target)
-    b, c, t, h, w = pred.shape
-    per_frame = xp.sum(xp.reshape((pred - target) ** 2, (b, c, t, h * w)), axis=(1, 3))  # (B, T)
+    if len(values.shape) != 5:
+        raise ValueError(f"masked_mean: values have shape {tuple(values.shape)}: expected "
+                         "(B, C, T, H, W)")
+    b, c, t, h, w = values.shape
+    per_frame = xp.sum(xp.reshape(values, (b, c, t, h * w)), axis=(1, 3))  # (B, T)
     if frame_mask is None:
         return xp.sum(per_frame, axis=1) / (c * t * h * w)
     check_frame_mask(frame_mask, (b, t))
     check_some_frames(frame_mask)
     m = _as_float_like(frame_mask, per_frame)
     return xp.sum(per_frame * m, axis=1) / (xp.sum(m, axis=1) * (c * h * w))
+
+
+def masked_mse(xp, pred, target, frame_mask=None):
+    """Per-sample mean of (pred - target)^2 over C, H, W and the unmasked frames: (B,).
+
+    pred, target: (B, C, T, H, W) float; frame_mask: bool (B, T) or None (all frames).
+    """
+    _check_same_shape("masked_mse", pred=pred, target=target)
+    return masked_mean(xp, (pred - target) ** 2, frame_mask)
 
 
 def task_weights(xp, cfg: FlowConfig, is_image, like):
@@ -185,9 +196,18 @@ def flow_matching_loss(xp, cfg: FlowConfig, velocity, x0, noise, frame_mask=None
 # Helpers shared with sampler.py and preference.py
 # ---------------------------------------------------------------------------------------------
 
+def _softplus(xp, y):
+    """log(1 + e^y) = max(y, 0) + log1p(e^-|y|): finite for any y, and its gradient
+    (1 + sign y) / 2 - sign(y) e^-|y| / (1 + e^-|y|) keeps full relative precision in both tails.
+    (y + |y|) / 2 is max(y, 0) exactly and exists in every namespace."""
+    return 0.5 * (y + xp.abs(y)) + xp.log1p(xp.exp(-xp.abs(y)))
+
+
 def _sigmoid(xp, x):
-    # tanh form: stable for large |x| in every namespace (numpy has no sigmoid).
-    return 0.5 + 0.5 * xp.tanh(0.5 * x)
+    """sigmoid(x) = exp(-softplus(-x)) (numpy has no sigmoid). Accurate to fp32 relative precision
+    in both tails: 0.5 + 0.5 tanh(x / 2) would return 1 - 1 cancellations for x << 0, and KTO with
+    beta ~ 1e3 lives in those tails."""
+    return xp.exp(-_softplus(xp, -x))
 
 
 def _is_bool(x) -> bool:
@@ -245,7 +265,4 @@ def _check_same_shape(fn: str, **arrays) -> None:
     if len(set(shapes.values())) > 1:
         desc = ", ".join(f"{k} {s}" for k, s in shapes.items())
         raise ValueError(f"{fn}: shapes differ: {desc}")
-    first = next(iter(shapes.values()))
-    if fn in ("masked_mse",) and len(first) != 5:
-        raise ValueError(f"{fn}: {next(iter(shapes))} has shape {first}: expected (B, C, T, H, W)")
 

@@ -58,6 +58,13 @@ def _errors(output: Array, x0: Array, noise: Array, frame_mask: Optional[Array])
     return flow.masked_mse(jnp, v, target, frame_mask)
 
 
+
+def _diff(output, ref_output, x0, noise, frame_mask):
+    """d = e_policy - e_ref per sample (B,), fp32, without cancellation (core.preference)."""
+    target = flow.velocity_target(x0.astype(jnp.float32), noise.astype(jnp.float32))
+    return preference.error_difference(jnp, velocity(output, x0.shape[1]),
+                                       velocity(ref_output, x0.shape[1]), target, frame_mask)
+
 def flow_matching_loss(cfg: FlowConfig, output: Array, x0: Array, noise: Array,
                        frame_mask: Optional[Array] = None,
                        is_image: Optional[Array] = None) -> tuple[Array, Array]:
@@ -90,11 +97,9 @@ def dpo_loss(cfg: PreferenceConfig, out_w: Array, out_l: Array, ref_out_w: Array
     _check_pair(out_w=out_w, out_l=out_l, ref_out_w=ref_out_w, ref_out_l=ref_out_l)
     _check_pair(x0_w=x0_w, x0_l=x0_l, noise=noise)
     sg = jax.lax.stop_gradient
-    err_w = _errors(out_w, x0_w, noise, frame_mask)
-    err_l = _errors(out_l, x0_l, noise, frame_mask)
-    ref_w = _errors(sg(ref_out_w), x0_w, noise, frame_mask)
-    ref_l = _errors(sg(ref_out_l), x0_l, noise, frame_mask)
-    per_pair = preference.dpo_loss(jnp, cfg, err_w, err_l, ref_w, ref_l)
+    diff_w = _diff(out_w, sg(ref_out_w), x0_w, noise, frame_mask)
+    diff_l = _diff(out_l, sg(ref_out_l), x0_l, noise, frame_mask)
+    per_pair = preference.dpo_loss(jnp, cfg, diff_w, diff_l)
     return jnp.mean(per_pair), per_pair
 
 
@@ -108,8 +113,7 @@ def kto_loss(cfg: PreferenceConfig, output: Array, ref_output: Array, x0: Array,
     """
     _check_pair(output=output, ref_output=ref_output)
     sg = jax.lax.stop_gradient
-    reward = preference.kto_reward(_errors(output, x0, noise, frame_mask),
-                                   _errors(sg(ref_output), x0, noise, frame_mask))
+    reward = preference.kto_reward(_diff(output, sg(ref_output), x0, noise, frame_mask))
     if reference_point is None:
         reference_point = preference.kto_reference_point(jnp, reward)
     reference_point = sg(reference_point)

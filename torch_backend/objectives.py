@@ -55,6 +55,13 @@ def _errors(output: Tensor, x0: Tensor, noise: Tensor, frame_mask: Optional[Tens
     return flow.masked_mse(torch, v, target, frame_mask)
 
 
+
+def _diff(output, ref_output, x0, noise, frame_mask):
+    """d = e_policy - e_ref per sample (B,), fp32, without cancellation (core.preference)."""
+    target = flow.velocity_target(x0.float(), noise.float())
+    return preference.error_difference(torch, velocity(output, x0.shape[1]),
+                                       velocity(ref_output, x0.shape[1]), target, frame_mask)
+
 def flow_matching_loss(cfg: FlowConfig, output: Tensor, x0: Tensor, noise: Tensor,
                        frame_mask: Optional[Tensor] = None,
                        is_image: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -86,11 +93,9 @@ def dpo_loss(cfg: PreferenceConfig, out_w: Tensor, out_l: Tensor, ref_out_w: Ten
     """
     _check_pair(out_w=out_w, out_l=out_l, ref_out_w=ref_out_w, ref_out_l=ref_out_l)
     _check_pair(x0_w=x0_w, x0_l=x0_l, noise=noise)
-    err_w = _errors(out_w, x0_w, noise, frame_mask)
-    err_l = _errors(out_l, x0_l, noise, frame_mask)
-    ref_w = _errors(ref_out_w.detach(), x0_w, noise, frame_mask)
-    ref_l = _errors(ref_out_l.detach(), x0_l, noise, frame_mask)
-    per_pair = preference.dpo_loss(torch, cfg, err_w, err_l, ref_w, ref_l)
+    diff_w = _diff(out_w, ref_out_w.detach(), x0_w, noise, frame_mask)
+    diff_l = _diff(out_l, ref_out_l.detach(), x0_l, noise, frame_mask)
+    per_pair = preference.dpo_loss(torch, cfg, diff_w, diff_l)
     return per_pair.mean(), per_pair
 
 
@@ -103,8 +108,7 @@ def kto_loss(cfg: PreferenceConfig, output: Tensor, ref_output: Tensor, x0: Tens
     ranks, as the official code does); by default this batch's max(0, mean reward). Detached.
     """
     _check_pair(output=output, ref_output=ref_output)
-    reward = preference.kto_reward(_errors(output, x0, noise, frame_mask),
-                                   _errors(ref_output.detach(), x0, noise, frame_mask))
+    reward = preference.kto_reward(_diff(output, ref_output.detach(), x0, noise, frame_mask))
     if reference_point is None:
         reference_point = preference.kto_reference_point(torch, reward)
     reference_point = reference_point.detach()
@@ -112,13 +116,14 @@ def kto_loss(cfg: PreferenceConfig, output: Tensor, ref_output: Tensor, x0: Tens
     return per_sample.mean(), per_sample, reference_point
 
 
-@torch.no_grad()
 def sample(model: Callable, cfg: SamplerConfig, noise: Tensor, r=1.0,
            cond_latent: Optional[Tensor] = None, frame_mask: Optional[Tensor] = None) -> Tensor:
     """Run the Euler sampler to sigma = 0 and return the latents (fp32).
 
     model(x, t, x_mask) -> raw MUG-DiT output (2B, 48, T, H, W) for x = [z; z], whose first B
-    samples are conditioned on the prompt and last B on the negative prompt.
+    samples are conditioned on the prompt and last B on the negative prompt. Autograd is left to
+    the caller: run it under `torch.inference_mode()` to sample, with grad only to differentiate
+    through the sampler (the parity test does).
     """
     latent_channels = noise.shape[1]
 

@@ -176,6 +176,8 @@ class MUGDiT(torch.nn.Module):
         token_mask = torch.cat([never, video_mask, never], dim=1).t()  # (L, b)
         cos = angles.cos().transpose(0, 1)[:, :, None]  # (L, b, 1, head_dim / 2)
         sin = angles.sin().transpose(0, 1)[:, :, None]
+        # Padded positions are zeroed first so that nothing (not even inf/nan) can leak from them.
+        text = torch.where(text_mask[..., None], text, torch.zeros((), dtype=text.dtype, device=text.device))
         text_h = self.embed_text(text).transpose(0, 1).contiguous()  # (Lt, b, h)
 
         if self.config.sequence_parallel:

@@ -98,25 +98,40 @@ class HeadRMSNorm(torch.nn.Module):
         self.weight.partial_grad_over_tp = True
 
 
+class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """Megatron's column-parallel linear without its empty `_extra_state` state-dict entry (kept
+    there for Transformer Engine checkpoints), so that the model's state dict is canonical."""
+
+    get_extra_state = torch.nn.Module.get_extra_state
+    set_extra_state = torch.nn.Module.set_extra_state
+
+
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """Megatron's row-parallel linear without its empty `_extra_state` entry (see above)."""
+
+    get_extra_state = torch.nn.Module.get_extra_state
+    set_extra_state = torch.nn.Module.set_extra_state
+
+
 @dataclasses.dataclass
 class SelfAttentionSubmodules:
-    qkv: type | ModuleSpec = tensor_parallel.ColumnParallelLinear
-    proj: type | ModuleSpec = tensor_parallel.RowParallelLinear
+    qkv: type | ModuleSpec = ColumnParallelLinear
+    proj: type | ModuleSpec = RowParallelLinear
     core_attention: type | ModuleSpec = DotProductAttention
 
 
 @dataclasses.dataclass
 class CrossAttentionSubmodules:
-    q: type | ModuleSpec = tensor_parallel.ColumnParallelLinear
-    kv: type | ModuleSpec = tensor_parallel.ColumnParallelLinear
-    proj: type | ModuleSpec = tensor_parallel.RowParallelLinear
+    q: type | ModuleSpec = ColumnParallelLinear
+    kv: type | ModuleSpec = ColumnParallelLinear
+    proj: type | ModuleSpec = RowParallelLinear
     core_attention: type | ModuleSpec = DotProductAttention
 
 
 @dataclasses.dataclass
 class MLPSubmodules:
-    fc1: type | ModuleSpec = tensor_parallel.ColumnParallelLinear
-    fc2: type | ModuleSpec = tensor_parallel.RowParallelLinear
+    fc1: type | ModuleSpec = ColumnParallelLinear
+    fc2: type | ModuleSpec = RowParallelLinear
 
 
 def _tp_size() -> int:
@@ -291,8 +306,8 @@ class MUGDiTLayer(torch.nn.Module):
 
 
 def mugdit_layer_spec(ops: DiTOps = REFERENCE_OPS, attention_backend: str = "auto",
-                      column: type = tensor_parallel.ColumnParallelLinear,
-                      row: type = tensor_parallel.RowParallelLinear) -> ModuleSpec:
+                      column: type = ColumnParallelLinear,
+                      row: type = RowParallelLinear) -> ModuleSpec:
     """The MUG-DiT layer spec: Megatron's parallel linears, the kernel slot `ops` and the attention
     backend (see `mugv.torch_backend.attention.BACKENDS`)."""
     core = ModuleSpec(module=DotProductAttention, params={"backend": attention_backend})

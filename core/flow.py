@@ -176,6 +176,9 @@ def task_weights(xp, cfg: FlowConfig, is_image, like):
     """
     if not _is_bool(is_image):
         raise ValueError(f"task_weights: is_image has dtype {is_image.dtype}: expected bool (B,)")
+    if tuple(is_image.shape) != tuple(like.shape):
+        raise ValueError(f"task_weights: is_image has shape {tuple(is_image.shape)}: expected "
+                         f"{tuple(like.shape)}, one flag per sample")
     m = _as_float_like(is_image, like)
     return cfg.image_weight * m + (1 - m)  # exactly fp32(0.3) and 1
 

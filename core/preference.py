@@ -119,8 +119,9 @@ def _label_terms(cfg: PreferenceConfig, desirable, like):
 
 
 def kto_value(xp, cfg: PreferenceConfig, reward, reference_point, desirable):
-    """v (B,): lambda_D sigmoid(beta (r - z0)) for desirable samples, lambda_U sigmoid(beta (z0 - r))
-    for undesirable ones. Increasing in r for desirable, decreasing for undesirable samples."""
+    """KTO's value v (B,): lambda_D sigmoid(beta (r - z0)) for desirable samples and
+    lambda_U sigmoid(beta (z0 - r)) for undesirable ones; increasing in r for desirable samples,
+    decreasing for undesirable ones."""
     _check_same_shape("kto_value", reward=reward)
     sign, weight = _label_terms(cfg, desirable, reward)
     return weight * _sigmoid(xp, sign * cfg.beta * (reward - reference_point))

@@ -45,18 +45,11 @@ def sample_sigma(cfg: FlowConfig, draw: Array, r=1.0) -> Array:
     return flow.sample_sigma(jnp, cfg, draw.astype(jnp.float32), r)
 
 
-def noisy_latents(x0: Array, noise: Array, sigma: Array, frame_mask: Optional[Array] = None) -> Array:
+def noisy_latents(x0: Array, noise: Array, sigma: Array,
+                  frame_mask: Optional[Array] = None) -> Array:
     """x_t (fp32) with conditioning frames (mask False) kept clean."""
     f32 = jnp.float32
     return flow.noisy_latents(jnp, x0.astype(f32), noise.astype(f32), sigma.astype(f32), frame_mask)
-
-
-def _errors(output: Array, x0: Array, noise: Array, frame_mask: Optional[Array]) -> Array:
-    """Per-sample masked MSE of the model's velocity against x0 - noise, fp32 (B,)."""
-    v = velocity(output, x0.shape[1])
-    target = flow.velocity_target(x0.astype(jnp.float32), noise.astype(jnp.float32))
-    return flow.masked_mse(jnp, v, target, frame_mask)
-
 
 
 def _diff(output, ref_output, x0, noise, frame_mask):
@@ -64,6 +57,7 @@ def _diff(output, ref_output, x0, noise, frame_mask):
     target = flow.velocity_target(x0.astype(jnp.float32), noise.astype(jnp.float32))
     return preference.error_difference(jnp, velocity(output, x0.shape[1]),
                                        velocity(ref_output, x0.shape[1]), target, frame_mask)
+
 
 def flow_matching_loss(cfg: FlowConfig, output: Array, x0: Array, noise: Array,
                        frame_mask: Optional[Array] = None,
@@ -73,10 +67,9 @@ def flow_matching_loss(cfg: FlowConfig, output: Array, x0: Array, noise: Array,
     output: raw model output (B, 48, T, H, W); x0, noise: (B, 24, T, H, W); frame_mask: bool
     (B, T), True = frame in the loss; is_image: bool (B,), True = text-to-image sample (x0.3).
     """
-    per_sample = _errors(output, x0, noise, frame_mask)
-    if is_image is not None:
-        per_sample = per_sample * flow.task_weights(jnp, cfg, is_image, per_sample)
-    return jnp.mean(per_sample), per_sample
+    v, f32 = velocity(output, x0.shape[1]), jnp.float32
+    return flow.flow_matching_loss(jnp, cfg, v, x0.astype(f32), noise.astype(f32), frame_mask,
+                                   is_image)
 
 
 def _check_pair(**arrays: Array) -> None:

@@ -186,7 +186,8 @@ def test_sigma_grid_reproduces_the_notes():
     g = sampler.sigma_grid(25, 7.0)
     assert g.dtype == np.float32 and g.shape == (26,) and g[0] == 1 and g[-1] == 0
     t = g * 1000
-    np.testing.assert_allclose(t[[1, 2, 22, 23, 24]], [994.1, 987.7, 488.4, 378.4, 225.8], atol=0.05)
+    np.testing.assert_allclose(t[[1, 2, 22, 23, 24]], [994.1, 987.7, 488.4, 378.4, 225.8],
+                               atol=0.05)
     state = sampler.init(np, scfg, _normal(_rng(7), 1, 2, 1, 1, 1), 7.0)
     np.testing.assert_array_equal(sampler.timesteps(scfg, state), t[:25])
 
@@ -230,7 +231,8 @@ def test_dpo_parity(mask, beta):
     _assert_pair("dpo grad l", tg[1], jg[1])
     # Against the formula in float64 numpy (errors subtracted naively: float64 has the digits).
     e = {k: _mse64(d[o], d[x], d["noise"], m) for k, o, x in (
-        ("w", "out_w", "x0_w"), ("l", "out_l", "x0_l"), ("rw", "ref_w", "x0_w"), ("rl", "ref_l", "x0_l"))}
+        ("w", "out_w", "x0_w"), ("l", "out_l", "x0_l"),
+        ("rw", "ref_w", "x0_w"), ("rl", "ref_l", "x0_l"))}
     z = -beta * ((e["w"] - e["rw"]) - (e["l"] - e["rl"]))
     want = np.mean(np.logaddexp(0.0, -z))  # -log sigmoid(z)
     assert_close(tv, want, OP, "float32", name="dpo vs float64")
@@ -288,13 +290,15 @@ def test_dpo_large_beta_stays_finite():
     beta = 1e9
     cfg = PreferenceConfig(beta=beta)
     consts = [_t(d[k]) for k in ("ref_w", "ref_l", "x0_w", "x0_l", "noise")]
-    v, (gw, gl) = _torch_grad(lambda w, l: T.dpo_loss(cfg, w, l, *consts)[0], d["out_w"], d["out_l"])
+    v, (gw, gl) = _torch_grad(lambda w, l: T.dpo_loss(cfg, w, l, *consts)[0],
+                              d["out_w"], d["out_l"])
     assert torch.isfinite(v) and torch.isfinite(gw).all() and torch.isfinite(gl).all()
     assert float(gw[0].abs().max()) > 0 and float(gw[1:].abs().max()) == 0.0
     _, per = T.dpo_loss(cfg, *(_t(d[k]) for k in ("out_w", "out_l", "ref_w", "ref_l", "x0_w",
                                                    "x0_l", "noise")))
-    m = (_mse64(d["out_w"], d["x0_w"], d["noise"], None) - _mse64(d["ref_w"], d["x0_w"], d["noise"], None)) \
-        - (_mse64(d["out_l"], d["x0_l"], d["noise"], None) - _mse64(d["ref_l"], d["x0_l"], d["noise"], None))
+    e = {k: _mse64(d[k], d["x0_" + k[-1]], d["noise"], None)
+         for k in ("out_w", "ref_w", "out_l", "ref_l")}
+    m = (e["out_w"] - e["ref_w"]) - (e["out_l"] - e["ref_l"])
     assert m[0] > 0 and np.all(m[1:] < 0)
     assert_close(per, np.maximum(beta * m, 0.0), OP, "float32", name="saturated dpo")
 
@@ -582,3 +586,29 @@ def test_bad_masks_and_outputs():
         flow.shift_ratio(FlowConfig(), 720, 1280, 0)
     with pytest.raises(ValueError, match="pass cond_latent and frame_mask together"):
         sampler.init(np, SamplerConfig(), d["x0"], 1.0, cond_latent=d["x0"])
+
+
+def test_jax_entry_points_jit():
+    """Under jax.jit the mask is a tracer: value checks are skipped, results unchanged."""
+    d, pd = _batch(24), _pref_batch(25)
+    m, des = MASKS["mixed"], np.array([False, True, True])
+    fcfg, pcfg = FlowConfig(), PreferenceConfig(beta=40.0)
+
+    def losses(out, mask):
+        fl = J.flow_matching_loss(fcfg, out, _j(d["x0"]), _j(d["noise"]), mask)[0]
+        dl = J.dpo_loss(pcfg, *(_j(pd[k]) for k in ("out_w", "out_l", "ref_w", "ref_l", "x0_w",
+                                                     "x0_l", "noise")), mask)[0]
+        kl = J.kto_loss(pcfg, _j(pd["out_w"]), _j(pd["ref_w"]), _j(pd["x0_w"]), _j(pd["noise"]),
+                        _j(des), mask)[0]
+        return jnp.stack([fl, dl, kl])
+
+    eager = losses(_j(d["out"]), _j(m))
+    jitted = jax.jit(losses)(_j(d["out"]), _j(m))
+    assert_close(jitted, eager, OP, "float32", name="jit vs eager")
+
+
+def test_is_image_wrong_shape():
+    d = _batch(26)
+    with pytest.raises(ValueError, match=r"is_image has shape \(2,\)"):
+        T.flow_matching_loss(FlowConfig(), _t(d["out"]), _t(d["x0"]), _t(d["noise"]),
+                             is_image=torch.tensor([True, False]))

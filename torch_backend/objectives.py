@@ -48,19 +48,12 @@ def noisy_latents(x0: Tensor, noise: Tensor, sigma: Tensor,
     return flow.noisy_latents(torch, x0.float(), noise.float(), sigma.float(), frame_mask)
 
 
-def _errors(output: Tensor, x0: Tensor, noise: Tensor, frame_mask: Optional[Tensor]) -> Tensor:
-    """Per-sample masked MSE of the model's velocity against x0 - noise, fp32 (B,)."""
-    v = velocity(output, x0.shape[1])
-    target = flow.velocity_target(x0.float(), noise.float())
-    return flow.masked_mse(torch, v, target, frame_mask)
-
-
-
 def _diff(output, ref_output, x0, noise, frame_mask):
     """d = e_policy - e_ref per sample (B,), fp32, without cancellation (core.preference)."""
     target = flow.velocity_target(x0.float(), noise.float())
     return preference.error_difference(torch, velocity(output, x0.shape[1]),
                                        velocity(ref_output, x0.shape[1]), target, frame_mask)
+
 
 def flow_matching_loss(cfg: FlowConfig, output: Tensor, x0: Tensor, noise: Tensor,
                        frame_mask: Optional[Tensor] = None,
@@ -70,10 +63,8 @@ def flow_matching_loss(cfg: FlowConfig, output: Tensor, x0: Tensor, noise: Tenso
     output: raw model output (B, 48, T, H, W); x0, noise: (B, 24, T, H, W); frame_mask: bool
     (B, T), True = frame in the loss; is_image: bool (B,), True = text-to-image sample (x0.3).
     """
-    per_sample = _errors(output, x0, noise, frame_mask)
-    if is_image is not None:
-        per_sample = per_sample * flow.task_weights(torch, cfg, is_image, per_sample)
-    return per_sample.mean(), per_sample
+    v = velocity(output, x0.shape[1])
+    return flow.flow_matching_loss(torch, cfg, v, x0.float(), noise.float(), frame_mask, is_image)
 
 
 def _check_pair(**arrays: Tensor) -> None:

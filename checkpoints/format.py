@@ -66,7 +66,10 @@ def dtype_name(array: np.ndarray) -> str:
 
 
 def _array_spec(path: Path, shape=None, dtype=None, chunks=None) -> dict:
-    spec: dict = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    # Every chunk is stored, also one equal to the fill value: a missing chunk file then always
+    # means damage, never "all zeros" (zero-initialised biases would otherwise leave no file).
+    spec: dict = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+                  "store_data_equal_to_fill_value": True}
     if shape is not None:
         spec["metadata"] = {
             "shape": list(shape),

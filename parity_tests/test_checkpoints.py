@@ -237,6 +237,14 @@ def test_refuses_to_overwrite_committed(saved):
         save_torch(saved.parent, 1, {"model": (SCHEMA, random_params(SCHEMA))})
 
 
+def test_all_zero_arrays_are_stored(tmp_path):
+    """A zero-initialised bias must leave chunk files, else it is indistinguishable from damage."""
+    params = {k: torch.zeros_like(v) for k, v in random_params(SCHEMA).items()}
+    path = save_torch(tmp_path, 1, {"model": (SCHEMA, params)})
+    got = load_torch(path, SCHEMA)
+    assert all(torch.equal(got[k], params[k]) for k in params)
+
+
 def test_bf16_numpy_round_trip_exact():
     t = torch.randn(1000).to(torch.bfloat16)
     assert torch.equal(from_numpy(to_numpy(t)), t)

@@ -1,0 +1,123 @@
+"""Dataset manifests: JSONL or CSV rows of (path, caption, optional reference image, fps).
+
+A row's `path` is relative to the manifest's folder unless absolute. A row without a caption is
+an error naming the file and line, raised before any work: a silent empty caption would train the
+model on unconditional samples. Missing or broken *media* files are not manifest errors; the
+index skips and counts them (`torch_backend/data/dataset.py`).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import pathlib
+
+FIELDS = ("path", "caption", "reference", "fps", "id")
+
+
+class ManifestError(ValueError):
+    """A manifest row is malformed; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestEntry:
+    """One sample. `sample_id` is stable: the row's `id` field or its 0-based row index."""
+
+    sample_id: str
+    path: pathlib.Path
+    caption: str
+    reference: pathlib.Path | None = None
+    fps: float | None = None
+    line: int = 0
+
+
+def read_manifest(manifest: str | pathlib.Path) -> list[ManifestEntry]:
+    """Rows of a `.jsonl` or `.csv` manifest (CSV needs a header with at least path, caption)."""
+    manifest = pathlib.Path(manifest)
+    if not manifest.is_file():
+        raise ManifestError(f"manifest {manifest}: file not found")
+    suffix = manifest.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _jsonl_rows(manifest)
+    elif suffix == ".csv":
+        rows = _csv_rows(manifest)
+    else:
+        raise ManifestError(f"manifest {manifest}: expected a .jsonl or .csv file, got {suffix!r}")
+    entries, seen = [], {}
+    for index, (line, row) in enumerate(rows):
+        entry = _entry(manifest, line, index, row)
+        if entry.sample_id in seen:
+            raise ManifestError(f"{manifest}:{line}: id {entry.sample_id!r} already used on line "
+                                f"{seen[entry.sample_id]}")
+        seen[entry.sample_id] = line
+        entries.append(entry)
+    return entries
+
+
+def write_manifest(manifest: str | pathlib.Path, rows: list[dict]) -> None:
+    """Write rows (dicts with FIELDS keys) as JSONL; paths are written as given."""
+    manifest = pathlib.Path(manifest)
+    with open(manifest, "w") as f:
+        for row in rows:
+            f.write(json.dumps({k: (str(v) if isinstance(v, pathlib.Path) else v)
+                                for k, v in row.items() if v is not None}) + "\n")
+
+
+def _jsonl_rows(manifest: pathlib.Path):
+    with open(manifest) as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{manifest}:{line}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ManifestError(f"{manifest}:{line}: expected a JSON object, got {type(row).__name__}")
+            yield line, row
+
+
+def _csv_rows(manifest: pathlib.Path):
+    with open(manifest, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [k for k in ("path", "caption") if k not in (reader.fieldnames or [])]
+        if missing:
+            raise ManifestError(f"{manifest}:1: CSV header {reader.fieldnames} lacks {missing}")
+        for row in reader:
+            yield reader.line_num, {k: v for k, v in row.items() if k is not None and v not in (None, "")}
+
+
+def _entry(manifest: pathlib.Path, line: int, index: int, row: dict) -> ManifestEntry:
+    where = f"{manifest}:{line}"
+    unknown = sorted(set(row) - set(FIELDS))
+    if unknown:
+        raise ManifestError(f"{where}: unknown field(s) {unknown}; known: {list(FIELDS)}")
+    path = row.get("path")
+    if not isinstance(path, str) or not path.strip():
+        raise ManifestError(f"{where}: field 'path' is missing or empty")
+    caption = row.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ManifestError(f"{where}: field 'caption' is missing or empty (path {path!r})")
+    fps = row.get("fps")
+    if fps is not None:
+        try:
+            fps = float(fps)
+        except (TypeError, ValueError):
+            raise ManifestError(f"{where}: field 'fps' = {fps!r}: expected a number > 0") from None
+        if not fps > 0:
+            raise ManifestError(f"{where}: field 'fps' = {fps!r}: expected a number > 0")
+    root = manifest.parent
+    reference = row.get("reference")
+    return ManifestEntry(
+        sample_id=str(row.get("id", index)),
+        path=_resolve(root, path),
+        caption=caption.strip(),
+        reference=_resolve(root, reference) if reference else None,
+        fps=fps,
+        line=line,
+    )
+
+
+def _resolve(root: pathlib.Path, path: str) -> pathlib.Path:
+    p = pathlib.Path(path)
+    return p if p.is_absolute() else root / p

@@ -28,7 +28,7 @@ from mugv.core.flow import _frames, check_some_frames, timestep_shift
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerConfig:
+class FlowSamplerConfig:
     """num_steps: Euler steps (25 in the pipeline); guidance_scale: CFG scale s (4.0; 1.0 gives
     the conditional prediction); num_timesteps: the t scale the model sees (1000)."""
     num_steps: int = 25
@@ -60,7 +60,7 @@ def sigma_grid(num_steps: int, r=1.0) -> np.ndarray:
     return np.concatenate([shifted, np.zeros(1, np.float32)])
 
 
-def init(xp, cfg: SamplerConfig, noise, r=1.0, cond_latent=None, frame_mask=None) -> SamplerState:
+def init(xp, cfg: FlowSamplerConfig, noise, r=1.0, cond_latent=None, frame_mask=None) -> SamplerState:
     """Start state: z = noise, with frames whose mask is False set to `cond_latent`.
 
     noise: (B, C, T, H, W) standard normal draws (passed in); r: the shift ratio
@@ -86,7 +86,7 @@ def guided_velocity(v_cond, v_uncond, scale: float):
     return v_uncond + scale * (v_cond - v_uncond)
 
 
-def step(xp, cfg: SamplerConfig, state: SamplerState, model: Callable) -> SamplerState:
+def step(xp, cfg: FlowSamplerConfig, state: SamplerState, model: Callable) -> SamplerState:
     """One Euler step from sigma_i to sigma_{i+1}: z <- z + (sigma_i - sigma_{i+1}) v."""
     i = state.step
     if i >= cfg.num_steps:
@@ -112,6 +112,6 @@ def step(xp, cfg: SamplerConfig, state: SamplerState, model: Callable) -> Sample
     return state._replace(z=z, step=i + 1)
 
 
-def timesteps(cfg: SamplerConfig, state: SamplerState) -> np.ndarray:
+def timesteps(cfg: FlowSamplerConfig, state: SamplerState) -> np.ndarray:
     """The t values the model sees, one per step (float32 (N,)): 1000, 994.1, ..., 225.8."""
     return (state.sigmas[:-1] * np.float32(cfg.num_timesteps)).astype(np.float32)

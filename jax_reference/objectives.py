@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from mugv.core import flow, preference, sampler
 from mugv.core.flow import FlowConfig
 from mugv.core.preference import PreferenceConfig
-from mugv.core.sampler import SamplerConfig
+from mugv.core.sampler import FlowSamplerConfig
 
 Array = jax.Array
 
@@ -114,7 +114,7 @@ def kto_loss(cfg: PreferenceConfig, output: Array, ref_output: Array, x0: Array,
     return jnp.mean(per_sample), per_sample, reference_point
 
 
-def sample(model: Callable, cfg: SamplerConfig, noise: Array, r=1.0,
+def sample(model: Callable, cfg: FlowSamplerConfig, noise: Array, r=1.0,
            cond_latent: Optional[Array] = None, frame_mask: Optional[Array] = None) -> Array:
     """Run the Euler sampler to sigma = 0 and return the latents (fp32).
 

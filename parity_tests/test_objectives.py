@@ -16,7 +16,7 @@ import torch
 from mugv.core import flow, preference, sampler
 from mugv.core.flow import FlowConfig
 from mugv.core.preference import PreferenceConfig
-from mugv.core.sampler import SamplerConfig
+from mugv.core.sampler import FlowSamplerConfig
 from mugv.core.validate import ConfigError
 from mugv.jax_reference import objectives as J
 from mugv.parity_tests.tolerances import assert_close
@@ -182,7 +182,7 @@ def test_shift_ratio_720p_14_frames():
 def test_sigma_grid_reproduces_the_notes():
     """With the inference path's bf16 r = 7.0 the grid is the notes' 1000, 994.1, 987.7, ...,
     488.4, 378.4, 225.8; the last step ends exactly at sigma 0."""
-    scfg = SamplerConfig()
+    scfg = FlowSamplerConfig()
     g = sampler.sigma_grid(25, 7.0)
     assert g.dtype == np.float32 and g.shape == (26,) and g[0] == 1 and g[-1] == 0
     t = g * 1000
@@ -390,7 +390,7 @@ def test_sampler_parity(i2v):
     noise, cond = _normal(rng, 2, C, 3, 2, 3), _normal(rng, 2, C, 3, 2, 3)
     a, b = _normal(rng, 1, C, 1, 1, 1, scale=0.3), _normal(rng, 1, C, 3, 2, 3)
     m = np.array([[False, True, True], [False, True, True]]) if i2v else None
-    cfg = SamplerConfig(num_steps=6, guidance_scale=3.5)
+    cfg = FlowSamplerConfig(num_steps=6, guidance_scale=3.5)
     r = 2.3
 
     def tf(nz):
@@ -413,7 +413,7 @@ def test_sampler_parity(i2v):
 def test_euler_integrates_linear_fields_exactly(xp, conv):
     rng = _rng(16)
     noise, x0, c = (_normal(rng, 2, C, 2, 3, 2) for _ in range(3))
-    cfg = SamplerConfig(num_steps=25, guidance_scale=4.0)
+    cfg = FlowSamplerConfig(num_steps=25, guidance_scale=4.0)
     r = float(flow.shift_ratio(FlowConfig(), 720, 1280, 14))
 
     def run(velocity_fn):
@@ -444,7 +444,7 @@ def test_cfg_scale_one_is_conditional_and_order():
         return torch.cat([_t(v_c), _t(v_u)], 0)  # [cond; uncond]
 
     for scale in (1.0, 4.0):
-        cfg = SamplerConfig(num_steps=5, guidance_scale=scale)
+        cfg = FlowSamplerConfig(num_steps=5, guidance_scale=scale)
         state = sampler.step(torch, cfg, sampler.init(torch, cfg, _t(noise)), model)
         d = float(state.sigmas[0] - state.sigmas[1])
         v = v_c if scale == 1.0 else v_u + scale * (v_c - v_u)
@@ -458,7 +458,7 @@ def test_i2v_frame0_fixed_and_masks_passed(xp, conv):
     rng = _rng(18)
     noise, cond = _normal(rng, 2, C, 4, 2, 3), _normal(rng, 2, C, 4, 2, 3)
     m = np.array([[False, True, True, True]] * 2)
-    cfg = SamplerConfig(num_steps=4)
+    cfg = FlowSamplerConfig(num_steps=4)
     seen = []
 
     def model(x, t, x_mask):
@@ -518,8 +518,8 @@ def test_bad_flow_config(kwargs, field):
 
 
 def test_bad_sampler_config():
-    with pytest.raises(ConfigError, match="SamplerConfig.num_steps"):
-        SamplerConfig(num_steps=0)
+    with pytest.raises(ConfigError, match="FlowSamplerConfig.num_steps"):
+        FlowSamplerConfig(num_steps=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
@@ -565,7 +565,7 @@ def test_all_masked_sample(backend):
         mod.flow_matching_loss(FlowConfig(), conv(d["out"]), conv(d["x0"]), conv(d["noise"]),
                                conv(m))
     with pytest.raises(ValueError, match="frame_mask is all False"):
-        sampler.init(torch if backend == "torch" else jnp, SamplerConfig(), conv(d["x0"]),
+        sampler.init(torch if backend == "torch" else jnp, FlowSamplerConfig(), conv(d["x0"]),
                      1.0, conv(d["x0"]), conv(m))
 
 
@@ -585,7 +585,7 @@ def test_bad_masks_and_outputs():
     with pytest.raises(ValueError, match="shift_ratio: frames = 0"):
         flow.shift_ratio(FlowConfig(), 720, 1280, 0)
     with pytest.raises(ValueError, match="pass cond_latent and frame_mask together"):
-        sampler.init(np, SamplerConfig(), d["x0"], 1.0, cond_latent=d["x0"])
+        sampler.init(np, FlowSamplerConfig(), d["x0"], 1.0, cond_latent=d["x0"])
 
 
 def test_jax_entry_points_jit():

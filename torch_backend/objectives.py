@@ -20,7 +20,7 @@ from torch import Tensor
 from mugv.core import flow, preference, sampler
 from mugv.core.flow import FlowConfig
 from mugv.core.preference import PreferenceConfig
-from mugv.core.sampler import SamplerConfig
+from mugv.core.sampler import FlowSamplerConfig
 
 __all__ = ["velocity", "sample_sigma", "noisy_latents", "flow_matching_loss", "dpo_loss",
            "kto_loss", "sample"]
@@ -107,7 +107,7 @@ def kto_loss(cfg: PreferenceConfig, output: Tensor, ref_output: Tensor, x0: Tens
     return per_sample.mean(), per_sample, reference_point
 
 
-def sample(model: Callable, cfg: SamplerConfig, noise: Tensor, r=1.0,
+def sample(model: Callable, cfg: FlowSamplerConfig, noise: Tensor, r=1.0,
            cond_latent: Optional[Tensor] = None, frame_mask: Optional[Tensor] = None) -> Tensor:
     """Run the Euler sampler to sigma = 0 and return the latents (fp32).
 

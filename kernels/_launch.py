@@ -15,6 +15,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402  (after the environment decision above)
+import triton.language as tl  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1" and type(tl.sum).__name__ == "JITFunction":
+    # triton.language was imported (e.g. by torch.use_deterministic_algorithms or megatron)
+    # before the variable was set: its own jit helpers (tl.sum) would refuse to run interpreted.
+    raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set; set it before "
+                       "importing torch's deterministic mode, megatron or triton (see "
+                       "parity_tests/conftest.py)")
 
 
 def interpreting() -> bool:

@@ -1,0 +1,92 @@
+"""Shared check of a fused kernel against its plain-torch reference, forward and every gradient.
+
+fp32 / fp16: the kernel in that dtype against the reference run in fp32 on the same (rounded)
+inputs, within the ("kernel", dtype) row of the tolerance table; the kernels compute in fp32 and
+round once at the store, which is what this measures. bf16 (GPU only; the interpreter's bf16
+arithmetic is broken, platform notes): error against that fp32 reference at most 2x the error of
+the reference computed in plain torch bf16 (FlashAttention's rule).
+"""
+from __future__ import annotations
+
+import torch
+
+from mugv.parity_tests.tolerances import assert_bf16_within_factor, assert_close
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _leaves(inputs, dtype, device, constants=()):
+    """Floating inputs cast to dtype (requires_grad); `constants` (positions: fp32 tables such as
+    RoPE angles, not differentiated) and integer inputs only moved to the device."""
+    return [t.detach().to(device=device, dtype=dtype, copy=True).requires_grad_()
+            if t.is_floating_point() and i not in constants else t.to(device)
+            for i, t in enumerate(inputs)]
+
+
+def run_with_grads(fn, leaves, upstream, **kwargs):
+    """Outputs and gradients of every floating leaf for the given upstream gradients."""
+    outs = _as_tuple(fn(*leaves, **kwargs))
+    diff = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(outs, diff, [g.to(o.dtype) for o, g in zip(outs, upstream)])
+    return [o.detach() for o in outs], [g.detach() for g in grads]
+
+
+def check_kernel(kernel, reference, inputs, dtype: str, device, names, factor: float = 2.0,
+                 constants=(), **kwargs):
+    """Compare kernel(*inputs) with reference(*inputs): outputs and gradients of all float inputs.
+
+    inputs: fp32 (and integer) CPU tensors, random; names: labels of outputs then gradients.
+    Returns {name: relative error} for fp32/fp16 (empty for bf16).
+    """
+    tdtype = DTYPES[dtype]
+    leaves = _leaves(inputs, tdtype, device, constants)
+    with torch.no_grad():
+        probe = _as_tuple(reference(*[t.float() if t.is_floating_point() else t for t in leaves], **kwargs))
+    upstream = [torch.randn(o.shape, dtype=torch.float32).to(device=device, dtype=tdtype).float()
+                for o in probe]
+    ref_leaves = [t.detach().float().requires_grad_() if t.requires_grad else t for t in leaves]
+    ref_out, ref_grads = run_with_grads(reference, ref_leaves, upstream, **kwargs)
+    out, grads = run_with_grads(kernel, leaves, upstream, **kwargs)
+    actual, expected = out + grads, ref_out + ref_grads
+    assert len(names) == len(actual), f"names {names} vs {len(actual)} tensors"
+    for a, name in zip(actual, names):
+        assert a.dtype == tdtype, f"{name}: dtype {a.dtype}, expected {tdtype}"
+    if dtype == "bfloat16":
+        plain = _leaves([t.detach() for t in leaves], tdtype, device, constants)
+        plain_out, plain_grads = run_with_grads(reference, plain, upstream, **kwargs)
+        for a, p, e, name in zip(actual, plain_out + plain_grads, expected, names):
+            assert_bf16_within_factor(a, p, e, factor=factor, name=name)
+        return {}
+    return {name: assert_close(a, e, "kernel", dtype, name=name) for a, e, name in zip(actual, expected, names)}
+
+
+def check_against_jax(kernel, jax_fn, inputs, names, device, constants=(), **kwargs):
+    """fp32 kernel against the jax.numpy oracle of `jax_reference/ops.py`: outputs and the VJP
+    with the same random upstream gradients, within the ("kernel", "float32") row."""
+    import jax
+    import numpy as np
+
+    leaves = _leaves(inputs, torch.float32, device, constants)
+    outs = _as_tuple(kernel(*leaves, **kwargs))
+    upstream = [torch.randn(o.shape, dtype=torch.float32) for o in outs]
+    out, grads = run_with_grads(kernel, leaves, upstream, **kwargs)
+
+    floats = [i for i, t in enumerate(inputs) if t.is_floating_point() and i not in constants]
+    arrays = [np.asarray(t.detach().numpy()) for t in inputs]
+
+    def f(*diff):
+        args = list(arrays)
+        for i, a in zip(floats, diff):
+            args[i] = a
+        return jax_fn(*args, **kwargs)
+
+    jout, vjp = jax.vjp(f, *[arrays[i] for i in floats])
+    jout = jout if isinstance(jout, tuple) else (jout,)
+    cot = tuple(np.asarray(g.numpy()) for g in upstream)
+    jgrads = vjp(cot if len(cot) > 1 else cot[0])
+    for a, e, name in zip(out + grads, list(jout) + list(jgrads), names):
+        assert_close(a, np.asarray(e), "kernel", "float32", name=f"{name} vs JAX")

@@ -25,6 +25,10 @@ SHARED = pathlib.Path(os.environ.get("MUGV_SHARED", REPO.parent / "shared"))
 def _configure_frameworks() -> None:
     try:
         import torch
+        # Triton decides at import time whether kernels run in its CPU interpreter, and
+        # use_deterministic_algorithms below imports it: choose before (kernels/_launch.py).
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.set_float32_matmul_precision("highest")

@@ -53,14 +53,16 @@ class SamplerState(NamedTuple):
 def sigma_grid(num_steps: int, r=1.0) -> np.ndarray:
     """float32 (num_steps + 1,): shift(1 - i / N) for i < N, then 0 (notes 2.8).
 
-    At N = 25 and r = 7.0156: 1, 0.99409, 0.98768, ..., 0.22577, 0.
+    At N = 25 and r = 7.0156: 1, 0.99410, 0.98776, ..., 0.37890, 0.22620, 0 (r = 7.0, the
+    inference repo's bf16 value: ..., 0.37838, 0.22581, 0).
     """
     base = (1.0 - np.arange(num_steps, dtype=np.float64) / num_steps).astype(np.float32)
     shifted = timestep_shift(base, np.float32(r)).astype(np.float32)
     return np.concatenate([shifted, np.zeros(1, np.float32)])
 
 
-def init(xp, cfg: FlowSamplerConfig, noise, r=1.0, cond_latent=None, frame_mask=None) -> SamplerState:
+def init(xp, cfg: FlowSamplerConfig, noise, r=1.0, cond_latent=None,
+         frame_mask=None) -> SamplerState:
     """Start state: z = noise, with frames whose mask is False set to `cond_latent`.
 
     noise: (B, C, T, H, W) standard normal draws (passed in); r: the shift ratio

@@ -188,8 +188,9 @@ def plan_buckets(dit: DiTConfig, base_sizes: tuple[int, ...], frame_counts: tupl
 def frames_available(num_source_frames: int, source_fps: float, target_fps: float) -> int:
     """How many frames at `target_fps` a clip of `num_source_frames` at `source_fps` can give.
 
-    Output frame k shows the source frame at time k / target_fps, i.e. source index
-    floor(k * source_fps / target_fps); the last usable k keeps that index < num_source_frames.
+    Output frame k shows source frame floor(k * source_fps / target_fps) (the decode rule), so the
+    count is the number of k with k * source_fps / target_fps < num_source_frames. Upsampling
+    (8 -> 16 fps) shows each frame twice: 49 frames give 98.
     """
     if num_source_frames <= 0:
         return 0
@@ -197,8 +198,8 @@ def frames_available(num_source_frames: int, source_fps: float, target_fps: floa
         raise ValueError(f"source_fps={source_fps}, target_fps={target_fps}: expected > 0")
     if num_source_frames == 1:
         return 1
-    # a 1e-9 slack keeps exact ratios (30 fps -> 15 fps) from losing a frame to rounding
-    return math.floor((num_source_frames - 1) * target_fps / source_fps + 1e-9) + 1
+    # the same 1e-9 slack as the decoder's floor keeps exact ratios (30 -> 15 fps) exact
+    return math.ceil((num_source_frames - 1e-9) * target_fps / source_fps)
 
 
 def assign_bucket(buckets: tuple[BucketSpec, ...], height: int, width: int, num_frames: int,

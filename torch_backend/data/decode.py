@@ -56,6 +56,10 @@ def probe(path: str | pathlib.Path, fps: float | None = None) -> MediaInfo:
             raise MediaError(path, "decode error", f"after {count} frames: {e}") from None
         if count == 0:
             raise MediaError(path, "no frames")
+        if stream.frames and count < stream.frames:
+            # an index written up front (faststart) promises frames the cut-off data lacks
+            raise MediaError(path, "decode error", f"container lists {stream.frames} frames, "
+                                                   f"only {count} decode (truncated?)")
         rate = fps if fps is not None else _stream_fps(stream)
         return MediaInfo(stream.height, stream.width, count, rate, stream.codec_context.name)
 
@@ -141,8 +145,8 @@ class _open:
         except (av.FFmpegError, UnicodeDecodeError) as e:
             raise MediaError(self.path, "unreadable container", str(e)) from None
         if not self.container.streams.video:
-            self.container.close()
             kinds = sorted({s.type for s in self.container.streams}) or ["none"]
+            self.container.close()
             raise MediaError(self.path, "no video stream", f"streams: {', '.join(kinds)}")
         self.container.streams.video[0].thread_type = "AUTO"
         return self.container

@@ -1,0 +1,218 @@
+"""Decoding, fps resampling, resize/crop and bucket assignment on generated files and on the real
+clips in ../shared/data/clips; bad input skipped and counted; manifest errors name the line."""
+from __future__ import annotations
+
+import json
+
+import av
+import numpy as np
+import pytest
+
+from mugv.core.data import BucketSpec, assign_bucket, frames_available
+from mugv.torch_backend.data import dataset
+from mugv.torch_backend.data.decode import MediaError, decode_clip, probe, source_indices
+from mugv.torch_backend.data.manifest import ManifestError, read_manifest
+from mugv.torch_backend.data.product_videos import encode_mp4
+
+# The README of ../shared/data/clips: (height, width, frames, fps)
+SHARED_CLIPS = {
+    "mugv_output_0.mp4": (1280, 720, 110, 23.0),
+    "crush_027.mp4": (480, 832, 114, 16.0),
+    "horse.mp4": (480, 720, 49, 8.0),
+    "suv.mp4": (360, 640, 600, 30.05),
+}
+
+
+def _coded_clip(frames: int, height: int, width: int, rng) -> np.ndarray:
+    """Frames a decoder cannot mix up: frame i has its own random flat colour."""
+    colours = rng.integers(30, 225, size=(frames, 3))
+    # neighbouring frames must differ a lot so the nearest-colour match below is unambiguous
+    colours[:, 0] = 30 + (np.arange(frames) * 53) % 190
+    return np.broadcast_to(colours[:, None, None, :], (frames, height, width, 3)).astype(np.uint8)
+
+
+def _which_frames(decoded: np.ndarray, reference: np.ndarray) -> list[int]:
+    means = decoded.reshape(len(decoded), -1, 3).mean(1)
+    ref = reference.reshape(len(reference), -1, 3).mean(1)
+    return [int(np.argmin(((ref - m) ** 2).sum(1))) for m in means]
+
+
+@pytest.mark.parametrize("src_fps,dst_fps", [(30, 15), (30, 12), (24, 16), (8, 16), (25, 25)])
+def test_fps_resampling_picks_the_right_source_frames(tmp_path, src_fps, dst_fps):
+    rng = np.random.default_rng(src_fps * 100 + dst_fps)
+    clip = _coded_clip(37, 32, 48, rng)
+    path = tmp_path / "coded.mp4"
+    encode_mp4(clip, src_fps, path)
+    info = probe(path)
+    assert (info.height, info.width, info.num_frames, info.fps) == (32, 48, 37, src_fps)
+    reference = decode_clip(path, 37, 32, 48, src_fps)       # identity: every frame once
+    assert _which_frames(reference, reference) == list(range(37))
+    n = frames_available(37, src_fps, dst_fps)
+    expected_n = sum(1 for k in range(200) if int(np.floor(k * src_fps / dst_fps + 1e-9)) < 37)
+    assert n == expected_n
+    got = decode_clip(path, n, 16, 16, dst_fps)
+    assert got.shape == (n, 16, 16, 3) and got.dtype == np.uint8
+    assert _which_frames(got, reference) == source_indices(n, src_fps, dst_fps).tolist()
+    with pytest.raises(MediaError, match="too short"):
+        decode_clip(path, n + 1, 16, 16, dst_fps)
+
+
+def test_cover_resize_and_centre_crop_keep_the_middle(tmp_path):
+    # a 2:1 frame whose red channel encodes the column: a square crop must show the middle half
+    h, w = 48, 96
+    ramp = np.linspace(20, 235, w)
+    frame = np.zeros((h, w, 3), np.uint8)
+    frame[..., 0] = ramp[None, :].round()
+    frame[..., 1] = 128
+    path = tmp_path / "wide.mp4"
+    encode_mp4(np.stack([frame] * 9), 24, path)
+    out = decode_clip(path, 9, 32, 32, 24).astype(np.float64)
+    # cover resize 48x96 -> 32x64, crop columns 16..48 of 64 = source columns 24..72 of 96
+    left, right = out[:, :, :2, 0].mean(), out[:, :, -2:, 0].mean()
+    assert abs(left - ramp[24:28].mean()) < 8 and abs(right - ramp[68:72].mean()) < 8, (left, right)
+    tall = decode_clip(path, 1, 32, 16, 24)
+    assert tall.shape == (1, 32, 16, 3)
+
+
+def test_bucket_assignment_arithmetic():
+    buckets = (BucketSpec(32, 32, 1, 8), BucketSpec(32, 32, 17, 2, 16.0), BucketSpec(64, 64, 33, 1, 16.0),
+               BucketSpec(48, 80, 17, 2, 16.0), BucketSpec(80, 48, 17, 2, 16.0))
+    assert assign_bucket(buckets, 64, 64, 33, 16.0) == (2, "")           # largest it fills
+    assert assign_bucket(buckets, 64, 64, 20, 16.0) == (1, "")           # too short for 33
+    assert assign_bucket(buckets, 360, 640, 600, 30.05) == (3, "")       # 16:9 -> landscape
+    assert assign_bucket(buckets, 1280, 720, 110, 23.0) == (4, "")       # 9:16 -> portrait
+    assert assign_bucket(buckets, 64, 64, 1, 24.0) == (0, "")            # image
+    idx, why = assign_bucket(buckets, 64, 64, 9, 16.0)
+    assert idx is None and why.startswith("too short")
+    idx, why = assign_bucket(buckets, 40, 70, 40, 16.0)
+    assert idx is None and why.startswith("too small")
+    # 17 frames at 16 fps need 16 / 16 * 30 + 1 = 31 source frames at 30 fps
+    assert frames_available(31, 30.0, 16.0) == 17 and frames_available(30, 30.0, 16.0) == 16
+
+
+def test_shared_clips_probe_decode_and_buckets(shared_dir):
+    clips = shared_dir / "data" / "clips"
+    buckets = (BucketSpec(48, 80, 17, 2, 16.0), BucketSpec(80, 48, 17, 2, 16.0),
+               BucketSpec(64, 64, 17, 2, 16.0), BucketSpec(64, 80, 17, 2, 16.0),
+               BucketSpec(64, 64, 1, 4, 16.0))
+    # horse is 3:2: log-nearer 80:48 (5:3) than 80:64 (5:4)
+    expect_bucket = {"mugv_output_0.mp4": 1, "crush_027.mp4": 0, "horse.mp4": 0, "suv.mp4": 0}
+    for name, (h, w, frames, fps) in SHARED_CLIPS.items():
+        info = probe(clips / name)
+        assert (info.height, info.width, info.num_frames) == (h, w, frames), name
+        assert info.fps == pytest.approx(fps, abs=0.01), name
+        assert info.codec == "h264"
+        b, why = assign_bucket(buckets, h, w, frames, info.fps)
+        assert b == expect_bucket[name], (name, why)
+        spec = buckets[b]
+        out = decode_clip(clips / name, spec.frames, spec.height, spec.width, spec.fps)
+        assert out.shape == (17, spec.height, spec.width, 3)
+        assert 20 < out.mean() < 235 and out.std() > 5, name       # real content, not padding
+    # horse: 49 frames at 8 fps give 98 frames at 16 fps (each shown twice)
+    assert frames_available(49, 8.0, 16.0) == 98
+    horse = decode_clip(clips / "horse.mp4", 6, 48, 80, 16.0)
+    assert np.array_equal(horse[0], horse[1]) and np.array_equal(horse[2], horse[3])
+    assert not np.array_equal(horse[1], horse[2])
+    # the manifest beside the clips is a dataset; the png is an image for image buckets
+    index = dataset.build_index(clips / "captions.jsonl", buckets)
+    assert index.skipped == []
+    by_id = {(it.entry.path.name, index.buckets[it.bucket].frames) for it in index.items}
+    assert {n for n, f in by_id if f == 17} == set(expect_bucket)
+    assert {n for n, f in by_id if f == 1} == set(expect_bucket)   # each also gives an image
+    image = probe(clips / "mugv_sample.png")
+    assert image.num_frames == 1 and (image.height, image.width) == (1248, 704)
+    frame = decode_clip(clips / "mugv_sample.png", 1, 64, 64, 16.0)
+    assert frame.shape == (1, 64, 64, 3)
+
+
+def _audio_only(path):
+    container = av.open(str(path), "w", format="mp4")
+    stream = container.add_stream("aac", rate=16000)
+    stream.layout = "mono"
+    tone = np.sin(np.arange(8192) / 7).astype(np.float32)
+    for i in range(8):
+        frame = av.AudioFrame.from_ndarray(tone[None, i * 1024:(i + 1) * 1024], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, i * 1024
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+    container.close()
+
+
+def test_bad_inputs_are_skipped_and_counted(tmp_path, caplog):
+    rng = np.random.default_rng(7)
+    good = _coded_clip(33, 64, 64, rng)
+    encode_mp4(good, 16, tmp_path / "good.mp4")
+    encode_mp4(good, 16, tmp_path / "good2.mp4")
+    data = (tmp_path / "good.mp4").read_bytes()
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (tmp_path / "random.mp4").write_bytes(rng.bytes(4096))
+    _audio_only(tmp_path / "audio.mp4")
+    encode_mp4(good[:5], 16, tmp_path / "short.mp4")
+    rows = ["good", "zero", "truncated", "random", "audio", "short", "missing", "good2"]
+    with open(tmp_path / "m.jsonl", "w") as f:
+        for name in rows:
+            f.write(json.dumps({"id": name, "path": f"{name}.mp4", "caption": f"clip {name}"}) + "\n")
+    buckets = (BucketSpec(32, 32, 17, 2, 16.0),)
+    with caplog.at_level("WARNING"):
+        index = dataset.build_index(tmp_path / "m.jsonl", buckets)
+    assert [it.entry.sample_id for it in index.items] == ["good", "good2"]
+    reasons = {sid: reason for sid, reason, _ in index.skipped}
+    assert reasons == {"zero": "empty file", "truncated": "unreadable container",
+                       "random": "unreadable container", "audio": "no video stream",
+                       "short": "too short", "missing": "missing file"}
+    assert index.skip_counts == {"empty file": 1, "unreadable container": 2, "no video stream": 1,
+                                 "too short": 1, "missing file": 1}
+    for sid in reasons:            # each skip is in the log with its reason
+        assert any(f"skip {sid}" in r.getMessage() for r in caplog.records), sid
+    assert "6 skipped" in index.report()
+    # a file broken after indexing: dropped from its batch and counted, the run goes on
+    (tmp_path / "good2.mp4").write_bytes(b"")
+    failures = __import__("collections").Counter()
+    batch = dataset.load_batch(index, [0, 1], 0, "t2v", failures)
+    assert batch.sample_ids == ["good"] and batch.pixels.shape == (1, 3, 17, 32, 32)
+    assert failures == {"empty file": 1}
+
+
+def test_truncated_faststart_file_is_a_decode_error(tmp_path):
+    clip = _coded_clip(24, 32, 32, np.random.default_rng(3))
+    path = tmp_path / "fs.mp4"
+    container = av.open(str(path), "w", format="mp4", options={"movflags": "faststart"})
+    stream = container.add_stream("libx264", rate=24)
+    stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+    for frame in clip:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])      # the index up front survives, the data not
+    with pytest.raises(MediaError) as err:
+        probe(path)
+    assert err.value.reason == "decode error"
+
+
+def test_manifest_errors_name_the_line(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"path": "a.mp4", "caption": "a red cube"}\n\n{"path": "b.mp4"}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl:3: field 'caption' is missing"):
+        read_manifest(m)
+    m.write_text('{"path": "a.mp4", "caption": "ok"}\n{"path": "b.mp4", "caption": "  "}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: field 'caption'"):
+        read_manifest(m)
+    m.write_text('{"path": "a.mp4", "caption": "ok", "fps": -3}\n')
+    with pytest.raises(ManifestError, match=r":1: field 'fps' = -3"):
+        read_manifest(m)
+    m.write_text('{"path": "a.mp4", "caption": "ok"}\nnot json\n')
+    with pytest.raises(ManifestError, match=r":2: not valid JSON"):
+        read_manifest(m)
+    c = tmp_path / "m.csv"
+    c.write_text("path,caption,fps\na.mp4,a red cube,24\nb.mp4,,\n")
+    with pytest.raises(ManifestError, match=r"m\.csv:3: field 'caption' is missing"):
+        read_manifest(c)
+    c.write_text("path,caption,fps\na.mp4,\"a red cube, turning\",24\n")
+    (entry,) = read_manifest(c)
+    assert entry.caption == "a red cube, turning" and entry.fps == 24.0 and entry.path == tmp_path / "a.mp4"

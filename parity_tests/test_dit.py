@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mugv.core.dit import dit_config, dit_schema, patch_grid
-from parity_tests.tolerances import assert_close, assert_tree_close
+from mugv.parity_tests.tolerances import assert_close, assert_tree_close
 
 CFG = dit_config("tiny")
 B, T, H, W, LT = 2, 3, 5, 7, 6  # odd latent sizes: patch padding and crop on H and W

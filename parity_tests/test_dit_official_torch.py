@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.tolerances import assert_close
+from mugv.parity_tests.tolerances import assert_close
 
 CASES = ("t2v", "i2v", "odd_hw", "varied")
 

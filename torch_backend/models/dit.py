@@ -182,13 +182,34 @@ class MUGDiT(torch.nn.Module):
 
         if self.config.sequence_parallel:
             hidden, token_mask = _scatter_sequence(hidden, token_mask)
+            # Each rank modulates only its own tokens, so the gradient reaching the (replicated)
+            # conditioning is partial: identity forward, all-reduce over TP backward.
+            mod, mod0 = _SumGradOverTP.apply(mod), _SumGradOverTP.apply(mod0)
         hidden = self._run_layers(hidden, mod, mod0, token_mask, text_h, text_mask.bool(), cos, sin)
         if self.config.sequence_parallel:
+            # The final layer is replicated (every rank sees the whole output gradient): the
+            # backward of this gather keeps the rank's own chunk instead of reduce-scattering.
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
-                hidden, tensor_parallel_output_grad=True)
+                hidden, tensor_parallel_output_grad=False)
 
         out = self.final_layer(hidden[1:-1].transpose(0, 1), c, c0, video_mask)  # (b, N, p*co)
         return unpatchify(cfg, out, grid, (t, hh, ww))
+
+
+class _SumGradOverTP(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient over the tensor-parallel group.
+    (Megatron's copy_to_tensor_model_parallel_region reduces in place, which silently does nothing
+    on gloo when the gradient arrives non-contiguous, as it does here: hence contiguous first.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+        return grad
 
 
 def _scatter_sequence(hidden, token_mask):

@@ -1,0 +1,138 @@
+"""Megatron-Core on CPU with two gloo processes (torch_backend/megatron_compat.py): tensor parallelism.
+
+One torchrun launch (importing megatron.core costs 5-8 s per process) runs every 2-process case:
+- a Column -> Row parallel linear pair at TP=2 equals the full-matrix computation (forward, input and
+  weight gradients);
+- the tiny MUG-DiT at TP=2, and at TP=2 with sequence parallelism, from the same global canonical
+  parameters as the TP=1 model: the ranks' outputs, and their gradients gathered into global tensors
+  (slices concatenated along the schema's tp_axis; partial gradients of replicated parameters summed
+  over TP as Megatron's finalize_model_grads does), equal the TP=1 run of this pytest process.
+
+This file is also the worker: `torchrun --nproc_per_node 2 parity_tests/test_megatron_tp.py OUT`.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _worker(out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from mugv.checkpoints.torch_dit import load_canonical
+    from mugv.core.dit import dit_schema
+    from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params
+    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.models.dit import build_dit, transformer_config
+
+    megatron_compat.initialize_parallel(tp=2)
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    group = parallel_state.get_tensor_model_parallel_group()
+    results = {}
+
+    # Column -> Row pair vs the full matrices.
+    gen = torch.Generator().manual_seed(0)
+    w1, b1 = torch.randn(12, 9, generator=gen), torch.randn(12, generator=gen)
+    w2, b2 = torch.randn(5, 12, generator=gen), torch.randn(5, generator=gen)
+    x = torch.randn(7, 3, 9, generator=gen)
+    mp = ModelParallelConfig(tensor_model_parallel_size=2, use_cpu_initialization=True)
+    col = tensor_parallel.ColumnParallelLinear(9, 12, config=mp, init_method=lambda w: None,
+                                               gather_output=False, tp_group=group)
+    row = tensor_parallel.RowParallelLinear(12, 5, config=mp, init_method=lambda w: None, bias=True,
+                                            input_is_parallel=True, skip_bias_add=False, tp_group=group)
+    with torch.no_grad():
+        col.weight.copy_(w1[rank * 6:(rank + 1) * 6]); col.bias.copy_(b1[rank * 6:(rank + 1) * 6])
+        row.weight.copy_(w2[:, rank * 6:(rank + 1) * 6]); row.bias.copy_(b2)
+    xr = x.clone().requires_grad_(True)
+    y, _ = row(torch.tanh(col(xr)[0]))
+    (y * torch.arange(5.0)).sum().backward()
+    xf = x.clone().requires_grad_(True)
+    w1f, w2f = w1.clone().requires_grad_(True), w2.clone().requires_grad_(True)
+    yf = torch.tanh(xf @ w1f.T + b1) @ w2f.T + b2
+    (yf * torch.arange(5.0)).sum().backward()
+    for name, a, b in [("pair.out", y, yf), ("pair.grad_x", xr.grad, xf.grad),
+                       ("pair.grad_w1", col.weight.grad, w1f.grad[rank * 6:(rank + 1) * 6]),
+                       ("pair.grad_w2", row.weight.grad, w2f.grad[:, rank * 6:(rank + 1) * 6])]:
+        results[f"{name}.maxdiff"] = np.array((a - b).abs().max().item())
+
+    # The tiny DiT at TP=2, without and with sequence parallelism.
+    params, inputs, weights = random_params(CFG), make_inputs("padded_text"), loss_weights()
+    specs = dit_schema(CFG).as_dict()
+    for tag, overrides in [("tp2", {}), ("tp2sp", dict(sequence_parallel=True))]:
+        model = build_dit(CFG, transformer_config(CFG, **overrides), seed=None)
+        load_canonical(model, CFG, params)
+        t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+        t["frame_indice"] = t["frame_indice"].long()
+        t["x"].requires_grad_(True)
+        out = model(**t)
+        (out * torch.from_numpy(weights)).sum().backward()
+        results[f"{tag}.out"] = out.detach().numpy()
+        results[f"{tag}.input.x"] = t["x"].grad.numpy()
+        for name, p in model.named_parameters():
+            grad, spec = p.grad.detach().clone(), specs[name]
+            partial = getattr(p, "partial_grad_over_tp", False) or (
+                model.config.sequence_parallel and getattr(p, "sequence_parallel", False))
+            if partial:
+                dist.all_reduce(grad, group=group)
+            if spec.tp_axis is not None:
+                parts = [torch.empty_like(grad) for _ in range(2)]
+                dist.all_gather(parts, grad.contiguous(), group=group)
+                grad = torch.cat(parts, dim=spec.tp_axis)
+            results[f"{tag}.{name}"] = grad.numpy()
+    if dist.get_rank() == 0:
+        np.savez(os.path.join(out_dir, "tp_results.npz"), **results)
+    megatron_compat.destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def tp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--standalone", __file__, str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode:
+        raise AssertionError(f"2-process gloo run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return dict(np.load(out / "tp_results.npz"))
+
+
+def test_column_row_pair_tp2(tp_results):
+    for key in ("pair.out", "pair.grad_x", "pair.grad_w1", "pair.grad_w2"):
+        assert tp_results[f"{key}.maxdiff"] < 1e-5, (key, tp_results[f"{key}.maxdiff"])
+
+
+@pytest.fixture(scope="module")
+def tp1_reference():
+    from mugv.torch_backend import megatron_compat
+    from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params, torch_model, torch_run
+    megatron_compat.initialize_parallel(tp=1)
+    try:
+        out, grads = torch_run(torch_model(random_params(CFG)), make_inputs("padded_text"), loss_weights())
+    finally:
+        megatron_compat.destroy_parallel()
+    return out, grads
+
+
+@pytest.mark.parametrize("tag", ["tp2", "tp2sp"])
+def test_dit_tp2_equals_tp1(tp_results, tp1_reference, tag):
+    from mugv.parity_tests.tolerances import assert_close
+    out, grads = tp1_reference
+    assert_close(tp_results[f"{tag}.out"], out, "sharded", "float32", name=f"{tag} output")
+    for name, ref in grads.items():
+        if name == "input.text":
+            continue
+        assert_close(tp_results[f"{tag}.{name}"], ref, "sharded", "float32", name=f"{tag} grad {name}")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

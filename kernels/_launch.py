@@ -35,13 +35,20 @@ def row_block(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def row_warps(block: int) -> int:
-    """One config per block size, chosen rather than autotuned: the interpreter refuses several
-    autotune configs, and for these memory-bound row kernels ~128 elements per warp-row is the
-    usual sweet spot (1 warp at 128, 8 at 1024+, 16 at 4096)."""
-    if interpreting():
-        return 1
-    return int(min(16, max(1, block // 256)))
+def tuned(key: list[str]):
+    """Decorator over @triton.jit: on the GPU, autotune the warp count per `key` (the row-size
+    arguments); in the interpreter, which refuses several configs, the kernel as it is."""
+    def wrap(kernel):
+        if interpreting():
+            return kernel
+        return triton.autotune([triton.Config({}, num_warps=w) for w in (4, 8, 16)], key=key)(kernel)
+    return wrap
+
+
+def warps() -> dict:
+    """Launch keywords for a `tuned` kernel: one warp in the interpreter, the autotuner's choice
+    on the GPU."""
+    return {"num_warps": 1} if interpreting() else {}
 
 
 def reduction_programs(device: torch.device) -> int:

@@ -39,6 +39,7 @@ def gather_rows(table, index):
     return torch.gather(table, 1, pick)
 
 
+@_launch.tuned(["H"])
 @triton.jit
 def _adaln_fwd_kernel(x_ptr, shift_ptr, scale_ptr, index_ptr, y_ptr, mean_ptr, rstd_ptr,
                       L, H, K, eps, BLOCK_H: tl.constexpr):
@@ -61,6 +62,7 @@ def _adaln_fwd_kernel(x_ptr, shift_ptr, scale_ptr, index_ptr, y_ptr, mean_ptr, r
     tl.store(rstd_ptr + row, rstd)
 
 
+@_launch.tuned(["H", "K"])
 @triton.jit
 def _adaln_bwd_kernel(x_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr, dy_ptr, dx_ptr,
                       dshift_part_ptr, dscale_part_ptr, L, H, K, rows_per_program,
@@ -148,7 +150,7 @@ class _AdaLNModulate(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         block = _launch.row_block(h)
         _adaln_fwd_kernel[(b * length,)](x, shift, scale, index, y, mean, rstd, length, h, k, eps,
-                                         BLOCK_H=block, num_warps=_launch.row_warps(block))
+                                         BLOCK_H=block, **_launch.warps())
         ctx.save_for_backward(x, scale, index, mean, rstd)
         ctx.shift_dtype = shift.dtype
         return y
@@ -167,7 +169,7 @@ class _AdaLNModulate(torch.autograd.Function):
         _adaln_bwd_kernel[(b, n_prog)](x, scale, index, mean, rstd, dy, dx, dshift, dscale,
                                        length, h, k, rows, BLOCK_H=block,
                                        BLOCK_K=triton.next_power_of_2(k),
-                                       num_warps=_launch.row_warps(block))
+                                       **_launch.warps())
         return (dx, dshift.sum(1).to(ctx.shift_dtype), dscale.sum(1).to(scale.dtype), None, None)
 
 

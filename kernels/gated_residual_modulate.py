@@ -32,6 +32,7 @@ def gated_residual_modulate_reference(x, y, gate, shift, scale, index=None, eps:
     return x_res, out
 
 
+@_launch.tuned(["H"])
 @triton.jit
 def _gated_fwd_kernel(x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, index_ptr, xres_ptr, out_ptr,
                       mean_ptr, rstd_ptr, L, H, K, eps, BLOCK_H: tl.constexpr):
@@ -57,6 +58,7 @@ def _gated_fwd_kernel(x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, index_ptr, x
     tl.store(rstd_ptr + row, rstd)
 
 
+@_launch.tuned(["H", "K", "HAS_DXRES"])
 @triton.jit
 def _gated_bwd_kernel(x_ptr, y_ptr, gate_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr,
                       dout_ptr, dxres_ptr, dx_ptr, dy_ptr,
@@ -122,7 +124,7 @@ class _GatedResidualModulate(torch.autograd.Function):
         block = _launch.row_block(h)
         _gated_fwd_kernel[(b * length,)](x, y, gate, shift, scale, index, x_res, out, mean, rstd,
                                          length, h, k, eps, BLOCK_H=block,
-                                         num_warps=_launch.row_warps(block))
+                                         **_launch.warps())
         ctx.save_for_backward(x, y, gate, scale, index, mean, rstd)
         ctx.shift_dtype = shift.dtype
         return x_res, out
@@ -142,7 +144,7 @@ class _GatedResidualModulate(torch.autograd.Function):
         _gated_bwd_kernel[(b, n_prog)](x, y, gate, scale, index, mean, rstd, dout, dx_res, dx, dy,
                                        *parts, length, h, k, rows, HAS_DXRES=has_dxres,
                                        BLOCK_H=block, BLOCK_K=triton.next_power_of_2(k),
-                                       num_warps=_launch.row_warps(block))
+                                       **_launch.warps())
         dgate, dshift, dscale = (p.sum(1) for p in parts)
         return (dx, dy, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype),
                 None, None)

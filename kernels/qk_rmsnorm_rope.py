@@ -38,6 +38,7 @@ def qk_rmsnorm_rope_reference(q, weight, angles, eps: float = 1e-6):
     return rope_rotate_reference(normed, angles)
 
 
+@_launch.tuned(["NH", "P"])
 @triton.jit
 def _qk_fwd_kernel(q_ptr, w_ptr, ang_ptr, out_ptr, rstd_ptr,
                    L, NH, P, stride_qb, stride_ql, stride_ab, stride_al, eps,
@@ -69,6 +70,7 @@ def _qk_fwd_kernel(q_ptr, w_ptr, ang_ptr, out_ptr, rstd_ptr,
     tl.store(rstd_ptr + tok * NH + heads, rstd, mask=heads < NH)
 
 
+@_launch.tuned(["NH", "P"])
 @triton.jit
 def _qk_bwd_kernel(q_ptr, w_ptr, ang_ptr, rstd_ptr, dout_ptr, dq_ptr, dw_part_ptr,
                    L, NH, P, stride_qb, stride_ql, stride_ab, stride_al, tokens_per_program,
@@ -147,7 +149,7 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         _qk_fwd_kernel[(b * length,)](q, weight, angles, out, rstd, length, nh, d // 2,
                                       q.stride(0), q.stride(1), *_angle_strides(angles), eps,
                                       BLOCK_NH=block_nh, BLOCK_P=block_p,
-                                      num_warps=_launch.row_warps(block_nh * block_p))
+                                      **_launch.warps())
         ctx.save_for_backward(q, weight, angles, rstd)
         return out
 
@@ -166,7 +168,7 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         _qk_bwd_kernel[(n_prog,)](q, weight, angles, rstd, dout, dq, dw, length, nh, d // 2,
                                   q.stride(0), q.stride(1), *_angle_strides(angles), per, n_tokens,
                                   BLOCK_NH=block_nh, BLOCK_P=block_p,
-                                  num_warps=_launch.row_warps(block_nh * block_p))
+                                  **_launch.warps())
         return dq, dw.sum(0).to(weight.dtype), None, None
 
 

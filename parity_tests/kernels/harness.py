@@ -31,7 +31,7 @@ def run_with_grads(fn, leaves, upstream, **kwargs):
     """Outputs and gradients of every floating leaf for the given upstream gradients."""
     outs = _as_tuple(fn(*leaves, **kwargs))
     diff = [t for t in leaves if t.requires_grad]
-    grads = torch.autograd.grad(outs, diff, [g.to(o.dtype) for o, g in zip(outs, upstream)])
+    grads = torch.autograd.grad(outs, diff, [g.to(device=o.device, dtype=o.dtype) for o, g in zip(outs, upstream)])
     return [o.detach() for o in outs], [g.detach() for g in grads]
 
 

@@ -263,3 +263,16 @@ def generate_dataset(out_dir: str | pathlib.Path, count: int, seed: int = 0, siz
         for row in rows:
             f.write(json.dumps({"id": row["id"], **row["attributes"]}) + "\n")
     return manifest
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Write the embedded product-video dataset")
+    parser.add_argument("out_dir")
+    parser.add_argument("--count", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--frames", type=int, default=33)
+    parser.add_argument("--fps", type=float, default=16.0)
+    a = parser.parse_args()
+    print(generate_dataset(a.out_dir, a.count, a.seed, a.size, a.frames, a.fps))

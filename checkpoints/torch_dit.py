@@ -47,7 +47,7 @@ def load_canonical(model: torch.nn.Module, cfg: DiTConfig, params: Mapping[str, 
         if arr.dtype.kind == "V" or str(arr.dtype) == "bfloat16":
             arr = arr.astype(np.float32)
         local = torch.from_numpy(np.ascontiguousarray(arr[spec.shard_index(rank, tp)]))
-        mine[name].copy_(local)
+        mine[name].copy_(local.to(mine[name].device))
 
 
 def canonical_local(model: torch.nn.Module) -> dict[str, torch.Tensor]:

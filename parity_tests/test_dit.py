@@ -86,17 +86,18 @@ def torch_model(params, **config_overrides):
 
 def torch_run(model, inputs, weights):
     """Output and the gradients of sum(out * weights) w.r.t. every parameter, x and text."""
-    t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    device = next(model.parameters()).device
+    t = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in inputs.items()}
     t["x"].requires_grad_(True)
     t["text"].requires_grad_(True)
     t["frame_indice"] = t["frame_indice"].long()
     model.zero_grad(set_to_none=True)
     out = model(**t)
-    (out * torch.from_numpy(weights)).sum().backward()
-    grads = {name: p.grad.detach().numpy() for name, p in model.named_parameters()}
-    grads["input.x"] = t["x"].grad.numpy()
-    grads["input.text"] = t["text"].grad.numpy()
-    return out.detach().numpy(), grads
+    (out * torch.from_numpy(weights).to(device)).sum().backward()
+    grads = {name: p.grad.detach().cpu().numpy() for name, p in model.named_parameters()}
+    grads["input.x"] = t["x"].grad.cpu().numpy()
+    grads["input.text"] = t["text"].grad.cpu().numpy()
+    return out.detach().cpu().numpy(), grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +184,8 @@ def test_state_dict_is_canonical_and_init_follows_schema(megatron_world):
 
 def test_bad_inputs_name_the_argument(megatron_world):
     model = torch_model(random_params(CFG))
-    good = {k: torch.from_numpy(np.asarray(v)) for k, v in make_inputs("t2v").items()}
+    device = next(model.parameters()).device
+    good = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in make_inputs("t2v").items()}
     bad = dict(good, text_mask=good["text_mask"].float())
     with pytest.raises(ValueError, match="text_mask"):
         model(**bad)

@@ -32,6 +32,11 @@ def golden_inputs(g: dict, case: str) -> dict[str, torch.Tensor]:
                 fps=fps, frame_indice=fi.expand(b, -1).contiguous())
 
 
+def on_device(model, inputs: dict) -> dict:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 @pytest.fixture(scope="module")
 def golden(goldens_dir):
     from safetensors.numpy import load_file
@@ -62,7 +67,7 @@ def official_model(golden, megatron_world):
 @pytest.mark.parametrize("case", CASES)
 def test_golden_case(golden, official_model, case):
     with torch.no_grad():
-        out = official_model(**golden_inputs(golden, case))
+        out = official_model(**on_device(official_model, golden_inputs(golden, case)))
     rel = assert_close(out, golden[f"output.{case}.out"], "dit", "float32", name=f"dit {case}")
     print(f"{case}: relative error {rel:.2e}")
 
@@ -70,7 +75,7 @@ def test_golden_case(golden, official_model, case):
 def test_padded_text_never_matters(golden, official_model):
     """Replacing the padded text tokens (sample 1 has 4 real of 7) changes nothing, bit for bit
     up to attention rounding; the official code drops them."""
-    inputs = golden_inputs(golden, "t2v")
+    inputs = on_device(official_model, golden_inputs(golden, "t2v"))
     assert not inputs["text_mask"].all(), "the golden t2v case should have padded text"
     noisy = dict(inputs, text=torch.where(inputs["text_mask"][..., None], inputs["text"],
                                           torch.randn_like(inputs["text"]) * 7))

@@ -267,10 +267,13 @@ def check_inputs(cfg: DiTConfig, x, timestep, text, text_mask, x_mask, fps, fram
 def build_dit(cfg: DiTConfig, config: Optional[TransformerConfig] = None,
               layer_spec: Optional[ModuleSpec] = None, seed: Optional[int] = 0,
               device: Optional[torch.device] = None) -> MUGDiT:
-    """Build MUG-DiT. Megatron's parallel state must be initialised
-    (`megatron_compat.initialize_parallel`). `seed=None` leaves parameters undrawn (to be loaded)."""
+    """Build MUG-DiT on `device` (default: the current GPU, else the CPU). Megatron's parallel
+    state must be initialised (`megatron_compat.initialize_parallel`). `seed=None` leaves parameters
+    undrawn (to be loaded)."""
     megatron_compat.enable()  # no-op on a GPU
     config = config or transformer_config(cfg)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = MUGDiT(cfg, config, layer_spec or mugdit_layer_spec())
     model.to(device=device, dtype=config.params_dtype)
     check_against_schema(model, cfg)

@@ -82,3 +82,23 @@ def test_padded_text_never_matters(golden, official_model):
     with torch.no_grad():
         a, b = official_model(**inputs), official_model(**noisy)
     assert_close(b, a, "dit", "float32", name="padded text replaced")
+
+
+def test_convert_official_dit_file(golden, tmp_path):
+    """The CLI path: an official dit.pt (torch pickle of the official state dict) -> a mugv
+    checkpoint, read back equal to the adapter's canonical arrays."""
+    from mugv.checkpoints.official_dit import config_from_official, import_official
+    from mugv.checkpoints.torch_dit import convert_official_dit
+    from mugv.checkpoints.torch_io import load_torch
+    from mugv.core.dit import dit_schema
+
+    state = {k[len("param."):]: v for k, v in golden.items() if k.startswith("param.")}
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "dit.pt")
+    cfg, params = convert_official_dit(tmp_path / "dit.pt", tmp_path / "ckpt", step=3)
+    assert cfg == config_from_official(state)
+    expected = import_official(state, cfg)
+    loaded = load_torch(tmp_path / "ckpt" / "step_000000003", dit_schema(cfg))
+    assert sorted(loaded) == sorted(expected)
+    for name, arr in expected.items():
+        assert np.array_equal(loaded[name].numpy(), arr), name
+        assert np.array_equal(params[name], arr), name

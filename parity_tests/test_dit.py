@@ -76,10 +76,10 @@ def megatron_world():
     megatron_compat.destroy_parallel()
 
 
-def torch_model(params, **config_overrides):
+def torch_model(params, layer_spec=None, **config_overrides):
     from mugv.checkpoints.torch_dit import load_canonical
     from mugv.torch_backend.models.dit import build_dit, transformer_config
-    model = build_dit(CFG, transformer_config(CFG, **config_overrides), seed=None)
+    model = build_dit(CFG, transformer_config(CFG, **config_overrides), layer_spec, seed=None)
     load_canonical(model, CFG, params)
     return model
 
@@ -158,6 +158,21 @@ def test_recompute_changes_nothing(megatron_world, overrides):
     assert_close(out, out_ref, "exact", "float32", name="output with recompute")  # same ops, same order
     # backward accumulates parameter gradients in another order: rounding only
     assert_tree_close(grads, grads_ref, "*", "float32")
+
+
+def test_kernel_slot_takes_the_kernels_ops(megatron_world):
+    """The spec's ops slot filled from mugv.kernels' registry (on a CPU: the kernels' own
+    references; on a GPU: the Triton kernels verified there, or all with MUGV_KERNELS=all) gives
+    the same model."""
+    pytest.importorskip("triton")
+    from mugv.torch_backend.models.dit_layers import kernel_ops, mugdit_layer_spec
+    params, inputs, weights = random_params(CFG), make_inputs("i2v"), loss_weights()
+    out_ref, grads_ref = torch_run(torch_model(params), inputs, weights)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    spec = mugdit_layer_spec(ops=kernel_ops(device))
+    out, grads = torch_run(torch_model(params, layer_spec=spec), inputs, weights)
+    assert_close(out, out_ref, "dit", "float32", name="output with kernel ops")
+    assert_tree_close(grads, grads_ref, "dit_grad", "float32")
 
 
 def test_state_dict_is_canonical_and_init_follows_schema(megatron_world):

@@ -174,8 +174,6 @@ class MUGDiT(torch.nn.Module):
         video_mask = frames.repeat_interleave(grid[1] * grid[2], dim=1)  # (b, N)
         never = torch.zeros(b, 1, dtype=torch.bool, device=x.device)
         token_mask = torch.cat([never, video_mask, never], dim=1).t()  # (L, b)
-        cos = angles.cos().transpose(0, 1)[:, :, None]  # (L, b, 1, head_dim / 2)
-        sin = angles.sin().transpose(0, 1)[:, :, None]
         # Padded positions are zeroed first so that nothing (not even inf/nan) can leak from them.
         text = torch.where(text_mask[..., None], text, torch.zeros((), dtype=text.dtype, device=text.device))
         text_h = self.embed_text(text).transpose(0, 1).contiguous()  # (Lt, b, h)
@@ -185,7 +183,7 @@ class MUGDiT(torch.nn.Module):
             # Each rank modulates only its own tokens, so the gradient reaching the (replicated)
             # conditioning is partial: identity forward, all-reduce over TP backward.
             mod, mod0 = _SumGradOverTP.apply(mod), _SumGradOverTP.apply(mod0)
-        hidden = self._run_layers(hidden, mod, mod0, token_mask, text_h, text_mask.bool(), cos, sin)
+        hidden = self._run_layers(hidden, mod, mod0, token_mask, text_h, text_mask.bool(), angles)
         if self.config.sequence_parallel:
             # The final layer is replicated (every rank sees the whole output gradient): the
             # backward of this gather keeps the rank's own chunk instead of reduce-scattering.

@@ -35,54 +35,82 @@ from mugv.torch_backend.attention import DotProductAttention
 
 # ---------------------------------------------------------------------------------------------
 # Elementwise ops (the kernel slot)
+#
+# Conventions shared with mugv.kernels (same signatures as the Triton kernels and their
+# references): batch-first x (B, L, h); modulation tables (B, K, h) with K = 2 rows
+# [t branch, t = 0 branch]; index (B, L) integers picking a row per token (0 = t, 1 = t = 0).
 
 
-def _pick(pair: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """pair (2, b, h) = [t branch, t=0 branch]; token_mask (s, b) -> (s, b, h) per-token rows."""
-    return torch.where(token_mask[..., None], pair[0][None], pair[1][None])
+def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table (B, K, h), index (B, L) -> (B, L, h): each token's row."""
+    return torch.gather(table, 1, index[..., None].expand(-1, -1, table.shape[-1]))
 
 
-def reference_norm_modulate(x, shift, scale, token_mask, eps: float):
-    """AdaLN: LayerNorm(x, no affine) * (1 + scale) + shift (official `t2i_modulate`).
-
-    x (s, b, h); shift, scale (2, b, h) stacked [t branch, t=0 branch]; token_mask (s, b) bool.
-    """
-    normed = F.layer_norm(x, (x.shape[-1],), eps=eps)
-    return normed * (1 + _pick(scale, token_mask)) + _pick(shift, token_mask)
+def reference_adaln_modulate(x, shift, scale, index, eps: float = 1e-6):
+    """AdaLN: LayerNorm(x, no affine) * (1 + scale) + shift (official `t2i_modulate`), per token."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + _rows(scale, index)) + _rows(shift, index)
 
 
-def reference_gated_residual(residual, y, gate, token_mask):
-    """residual + gate * y, gate (2, b, h) picked per token like the modulation."""
-    return residual + _pick(gate, token_mask) * y
+def reference_gated_residual(x, y, gate, index):
+    """x + gate * y, the gate picked per token."""
+    return x + _rows(gate, index) * y
 
 
-def reference_qk_norm_rope(x, weight, eps: float, cos=None, sin=None):
-    """Per-head RMSNorm over head_dim, then (if cos is given) interleaved-pair RoPE.
+def reference_gated_residual_modulate(x, y, gate, shift, scale, index, eps: float = 1e-6):
+    """(x', AdaLN(x')) with x' = x + gate * y: a residual add fused into the next AdaLN site."""
+    x_res = reference_gated_residual(x, y, gate, index)
+    return x_res, reference_adaln_modulate(x_res, shift, scale, index, eps)
 
-    x (s, b, n, d); weight (d,); cos, sin (s, b, 1, d/2). As the official code: normalise in fp32,
-    cast back, multiply by the weight; rotate in fp32 (complex64 there), cast back. Pair q rotates
-    features (2q, 2q+1).
-    """
-    xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
-    if cos is None:
-        return normed
-    pairs = normed.float().unflatten(-1, (-1, 2))
+
+def reference_qk_rmsnorm(q, weight, eps: float = 1e-6):
+    """Per-head RMSNorm over head_dim of q (B, L, n, d), as the official code: normalise in fp32,
+    cast back, multiply by the (d,) weight."""
+    qf = q.float()
+    return (qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + eps)).to(q.dtype) * weight
+
+
+def reference_qk_rmsnorm_rope(q, weight, angles, eps: float = 1e-6):
+    """RMSNorm then interleaved-pair RoPE: pair p = features (2p, 2p+1) rotated by angles
+    (B, L, d/2), in fp32 (complex64 in the official code), cast back."""
+    pairs = reference_qk_rmsnorm(q, weight, eps).float().unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    cos, sin = torch.cos(angles.float())[:, :, None], torch.sin(angles.float())[:, :, None]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(q.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class DiTOps:
-    """The elementwise operations of a block; a kernel set replaces any of them (same signature)."""
+    """The elementwise operations of a block; a kernel set replaces any of them (same signature).
+    `kernel_ops(device)` fills the slots from mugv.kernels' registry."""
 
-    norm_modulate: Callable = reference_norm_modulate
+    adaln_modulate: Callable = reference_adaln_modulate
     gated_residual: Callable = reference_gated_residual
-    qk_norm_rope: Callable = reference_qk_norm_rope
+    gated_residual_modulate: Callable = reference_gated_residual_modulate
+    qk_rmsnorm_rope: Callable = reference_qk_rmsnorm_rope
+    qk_rmsnorm: Callable = reference_qk_rmsnorm
 
 
 REFERENCE_OPS = DiTOps()
+
+
+def _contiguous_args(fn):
+    """Kernels take dense tensors; the block passes batch-first views of sequence-first tensors
+    (free when B = 1, MUG-V's micro-batch)."""
+    def call(*args, **kwargs):
+        return fn(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
+    call.__name__ = getattr(fn, "__name__", "kernel")
+    return call
+
+
+def kernel_ops(device) -> DiTOps:
+    """DiTOps with each slot chosen by `mugv.kernels.registry.select` on `device` (the Triton
+    kernel where verified there, else its plain-torch reference)."""
+    from mugv.kernels.registry import select
+    return DiTOps(
+        adaln_modulate=_contiguous_args(select("adaln_modulate", device)),
+        gated_residual_modulate=_contiguous_args(select("gated_residual_modulate", device)),
+        qk_rmsnorm_rope=_contiguous_args(select("qk_rmsnorm_rope", device)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +118,7 @@ REFERENCE_OPS = DiTOps()
 
 
 class HeadRMSNorm(torch.nn.Module):
-    """The (head_dim,) weight of a per-head RMSNorm; the math lives in `DiTOps.qk_norm_rope`."""
+    """The (head_dim,) weight of a per-head RMSNorm; the math lives in `DiTOps.qk_rmsnorm(_rope)`."""
 
     def __init__(self, head_dim: int):
         super().__init__()
@@ -191,14 +219,15 @@ class SelfAttention(_AttentionBase):
         self.qkv = _column(submodules.qkv, config, h, 3 * h)
         self.proj = _row(submodules.proj, config, h, h)
 
-    def forward(self, x, cos, sin):
-        """x (s, b, h) (the local sequence chunk under sequence parallelism); cos/sin (S, b, 1, d/2)
-        for the full sequence S."""
+    def forward(self, x, angles):
+        """x (s, b, h) (the local sequence chunk under sequence parallelism); angles (b, S, d/2)
+        RoPE angles of the full sequence S."""
         qkv, _ = self.qkv(x)  # (S, b, 3 h / tp), full sequence
         qkv = qkv.unflatten(-1, (self.heads, 3, self.head_dim))
         q, k, v = qkv.unbind(dim=-2)
-        q = self.ops.qk_norm_rope(q, self.q_norm.weight, self.eps, cos, sin)
-        k = self.ops.qk_norm_rope(k, self.k_norm.weight, self.eps, cos, sin)
+        # norms and rotation batch-first (the kernels' layout), views only
+        q = self.ops.qk_rmsnorm_rope(q.transpose(0, 1), self.q_norm.weight, angles, self.eps).transpose(0, 1)
+        k = self.ops.qk_rmsnorm_rope(k.transpose(0, 1), self.k_norm.weight, angles, self.eps).transpose(0, 1)
         out = self._attend(q, k, v)
         out, _ = self.proj(out)
         return out
@@ -224,8 +253,8 @@ class CrossAttention(_AttentionBase):
         q = q.unflatten(-1, (self.heads, self.head_dim))
         kv, _ = self.kv(text)
         k, v = kv.unflatten(-1, (self.heads, 2, self.head_dim)).unbind(dim=-2)
-        q = self.ops.qk_norm_rope(q, self.q_norm.weight, self.eps)
-        k = self.ops.qk_norm_rope(k, self.k_norm.weight, self.eps)
+        q = self.ops.qk_rmsnorm(q, self.q_norm.weight, self.eps)
+        k = self.ops.qk_rmsnorm(k, self.k_norm.weight, self.eps)
         # A sample without any real token would softmax over nothing: let it attend to its
         # (padded) keys and zero its output instead, as an empty key block contributes nothing.
         has_text = text_mask.any(dim=1)
@@ -284,25 +313,32 @@ class MUGDiTLayer(torch.nn.Module):
         self.cross_attn = build_module(submodules.cross_attn, config=config, ops=ops)
         self.mlp = build_module(submodules.mlp, config=config)
 
-    def forward(self, x, mod, mod0, token_mask, text, text_mask, cos, sin):
+    def forward(self, x, mod, mod0, token_mask, text, text_mask, angles):
         """
         Arguments:
             x: (s, b, h) hidden states (local chunk under sequence parallelism).
             mod, mod0: (b, 6, h) t_block outputs of the t and t=0 branches (before the table).
             token_mask: (s, b) bool, True = modulate with t (same chunk as x).
             text: (Lt, b, h) embedded text; text_mask: (b, Lt) bool.
-            cos, sin: (S, b, 1, head_dim / 2) RoPE of the full sequence.
+            angles: (b, S, head_dim / 2) RoPE angles of the full sequence.
         Returns (s, b, h).
         """
-        # (6, 2, b, h): table + t_block(c) for both branches; rows shift/scale/gate (msa, mlp).
         table = self.scale_shift_table.to(mod.dtype)
-        rows = torch.stack([table[None] + mod, table[None] + mod0]).permute(2, 0, 1, 3)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = rows.unbind(0)
-        u = self.ops.norm_modulate(x, shift_msa, scale_msa, token_mask, self.eps)
-        x = self.ops.gated_residual(x, self.self_attn(u, cos, sin), gate_msa, token_mask)
-        x = x + self.cross_attn(self.cross_attn_norm(x), text, text_mask)
-        u = self.ops.norm_modulate(x, shift_mlp, scale_mlp, token_mask, self.eps)
-        return self.ops.gated_residual(x, self.mlp(u), gate_mlp, token_mask)
+        # (6, b, 2, h): rows shift/scale/gate (msa, mlp), each a (b, K=2, h) table [t, t = 0].
+        tables = torch.stack([table[None] + mod, table[None] + mod0], dim=2).transpose(0, 1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = tables
+        index = (~token_mask).long().t()  # (b, s): row 0 = t branch, row 1 = t = 0 branch
+        ops, eps = self.ops, self.eps
+        xb = x.transpose(0, 1)  # batch-first views for the elementwise ops
+        u = ops.adaln_modulate(xb, shift_msa, scale_msa, index, eps)
+        attn = self.self_attn(u.transpose(0, 1), angles)
+        xb = ops.gated_residual(xb, attn.transpose(0, 1), gate_msa, index)
+        cross = self.cross_attn(self.cross_attn_norm(xb.transpose(0, 1)), text, text_mask)
+        # The cross-attention residual is ungated: gate 1, fused into the MLP's AdaLN site.
+        xb, u = ops.gated_residual_modulate(xb, cross.transpose(0, 1), torch.ones_like(gate_mlp),
+                                            shift_mlp, scale_mlp, index, eps)
+        xb = ops.gated_residual(xb, self.mlp(u.transpose(0, 1)).transpose(0, 1), gate_mlp, index)
+        return xb.transpose(0, 1)
 
 
 def mugdit_layer_spec(ops: DiTOps = REFERENCE_OPS, attention_backend: str = "auto",

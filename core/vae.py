@@ -51,6 +51,9 @@ VAE_SIZES: dict[str, dict] = {
     # ../shared/reference/goldens/vae_tiny_seed0
     "golden": dict(spatial_channels=(8, 16, 32, 32), spatial_layers_per_block=1, spatial_norm_groups=4,
                    temporal_filters=8, temporal_res_blocks=1, temporal_norm_groups=4),
+    # trains for a few minutes on 2 CPU cores at 32x32 (torch_backend/vae_train.py)
+    "tiny": dict(spatial_channels=(16, 32, 32, 32), spatial_layers_per_block=1, spatial_norm_groups=8,
+                 temporal_filters=8, temporal_res_blocks=1, temporal_norm_groups=4, latent_channels=8),
 }
 
 
@@ -315,3 +318,48 @@ def latent_shape_error(shape: tuple[int, ...], channels: int, num_frames: int) -
     if len(shape) != 5 or shape[1] != channels or shape[2] != want or min(shape) < 1:
         return f"latent of shape {shape}: {expected}"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training objective, written once over an array namespace `xp` (numpy, torch or jax.numpy).
+# MUG-V did not release its VAE losses (notes 3.9); this is latent diffusion's autoencoder loss
+# (Rombach et al. 2022, `LPIPSWithDiscriminator`) without the perceptual term: an L1 NLL with a
+# learned scalar log-variance, a KL to N(0, I) with a small weight, and an optional hinge-loss
+# patch discriminator whose generator term is weighted adaptively.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VAELossConfig:
+    kl_weight: float = 1e-6
+    disc_start: int | None = None     # step at which the discriminator term switches on; None = never
+    disc_weight: float = 0.5          # multiplies the adaptive weight
+    disc_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        v.in_range(self, "kl_weight", 0, None)
+        v.in_range(self, "disc_weight", 0, None)
+        v.in_range(self, "disc_factor", 0, None)
+        if self.disc_start is not None:
+            v.non_negative_int(self, "disc_start")
+
+
+def reconstruction_nll(x, recon, logvar, xp):
+    """sum(|x - recon| / exp(logvar) + logvar) / batch: the L1 error read as a Laplace-like NLL
+    with one learned log-variance (LDM's `nll_loss`; it balances itself against the KL)."""
+    rec = xp.abs(x - recon)
+    return xp.sum(rec / xp.exp(logvar) + logvar) / x.shape[0]
+
+
+def gaussian_kl(mean, logvar, xp):
+    """KL(N(mean, exp(logvar)) || N(0, I)) summed over latent elements, averaged over the batch."""
+    return 0.5 * xp.sum(mean * mean + xp.exp(logvar) - 1.0 - logvar) / mean.shape[0]
+
+
+def hinge_d_loss(logits_real, logits_fake, xp):
+    """Discriminator hinge loss 0.5 (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))])."""
+    return 0.5 * (xp.mean(xp.maximum(1.0 - logits_real, 0.0)) + xp.mean(xp.maximum(1.0 + logits_fake, 0.0)))
+
+
+def adaptive_weight(nll_grad_norm: float, gen_grad_norm: float, disc_weight: float) -> float:
+    """LDM's balance of the adversarial term: ||grad_last nll|| / (||grad_last g|| + 1e-4), clipped
+    to [0, 1e4], times `disc_weight` (gradients w.r.t. the decoder's last layer)."""
+    return disc_weight * min(max(nll_grad_norm / (gen_grad_norm + 1e-4), 0.0), 1e4)

@@ -1,0 +1,212 @@
+"""VAE reconstruction quality over a folder (or manifest) of clips: PSNR and SSIM per clip and their
+mean, plus side-by-side original/reconstruction images (PNG) and videos (mp4).
+
+PSNR is computed on [0, 1] pixels over the whole clip (one MSE per clip). SSIM is torchmetrics'
+`structural_similarity_index_measure` (Gaussian 11x11, sigma 1.5), averaged over frames.
+
+    python -m mugv.torch_backend.vae_eval --data ../shared/data/clips --size tiny \
+        --checkpoint runs/vae/ckpt --height 32 --width 32 --frames 17 --out runs/vae/eval
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import struct
+import sys
+import zlib
+
+import numpy as np
+import torch
+
+from mugv.core import vae as spec
+from mugv.torch_backend.models.vae import VideoVAE, init_vae
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSource:
+    name: str
+    path: pathlib.Path
+    fps: float | None = None
+
+
+def list_clips(data: str | pathlib.Path) -> list[ClipSource]:
+    """Video files of a folder (sorted), or the entries of a .jsonl/.csv manifest."""
+    data = pathlib.Path(data)
+    if data.is_dir():
+        found = [ClipSource(p.stem, p) for p in sorted(data.iterdir()) if p.suffix.lower() in VIDEO_SUFFIXES]
+    elif data.is_file():
+        from mugv.torch_backend.data.manifest import read_manifest
+        found = [ClipSource(e.sample_id, e.path, e.fps) for e in read_manifest(data)]
+    else:
+        raise FileNotFoundError(f"--data {data}: expected a folder of videos or a manifest file")
+    if not found:
+        raise FileNotFoundError(f"--data {data}: no video files ({', '.join(VIDEO_SUFFIXES)})")
+    return found
+
+
+def load_clip(src: ClipSource, num_frames: int | None, height: int, width: int, fps: float) -> np.ndarray:
+    """uint8 (T, H, W, 3) at `fps`, cover-resized and centre-cropped (data pipeline decode).
+    num_frames None: every frame the clip has at `fps`."""
+    from mugv.core.data import frames_available
+    from mugv.torch_backend.data.decode import decode_clip, probe
+    if num_frames is None:
+        info = probe(src.path, src.fps)
+        num_frames = frames_available(info.num_frames, info.fps, fps)
+    return decode_clip(src.path, num_frames, height, width, target_fps=fps, source_fps=src.fps)
+
+
+def to_video_tensor(clip: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float32 (3, T, H, W) in [-1, 1] (notes 3.1)."""
+    return torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3): clamp, then (x + 1) / 2 * 255 + 0.5 (notes 3.1)."""
+    x = ((video.clamp(-1, 1) + 1) / 2 * 255 + 0.5).floor().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """PSNR in dB of two [-1, 1] videos, measured on [0, 1] pixels over the whole clip."""
+    mse = float((((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2) ** 2).mean())
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean per-frame SSIM of two (3, T, H, W) [-1, 1] videos, on [0, 1] pixels (torchmetrics)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+    a = ((x.clamp(-1, 1) + 1) / 2).transpose(0, 1)     # (T, 3, H, W)
+    b = ((y.clamp(-1, 1) + 1) / 2).transpose(0, 1)
+    return float(structural_similarity_index_measure(b, a, data_range=1.0))
+
+
+@torch.no_grad()
+def reconstruct(model: VideoVAE, video: torch.Tensor, frame_batch: int | None = 8) -> torch.Tensor:
+    """Posterior mean -> decode: the deterministic reconstruction of one (3, T, H, W) clip."""
+    latent = model.encode(video[None], sample=False, frame_batch=frame_batch)
+    return model.decode(latent, video.shape[1], frame_batch=frame_batch)[0]
+
+
+def write_png(path: pathlib.Path, rgb: np.ndarray) -> None:
+    """Minimal PNG writer (8-bit RGB, no filter): no imaging library needed."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    path.write_bytes(png)
+
+
+def write_mp4(path: pathlib.Path, frames: np.ndarray, fps: float) -> None:
+    """uint8 (T, H, W, 3) -> H.264 mp4 (yuv420p needs even sizes: odd ones are padded by one)."""
+    import av
+    from fractions import Fraction
+    t, h, w, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "12"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def side_by_side(original: np.ndarray, recon: np.ndarray, max_frames: int = 6) -> np.ndarray:
+    """PNG layout: originals on the top row, reconstructions below, up to `max_frames` frames."""
+    pick = np.linspace(0, len(original) - 1, min(max_frames, len(original))).round().astype(int)
+    return np.concatenate([np.concatenate(list(original[pick]), axis=1),
+                           np.concatenate(list(recon[pick]), axis=1)], axis=0)
+
+
+def evaluate(model: VideoVAE, data: str | pathlib.Path, height: int, width: int, num_frames: int,
+             fps: float = 8.0, out_dir: str | pathlib.Path | None = None,
+             clips: list[tuple[str, np.ndarray]] | None = None) -> dict:
+    """PSNR/SSIM of the model's reconstructions of every clip's first `num_frames` frames.
+
+    Returns {"clips": [{"clip", "frames", "psnr", "ssim"}...], "mean_psnr", "mean_ssim"}; with
+    `out_dir`, also writes metrics.json, metrics.md, <clip>.png and <clip>.mp4 (original | recon).
+    `clips` (name, uint8 array) skips decoding (the trainer passes its already-decoded clips).
+    """
+    model.eval()
+    if clips is None:
+        clips = [(s.name, load_clip(s, num_frames, height, width, fps)) for s in list_clips(data)]
+    out = pathlib.Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, clip in clips:
+        video = to_video_tensor(clip[:num_frames])
+        recon = reconstruct(model, video)
+        rows.append({"clip": name, "frames": int(video.shape[1]), "psnr": psnr(recon, video), "ssim": ssim(recon, video)})
+        if out is not None:
+            orig8, rec8 = clip[:num_frames], to_uint8(recon)
+            write_png(out / f"{name}.png", side_by_side(orig8, rec8))
+            write_mp4(out / f"{name}.mp4", np.concatenate([orig8, rec8], axis=2), fps)
+    result = {"clips": rows, "mean_psnr": float(np.mean([r["psnr"] for r in rows])),
+              "mean_ssim": float(np.mean([r["ssim"] for r in rows])),
+              "height": height, "width": width, "num_frames": num_frames, "fps": fps}
+    if out is not None:
+        (out / "metrics.json").write_text(json.dumps(result, indent=1))
+        (out / "metrics.md").write_text(format_table(result))
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = ["| clip | frames | PSNR (dB) | SSIM |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['clip']} | {r['frames']} | {r['psnr']:.2f} | {r['ssim']:.4f} |" for r in result["clips"]]
+    lines.append(f"| **mean** | | **{result['mean_psnr']:.2f}** | **{result['mean_ssim']:.4f}** |")
+    return "\n".join(lines) + "\n"
+
+
+def load_model(size: str = "tiny", checkpoint: str | None = None, official: str | None = None,
+               seed: int = 0) -> VideoVAE:
+    """A VideoVAE from a mugv checkpoint directory, an official vae.pt, or seeded random init."""
+    if official is not None:
+        from mugv.checkpoints import official_vae
+        state = official_vae.load_official_file(official)
+        cfg = official_vae.config_from_official(state) if size == "official" else spec.vae_config(size)
+        params = official_vae.import_official(state, cfg)
+        model = VideoVAE(cfg)
+        model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in params.items()})
+        return model
+    cfg = spec.vae_config(size)
+    if checkpoint is not None:
+        from mugv.checkpoints.torch_io import load_torch
+        model = VideoVAE(cfg)
+        model.load_state_dict(load_torch(checkpoint, spec.vae_schema(cfg), "model"), strict=True)
+        return model
+    return init_vae(cfg, seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mugv vae-eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="folder of videos or a .jsonl/.csv manifest")
+    ap.add_argument("--size", default="tiny", help=f"VAE size: {sorted(spec.VAE_SIZES)}")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="mugv checkpoint directory (step_*) with a 'model' group")
+    src.add_argument("--official", help="official vae.pt (or goldens .safetensors)")
+    ap.add_argument("--height", type=int, default=32)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--frames", type=int, default=17)
+    ap.add_argument("--fps", type=float, default=8.0)
+    ap.add_argument("--out", help="folder for metrics.{json,md} and side-by-side PNG/mp4")
+    ap.add_argument("--seed", type=int, default=0, help="init seed when no weights are given")
+    a = ap.parse_args(argv)
+    model = load_model(a.size, a.checkpoint, a.official, a.seed)
+    result = evaluate(model, a.data, a.height, a.width, a.frames, a.fps, a.out)
+    sys.stdout.write(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -356,7 +356,8 @@ def gaussian_kl(mean, logvar, xp):
 
 def hinge_d_loss(logits_real, logits_fake, xp):
     """Discriminator hinge loss 0.5 (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))])."""
-    return 0.5 * (xp.mean(xp.maximum(1.0 - logits_real, 0.0)) + xp.mean(xp.maximum(1.0 + logits_fake, 0.0)))
+    relu = lambda z: 0.5 * (z + xp.abs(z))   # noqa: E731  (namespace-neutral max(z, 0))
+    return 0.5 * (xp.mean(relu(1.0 - logits_real)) + xp.mean(relu(1.0 + logits_fake)))
 
 
 def adaptive_weight(nll_grad_norm: float, gen_grad_norm: float, disc_weight: float) -> float:

@@ -1,0 +1,245 @@
+"""Train the video VAE on a folder (or manifest) of real videos.
+
+Objective (formulas in core/vae.py): L1 reconstruction read as an NLL with the model's learned
+scalar `logvar`, plus `kl_weight` x KL, plus, from step `disc_start` on, a per-frame patch
+discriminator (hinge loss) whose generator term is weighted adaptively against the NLL at the
+decoder's last layer (latent diffusion's autoencoder recipe, without the perceptual term).
+
+Data: every clip is decoded once at (height, width, fps) through the data pipeline's PyAV decode;
+batches are random windows of `num_frames` frames. Checkpoints go through the mugv format
+(checkpoints/torch_io.py): group "model" (the VAE schema) and, when on, "discriminator".
+
+    python -m mugv.torch_backend.vae_train --data ../shared/data/clips --size tiny \
+        --height 32 --width 32 --frames 9 --minutes 4 --out runs/vae
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mugv.core import vae as spec
+from mugv.core.schema import ParamSpec, Schema
+from mugv.torch_backend import vae_eval
+from mugv.torch_backend.models.vae import VideoVAE, init_vae
+
+
+@dataclasses.dataclass(frozen=True)
+class VAETrainConfig:
+    data: str
+    size: str = "tiny"
+    height: int = 32
+    width: int = 32
+    num_frames: int = 9
+    fps: float = 8.0
+    batch_size: int = 2
+    steps: int = 100_000          # upper bound; `minutes` usually stops first
+    minutes: float | None = None
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.9)   # LDM's autoencoder optimiser
+    logvar_init: float = 0.0      # LDM's default; the official MUGVAE stores 4.0
+    loss: spec.VAELossConfig = spec.VAELossConfig()
+    disc_channels: int = 32
+    seed: int = 0
+    log_every: int = 10
+    eval_frames: int = 17
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        from mugv.core import validate as v
+        v.positive_int(self, "height", "width", "num_frames", "batch_size", "steps", "log_every", "eval_frames",
+                       "disc_channels")
+        v.in_range(self, "lr", 0, None, lo_open=True)
+        v.in_range(self, "fps", 0, None, lo_open=True)
+        for f in ("height", "width"):
+            if getattr(self, f) % spec.SPATIAL_FACTOR:
+                v.fail(self, f, f"a multiple of {spec.SPATIAL_FACTOR}")
+        if self.size not in spec.VAE_SIZES:
+            v.fail(self, "size", f"one of {sorted(spec.VAE_SIZES)}")
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix PatchGAN on single frames: one logit per overlapping patch (70x70 at full depth).
+    GroupNorm instead of BatchNorm so batches of 2 clips train stably."""
+
+    def __init__(self, channels: int = 32, image_channels: int = 3):
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(image_channels, c, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * c, 4 * c, 4, 1, 1, bias=False), nn.GroupNorm(8, 4 * c), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * c, 1, 4, 1, 1))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.net(video.transpose(1, 2).flatten(0, 1))     # (B T, 1, h, w)
+
+
+def module_schema(module: nn.Module) -> Schema:
+    """A schema for a module without one in core (the discriminator): its state_dict as is."""
+    return Schema(tuple(ParamSpec(n, tuple(t.shape)) for n, t in module.state_dict().items()))
+
+
+def load_clips(cfg: VAETrainConfig) -> list[tuple[str, np.ndarray]]:
+    """Every clip decoded once, whole, at the training resolution and rate."""
+    clips = []
+    for src in vae_eval.list_clips(cfg.data):
+        clip = vae_eval.load_clip(src, None, cfg.height, cfg.width, cfg.fps)
+        if len(clip) >= cfg.num_frames:
+            clips.append((src.name, clip))
+    if not clips:
+        raise ValueError(f"--data {cfg.data}: no clip has {cfg.num_frames} frames at {cfg.fps} fps")
+    return clips
+
+
+def sample_batch(clips: list[tuple[str, np.ndarray]], cfg: VAETrainConfig, rng: np.random.Generator) -> torch.Tensor:
+    """(B, 3, T, H, W) random windows in [-1, 1], random horizontal flips."""
+    out = []
+    for _ in range(cfg.batch_size):
+        clip = clips[rng.integers(len(clips))][1]
+        start = rng.integers(len(clip) - cfg.num_frames + 1)
+        window = clip[start:start + cfg.num_frames]
+        if rng.random() < 0.5:
+            window = window[:, :, ::-1]
+        out.append(vae_eval.to_video_tensor(np.ascontiguousarray(window)))
+    return torch.stack(out)
+
+
+def train_step(model: VideoVAE, disc: PatchDiscriminator | None, opt, opt_d, video: torch.Tensor, step: int,
+               cfg: VAETrainConfig, generator: torch.Generator) -> dict:
+    """One generator (VAE) update and, when the discriminator is on, one discriminator update."""
+    model.train()
+    recon, mean, logvar = model(video, sample=True, generator=generator)
+    nll = spec.reconstruction_nll(video, recon, model.logvar, torch)
+    kl = spec.gaussian_kl(mean, logvar, torch)
+    loss = nll + cfg.loss.kl_weight * kl
+    logs = {"step": step, "nll": nll.item(), "kl": kl.item(), "l1": (video - recon).abs().mean().item(),
+            "logvar": model.logvar.item()}
+    disc_on = disc is not None and step >= cfg.loss.disc_start
+    if disc_on:
+        g_loss = -disc(recon).mean()
+        last = model.spatial.decoder.conv_out.weight
+        g_nll = torch.autograd.grad(nll, last, retain_graph=True)[0]
+        g_gen = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        weight = spec.adaptive_weight(float(g_nll.norm()), float(g_gen.norm()), cfg.loss.disc_weight)
+        loss = loss + weight * cfg.loss.disc_factor * g_loss
+        logs.update(g_loss=g_loss.item(), d_weight=weight)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if disc_on:
+        d_loss = cfg.loss.disc_factor * spec.hinge_d_loss(disc(video), disc(recon.detach()), torch)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        logs["d_loss"] = d_loss.item()
+    logs["loss"] = loss.item()
+    return logs
+
+
+def train(cfg: VAETrainConfig, log=print) -> dict:
+    """Train; returns {"before": eval, "after": eval, "steps", "seconds", "checkpoint"}.
+
+    The evaluation (vae_eval.evaluate: PSNR/SSIM, posterior mean) runs on the first
+    `eval_frames` frames of every clip before and after training."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = init_vae(spec.vae_config(cfg.size), cfg.seed)
+    with torch.no_grad():
+        model.logvar.fill_(cfg.logvar_init)
+    disc = PatchDiscriminator(cfg.disc_channels) if cfg.loss.disc_start is not None else None
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
+
+    clips = load_clips(cfg)
+    eval_clips = [(n, c[:cfg.eval_frames]) for n, c in clips if len(c) >= cfg.eval_frames]
+    out = pathlib.Path(cfg.out) if cfg.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    evaluate = lambda where: vae_eval.evaluate(  # noqa: E731
+        model, cfg.data, cfg.height, cfg.width, cfg.eval_frames, cfg.fps,
+        out_dir=(out / where) if out is not None else None, clips=eval_clips)
+    before = evaluate("eval_before")
+    log(json.dumps({"eval": "before", "mean_psnr": before["mean_psnr"], "mean_ssim": before["mean_ssim"]}))
+
+    logfile = open(out / "log.jsonl", "a") if out is not None else None
+    t0, step = time.monotonic(), 0
+    while step < cfg.steps and (cfg.minutes is None or time.monotonic() - t0 < 60 * cfg.minutes):
+        logs = train_step(model, disc, opt, opt_d, sample_batch(clips, cfg, rng), step, cfg, gen)
+        if step % cfg.log_every == 0:
+            logs["seconds"] = round(time.monotonic() - t0, 1)
+            log(json.dumps(logs))
+            if logfile:
+                logfile.write(json.dumps(logs) + "\n")
+                logfile.flush()
+        step += 1
+    seconds = time.monotonic() - t0
+    if logfile:
+        logfile.close()
+    after = evaluate("eval_after")
+    log(json.dumps({"eval": "after", "mean_psnr": after["mean_psnr"], "mean_ssim": after["mean_ssim"],
+                    "steps": step, "seconds": round(seconds, 1)}))
+    ckpt = save(model, disc, cfg, out / "ckpt", step) if out is not None else None
+    return {"before": before, "after": after, "steps": step, "seconds": seconds, "checkpoint": ckpt, "model": model}
+
+
+def save(model: VideoVAE, disc: PatchDiscriminator | None, cfg: VAETrainConfig, root: pathlib.Path, step: int):
+    """Through the mugv checkpoint format: group "model" = the VAE schema, "discriminator" if on."""
+    from mugv.checkpoints.torch_io import save_torch
+    groups = {"model": (spec.vae_schema(model.cfg), model.state_dict())}
+    if disc is not None:
+        groups["discriminator"] = (module_schema(disc), disc.state_dict())
+    config = {"vae": dataclasses.asdict(model.cfg), "train": {k: v for k, v in dataclasses.asdict(cfg).items()}}
+    return save_torch(root, step, groups, config=json.loads(json.dumps(config, default=str)),
+                      schema_hash=spec.vae_schema(model.cfg).hash())
+
+
+def config_from_args(argv: list[str] | None) -> VAETrainConfig:
+    ap = argparse.ArgumentParser(prog="mugv vae-train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="folder of videos or a .jsonl/.csv manifest")
+    ap.add_argument("--size", default="tiny", help=f"VAE size: {sorted(spec.VAE_SIZES)}")
+    ap.add_argument("--height", type=int, default=32)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--frames", type=int, default=9, help="frames per training window")
+    ap.add_argument("--fps", type=float, default=8.0)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=100_000)
+    ap.add_argument("--minutes", type=float, default=None, help="wall-clock budget for the training loop")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--kl-weight", type=float, default=1e-6)
+    ap.add_argument("--logvar-init", type=float, default=0.0)
+    ap.add_argument("--disc-start", type=int, default=None, help="step switching the discriminator on (off if unset)")
+    ap.add_argument("--disc-weight", type=float, default=0.5)
+    ap.add_argument("--eval-frames", type=int, default=17)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="run folder: log.jsonl, eval_before/, eval_after/, ckpt/")
+    a = ap.parse_args(argv)
+    return VAETrainConfig(data=a.data, size=a.size, height=a.height, width=a.width, num_frames=a.frames, fps=a.fps,
+                          batch_size=a.batch_size, steps=a.steps, minutes=a.minutes, lr=a.lr,
+                          logvar_init=a.logvar_init,
+                          loss=spec.VAELossConfig(kl_weight=a.kl_weight, disc_start=a.disc_start,
+                                                  disc_weight=a.disc_weight),
+                          eval_frames=a.eval_frames, log_every=a.log_every, seed=a.seed, out=a.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    result = train(config_from_args(argv), log=lambda s: print(s, flush=True))
+    b, a = result["before"], result["after"]
+    sys.stdout.write(f"PSNR {b['mean_psnr']:.2f} -> {a['mean_psnr']:.2f} dB, SSIM {b['mean_ssim']:.4f} -> "
+                     f"{a['mean_ssim']:.4f} after {result['steps']} steps ({result['seconds']:.0f} s)\n")
+    sys.stdout.write(vae_eval.format_table(a))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -115,6 +115,22 @@ def tp_results(tmp_path_factory):
     return dict(np.load(out / "tp_results.npz"))
 
 
+def test_compat_layer_is_idempotent_and_answers_cuda_with_cpu():
+    import torch
+
+    from mugv.torch_backend import megatron_compat
+    assert megatron_compat.enable() and megatron_compat.enable()  # second call changes nothing
+    current = torch.cuda.current_device
+    assert megatron_compat.enable() and torch.cuda.current_device is current
+    assert torch.cuda.current_device() == torch.device("cpu")
+    assert torch.zeros(3, device="cuda").device.type == "cpu"  # sites 3, 5, 8
+    assert torch.zeros(3).type() == "torch.cuda.FloatTensor"  # sites 6, 9
+    state = torch.cuda.get_rng_state()  # site 1: the CPU generator
+    a = torch.rand(4)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(torch.rand(4), a)
+
+
 def test_column_row_pair_tp2(tp_results):
     for key in ("pair.out", "pair.grad_x", "pair.grad_w1", "pair.grad_w2"):
         assert tp_results[f"{key}.maxdiff"] < 1e-5, (key, tp_results[f"{key}.maxdiff"])

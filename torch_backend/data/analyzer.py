@@ -178,6 +178,10 @@ _SHAPE_SCALES = (0.06, 0.12, 0.06, 0.2, 0.25)
 
 def _shape_probs(sil: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
     feats = {k: float(np.median([s[k] for s in sil])) for k in _SHAPE_FEATURES}
+    # a torus's hole shows best where the object is largest (zooms): judge the centre there
+    heights = np.array([s["height"] for s in sil])
+    large = [s["centre"] for s, h in zip(sil, heights) if h >= np.percentile(heights, 75)]
+    feats["centre"] = float(np.median(large))
     f = np.array([feats[k] if k != "aspect" else np.log(feats[k]) for k in _SHAPE_FEATURES])
     scales = np.array(_SHAPE_SCALES)
     logits = np.array([-0.5 * (((f - np.array(p)) / scales) ** 2).sum() for p in _SHAPE_PROTOTYPES.values()])
@@ -281,9 +285,8 @@ def degrade(clip: np.ndarray, rng: np.random.Generator, factor: int = 2, blur: f
     return np.clip(small + rng.normal(0, noise, small.shape) + 0.5, 0, 255).astype(np.uint8)
 
 
-def evaluate(count: int, seed: int, size: int = 64, frames: int = 33) -> dict[str, dict[str, float]]:
-    """Accuracy per attribute on `count` random clips (seeds [seed, i]), each through an H.264
-    round trip: "clean" at `size`, and "degraded" (half size, blur, noise). Also per class."""
+def evaluate_clip(seed: int, i: int, size: int = 64, frames: int = 33) -> dict[str, bool]:
+    """Hits of clip (seed, i) after an H.264 round trip, clean and degraded, per attribute."""
     import io
     import av
     from mugv.torch_backend.data.product_videos import encode_mp4, random_scene, render
@@ -295,18 +298,36 @@ def evaluate(count: int, seed: int, size: int = 64, frames: int = 33) -> dict[st
         with av.open(buf) as container:
             return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
+    rng = np.random.default_rng([seed, i])
+    scene = random_scene(rng)
+    clip = render(scene, int(rng.integers(2 ** 31)), size, frames)
+    hits = {}
+    for condition, video in (("clean", roundtrip(clip)), ("degraded", roundtrip(degrade(clip, rng)))):
+        result = analyze(video)
+        for attribute in ("colour", "shape", "motion"):
+            truth = getattr(scene, attribute)
+            ok = result.best(attribute) == truth
+            hits[f"{condition}/{attribute}"] = ok
+            hits[f"{condition}/{attribute}/{truth}"] = ok
+    return hits
+
+
+def evaluate(count: int, seed: int, size: int = 64, frames: int = 33, workers: int = 1
+             ) -> dict[str, dict[str, float]]:
+    """Accuracy per attribute (and per class) on `count` random clips (seeds [seed, i]), each
+    through an H.264 round trip: "clean" at `size`, and "degraded" (half size, blur, noise)."""
+    import functools
+    import multiprocessing
+    job = functools.partial(evaluate_clip, seed, size=size, frames=frames)
+    if workers > 1:
+        with multiprocessing.Pool(workers) as pool:
+            results = pool.map(job, range(count), chunksize=4)
+    else:
+        results = [job(i) for i in range(count)]
     hits: dict[str, list[bool]] = {}
-    for i in range(count):
-        rng = np.random.default_rng([seed, i])
-        scene = random_scene(rng)
-        clip = render(scene, int(rng.integers(2 ** 31)), size, frames)
-        for condition, video in (("clean", roundtrip(clip)), ("degraded", roundtrip(degrade(clip, rng)))):
-            result = analyze(video)
-            for attribute in ("colour", "shape", "motion"):
-                truth = getattr(scene, attribute)
-                ok = result.best(attribute) == truth
-                hits.setdefault(f"{condition}/{attribute}", []).append(ok)
-                hits.setdefault(f"{condition}/{attribute}/{truth}", []).append(ok)
+    for result in results:
+        for k, ok in result.items():
+            hits.setdefault(k, []).append(ok)
     return {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in sorted(hits.items())}
 
 
@@ -316,5 +337,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Analyzer accuracy on generated product clips")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    print(json.dumps(evaluate(args.count, args.seed), indent=1))
+    print(json.dumps(evaluate(args.count, args.seed, workers=args.workers), indent=1))

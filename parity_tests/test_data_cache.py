@@ -134,6 +134,24 @@ def test_pool_encoder_follows_the_vae_frame_rule():
         assert np.all(std >= 0)
 
 
+def test_vae_encoder_moments_reproduce_the_official_normalised_sample():
+    """Cached (mean_n, std_n) + the same eps == VideoVAE.encode(sample=True): z is normalised once."""
+    from mugv.core.vae import vae_config
+    from mugv.torch_backend.models.vae import init_vae
+    from mugv.parity_tests.tolerances import assert_close
+    vae = init_vae(vae_config("golden"), seed=3).eval()
+    rng = np.random.default_rng(1)
+    pixels = rng.uniform(-1, 1, (2, 3, 9, 16, 24)).astype(np.float32)
+    mean_n, std_n = cache.vae_encoder(vae)(pixels)
+    assert mean_n.shape == (2, vae.cfg.latent_channels, *latent_shape(9, 16, 24)) and np.all(std_n > 0)
+    with torch.no_grad():
+        want = vae.encode(torch.from_numpy(pixels), sample=True, generator=torch.Generator().manual_seed(4))
+        want_mean = vae.encode(torch.from_numpy(pixels), sample=False)
+    got = cache.sample_latents(torch.from_numpy(mean_n), torch.from_numpy(std_n), torch.Generator().manual_seed(4))
+    assert_close(got, want, "vae", name="normalised sample")
+    assert_close(torch.from_numpy(mean_n), want_mean, "vae", name="normalised mean")
+
+
 def test_embedded_text_encoder_is_deterministic_and_distinguishes_captions():
     enc = text.EmbeddedTextEncoder(dim=48, max_len=64, layers=2, heads=4, seed=0)
     captions = ["A matte red cube on a beige background, static shot.",

@@ -16,8 +16,9 @@ z = mean + std * eps, notes 3.5); training draws eps itself (`sample_latents`), 
 serves every epoch with fresh noise, and the cached and online paths agree exactly.
 
 The video encoder is pluggable: any callable (B, 3, T, H, W) float32 in [-1, 1] -> (mean, std)
-each (B, C, T_l, H_l, W_l). `pool_encoder` is a stand-in with the VAE's 8x8x8 geometry (front
-padding rule included) for tests and until `torch_backend/models/vae.py` lands.
+each (B, C, T_l, H_l, W_l). `vae_encoder(model)` wraps `torch_backend/models/vae.py::VideoVAE`
+(moments in the normalised latent space the DiT sees); `pool_encoder` is a cheap stand-in with the
+VAE's 8x8x8 geometry (front padding rule included) for tests.
 """
 from __future__ import annotations
 
@@ -55,6 +56,27 @@ def pool_encoder(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     s = core_vae.SPATIAL_FACTOR
     blocks = pixels.reshape(b, c, pixels.shape[2] // f, f, h // s, s, w // s, s)
     return blocks.mean(axis=(3, 5, 7)), blocks.std(axis=(3, 5, 7))
+
+
+def vae_encoder(vae: torch.nn.Module, **chunking) -> VideoEncoder:
+    """The VAE posterior as cached moments in the DiT's normalised latent space.
+
+    The official encode samples z = mean + exp(logvar / 2) * eps and normalises per channel,
+    (z - mu_c) / sigma_c (notes 3.5). That equals mean_n + std_n * eps with mean_n =
+    (mean - mu_c) / sigma_c and std_n = exp(logvar / 2) / sigma_c, which is what is cached.
+    """
+    param = next(vae.parameters())
+
+    @torch.no_grad()
+    def encode(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        video = torch.as_tensor(pixels, dtype=param.dtype, device=param.device)
+        mean, logvar = vae.posterior(video, **chunking)
+        mu = vae.latent_mean[:, None, None, None]
+        sigma = vae.latent_std[:, None, None, None]
+        return (((mean - mu) / sigma).float().cpu().numpy(),
+                (torch.exp(0.5 * logvar) / sigma).float().cpu().numpy())
+
+    return encode
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

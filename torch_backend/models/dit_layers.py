@@ -11,7 +11,9 @@ What is configurable, and where:
 - the linears come from the spec (ColumnParallelLinear / RowParallelLinear: tensor parallelism and
   sequence parallelism are Megatron's, driven by the TransformerConfig);
 - `DiTOps` (spec param `ops`): the elementwise pieces a Triton kernel may fuse (AdaLN norm+modulate,
-  gated residual, QK-RMSNorm+RoPE). `REFERENCE_OPS` is plain torch and always available;
+  gated residual, the ungated cross-attention residual fused into the MLP's AdaLN, QK-RMSNorm+RoPE),
+  in the conventions and signatures of `mugv.kernels`. `REFERENCE_OPS` is plain torch and always
+  available; `kernel_ops(device)` takes what `mugv.kernels.registry` selects for the device;
 - `core_attention` (spec submodule): softmax attention, `DotProductAttention(backend=...)`, see
   `mugv.torch_backend.attention`;
 - selective recomputation of the attention core (config.recompute_granularity == "selective").

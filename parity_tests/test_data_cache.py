@@ -117,6 +117,8 @@ def test_cached_and_online_sources_give_the_same_batches(tmp_path, clips):
                 assert x.dtype == y.dtype and x.shape == y.shape, name
                 # per-sample computations: batching must not change a bit
                 assert torch.equal(x, y), (name, (x.float() - y.float()).abs().max())
+    assert isinstance(cache.latent_source(index, tmp_path / "c", cache.pool_encoder, encoder), cache.CachedSource)
+    assert isinstance(cache.latent_source(index, tmp_path / "none", cache.pool_encoder, encoder), cache.OnlineSource)
     mean, std, _, _ = cached.get(index.members()[2][:2])
     z1 = cache.sample_latents(mean, std, torch.Generator().manual_seed(1))
     z2 = cache.sample_latents(mean, std, torch.Generator().manual_seed(1))

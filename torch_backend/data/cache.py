@@ -272,3 +272,13 @@ class OnlineSource:
         mean, std = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in self.encode_video(pixels))
         emb, mask = self.encode_text([it.entry.caption for it in items])
         return mean, std, emb.float(), mask.bool()
+
+
+def latent_source(index: DatasetIndex, cache_dir: str | pathlib.Path | None, encode_video: VideoEncoder,
+                  encode_text: TextEncoder) -> CachedSource | OnlineSource:
+    """What training reads from: the cache when it is complete, else the files with the encoders."""
+    if cache_dir is not None and cache_complete(cache_dir):
+        return CachedSource(index, cache_dir)
+    if cache_dir is not None:
+        log.warning("cache %s missing or incomplete: encoding online", cache_dir)
+    return OnlineSource(index, encode_video, encode_text)

@@ -105,6 +105,14 @@ def load_item(item: IndexItem, bucket: BucketSpec) -> np.ndarray:
     return to_model_range(clip)
 
 
+def load_reference(item: IndexItem, bucket: BucketSpec) -> np.ndarray:
+    """float32 (3, 1, H, W) in [-1, 1]: the i2v reference image of an item (its manifest
+    `reference`, else the clip's first frame), resized and cropped like the clip."""
+    path = item.entry.reference or item.entry.path
+    frame = decode_clip(path, 1, bucket.height, bucket.width, bucket.fps, source_fps=item.source_fps)
+    return to_model_range(frame)
+
+
 @dataclasses.dataclass
 class Batch:
     """What one rank trains on in one step."""

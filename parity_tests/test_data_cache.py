@@ -175,7 +175,7 @@ def test_embedded_text_encoder_is_deterministic_and_distinguishes_captions():
 
 def test_t5_encoder_from_a_local_directory(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     words = "a red blue green cube sphere on background the camera pans left right , .".split()
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}

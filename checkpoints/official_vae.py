@@ -169,5 +169,62 @@ def load_official_file(path: str) -> dict[str, np.ndarray]:
     return state
 
 
-__all__ = ["OfficialLayoutError", "SDXL_LATENT_CHANNELS", "canonical_name_to_official", "config_from_official",
+def import_to_checkpoint(official_path: str, out_root: str, size: str | None = None, step: int = 0):
+    """Official vae.pt -> a mugv checkpoint (group "model") under `out_root`; returns its path.
+    `size` None infers widths/depths from the shapes (GroupNorm groups: the official 32)."""
+    import torch  # noqa: F401  (torch_io needs it)
+    from mugv.checkpoints.torch_io import from_numpy, save_torch
+    from mugv.core.vae import vae_config
+    state = load_official_file(official_path)
+    cfg = config_from_official(state) if size is None else vae_config(size)
+    params = import_official(state, cfg)
+    schema = vae_schema(cfg)
+    dtypes = {str(a.dtype) for a in params.values()}
+    if len(dtypes) == 1:
+        schema = schema.with_dtype(dtypes.pop())
+    import dataclasses
+    return save_torch(out_root, step, {"model": (schema, {k: _tensor(v, from_numpy) for k, v in params.items()})},
+                      config={"vae": dataclasses.asdict(cfg)}, schema_hash=vae_schema(cfg).hash())
+
+
+def export_from_checkpoint(checkpoint: str, out_path: str, size: str) -> None:
+    """A mugv checkpoint's "model" group -> an official vae.pt (torch.save of the state dict)."""
+    import torch
+    from mugv.checkpoints.torch_io import load_torch, to_numpy
+    from mugv.core.vae import vae_config
+    cfg = vae_config(size)
+    schema = vae_schema(cfg).as_dict()
+    tensors = load_torch(checkpoint, vae_schema(cfg), "model")
+    # reshape: torch_io's from_numpy returns the 0-d `logvar` as shape (1,)
+    official = export_official({k: to_numpy(t).reshape(schema[k].shape) for k, t in tensors.items()}, cfg)
+    torch.save({k: _tensor(v, torch.from_numpy) for k, v in official.items()}, out_path)
+
+
+def _tensor(a: np.ndarray, convert):
+    # np.ascontiguousarray turns the 0-d `logvar` into shape (1,); reshape keeps it a scalar
+    return convert(np.ascontiguousarray(a)).reshape(a.shape)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`import <vae.pt> <out_root> [--size S]` or `export <checkpoint> <vae.pt> --size S`."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="mugv vae-convert", description="official vae.pt <-> mugv checkpoint")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import")
+    imp.add_argument("official")
+    imp.add_argument("out_root")
+    imp.add_argument("--size", default=None)
+    exp = sub.add_parser("export")
+    exp.add_argument("checkpoint")
+    exp.add_argument("out_path")
+    exp.add_argument("--size", default="official")
+    a = ap.parse_args(argv)
+    if a.cmd == "import":
+        print(import_to_checkpoint(a.official, a.out_root, a.size))
+    else:
+        export_from_checkpoint(a.checkpoint, a.out_path, a.size)
+    return 0
+
+
+__all__ = ["export_from_checkpoint", "import_to_checkpoint", "main", "OfficialLayoutError", "SDXL_LATENT_CHANNELS", "canonical_name_to_official", "config_from_official",
            "export_official", "import_official", "load_official_file", "name_map"]

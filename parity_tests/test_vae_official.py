@@ -168,3 +168,15 @@ def test_jax_matches_official(golden, jax_vae, case):
         assert_close(recon[:, :, 48:], ref[:, :, 48:], "vae", "float32", "t57 recon 48..56")
     else:
         assert_close(recon, ref, "vae", "float32", f"{case} recon")
+
+
+def test_convert_through_mugv_checkpoint(golden, tmp_path, goldens_dir):
+    """Official tensors -> mugv checkpoint (tensorstore) -> official vae.pt: bit-exact."""
+    import torch
+    path = adapter.import_to_checkpoint(str(goldens_dir / "vae_tiny_seed0.safetensors"), str(tmp_path / "ck"),
+                                        size="golden")
+    adapter.export_from_checkpoint(str(path), str(tmp_path / "vae.pt"), size="golden")
+    back = torch.load(str(tmp_path / "vae.pt"), weights_only=True)
+    assert set(back) == set(golden[1])
+    for k, v in golden[1].items():
+        np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)

@@ -44,8 +44,15 @@ from mugv.torch_backend.attention import DotProductAttention
 
 
 def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table (B, K, h), index (B, L) -> (B, L, h): each token's row."""
-    return torch.gather(table, 1, index[..., None].expand(-1, -1, table.shape[-1]))
+    """table (B, K, h), index (B, L) -> (B, L, h): each token's row.
+
+    A chain of `where`s, not `torch.gather`: gather's backward is a scatter-add of L*h values into
+    K*h slots, whose atomic contention made a 4-layer bf16 step on an H100 8x slower (703 vs 95 ms).
+    """
+    rows = table[:, -1:].expand(-1, index.shape[1], -1)
+    for k in range(table.shape[1] - 2, -1, -1):
+        rows = torch.where((index == k)[..., None], table[:, k:k + 1], rows)
+    return rows
 
 
 def reference_adaln_modulate(x, shift, scale, index, eps: float = 1e-6):

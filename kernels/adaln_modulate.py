@@ -62,14 +62,14 @@ def _adaln_fwd_kernel(x_ptr, shift_ptr, scale_ptr, index_ptr, y_ptr, mean_ptr, r
     tl.store(rstd_ptr + row, rstd)
 
 
-@_launch.tuned(["H", "K"])
+@_launch.tuned_rows(["H", "K"])
 @triton.jit
 def _adaln_bwd_kernel(x_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr, dy_ptr, dx_ptr,
                       dshift_part_ptr, dscale_part_ptr, L, H, K, rows_per_program,
-                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Program (b, c) walks rows [c * rows_per_program, ...) of sample b, writes dx row by row and
-    # keeps fp32 per-branch sums of dy and dy * xhat; one partial per program, summed in torch
-    # (deterministic, unlike atomics).
+                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
+    # Program (b, c) walks rows [c * rows_per_program, ...) of sample b, ROWS at a time, writes
+    # dx and keeps fp32 per-branch sums of dy and dy * xhat; one partial per program, summed in
+    # torch (deterministic, unlike atomics).
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     n_prog = tl.num_programs(1)
@@ -80,23 +80,30 @@ def _adaln_bwd_kernel(x_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr, dy_ptr, d
     acc_scale = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
     start = c * rows_per_program
     end = tl.minimum(start + rows_per_program, L)
-    for l in range(start, end):
-        row = b * L + l
-        k = tl.load(index_ptr + row).to(tl.int64)
-        x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + (b * K + k) * H + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + row)
-        rstd = tl.load(rstd_ptr + row)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    for l0 in range(start, end, ROWS):
+        ls = l0 + tl.arange(0, ROWS)
+        rmask = ls < end
+        rows = b * L + ls
+        m2 = rmask[:, None] & mask[None, :]
+        offs = rows[:, None] * H + cols[None, :]
+        k = tl.load(index_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + (b * K + k)[:, None] * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)[:, None]
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)[:, None]
+        xhat = tl.where(m2, (x - mean) * rstd, 0.0)
         g = dy * (1.0 + scale)  # gradient w.r.t. xhat
-        c_mean = tl.sum(g, axis=0) / H
-        c_proj = tl.sum(g * xhat, axis=0) / H
+        c_mean = tl.sum(g, axis=1)[:, None] / H
+        c_proj = tl.sum(g * xhat, axis=1)[:, None] / H
         dx = (g - c_mean - xhat * c_proj) * rstd
-        tl.store(dx_ptr + row * H + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        sel = branches[:, None] == k
-        acc_shift += tl.where(sel, dy[None, :], 0.0)
-        acc_scale += tl.where(sel, (dy * xhat)[None, :], 0.0)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m2)
+        for kk in tl.static_range(BLOCK_K):  # masked rows have dy = 0 and add nothing
+            sel = (k == kk)[:, None]
+            acc_shift = tl.where(branches[:, None] == kk,
+                                 acc_shift + tl.sum(tl.where(sel, dy, 0.0), axis=0)[None, :], acc_shift)
+            acc_scale = tl.where(branches[:, None] == kk,
+                                 acc_scale + tl.sum(tl.where(sel, dy * xhat, 0.0), axis=0)[None, :], acc_scale)
     part = ((b * n_prog + c) * K + branches[:, None]) * H + cols[None, :]
     pmask = (branches[:, None] < K) & mask[None, :]
     tl.store(dshift_part_ptr + part, acc_shift, mask=pmask)
@@ -123,10 +130,13 @@ def validate_modulation(x, tables: dict, index, what: str = "adaln_modulate"):
     if index is not None:
         check(tuple(index.shape) == (b, length), f"{what}: index", tuple(index.shape), f"({b}, {length})")
         check(not index.is_floating_point(), f"{what}: index dtype", index.dtype, "an integer or bool tensor")
-        if index.device.type == "cpu":
+        if index.dtype == torch.bool:
+            check(k == 2, f"{what}: index", "a bool mask", "an integer index when K != 2")
+        elif index.device.type == "cpu":
             lo, hi = int(index.min()), int(index.max())
             check(lo >= 0 and hi < k, f"{what}: index values", (lo, hi), f"in [0, {k})")
-        else:  # no host sync on the GPU: the check runs asynchronously
+        else:  # no host sync on the GPU: the check runs asynchronously (pass the bool x_mask
+            # itself for K = 2 to skip it)
             torch._assert_async(((index >= 0) & (index < k)).all())
     return b, length, h, k
 
@@ -169,7 +179,7 @@ class _AdaLNModulate(torch.autograd.Function):
         _adaln_bwd_kernel[(b, n_prog)](x, scale, index, mean, rstd, dy, dx, dshift, dscale,
                                        length, h, k, rows, BLOCK_H=block,
                                        BLOCK_K=triton.next_power_of_2(k),
-                                       **_launch.warps())
+                                       **_launch.rows_warps())
         return (dx, dshift.sum(1).to(ctx.shift_dtype), dscale.sum(1).to(scale.dtype), None, None)
 
 

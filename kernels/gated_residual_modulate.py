@@ -58,15 +58,16 @@ def _gated_fwd_kernel(x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, index_ptr, x
     tl.store(rstd_ptr + row, rstd)
 
 
-@_launch.tuned(["H", "K", "HAS_DXRES"])
+@_launch.tuned_rows(["H", "K", "HAS_DXRES"])
 @triton.jit
 def _gated_bwd_kernel(x_ptr, y_ptr, gate_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr,
                       dout_ptr, dxres_ptr, dx_ptr, dy_ptr,
                       dgate_part_ptr, dshift_part_ptr, dscale_part_ptr,
                       L, H, K, rows_per_program, HAS_DXRES: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Loop over the rows of one sample (see adaln_modulate's backward). x' is recomputed from x and
-    # y in fp32 rather than re-read, so the forward's rounding of x' does not enter the gradient.
+                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
+    # Loop over the rows of one sample, ROWS at a time (see adaln_modulate's backward). x' is
+    # recomputed from x and y in fp32 rather than re-read, so the forward's rounding of x' does
+    # not enter the gradient.
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     n_prog = tl.num_programs(1)
@@ -78,28 +79,35 @@ def _gated_bwd_kernel(x_ptr, y_ptr, gate_ptr, scale_ptr, index_ptr, mean_ptr, rs
     acc_scale = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
     start = c * rows_per_program
     end = tl.minimum(start + rows_per_program, L)
-    for l in range(start, end):
-        row = b * L + l
-        k = tl.load(index_ptr + row).to(tl.int64)
-        mod = (b * K + k) * H + cols
-        x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        gate = tl.load(gate_ptr + mod, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + row)
-        rstd = tl.load(rstd_ptr + row)
-        xhat = tl.where(mask, (x + gate * y - mean) * rstd, 0.0)
+    for l0 in range(start, end, ROWS):
+        ls = l0 + tl.arange(0, ROWS)
+        rmask = ls < end
+        rows = b * L + ls
+        m2 = rmask[:, None] & mask[None, :]
+        offs = rows[:, None] * H + cols[None, :]
+        k = tl.load(index_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        mod = (b * K + k)[:, None] * H + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptr + mod, mask=m2, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + mod, mask=m2, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)[:, None]
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)[:, None]
+        xhat = tl.where(m2, (x + gate * y - mean) * rstd, 0.0)
         g = dout * (1.0 + scale)
-        dxr = (g - tl.sum(g, axis=0) / H - xhat * (tl.sum(g * xhat, axis=0) / H)) * rstd
+        dxr = (g - tl.sum(g, axis=1)[:, None] / H - xhat * (tl.sum(g * xhat, axis=1)[:, None] / H)) * rstd
         if HAS_DXRES:
-            dxr += tl.load(dxres_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + row * H + cols, dxr.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(dy_ptr + row * H + cols, (dxr * gate).to(dy_ptr.dtype.element_ty), mask=mask)
-        sel = branches[:, None] == k
-        acc_gate += tl.where(sel, (dxr * y)[None, :], 0.0)
-        acc_shift += tl.where(sel, dout[None, :], 0.0)
-        acc_scale += tl.where(sel, (dout * xhat)[None, :], 0.0)
+            dxr += tl.load(dxres_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, dxr.to(dx_ptr.dtype.element_ty), mask=m2)
+        tl.store(dy_ptr + offs, (dxr * gate).to(dy_ptr.dtype.element_ty), mask=m2)
+        for kk in tl.static_range(BLOCK_K):  # masked rows have zero gradients and add nothing
+            sel = (k == kk)[:, None]
+            here = branches[:, None] == kk
+            acc_gate = tl.where(here, acc_gate + tl.sum(tl.where(sel, dxr * y, 0.0), axis=0)[None, :], acc_gate)
+            acc_shift = tl.where(here, acc_shift + tl.sum(tl.where(sel, dout, 0.0), axis=0)[None, :], acc_shift)
+            acc_scale = tl.where(here, acc_scale + tl.sum(tl.where(sel, dout * xhat, 0.0), axis=0)[None, :],
+                                 acc_scale)
     part = ((b * n_prog + c) * K + branches[:, None]) * H + cols[None, :]
     pmask = (branches[:, None] < K) & mask[None, :]
     tl.store(dgate_part_ptr + part, acc_gate, mask=pmask)
@@ -144,7 +152,7 @@ class _GatedResidualModulate(torch.autograd.Function):
         _gated_bwd_kernel[(b, n_prog)](x, y, gate, scale, index, mean, rstd, dout, dx_res, dx, dy,
                                        *parts, length, h, k, rows, HAS_DXRES=has_dxres,
                                        BLOCK_H=block, BLOCK_K=triton.next_power_of_2(k),
-                                       **_launch.warps())
+                                       **_launch.rows_warps())
         dgate, dshift, dscale = (p.sum(1) for p in parts)
         return (dx, dy, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype),
                 None, None)

@@ -1,7 +1,7 @@
 """Shared check of a fused kernel against its plain-torch reference, forward and every gradient.
 
 fp32 / fp16: the kernel in that dtype against the reference run in fp32 on the same (rounded)
-inputs, within the ("kernel", dtype) row of the tolerance table; the kernels compute in fp32 and
+inputs (float64 where a test asks), within the ("kernel", dtype) row of the tolerance table; the kernels compute in fp32 and
 round once at the store, which is what this measures. bf16 (GPU only; the interpreter's bf16
 arithmetic is broken, platform notes): error against that fp32 reference at most 2x the error of
 the reference computed in plain torch bf16 (FlashAttention's rule).
@@ -36,7 +36,7 @@ def run_with_grads(fn, leaves, upstream, **kwargs):
 
 
 def check_kernel(kernel, reference, inputs, dtype: str, device, names, factor: float = 2.0,
-                 constants=(), **kwargs):
+                 constants=(), reference_dtype=torch.float32, **kwargs):
     """Compare kernel(*inputs) with reference(*inputs): outputs and gradients of all float inputs.
 
     inputs: fp32 (and integer) CPU tensors, random; names: labels of outputs then gradients.
@@ -48,7 +48,8 @@ def check_kernel(kernel, reference, inputs, dtype: str, device, names, factor: f
         probe = _as_tuple(reference(*[t.float() if t.is_floating_point() else t for t in leaves], **kwargs))
     upstream = [torch.randn(o.shape, dtype=torch.float32).to(device=device, dtype=tdtype).float()
                 for o in probe]
-    ref_leaves = [t.detach().float().requires_grad_() if t.requires_grad else t for t in leaves]
+    ref_leaves = [t.detach().to(reference_dtype).requires_grad_() if t.requires_grad
+                  else (t.to(reference_dtype) if t.is_floating_point() else t) for t in leaves]
     ref_out, ref_grads = run_with_grads(reference, ref_leaves, upstream, **kwargs)
     out, grads = run_with_grads(kernel, leaves, upstream, **kwargs)
     actual, expected = out + grads, ref_out + ref_grads

@@ -35,9 +35,11 @@ def test_groupnorm_silu_matches_reference(case, dtype, device):
 # interpreter's numpy reports the overflow.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 def test_groupnorm_silu_large_mean(device):
-    """|mean| = 100 std: a naive fp32 sum-of-squares variance would lose most digits here."""
+    """|mean| = 100 std: a naive fp32 sum-of-squares variance would lose most digits here. The
+    reference runs in float64: at this conditioning torch's own fp32 GroupNorm on the H100 is
+    1e-5 off (its dweight differed from the kernel's by 1.06e-5 relative in the first GPU run)."""
     check_kernel(groupnorm_silu, groupnorm_silu_reference, _inputs((1, 4, 3, 7, 9), offset=200.0),
-                 "float32", device, NAMES, groups=2, eps=1e-5)
+                 "float32", device, NAMES, reference_dtype=torch.float64, groups=2, eps=1e-5)
 
 
 def test_groupnorm_silu_matches_jax(device):

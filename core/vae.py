@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from mugv.core import validate as v
+from mugv.core.schema import Init, ParamSpec, Schema
 
 SPATIAL_FACTOR = 8
 TEMPORAL_FACTOR = 8
@@ -95,7 +96,6 @@ def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, in
 # weights (out, in)). Both backends build exactly these parameters; checkpoints/official_vae.py
 # maps them to and from the official `vae.pt` names.
 # ---------------------------------------------------------------------------------------------
-from mugv.core.schema import Init, ParamSpec, Schema  # noqa: E402  (kept next to its only user)
 
 # The 2D encoder of SDXL ends in conv_out to 2 x 4 channels and its decoder starts with conv_in
 # from 4; MUG-V never runs those (notes 3.2) but vae.pt stores them, so the schema keeps them as

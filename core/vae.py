@@ -1,6 +1,9 @@
-"""Video VAE (8x8x8): config and frame/shape arithmetic.
+"""Video VAE (8x8x8): config, parameter schema, frame/chunk arithmetic and loss formulas.
 
-Facts from ../shared/reference/mugv-forward-notes.md section 3.
+Framework-free: both backends (torch_backend/models/vae.py, jax_reference/vae.py) build their
+parameters from `vae_schema` and take their frame bookkeeping from `padded_sources` /
+`output_positions` / `decode_chunks`. Facts from ../shared/reference/mugv-forward-notes.md
+section 3; overview in docs/vae.md.
 """
 from __future__ import annotations
 

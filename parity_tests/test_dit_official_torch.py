@@ -102,3 +102,24 @@ def test_convert_official_dit_file(golden, tmp_path):
     for name, arr in expected.items():
         assert np.array_equal(loaded[name].numpy(), arr), name
         assert np.array_equal(params[name], arr), name
+
+
+def test_bf16_model(golden, official_model):
+    """bf16 parameters: the model rounds t to bf16 first, as the official code (notes 1.1), and
+    stays within the bf16 row of the fp32 model fed that rounded t."""
+    from mugv.checkpoints.official_dit import config_from_official, import_official
+    from mugv.checkpoints.torch_dit import load_canonical
+    from mugv.torch_backend.models.dit import build_dit, transformer_config
+
+    state = {k[len("param."):]: v for k, v in golden.items() if k.startswith("param.")}
+    cfg = config_from_official(state)
+    model = build_dit(cfg, transformer_config(cfg, params_dtype=torch.bfloat16), seed=None)
+    load_canonical(model, cfg, import_official(state, cfg))
+    inputs = on_device(model, golden_inputs(golden, "varied"))
+    rounded = dict(inputs, timestep=inputs["timestep"].bfloat16().float())
+    assert not torch.equal(rounded["timestep"], inputs["timestep"])  # 990 -> 992
+    with torch.no_grad():
+        out, out_rounded, ref = model(**inputs), model(**rounded), official_model(**rounded)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, out_rounded)
+    assert_close(out, ref, "*", "bfloat16", name="bf16 model vs fp32 model")

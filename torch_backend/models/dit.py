@@ -113,8 +113,11 @@ class MUGDiT(torch.nn.Module):
         mod0 likewise. Sinusoids in fp32 (as the official code), then the model dtype."""
         dtype = self.t_block.weight.dtype
         b = timestep.shape[0]
+        # The official model (inference and training) casts t to the model dtype first (notes 1.1):
+        # in bf16 it sees 996 for 994.08. A no-op in fp32.
+        timestep = timestep.to(dtype).float()
         freq = lambda v: sinusoidal_embedding(torch, v.float(), self.cfg.freq_dim).to(dtype)
-        t_emb = self.t_embedder(freq(torch.cat([timestep.float(), timestep.new_zeros(b).float()])))
+        t_emb = self.t_embedder(freq(torch.cat([timestep, torch.zeros_like(timestep)])))
         fps_emb = self.fps_embedder(freq(fps))
         c, c0 = t_emb[:b] + fps_emb, t_emb[b:] + fps_emb
         mod = self.t_block(F.silu(torch.cat([c, c0]))).unflatten(-1, (6, self.cfg.hidden_size))

@@ -32,8 +32,9 @@ def _tp_coordinates() -> tuple[int, int]:
 
 @torch.no_grad()
 def load_canonical(model: torch.nn.Module, cfg: DiTConfig, params: Mapping[str, np.ndarray]) -> None:
-    """Copy GLOBAL canonical arrays into `model`, each rank taking its tensor-parallel slice.
-    Every schema name must be given with its global shape; extra names fail."""
+    """Copy GLOBAL canonical arrays into `model`, each rank taking its tensor-parallel slice of the
+    parameters its pipeline stage holds. Every schema name must be given with its global shape;
+    names outside the schema fail."""
     rank, tp = _tp_coordinates()
     schema = dit_schema(cfg).as_dict()
     extra, missing = sorted(set(params) - set(schema)), sorted(set(schema) - set(params))
@@ -41,6 +42,8 @@ def load_canonical(model: torch.nn.Module, cfg: DiTConfig, params: Mapping[str, 
         raise KeyError(f"canonical DiT params: missing {missing[:8]}, extra {extra[:8]}")
     mine = dict(model.named_parameters())
     for name, spec in schema.items():
+        if name not in mine:  # another pipeline stage's
+            continue
         arr = np.asarray(params[name])
         if tuple(arr.shape) != spec.shape:
             raise ValueError(f"canonical {name}: shape {tuple(arr.shape)}, expected {spec.shape}")

@@ -175,6 +175,37 @@ def test_kernel_slot_takes_the_kernels_ops(megatron_world):
     assert_tree_close(grads, grads_ref, "dit_grad", "float32")
 
 
+def test_pipeline_stages_chain_to_the_whole_model(megatron_world):
+    """Two stages (embedders + layer 0 | layer 1 + final layer) joined by the packed tensor, as
+    Megatron's pipeline schedule would (send the output, receive the input gradient), give the
+    whole model's output and gradients; each stage holds exactly its part of the schema."""
+    from mugv.checkpoints.torch_dit import load_canonical
+    from mugv.torch_backend.models.dit import build_dit, stage_schema
+    params, inputs, weights = random_params(CFG), make_inputs("padded_text"), loss_weights()
+    out_ref, grads_ref = torch_run(torch_model(params), inputs, weights)
+
+    first = build_dit(CFG, seed=None, post_process=False, layers=range(0, 1))
+    last = build_dit(CFG, seed=None, pre_process=False, layers=range(1, 2))
+    for stage in (first, last):
+        load_canonical(stage, CFG, params)
+    assert sorted(stage_schema(first).names + stage_schema(last).names) == sorted(dit_schema(CFG).names)
+    device = next(first.parameters()).device
+    t = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in inputs.items()}
+    t["frame_indice"] = t["frame_indice"].long()
+    t["x"].requires_grad_(True)
+    t["text"].requires_grad_(True)
+    sent = first(**t)
+    received = sent.detach().requires_grad_(True)
+    last.set_input_tensor(received)
+    out = last(**t)
+    (out * torch.from_numpy(weights).to(device)).sum().backward()
+    sent.backward(received.grad)
+    assert_close(out.detach().cpu(), out_ref, "exact", "float32", name="pipelined output")
+    grads = {n: p.grad.cpu().numpy() for stage in (first, last) for n, p in stage.named_parameters()}
+    grads["input.x"], grads["input.text"] = t["x"].grad.cpu().numpy(), t["text"].grad.cpu().numpy()
+    assert_tree_close(grads, grads_ref, "*", "float32")
+
+
 def test_state_dict_is_canonical_and_init_follows_schema(megatron_world):
     from mugv.torch_backend.models.dit import build_dit
     model = build_dit(CFG, seed=7)

@@ -6,7 +6,9 @@ One torchrun launch (importing megatron.core costs 5-8 s per process) runs every
 - the tiny MUG-DiT at TP=2, and at TP=2 with sequence parallelism, from the same global canonical
   parameters as the TP=1 model: the ranks' outputs, and their gradients gathered into global tensors
   (slices concatenated along the schema's tp_axis; partial gradients of replicated parameters summed
-  over TP as Megatron's finalize_model_grads does), equal the TP=1 run of this pytest process.
+  over TP as Megatron's finalize_model_grads does), equal the TP=1 run of this pytest process;
+- the same model at PP=2 (two pipeline stages) through Megatron's 1F1B schedule: loss and every
+  parameter's gradient equal the TP=1 run.
 
 This file is also the worker: `torchrun --nproc_per_node 2 parity_tests/test_megatron_tp.py OUT`.
 """
@@ -98,6 +100,36 @@ def _worker(out_dir: str) -> None:
                 dist.all_gather(parts, grad.contiguous(), group=group)
                 grad = torch.cat(parts, dim=spec.tp_axis)
             results[f"{tag}.{name}"] = grad.numpy()
+    # PP=2 through Megatron's 1F1B schedule: stage 0 = embedders + layer 0, stage 1 = layer 1 +
+    # final layer, the packed stage tensor sent over gloo point-to-point.
+    megatron_compat.initialize_parallel(tp=1, pp=2)
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    model = build_dit(CFG, transformer_config(CFG, pipeline_model_parallel_size=2,
+                                              pipeline_dtype=torch.float32),
+                      seed=None, pre_process=stage == 0, post_process=stage == 1,
+                      layers=range(stage, stage + 1))
+    load_canonical(model, CFG, params)
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    t["frame_indice"] = t["frame_indice"].long()
+    w = torch.from_numpy(weights)
+
+    def forward_step(data_iterator, stage_model):
+        out = stage_model(**next(data_iterator))
+        return out, lambda output: ((output * w).sum(), {"loss": (output * w).sum().detach()})
+
+    from mugv.core.dit import sequence_length
+    packed_len = sequence_length(CFG, t["x"].shape[2:]) + t["text"].shape[1] + 14
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([t]), model=[model], num_microbatches=1,
+        seq_length=packed_len, micro_batch_size=t["x"].shape[0], forward_only=False)
+    mine = {f"pp2.{n}": p.grad.numpy() for n, p in model.named_parameters()}
+    if losses:
+        mine["pp2.loss"] = losses[0]["loss"].numpy()
+    gathered = [None, None]
+    dist.all_gather_object(gathered, mine)
+    for part in gathered:
+        results.update(part)
     if dist.get_rank() == 0:
         np.savez(os.path.join(out_dir, "tp_results.npz"), **results)
     megatron_compat.destroy_parallel()
@@ -146,6 +178,16 @@ def tp1_reference():
     finally:
         megatron_compat.destroy_parallel()
     return out, grads
+
+
+def test_dit_pp2_schedule_equals_tp1(tp_results, tp1_reference):
+    from mugv.parity_tests.test_dit import loss_weights
+    from mugv.parity_tests.tolerances import assert_close
+    out, grads = tp1_reference
+    assert_close(tp_results["pp2.loss"], np.sum(out * loss_weights()), "sharded", "float32", name="pp2 loss")
+    for name, ref in grads.items():
+        if not name.startswith("input."):
+            assert_close(tp_results[f"pp2.{name}"], ref, "sharded", "float32", name=f"pp2 grad {name}")
 
 
 @pytest.mark.parametrize("tag", ["tp2", "tp2sp"])

@@ -27,10 +27,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mugv.core.dit import DiTConfig, dit_schema, patch_grid
+from mugv.core.schema import Schema
 from mugv.core.rope import rope_angles, sinusoidal_embedding
 from mugv.torch_backend import megatron_compat
 from mugv.torch_backend.models.dit_layers import mugdit_layer_spec
@@ -88,23 +90,48 @@ class FinalLayer(torch.nn.Module):
 
 
 class MUGDiT(torch.nn.Module):
-    """The MUG-DiT model (see module docstring). Build with `build_dit`."""
+    """The MUG-DiT model (see module docstring). Build with `build_dit`.
 
-    def __init__(self, cfg: DiTConfig, config: TransformerConfig, layer_spec: ModuleSpec):
+    Pipeline stages: `pre_process` (the first stage) owns the embedders and start/end tokens,
+    `post_process` (the last) the final layer, and `layers` the global indices of this stage's
+    blocks (names stay `layers.<global index>`, as in the schema). A stage that is not the last
+    returns one packed tensor (S + Lt + 14, b, h) = [hidden; embedded text; mod; mod0; c; c0]: the
+    conditioning rides along so later stages need no copy of the embedders, and its gradient
+    flows back through the same pipe. A stage that is not the first takes that tensor through
+    `set_input_tensor` (Megatron's pipeline schedules call it) and the batch as usual (masks, RoPE
+    positions and sizes are recomputed from it).
+    """
+
+    def __init__(self, cfg: DiTConfig, config: TransformerConfig, layer_spec: ModuleSpec,
+                 pre_process: bool = True, post_process: bool = True, layers: Optional[range] = None):
         super().__init__()
         self.cfg = cfg
         self.config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_range = range(cfg.depth) if layers is None else layers
+        if self.layer_range.step != 1 or not (0 <= self.layer_range.start <= self.layer_range.stop <= cfg.depth):
+            raise ValueError(f"layers={self.layer_range}: expected a contiguous range within 0..{cfg.depth}")
+        self.input_tensor = None
+        self.model_type = ModelType.encoder_or_decoder  # Megatron's schedules read it
         h = cfg.hidden_size
-        self.start_token = torch.nn.Parameter(torch.zeros(h))
-        self.end_token = torch.nn.Parameter(torch.zeros(h))
-        self.patch_embed = torch.nn.Conv3d(cfg.in_channels, h, cfg.patch_size, stride=cfg.patch_size)
-        self.t_embedder = _TwoLayerMLP(cfg.freq_dim, h, F.silu)
-        self.fps_embedder = _TwoLayerMLP(cfg.freq_dim, h, F.silu)
-        self.t_block = torch.nn.Linear(h, 6 * h)
-        self.text_embedder = _TwoLayerMLP(cfg.text_dim, h, lambda y: F.gelu(y, approximate="tanh"))
-        self.layers = torch.nn.ModuleList(
-            build_module(layer_spec, config=config, layer_number=i) for i in range(cfg.depth))
-        self.final_layer = FinalLayer(cfg)
+        if pre_process:
+            self.start_token = torch.nn.Parameter(torch.zeros(h))
+            self.end_token = torch.nn.Parameter(torch.zeros(h))
+            self.patch_embed = torch.nn.Conv3d(cfg.in_channels, h, cfg.patch_size, stride=cfg.patch_size)
+            self.t_embedder = _TwoLayerMLP(cfg.freq_dim, h, F.silu)
+            self.fps_embedder = _TwoLayerMLP(cfg.freq_dim, h, F.silu)
+            self.t_block = torch.nn.Linear(h, 6 * h)
+            self.text_embedder = _TwoLayerMLP(cfg.text_dim, h, lambda y: F.gelu(y, approximate="tanh"))
+        self.layers = torch.nn.ModuleDict(
+            {str(i): build_module(layer_spec, config=config, layer_number=i) for i in self.layer_range})
+        if post_process:
+            self.final_layer = FinalLayer(cfg)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Megatron pipeline API: the packed tensor received from the previous stage."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -132,19 +159,20 @@ class MUGDiT(torch.nn.Module):
 
     def _run_layers(self, hidden, *args):
         c = self.config
-        n = len(self.layers)
+        layers = list(self.layers.values())
+        n = len(layers)
         if c.recompute_granularity != "full":
-            for layer in self.layers:
+            for layer in layers:
                 hidden = layer(hidden, *args)
             return hidden
         k = c.recompute_num_layers
         if c.recompute_method == "block":  # the first k layers recomputed, one at a time
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(layers):
                 hidden = (tensor_parallel.checkpoint(layer, False, hidden, *args) if i < k
                           else layer(hidden, *args))
             return hidden
         for start in range(0, n, k):  # uniform: every layer, in chunks of k
-            chunk = self.layers[start:start + k]
+            chunk = layers[start:start + k]
 
             def run(x, *a, chunk=chunk):
                 for layer in chunk:
@@ -156,45 +184,70 @@ class MUGDiT(torch.nn.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def forward(self, x, timestep, text, text_mask, x_mask, fps, frame_indice):
-        """See the module docstring for shapes; returns float32 (B, out_channels, T, H, W)."""
+        """See the module docstring for shapes; returns float32 (B, out_channels, T, H, W) on the
+        last pipeline stage, the packed stage output elsewhere (see the class docstring)."""
         cfg = self.cfg
         check_inputs(cfg, x, timestep, text, text_mask, x_mask, fps, frame_indice)
         b, _, t, hh, ww = x.shape
         grid = patch_grid(cfg, (t, hh, ww))
+        # Token mask: patch frame f uses latent frame f * pt's mask; start/end are always t = 0.
+        video_mask = x_mask[:, ::cfg.patch_size[0]].bool().repeat_interleave(grid[1] * grid[2], dim=1)
+        never = torch.zeros(b, 1, dtype=torch.bool, device=x.device)
+        token_mask = torch.cat([never, video_mask, never], dim=1).t()  # (L, b)
+        with torch.device(x.device):  # core.rope allocates with the namespace's defaults
+            angles = rope_angles(torch, cfg, grid, frame_indice)  # (b, L, head_dim / 2) fp32
+        sp = self.config.sequence_parallel
+        if sp:
+            token_mask = _local_chunk(token_mask)
+
+        if self.pre_process:
+            hidden, text_h, mod, mod0, c, c0 = self._embed(x, timestep, text, text_mask, fps, grid)
+            if sp:
+                hidden = _scatter_sequence(hidden)
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("MUGDiT stage without pre_process: call set_input_tensor first")
+            hidden, text_h, mod, mod0, c, c0 = _unpack(self.input_tensor, token_mask.shape[0],
+                                                       text.shape[1])
+        # Each rank modulates only its own tokens under SP, so the gradient reaching the
+        # (replicated) conditioning is partial: identity forward, all-reduce over TP backward.
+        mod_used, mod0_used = (_SumGradOverTP.apply(mod), _SumGradOverTP.apply(mod0)) if sp else (mod, mod0)
+        hidden = self._run_layers(hidden, mod_used, mod0_used, token_mask, text_h, text_mask.bool(), angles)
+        if not self.post_process:
+            return torch.cat([hidden, text_h, mod.transpose(0, 1), mod0.transpose(0, 1), c[None], c0[None]])
+
+        if sp:
+            # The final layer is replicated (every rank sees the whole output gradient): the
+            # backward of this gather keeps the rank's own chunk instead of reduce-scattering.
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False)
+        out = self.final_layer(hidden[1:-1].transpose(0, 1), c, c0, video_mask)  # (b, N, p*co)
+        return unpatchify(cfg, out, grid, (t, hh, ww))
+
+    def _embed(self, x, timestep, text, text_mask, fps, grid):
+        """First stage: (hidden (L, b, h), text (Lt, b, h), mod, mod0 (b, 6, h), c, c0 (b, h))."""
+        cfg = self.cfg
+        b, _, t, hh, ww = x.shape
         dtype = self.patch_embed.weight.dtype
         # Zero-pad the end of each axis to whole patches (notes 1.2); unpatchify crops.
         pad = [n * p - s for n, p, s in zip(grid, cfg.patch_size, (t, hh, ww))]
         x = F.pad(x.to(dtype), (0, pad[2], 0, pad[1], 0, pad[0]))
         video = self.patch_embed(x).flatten(2).transpose(1, 2)  # (b, N, h), f-major, w fastest
-        with torch.device(x.device):  # core.rope allocates with the namespace's defaults
+        with torch.device(x.device):
             c, c0, mod, mod0 = self.conditioning(timestep, fps)
-            angles = rope_angles(torch, cfg, grid, frame_indice)  # (b, L, head_dim / 2) fp32
         start = self.start_token.to(dtype).expand(b, 1, -1)
         end = self.end_token.to(dtype).expand(b, 1, -1)
         hidden = torch.cat([start, video, end], dim=1).transpose(0, 1).contiguous()  # (L, b, h)
-        # Token mask: patch frame f uses latent frame f * pt's mask; start/end are always t = 0.
-        frames = x_mask[:, ::cfg.patch_size[0]].bool()
-        video_mask = frames.repeat_interleave(grid[1] * grid[2], dim=1)  # (b, N)
-        never = torch.zeros(b, 1, dtype=torch.bool, device=x.device)
-        token_mask = torch.cat([never, video_mask, never], dim=1).t()  # (L, b)
         # Padded positions are zeroed first so that nothing (not even inf/nan) can leak from them.
         text = torch.where(text_mask[..., None], text, torch.zeros((), dtype=text.dtype, device=text.device))
         text_h = self.embed_text(text).transpose(0, 1).contiguous()  # (Lt, b, h)
+        return hidden, text_h, mod, mod0, c, c0
 
-        if self.config.sequence_parallel:
-            hidden, token_mask = _scatter_sequence(hidden, token_mask)
-            # Each rank modulates only its own tokens, so the gradient reaching the (replicated)
-            # conditioning is partial: identity forward, all-reduce over TP backward.
-            mod, mod0 = _SumGradOverTP.apply(mod), _SumGradOverTP.apply(mod0)
-        hidden = self._run_layers(hidden, mod, mod0, token_mask, text_h, text_mask.bool(), angles)
-        if self.config.sequence_parallel:
-            # The final layer is replicated (every rank sees the whole output gradient): the
-            # backward of this gather keeps the rank's own chunk instead of reduce-scattering.
-            hidden = tensor_parallel.gather_from_sequence_parallel_region(
-                hidden, tensor_parallel_output_grad=False)
 
-        out = self.final_layer(hidden[1:-1].transpose(0, 1), c, c0, video_mask)  # (b, N, p*co)
-        return unpatchify(cfg, out, grid, (t, hh, ww))
+def _unpack(packed, n_hidden: int, n_text: int):
+    """Inverse of the packed stage output [hidden; text; mod (6); mod0 (6); c; c0] along dim 0."""
+    hidden, text_h, mod, mod0, c, c0 = packed.split([n_hidden, n_text, 6, 6, 1, 1])
+    return hidden, text_h, mod.transpose(0, 1), mod0.transpose(0, 1), c[0], c0[0]
 
 
 class _SumGradOverTP(torch.autograd.Function):
@@ -213,15 +266,19 @@ class _SumGradOverTP(torch.autograd.Function):
         return grad
 
 
-def _scatter_sequence(hidden, token_mask):
+def _local_chunk(token_mask):
+    """This TP rank's contiguous chunk of the sequence (sequence parallelism)."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    if hidden.shape[0] % tp:
-        raise ValueError(f"sequence parallelism: sequence length {hidden.shape[0]} (video tokens "
+    if token_mask.shape[0] % tp:
+        raise ValueError(f"sequence parallelism: sequence length {token_mask.shape[0]} (video tokens "
                          f"+ 2) is not divisible by tensor-parallel size {tp}")
-    part = hidden.shape[0] // tp
+    part = token_mask.shape[0] // tp
     rank = parallel_state.get_tensor_model_parallel_rank()
-    return (tensor_parallel.scatter_to_sequence_parallel_region(hidden),
-            token_mask[rank * part:(rank + 1) * part])
+    return token_mask[rank * part:(rank + 1) * part]
+
+
+def _scatter_sequence(hidden):
+    return tensor_parallel.scatter_to_sequence_parallel_region(hidden)
 
 
 def unpatchify(cfg: DiTConfig, out, grid, thw):
@@ -267,15 +324,16 @@ def check_inputs(cfg: DiTConfig, x, timestep, text, text_mask, x_mask, fps, fram
 
 def build_dit(cfg: DiTConfig, config: Optional[TransformerConfig] = None,
               layer_spec: Optional[ModuleSpec] = None, seed: Optional[int] = 0,
-              device: Optional[torch.device] = None) -> MUGDiT:
+              device: Optional[torch.device] = None, pre_process: bool = True,
+              post_process: bool = True, layers: Optional[range] = None) -> MUGDiT:
     """Build MUG-DiT on `device` (default: the current GPU, else the CPU). Megatron's parallel
     state must be initialised (`megatron_compat.initialize_parallel`). `seed=None` leaves parameters
-    undrawn (to be loaded)."""
+    undrawn (to be loaded). pre_process / post_process / layers select a pipeline stage."""
     megatron_compat.enable()  # no-op on a GPU
     config = config or transformer_config(cfg)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = MUGDiT(cfg, config, layer_spec or mugdit_layer_spec())
+    model = MUGDiT(cfg, config, layer_spec or mugdit_layer_spec(), pre_process, post_process, layers)
     model.to(device=device, dtype=config.params_dtype)
     check_against_schema(model, cfg)
     if seed is not None:
@@ -288,10 +346,19 @@ def _tp() -> tuple[int, int]:
             parallel_state.get_tensor_model_parallel_world_size())
 
 
+def stage_schema(model: MUGDiT) -> Schema:
+    """The schema entries this pipeline stage holds."""
+    def owned(spec) -> bool:
+        if spec.layer is not None:
+            return spec.layer in model.layer_range
+        return model.post_process if spec.name.startswith("final_layer.") else model.pre_process
+    return Schema(tuple(p for p in dit_schema(model.cfg) if owned(p)))
+
+
 def check_against_schema(model: MUGDiT, cfg: DiTConfig) -> None:
-    """Every schema parameter exists with its TP-local shape, and nothing else does."""
+    """Every schema parameter of this stage exists with its TP-local shape, and nothing else does."""
     _, tp = _tp()
-    schema = dit_schema(cfg).as_dict()
+    schema = stage_schema(model).as_dict()
     mine = dict(model.named_parameters())
     extra, missing = sorted(set(mine) - set(schema)), sorted(set(schema) - set(mine))
     if extra or missing:
@@ -304,13 +371,14 @@ def check_against_schema(model: MUGDiT, cfg: DiTConfig) -> None:
 
 @torch.no_grad()
 def init_parameters(model: MUGDiT, cfg: DiTConfig, seed: int) -> None:
-    """Draw every parameter from the schema's Init rule. Each rank draws the GLOBAL tensor with one
-    generator in schema order and keeps its slice, so the model is the same at every TP size."""
+    """Draw every parameter from the schema's Init rule. Each rank draws every GLOBAL tensor with one
+    generator in schema order and keeps what it holds (its stage, its TP slice), so the model is
+    the same in every parallel layout."""
     rank, tp = _tp()
     params = dict(model.named_parameters())
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    for spec in dit_schema(cfg):
+    for spec in dit_schema(cfg):  # every stage draws everything: the same model at any layout
         rule = spec.init
         if rule.kind in ("zeros", "ones"):
             full = torch.full(spec.shape, 0.0 if rule.kind == "zeros" else 1.0, device=device)
@@ -318,4 +386,5 @@ def init_parameters(model: MUGDiT, cfg: DiTConfig, seed: int) -> None:
             full = torch.randn(spec.shape, generator=gen, device=device) * rule.std + rule.mean
         else:  # uniform U(-std, std)
             full = (torch.rand(spec.shape, generator=gen, device=device) * 2 - 1) * rule.std
-        params[spec.name].copy_(full[spec.shard_index(rank, tp)])
+        if spec.name in params:
+            params[spec.name].copy_(full[spec.shard_index(rank, tp)])

@@ -16,6 +16,9 @@ recomputation (`recompute_granularity` None / "selective" (attention core) / "fu
 `recompute_method` "block" (the first `recompute_num_layers` layers) or "uniform" (every layer, in
 groups of `recompute_num_layers`)).
 
+Pipeline parallelism: `build_dit(..., pre_process, post_process, layers)` builds one stage; stages
+exchange one packed tensor (see `MUGDiT`), which Megatron's schedules send and receive.
+
 Text with padding: masks (per-sample key mask in cross-attention; padded tokens never reach the
 output). A sample with no real token gets a zero cross-attention output before `proj`.
 """

@@ -333,6 +333,9 @@ def build_dit(cfg: DiTConfig, config: Optional[TransformerConfig] = None,
     state must be initialised (`megatron_compat.initialize_parallel`). `seed=None` leaves parameters
     undrawn (to be loaded). pre_process / post_process / layers select a pipeline stage."""
     megatron_compat.enable()  # no-op on a GPU
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1:
+        raise NotImplementedError("MUG-DiT has no context-parallel attention yet: context parallel "
+                                  f"size {parallel_state.get_context_parallel_world_size()}, expected 1")
     config = config or transformer_config(cfg)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

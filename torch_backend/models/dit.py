@@ -24,7 +24,6 @@ output). A sample with no real token gets a zero cross-attention output before `
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch

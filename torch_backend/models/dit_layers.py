@@ -25,7 +25,7 @@ own heads: they are tagged `partial_grad_over_tp = True` and must be sum-reduced
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

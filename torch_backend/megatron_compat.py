@@ -21,9 +21,9 @@ CPU, its RNG is the CPU generator, its streams/events are no-ops.
 
 Why `current_device` itself is patched rather than only a TorchFunctionMode: a mode is not active
 inside autograd's backward, where the sequence-parallel gather (7) allocates its output.
-The mode is pushed once, for the process (thread-local, like every torch function mode); it only
-rewrites calls that would otherwise fail on this machine ("cuda" devices, `.cuda()`), so it does not
-change the result of any call that works without it.
+The mode is pushed once, for the process (thread-local, like every torch function mode). It
+rewrites calls that would otherwise fail on this machine ("cuda" devices, `.cuda()`) and one answer
+that works but would make Megatron refuse: `t.type()` of a CPU float tensor names its CUDA type.
 
 Also here: `initialize_parallel` / `destroy_parallel`, Megatron's parallel state for one process
 or under torchrun (gloo on CPU, nccl on GPU), with explicit tp/pp/cp sizes.

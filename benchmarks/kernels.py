@@ -246,9 +246,10 @@ def main():
     if not args.skip_tests:
         parity = run_parity_tests(out)
         result["parity"] = parity
-        from mugv.kernels.registry import KERNELS
+        from mugv.kernels.registry import KERNELS, fingerprint
         passed = [k for k, e in KERNELS.items() if parity["files"].get(pathlib.Path(e.test).stem)]
         record = {device: {**meta, "kernels": passed,
+                           "fingerprints": {k: fingerprint(k) for k in passed},
                            "tests": "parity_tests/kernels (fp32, fp16, bf16 within 2x torch bf16), "
                                     "fixed launch config (MUGV_KERNEL_AUTOTUNE=0)"}}
         (out / "verified.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -17,12 +17,18 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402  (after the environment decision above)
 import triton.language as tl  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1" and type(tl.sum).__name__ == "JITFunction":
-    # triton.language was imported (e.g. by torch.use_deterministic_algorithms or megatron)
-    # before the variable was set: its own jit helpers (tl.sum) would refuse to run interpreted.
-    raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set; set it before "
-                       "importing torch's deterministic mode, megatron or triton (see "
-                       "parity_tests/conftest.py)")
+# True when triton.language was imported (e.g. by torch.use_deterministic_algorithms or megatron)
+# before TRITON_INTERPRET=1 was set: its own jit helpers (tl.sum) then refuse to run interpreted.
+# Importing the kernel modules (for their references) still works; launching raises (below).
+_STALE_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1" and type(tl.sum).__name__ == "JITFunction"
+
+
+def check_runnable() -> None:
+    """Raise a clear error instead of the interpreter's obscure one (called before each launch)."""
+    if _STALE_INTERPRETER:
+        raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set, so kernels cannot "
+                           "run in the CPU interpreter; set it before importing torch's deterministic "
+                           "mode, megatron or triton (see parity_tests/conftest.py)")
 
 
 def interpreting() -> bool:

@@ -156,6 +156,7 @@ def backward_grid(b: int, length: int, device) -> tuple[int, int]:
 class _AdaLNModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, index, eps):
+        _launch.check_runnable()
         b, length, h, k = validate_modulation(x, {"shift": shift, "scale": scale}, index)
         x = x.contiguous()
         shift, scale = shift.contiguous(), scale.contiguous()

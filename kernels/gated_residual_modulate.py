@@ -118,6 +118,7 @@ def _gated_bwd_kernel(x_ptr, y_ptr, gate_ptr, scale_ptr, index_ptr, mean_ptr, rs
 class _GatedResidualModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, gate, shift, scale, index, eps):
+        _launch.check_runnable()
         b, length, h, k = validate_modulation(
             x, {"gate": gate, "shift": shift, "scale": scale}, index, "gated_residual_modulate")
         _launch.check(tuple(y.shape) == tuple(x.shape), "gated_residual_modulate: y",

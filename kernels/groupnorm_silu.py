@@ -198,6 +198,7 @@ def _launch_shape(rows: int, spatial: int, device) -> tuple[int, int, int, int]:
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
+        _launch.check_runnable()
         b, c = x.shape[:2]
         x = x.contiguous()
         spatial = x[0, 0].numel()

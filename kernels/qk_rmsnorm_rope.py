@@ -141,6 +141,7 @@ def _angle_strides(table):
 class _QKRMSNormRoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, weight, angles, eps):
+        _launch.check_runnable()
         _validate(q, weight, angles)
         b, length, nh, d = q.shape
         # fp32 cos/sin once per call (B or 1, L, d/2): 4% of q's bytes at head dim 72.

@@ -3,8 +3,9 @@
 The DiT/VAE spec slots ask `select(name, device)` once, when the model is built, and get either the
 Triton function or its plain-torch reference (same signature). The reference is the default: a
 kernel is used only on a CUDA device whose name is recorded in `verified.json` as having passed
-that kernel's parity tests (written by `benchmarks/kernels.py --record` after a GPU run), or when
-MUGV_KERNELS forces a choice:
+that kernel's parity tests (the file `benchmarks/kernels.py` writes after its GPU parity run) with
+the kernel's current `fingerprint` (so editing a kernel turns it off until the GPU run is
+repeated), or when MUGV_KERNELS forces a choice:
 
     MUGV_KERNELS=reference        always the reference (e.g. to bisect a numerical difference)
     MUGV_KERNELS=all              every kernel on any CUDA device (you ran the parity tests there)
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib
+import inspect
 import json
 import os
 import pathlib
@@ -63,6 +66,27 @@ def verified_devices() -> dict:
     return json.loads(VERIFIED_FILE.read_text())
 
 
+def fingerprint(name: str) -> str:
+    """sha256 over what decides a kernel's numerics and launch: the source of its Triton kernels
+    (decorators included), its autograd Function, its public wrapper, and kernels/_launch.py.
+    References and docs are left out, so editing them keeps a GPU verification valid."""
+    entry = _entry(name)
+    module = importlib.import_module(f"mugv.kernels.{entry.module}")
+    from mugv.kernels import _launch
+    import torch
+    parts = [inspect.getsource(_launch)]
+    for obj in vars(module).values():
+        fn = obj
+        while not inspect.isfunction(fn) and hasattr(fn, "fn"):  # Autotuner -> JITFunction -> fn
+            fn = fn.fn
+        is_kernel = fn is not obj and inspect.isfunction(fn)
+        is_function = inspect.isclass(obj) and issubclass(obj, torch.autograd.Function)
+        if (is_kernel or is_function) and getattr(fn, "__module__", None) == module.__name__:
+            parts.append(inspect.getsource(fn))
+    parts.append(inspect.getsource(getattr(module, entry.function)))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def kernel_enabled(name: str, device) -> bool:
     """Whether the Triton kernel `name` may replace its reference on `device` (see module doc)."""
     _entry(name)
@@ -83,7 +107,7 @@ def kernel_enabled(name: str, device) -> bool:
         return name in wanted
     import torch
     record = verified_devices().get(torch.cuda.get_device_name(device), {})
-    return name in record.get("kernels", [])
+    return name in record.get("kernels", []) and record.get("fingerprints", {}).get(name) == fingerprint(name)
 
 
 def select(name: str, device):

@@ -67,3 +67,26 @@ def test_committed_record_matches_current_kernels():
                 stale.append(f"{name} on {device}")
     if stale:
         pytest.skip(f"edited since their GPU parity run (references used there until re-run): {stale}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is only chosen without a GPU")
+def test_early_triton_import_gives_a_clear_error_at_launch():
+    """Importing triton (here through torch's deterministic mode) before TRITON_INTERPRET is set
+    leaves the references usable and makes a kernel launch say what went wrong."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "torch.use_deterministic_algorithms(True)\n"
+        "from mugv.kernels.registry import select\n"
+        "from mugv.kernels.adaln_modulate import adaln_modulate\n"
+        "x, t = torch.randn(1, 3, 8), torch.randn(1, 1, 8)\n"
+        "select('adaln_modulate', torch.device('cpu'))(x, t, t)\n"
+        "try:\n"
+        "    adaln_modulate(x, t, t)\n"
+        "except RuntimeError as e:\n"
+        "    print('CLEAR' if 'TRITON_INTERPRET' in str(e) else repr(e))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "CLEAR" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -48,7 +48,7 @@ def token_positions(xp, grid_thw: tuple[int, int, int], frame_indice, time_end: 
     frames = xp.broadcast_to(xp.reshape(fi[:, 1:-1], (b, tp, 1)), (b, tp, hp * wp))
     t = xp.concatenate([fi[:, :1], xp.reshape(frames, (b, n)), fi[:, -1:]], axis=1)
     t = xp.clip(t, 0, time_end - 1)
-    return h, w, t * 1.0
+    return h, w, _as_float32(xp, t)
 
 
 def rope_angles(xp, cfg: DiTConfig, grid_thw: tuple[int, int, int], frame_indice):
@@ -77,6 +77,11 @@ def sinusoidal_embedding(xp, values, dim: int = 256, max_period: float = 10000.0
     freqs = xp.exp(xp.arange(half, dtype=xp.float32) * (-math.log(max_period) / half))
     args = xp.reshape(values, (-1, 1)) * xp.reshape(freqs, (1, half))
     return xp.concatenate([xp.cos(args), xp.sin(args)], axis=-1)
+
+
+def _as_float32(xp, x):
+    """Integer positions -> float32 (explicit: strict dtype promotion refuses int * float)."""
+    return x.to(xp.float32) if hasattr(x, "to") else x.astype(xp.float32)
 
 
 def _asarray_like(xp, array: np.ndarray, like):

@@ -56,3 +56,23 @@ class TrainConfig:
         v.one_of(self, "precision", ("bf16", "fp32"))
         v.one_of(self, "recompute", ("none", "selective", "full"))
         v.in_range(self, "ema_decay", 0, 1, hi_open=True)
+
+
+def learning_rate(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warm-up from lr/warmup to lr over
+    `warmup_steps`, then constant, or cosine from lr down to min_lr at `total_steps`."""
+    import math
+
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_update(ema, param, decay: float):
+    """One EMA step, ema <- decay * ema + (1 - decay) * param, on any array type (pure: returns
+    the new value; the backends apply it in place with their own mechanics)."""
+    return ema * decay + param * (1.0 - decay)

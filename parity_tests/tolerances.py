@@ -39,6 +39,9 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     ("kernel", "float16"): Tol(2e-3, 1e-4),
     ("sharded", "float32"): Tol(1e-5, 1e-7),
     ("sharded", "bfloat16"): Tol(2e-2, 1e-3),
+    # A dozen optimizer steps after sharding: Adam divides by sqrt(v), so summation-order
+    # differences in the gradients (~1e-7) grow; still three orders below any real bug.
+    ("sharded_train", "float32"): Tol(1e-4, 1e-6),
 }
 
 

@@ -1,0 +1,183 @@
+"""The trainer: exact resume after SIGKILL (also during a save), DP=2 with the distributed
+optimizer, non-finite handling, and start-up failures. Every run is a real child process."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mugv.checkpoints.format import Checkpoint, latest_checkpoint
+
+WORKER = pathlib.Path(__file__).with_name("train_worker.py")
+STEPS = 12
+GROUPS = ("model", "ema", "optimizer.exp_avg", "optimizer.exp_avg_sq")
+
+
+def _env(rank=None, world=None, port=None):
+    # MKL_CBWR: MKL's conditional numerical reproducibility. Without it a restarted process can
+    # take another code path for differently aligned buffers and differ by one ulp (seen here).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    if rank is not None:
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out, steps=STEPS, world=1, extra=()):
+    args = [sys.executable, str(WORKER), str(out), str(steps), *extra]
+    if world == 1:
+        return [subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    port = _free_port()
+    return [subprocess.Popen(args, env=_env(r, world, port), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for r in range(world)]
+
+
+def finish(procs, expect=0):
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for rank, (p, o) in enumerate(zip(procs, outs)):
+        assert p.returncode == expect, f"worker rank {rank} exited {p.returncode}:\n{o[-3000:]}"
+    return outs[0]
+
+
+def run(out, **kw):
+    expect = kw.pop("expect", 0)
+    return finish(launch(out, **kw), expect)
+
+
+def losses(out) -> dict[int, float]:
+    rows = [json.loads(line) for line in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"metrics steps repeated or out of order: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def arrays(path) -> dict:
+    ck = Checkpoint(path)
+    return {(g, n): ck.read(g, n) for g in GROUPS for n in ck.names(g)}
+
+
+def kill_when(procs, pattern: str, delay: float) -> None:
+    """SIGKILL every process once the first prints a line containing `pattern`, after `delay`."""
+    for line in procs[0].stdout:
+        if pattern in line:
+            break
+    else:
+        raise AssertionError(f"the run ended before printing {pattern!r}")
+    time.sleep(delay)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    run(out)
+    return out
+
+
+def assert_same_run(a, b):
+    la, lb = losses(a), losses(b)
+    assert la == lb, {k: (la.get(k), lb.get(k)) for k in set(la) | set(lb) if la.get(k) != lb.get(k)}
+    pa, pb = latest_checkpoint(pathlib.Path(a) / "checkpoints"), latest_checkpoint(pathlib.Path(b) / "checkpoints")
+    assert Checkpoint(pa).step == Checkpoint(pb).step == STEPS
+    xa, xb = arrays(pa), arrays(pb)
+    assert xa.keys() == xb.keys()
+    for k in xa:
+        np.testing.assert_array_equal(xa[k], xb[k], err_msg=str(k))
+
+
+def test_reference_run_learns(reference):
+    la = losses(reference)
+    assert len(la) == STEPS and all(np.isfinite(list(la.values())))
+    first, last = np.mean([la[s] for s in (1, 2, 3)]), np.mean([la[s] for s in (10, 11, 12)])
+    assert last < first, (first, last)
+
+
+def test_sigkill_at_random_step_resumes_bit_identical(reference, tmp_path):
+    step = random.Random(os.getpid()).randint(5, STEPS - 1)
+    kill_when(launch(tmp_path), f"step {step}/{STEPS}", 0.0)
+    assert losses(tmp_path), "nothing was logged before the kill"
+    out = run(tmp_path)
+    assert "resumed from" in out
+    assert_same_run(reference, tmp_path)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+def test_sigkill_during_save_resumes_bit_identical(reference, tmp_path, delay):
+    kill_when(launch(tmp_path), "checkpoint: saving step 8", delay)
+    run(tmp_path)
+    assert_same_run(reference, tmp_path)
+
+
+def test_nonfinite_gradient_is_skipped_and_counted(tmp_path):
+    out = run(tmp_path, extra=("--nan-steps", "4"))
+    assert "SKIPPED (non-finite)" in out
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[4]["skipped"] and rows[4]["nonfinite_total"] == 1
+    assert all(np.isfinite(r["loss"]) for r in rows if not r["skipped"])
+    ck = Checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert ck.manifest["meta"]["nonfinite_total"] == 1
+    assert all(np.isfinite(ck.read("model", n)).all() for n in ck.names("model"))
+
+
+def test_nonfinite_in_a_row_stops_with_last_good_state(reference, tmp_path):
+    out = run(tmp_path, extra=("--nan-steps", "4,5,6", "--nonfinite-limit", "3", "--ckpt-every", "100"), expect=3)
+    assert "3 non-finite steps in a row" in out and "last good state is saved" in out
+    stop = Checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert stop.step == 7 and stop.manifest["meta"]["nonfinite_in_a_row"] == 3
+    # The skipped steps left weights, EMA and Adam state as the 4 good steps made them.
+    ref = Checkpoint(reference / "checkpoints" / "step_000000004")
+    for g in GROUPS:
+        for n in ref.names(g):
+            np.testing.assert_array_equal(stop.read(g, n), ref.read(g, n), err_msg=f"{g}/{n}")
+
+
+def test_two_process_dp2_distributed_optimizer(reference, tmp_path):
+    """DP=2 with Megatron's distributed optimizer: equals the single-process run (fp32, up to
+    summation order), and a SIGKILLed DP=2 run resumes bit-identical to an uninterrupted one."""
+    from mugv.parity_tests.tolerances import assert_close
+
+    full = tmp_path / "dp2"
+    finish(launch(full, world=2, extra=("--dp-opt",)))
+    la, lr = losses(full), losses(reference)
+    assert_close(np.array(list(la.values())), np.array(list(lr.values())), "sharded", "float32", name="losses")
+    a, b = arrays(latest_checkpoint(full / "checkpoints")), arrays(latest_checkpoint(reference / "checkpoints"))
+    for k in b:
+        assert_close(a[k], b[k], "sharded_train", "float32", name=str(k))
+    killed = tmp_path / "dp2_killed"
+    kill_when(launch(killed, world=2, extra=("--dp-opt",)), f"step 7/{STEPS}", 0.0)
+    finish(launch(killed, world=2, extra=("--dp-opt",)))
+    assert_same_run(full, killed)
+
+
+def test_resume_with_other_config_names_fields(reference, tmp_path):
+    import shutil
+    shutil.copytree(reference, tmp_path / "run")
+    out = run(tmp_path / "run", extra=("--lr", "5e-4"), expect=1)
+    assert "train.optimizer" in out and "checkpoint" in out and "5e-04" in out.replace("0.0005", "5e-04")
+
+
+def test_unwritable_output_dir_fails_at_start(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = run(blocker / "run", expect=1)
+    assert f"checkpoint directory {blocker / 'run'} is not writable" in out

@@ -1,0 +1,1 @@
+"""The training engine on Megatron-Core: step, loop, checkpoint/resume, failure handling, metrics."""

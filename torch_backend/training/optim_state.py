@@ -116,4 +116,5 @@ def scatter_states(opt, model: torch.nn.Module, states: dict[str, dict[str, torc
                 inner.optimizer.state[main] = {"step": step_t.clone(), **{
                     k: src[k].to(main).clone() for k in KEYS}}
         for param, name in names.items():   # the (maybe bf16) model copy of the main values
-            param.copy_(states[name]["param"].to(param))
+            if name in states:
+                param.copy_(states[name]["param"].to(param))

@@ -33,6 +33,7 @@ from mugv.core.dit import DiTConfig, dit_schema, patch_grid, video_tokens
 from mugv.core.flops import H100_BF16_PEAK, step_flops
 from mugv.core.flow import FlowConfig
 from mugv.core.parallel import ParallelConfig, check_layout
+from mugv.core.schema import Schema
 from mugv.core.train import TrainConfig, ema_update, learning_rate
 from mugv.core.validate import to_dict
 from mugv.torch_backend import megatron_compat, objectives
@@ -84,12 +85,24 @@ class Trainer:
     def __init__(self, dit: DiTConfig, train: TrainConfig, flow: FlowConfig, source: BatchSource,
                  out_dir: str | Path, parallel: ParallelConfig = ParallelConfig(),
                  stage: StageSettings = StageSettings(), grad_hook: Optional[Callable] = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, model_hook: Optional[Callable] = None,
+                 on_metrics: Optional[Callable[[dict], None]] = None):
+        """Arguments beyond the configs:
+            source: resumable global-batch source (`training/batch.py::BatchSource`).
+            grad_hook(step, model): called after backward, before the finiteness check (tests
+                plant non-finite gradients with it).
+            model_hook(model) -> Schema | None: called after the model is built and before DDP
+                wraps it; may freeze parameters or add modules (LoRA) and returns the schema of
+                the parameters it added, which join the checkpoint.
+            on_metrics(metrics): called on rank 0 after every step (progress display).
+        """
         self.dit, self.train, self.flow, self.parallel, self.stage = dit, train, flow, parallel, stage
         self.source = source
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.grad_hook = grad_hook
+        self.model_hook = model_hook
+        self.on_metrics = on_metrics
         self.log = log
         self.step = 0                  # iterations done (skipped ones included)
         self.nonfinite_total = 0
@@ -137,6 +150,12 @@ class Trainer:
         model = build_dit(self.dit, tcfg, seed=self.train.seed, device=self.device)
         model.model_type = ModelType.encoder_or_decoder
         self.model = model
+        extra = self.model_hook(model) if self.model_hook is not None else None
+        self.schema = dit_schema(self.dit) if extra is None else Schema(dit_schema(self.dit).params + extra.params)
+        requires_grad = {n for n, q in model.named_parameters() if q.requires_grad}
+        # EMA and optimizer state exist for trainable parameters only (all of them, unless a
+        # model_hook froze some, as LoRA does).
+        self.trainable = Schema(tuple(q for q in self.schema if q.name in requires_grad))
         self.ddp = DistributedDataParallel(
             config=tcfg, module=model,
             ddp_config=DistributedDataParallelConfig(
@@ -149,8 +168,7 @@ class Trainer:
                                     clip_grad=o.clip_grad, bf16=bf16, params_dtype=tcfg.params_dtype,
                                     use_distributed_optimizer=p.distributed_optimizer),
             [self.ddp])
-        self.schema = dit_schema(self.dit)
-        self.ema = {n: q.detach().float().clone() for n, q in model.named_parameters()}
+        self.ema = {n: q.detach().float().clone() for n, q in model.named_parameters() if q.requires_grad}
         self._metrics_path = self.out_dir / "metrics.jsonl"
         self._tb = None
         if not self._resume() and self.stage.init_from:
@@ -308,7 +326,8 @@ class Trainer:
     def _update_ema(self) -> None:
         decay = self.train.ema_decay
         for name, q in self.model.named_parameters():
-            self.ema[name].copy_(ema_update(self.ema[name], q.detach().float(), decay))
+            if name in self.ema:
+                self.ema[name].copy_(ema_update(self.ema[name], q.detach().float(), decay))
 
     # ------------------------------------------------------------------------------------------
     # Loop
@@ -333,6 +352,8 @@ class Trainer:
     def _record(self, m: dict) -> None:
         if self.rank != 0:
             return
+        if self.on_metrics is not None:
+            self.on_metrics(m)
         with open(self._metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
         if self._tb is None:
@@ -360,11 +381,13 @@ class Trainer:
 
         self.log(f"[mugv] checkpoint: saving step {self.step}")
         states = optim_state.gather_states(self.optimizer, self.model)
+        weights = {n: q.detach() for n, q in self.model.named_parameters() if not q.requires_grad}
+        weights.update({n: s["param"] for n, s in states.items()})   # fp32 main values
         groups = {
-            "model": (self.schema, {n: s["param"] for n, s in states.items()}),
-            "ema": (self.schema, {n: t.cpu() for n, t in self.ema.items()}),
-            "optimizer.exp_avg": (self.schema, {n: s["exp_avg"] for n, s in states.items()}),
-            "optimizer.exp_avg_sq": (self.schema, {n: s["exp_avg_sq"] for n, s in states.items()}),
+            "model": (self.schema, weights),
+            "ema": (self.trainable, {n: t.cpu() for n, t in self.ema.items()}),
+            "optimizer.exp_avg": (self.trainable, {n: s["exp_avg"] for n, s in states.items()}),
+            "optimizer.exp_avg_sq": (self.trainable, {n: s["exp_avg_sq"] for n, s in states.items()}),
         }
         meta = {"step": self.step, "optimizer_step": optim_state.optimizer_step_count(self.optimizer),
                 "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
@@ -381,18 +404,21 @@ class Trainer:
 
     def _load_groups(self, ckpt: Checkpoint, optimizer: bool) -> None:
         tp = self.parallel.tensor_parallel
-        load = lambda g: load_torch(ckpt, self.schema, g, tp_rank=self.tp_rank, tp_size=tp)  # noqa: E731
-        model = load("model")
+        load = lambda g, s: load_torch(ckpt, s, g, tp_rank=self.tp_rank, tp_size=tp)  # noqa: E731
+        model = load("model", self.schema)
+        trainable = set(self.trainable.names)
+        with torch.no_grad():
+            for name, q in self.model.named_parameters():
+                if name not in trainable:
+                    q.copy_(model[name].to(q))
+        model = {n: model[n] for n in trainable}
         if optimizer:
-            m, v = load("optimizer.exp_avg"), load("optimizer.exp_avg_sq")
+            m, v = load("optimizer.exp_avg", self.trainable), load("optimizer.exp_avg_sq", self.trainable)
             states = {n: {"param": model[n], "exp_avg": m[n], "exp_avg_sq": v[n]} for n in model}
             optim_state.scatter_states(self.optimizer, self.model, states,
                                        int(ckpt.manifest["meta"]["optimizer_step"]))
-            ema = load("ema")
+            ema = load("ema", self.trainable)
         else:
-            with torch.no_grad():
-                for name, q in self.model.named_parameters():
-                    q.copy_(model[name].to(q))
             optim_state.scatter_states(self.optimizer, self.model, {
                 n: {"param": model[n], "exp_avg": torch.zeros_like(model[n]),
                     "exp_avg_sq": torch.zeros_like(model[n])} for n in model}, 0)

@@ -8,7 +8,9 @@ One torchrun launch (importing megatron.core costs 5-8 s per process) runs every
   (slices concatenated along the schema's tp_axis; partial gradients of replicated parameters summed
   over TP as Megatron's finalize_model_grads does), equal the TP=1 run of this pytest process;
 - the same model at PP=2 (two pipeline stages) through Megatron's 1F1B schedule: loss and every
-  parameter's gradient equal the TP=1 run.
+  parameter's gradient equal the TP=1 run;
+- DP=2: Megatron's DDP (overlapped, bucketed) and distributed Adam with gradient clipping take one
+  step equal to the same step computed by hand from the averaged gradients.
 
 This file is also the worker: `torchrun --nproc_per_node 2 parity_tests/test_megatron_tp.py OUT`.
 """
@@ -130,6 +132,44 @@ def _worker(out_dir: str) -> None:
     dist.all_gather_object(gathered, mine)
     for part in gathered:
         results.update(part)
+    # DP=2: Megatron's DDP (overlapped bucketed grad reduce) + distributed Adam with clipping, one
+    # step on different data per rank, vs the same step computed by hand from the averaged grads.
+    megatron_compat.initialize_parallel(tp=1)
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    config = transformer_config(CFG)
+    plain = build_dit(CFG, config, seed=None)
+    model = build_dit(CFG, config, seed=None)
+    for m in (plain, model):
+        load_canonical(m, CFG, params)
+    t["x"] = t["x"] + dist.get_rank()  # different data per data-parallel rank
+    (plain(**t) * w).sum().backward()
+    avg = {n: p.grad.clone() for n, p in plain.named_parameters()}
+    for g in avg.values():
+        dist.all_reduce(g)
+        g /= 2
+    norm = torch.sqrt(sum(g.double().pow(2).sum() for g in avg.values())).item()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        overlap_grad_reduce=True, use_distributed_optimizer=True, bucket_size=20000), model)
+    lr = 1e-3
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=lr, clip_grad=1.0, bf16=False,
+                                                 weight_decay=0.0, use_distributed_optimizer=True),
+                                 [ddp])
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    (ddp(**t) * w).sum().backward()
+    finalize_model_grads([ddp])
+    ok, grad_norm, _ = opt.step()
+    results["dp2.grad_norm"] = np.array([grad_norm, norm])
+    clip = min(1.0, 1.0 / (norm + 1e-6))
+    worst = 0.0
+    for n, p in model.named_parameters():  # Adam's first step: lr * g / (|g| + eps)
+        g = avg[n] * clip
+        expected = before[n] - lr * g / (g.abs() + 1e-8)
+        worst = max(worst, ((p.detach() - expected).abs().max() / lr).item())
+    results["dp2.step_maxdiff_over_lr"] = np.array(worst)
     if dist.get_rank() == 0:
         np.savez(os.path.join(out_dir, "tp_results.npz"), **results)
     megatron_compat.destroy_parallel()
@@ -178,6 +218,13 @@ def tp1_reference():
     finally:
         megatron_compat.destroy_parallel()
     return out, grads
+
+
+def test_dit_dp2_ddp_distributed_adam_step(tp_results):
+    """Compat sites 4, 5, 6, 9 (DDP buffers, optimizer, clip_grads, distributed optimizer) run."""
+    grad_norm, expected = tp_results["dp2.grad_norm"]
+    assert abs(grad_norm - expected) <= 1e-5 * expected, (grad_norm, expected)
+    assert tp_results["dp2.step_maxdiff_over_lr"] < 1e-3, tp_results["dp2.step_maxdiff_over_lr"]
 
 
 def test_dit_pp2_schedule_equals_tp1(tp_results, tp1_reference):

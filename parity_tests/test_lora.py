@@ -1,0 +1,410 @@
+"""LoRA on MUG-DiT (core/lora.py, torch_backend/lora.py), on the tiny DiT with random nonzero weights.
+
+In this process (TP=1):
+- B = 0 leaves outputs and input gradients bit-identical to the frozen base model;
+- merged == unmerged outputs (fp32 "dit" row); unmerge restores the base weights; the torch merge
+  equals core's numpy `merge_arrays`; the merged official export reads back to the merged weights;
+- full activation recomputation changes neither outputs nor adapter gradients;
+- bf16 base weights stay within bf16 error of the fp32 model; config errors name the field.
+One 2-process gloo launch (this file is also the worker) runs:
+- the adapted DiT at TP=2 and at TP=2 with sequence parallelism: outputs and adapter gradients
+  (shards gathered, partial gradients summed over TP) equal the TP=1 run of this process; the
+  TP=2 adapters saved alone load at TP=1 and give the TP=2 outputs ("sharded" row);
+- the Trainer at TP=2 with `lora_model_hook` for 3 steps on SyntheticLatents: only the adapters
+  require gradients, have main gradients and sit in the optimizer; the checkpoint's optimizer and
+  EMA groups hold exactly the adapter arrays and its base weights are the loaded ones, unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RANK, ALPHA = 3, 5.0  # odd rank, scale 5/3
+
+
+def _lora_cfg(**kw):
+    from mugv.core.lora import LoRAConfig
+    return LoRAConfig(rank=RANK, alpha=ALPHA, **kw)
+
+
+def random_adapters(cfg, lora, seed: int = 11) -> dict[str, np.ndarray]:
+    """Global adapter arrays, all random and nonzero (B = 0 would hide every mistake in B's path)."""
+    from mugv.core.lora import lora_schema
+    rng = np.random.default_rng(seed)
+    return {s.name: (rng.standard_normal(s.shape) / np.sqrt(s.shape[1])).astype(np.float32)
+            for s in lora_schema(cfg, lora)}
+
+
+def set_adapters(model, arrays) -> None:
+    """Copy global adapter arrays into the model, this rank's slice of each."""
+    import torch
+    from mugv.torch_backend.lora import _tp
+    rank, tp = _tp()
+    params = dict(model.named_parameters())
+    from mugv.core.lora import lora_schema
+    specs = lora_schema(model.cfg, model.lora_config).as_dict()
+    with torch.no_grad():
+        for name, arr in arrays.items():
+            params[name].copy_(torch.from_numpy(arr[specs[name].shard_index(rank, tp)]))
+
+
+def adapted_model(params, lora=None, adapters=None, **overrides):
+    from mugv.checkpoints.torch_dit import load_canonical
+    from mugv.parity_tests.test_dit import CFG
+    from mugv.torch_backend.lora import apply_lora
+    from mugv.torch_backend.models.dit import build_dit, transformer_config
+    model = build_dit(CFG, transformer_config(CFG, **overrides), seed=None)
+    load_canonical(model, CFG, params)
+    if lora is not None:
+        apply_lora(model, CFG, lora, seed=0)
+    if adapters is not None:
+        set_adapters(model, adapters)
+    return model
+
+
+def run_model(model, inputs, weights, grads_of=("lora",)):
+    """Output and the gradients of sum(out * w) w.r.t. x and the parameters whose names contain
+    one of `grads_of`."""
+    import torch
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    t["frame_indice"] = t["frame_indice"].long()
+    t["x"].requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    out = model(**t)
+    (out * torch.from_numpy(weights)).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+             if p.grad is not None and any(g in n for g in grads_of)}
+    grads["input.x"] = t["x"].grad.detach().clone()
+    return out.detach(), grads
+
+
+# ---------------------------------------------------------------------------------------------
+# The 2-process worker
+
+
+def _worker(out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from mugv.core.lora import lora_schema
+    from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params
+    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.lora import save_adapters
+
+    torch.set_num_threads(1)
+    out_dir = pathlib.Path(out_dir)
+    megatron_compat.initialize_parallel(tp=2)
+    from megatron.core import parallel_state
+    group = parallel_state.get_tensor_model_parallel_group()
+    lora = _lora_cfg()
+    specs = lora_schema(CFG, lora).as_dict()
+    params, adapters = random_params(CFG), random_adapters(CFG, lora)
+    inputs, weights = make_inputs("i2v"), loss_weights()
+    results = {}
+    for tag, overrides in [("tp2", {}), ("tp2sp", dict(sequence_parallel=True))]:
+        model = adapted_model(params, lora, adapters, **overrides)
+        out, grads = run_model(model, inputs, weights)
+        results[f"{tag}.out"] = out.numpy()
+        tagged = {n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False)}
+        for name in specs:
+            g = grads[name]
+            if overrides.get("sequence_parallel") and name in tagged:  # partial over tokens
+                dist.all_reduce(g, group=group)
+            if specs[name].tp_axis is not None:
+                parts = [torch.empty_like(g) for _ in range(2)]
+                dist.all_gather(parts, g.contiguous(), group=group)
+                g = torch.cat(parts, dim=specs[name].tp_axis)
+            results[f"{tag}.{name}"] = g.numpy()
+        if tag == "tp2":
+            save_adapters(model, CFG, out_dir / "adapters_tp2", step=5)
+    if dist.get_rank() == 0:
+        np.savez(out_dir / "lora_results.npz", **results)
+    _trainer_run(out_dir / "trainer", params, lora)
+
+
+def _trainer_run(out, params, lora) -> None:
+    """3 LoRA steps through the Trainer at TP=2; counts what receives gradients and optimizer state."""
+    import torch.distributed as dist
+
+    from mugv.core.flow import FlowConfig
+    from mugv.core.parallel import ParallelConfig
+    from mugv.core.train import OptimizerConfig, TrainConfig
+    from mugv.parity_tests.test_dit import CFG
+    from mugv.torch_backend.lora import lora_model_hook
+    from mugv.torch_backend.training import optim_state
+    from mugv.torch_backend.training.batch import SyntheticLatents
+    from mugv.torch_backend.training.trainer import Trainer
+
+    train = TrainConfig(steps=3, micro_batch=2, precision="fp32", ema_decay=0.5, checkpoint_every=3,
+                        log_every=1, optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-2, warmup_steps=0))
+    source = SyntheticLatents(2, (3, 4, 6), text_len=6, text_dim=CFG.text_dim, seed=3)
+    trainer = Trainer(CFG, train, FlowConfig(), source, out, parallel=ParallelConfig(tensor_parallel=2),
+                      model_hook=lora_model_hook(CFG, lora, seed=0, base=params), log=lambda m: None)
+    rank = dist.get_rank()
+    try:
+        trainer.run()
+        model = trainer.model
+        counts = {
+            "requires_grad": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+            "main_grad": sorted(n for n, p in model.named_parameters()
+                                if getattr(p, "main_grad", None) is not None),
+            "optimizer_tensors": sum(len(g["params"]) for inner in optim_state.inner_optimizers(trainer.optimizer)
+                                     for g in inner.optimizer.param_groups),
+            "optimizer_numel": sum(q.numel() for inner in optim_state.inner_optimizers(trainer.optimizer)
+                                   for g in inner.optimizer.param_groups for q in g["params"]),
+            "losses": [json.loads(x)["loss"] for x in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+            if rank == 0 else [],
+        }
+    finally:
+        trainer.close()
+    (pathlib.Path(out) / f"counts_rank{rank}.json").write_text(json.dumps(counts))
+
+
+@pytest.fixture(scope="module")
+def worker_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_tp2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           __file__, str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    if proc.returncode:
+        raise AssertionError(f"2-process gloo run failed (rc {proc.returncode}):\n{proc.stderr[-5000:]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Core: config and schema (no framework)
+
+
+def test_config_errors_name_the_field():
+    from mugv.core.dit import dit_config
+    from mugv.core.lora import LoRAConfig, lora_targets
+    from mugv.core.validate import ConfigError
+    for kw, field in [(dict(rank=0), "rank"), (dict(alpha=-1.0), "alpha"), (dict(targets=()), "targets"),
+                      (dict(dropout=1.0), "dropout"), (dict(base_dtype="float16"), "base_dtype")]:
+        with pytest.raises(ConfigError, match=f"LoRAConfig.{field}"):
+            LoRAConfig(**kw)
+    with pytest.raises(ConfigError, match="mlp.fc3"):
+        lora_targets(dit_config("tiny"), LoRAConfig(targets=("mlp.fc3",)))
+
+
+def test_schema_shapes_and_tp_axes():
+    from mugv.core.dit import dit_config
+    from mugv.core.lora import LoRAConfig, lora_schema
+    cfg = dit_config("10B")
+    s = lora_schema(cfg, LoRAConfig()).as_dict()
+    assert len(s) == 56 * 7 * 2
+    h = cfg.hidden_size
+    assert (s["layers.3.self_attn.qkv.lora_a.weight"].shape, s["layers.3.self_attn.qkv.lora_a.weight"].tp_axis) == ((64, h), None)
+    assert (s["layers.3.self_attn.qkv.lora_b.weight"].shape, s["layers.3.self_attn.qkv.lora_b.weight"].tp_axis) == ((3 * h, 64), 0)
+    assert (s["layers.3.mlp.fc2.lora_a.weight"].shape, s["layers.3.mlp.fc2.lora_a.weight"].tp_axis) == ((64, 4 * h), 1)
+    assert (s["layers.3.mlp.fc2.lora_b.weight"].shape, s["layers.3.mlp.fc2.lora_b.weight"].tp_axis) == ((h, 64), None)
+    assert all(p.init.kind == "zeros" for n, p in s.items() if "lora_b" in n)
+    # rank 64 on the 10B model: 285M trainable parameters (2.8% of 10B)
+    assert sum(p.numel for p in s.values()) == 56 * 64 * (h + 3 * h + h + h + h + h + h + 2 * h + h + 4 * h + 4 * h + h + h + h)
+    # glob patterns and replicated linears
+    sel = lora_schema(dit_config("tiny"), LoRAConfig(rank=2, targets=("layers.1.mlp.*", "t_block")))
+    assert sel.names == ["t_block.lora_a.weight", "t_block.lora_b.weight",  # schema order
+                         "layers.1.mlp.fc1.lora_a.weight", "layers.1.mlp.fc1.lora_b.weight",
+                         "layers.1.mlp.fc2.lora_a.weight", "layers.1.mlp.fc2.lora_b.weight"]
+    assert sel["t_block.lora_b.weight"].tp_axis is None
+
+
+# ---------------------------------------------------------------------------------------------
+# TP=1, in this process
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    from mugv.torch_backend import megatron_compat
+    megatron_compat.initialize_parallel(tp=1)
+    yield
+    megatron_compat.destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def case():
+    from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params
+    lora = _lora_cfg()
+    return dict(cfg=CFG, lora=lora, params=random_params(CFG), adapters=random_adapters(CFG, lora),
+                inputs=make_inputs("i2v"), weights=loss_weights())
+
+
+def test_b_zero_is_bit_identical_to_frozen_base(megatron_world, case):
+    """B = 0: outputs and input gradients bit-identical to the base model with frozen weights.
+    (Against the base with trainable weights they differ by an fp32 rounding: Megatron runs frozen
+    weights through LinearWithFrozenWeight, matmul then bias add, instead of a fused addmm.)"""
+    base = adapted_model(case["params"])
+    for p in base.parameters():
+        p.requires_grad_(False)
+    out0, g0 = run_model(base, case["inputs"], case["weights"])
+    model = adapted_model(case["params"], case["lora"])
+    out1, g1 = run_model(model, case["inputs"], case["weights"])
+    assert np.array_equal(out0.numpy(), out1.numpy())
+    assert np.array_equal(g0["input.x"].numpy(), g1["input.x"].numpy())
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(n for n in g1 if n != "input.x") and len(trainable) == 2 * 7 * 2
+    assert all("lora_" in n for n in trainable)
+    # A's gradient is zero while B = 0 (it flows through B), B's is not
+    assert all(np.abs(g1[n].numpy()).max() == 0 for n in trainable if "lora_a" in n)
+    assert all(np.abs(g1[n].numpy()).max() > 0 for n in trainable if "lora_b" in n)
+
+
+def test_merge_unmerge(megatron_world, case):
+    from mugv.core.lora import merge_arrays
+    from mugv.parity_tests.tolerances import assert_close
+    from mugv.torch_backend.lora import merge_lora, unmerge_lora
+    model = adapted_model(case["params"], case["lora"], case["adapters"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out, _ = run_model(model, case["inputs"], case["weights"])
+    base = adapted_model(case["params"])
+    out_base, _ = run_model(base, case["inputs"], case["weights"])
+    # the adapters really change the output (else merge tests prove nothing)
+    assert np.abs(out.numpy() - out_base.numpy()).max() > 1e-2 * np.abs(out_base.numpy()).max()
+    assert merge_lora(model) == 14
+    merged_out, _ = run_model(model, case["inputs"], case["weights"])
+    assert_close(merged_out, out, "dit", "float32", name="merged vs unmerged output")
+    expected = merge_arrays(case["params"], case["adapters"], case["cfg"], case["lora"])
+    for name, arr in expected.items():
+        assert_close(dict(model.named_parameters())[name], arr, "*", "float32", name=f"merged {name}")
+    with pytest.raises(ValueError, match="already merged"):
+        merge_lora(model)
+    unmerge_lora(model)
+    for n, p in model.named_parameters():
+        assert_close(p, before[n], "*", "float32", name=f"unmerged {n}")
+    again, _ = run_model(model, case["inputs"], case["weights"])
+    assert_close(again, out, "dit", "float32", name="output after unmerge")
+
+
+def test_recompute_full_same_outputs_and_adapter_grads(megatron_world, case):
+    from mugv.parity_tests.tolerances import assert_close
+    ref = run_model(adapted_model(case["params"], case["lora"], case["adapters"]), case["inputs"], case["weights"])
+    rec = run_model(adapted_model(case["params"], case["lora"], case["adapters"], recompute_granularity="full",
+                                  recompute_method="uniform", recompute_num_layers=1),
+                    case["inputs"], case["weights"])
+    assert_close(rec[0], ref[0], "exact", "float32", name="recompute output")
+    assert ref[1].keys() == rec[1].keys() and len(ref[1]) == 29
+    for n in ref[1]:
+        assert_close(rec[1][n], ref[1][n], "exact", "float32", name=f"recompute grad {n}")
+
+
+def test_bf16_base_weights(megatron_world, case):
+    """Base weights held in bf16 (half the frozen memory): adapters stay fp32 and train; the output
+    is within bf16 error of the fp32 model."""
+    import torch
+    from mugv.parity_tests.tolerances import assert_close
+    ref, _ = run_model(adapted_model(case["params"], case["lora"], case["adapters"]), case["inputs"], case["weights"])
+    model = adapted_model(case["params"], _lora_cfg(base_dtype="bfloat16"), case["adapters"])
+    assert model.layers["0"].mlp.fc1.weight.dtype == torch.bfloat16
+    assert model.layers["0"].mlp.fc1.lora_a.weight.dtype == torch.float32
+    out, grads = run_model(model, case["inputs"], case["weights"])
+    assert_close(out, ref, "*", "bfloat16", name="bf16-base output")
+    assert len(grads) == 29 and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_merged_official_export_round_trip(case, tmp_path):
+    """Adapters saved alone -> merged into the base -> official dit.pt -> imported back equals the
+    canonical merge (the fused-qkv row reorder commutes with the merge)."""
+    from mugv.checkpoints.format import CheckpointWriter
+    from mugv.checkpoints.official_dit import import_official, load_official_file
+    from mugv.core.lora import lora_schema, merge_arrays
+    from mugv.core.validate import to_dict
+    from mugv.torch_backend.lora import export_merged_official, read_adapters
+    cfg, lora = case["cfg"], case["lora"]
+    schema = lora_schema(cfg, lora)
+    w = CheckpointWriter(tmp_path / "ad", 0)
+    w.create({"lora": schema})
+    for n, a in case["adapters"].items():
+        w.write("lora", n, a)
+    w.commit(config={"dit": to_dict(cfg), "lora": to_dict(lora)})
+    got_lora, got = read_adapters(tmp_path / "ad")
+    assert got_lora == lora and all(np.array_equal(got[n], case["adapters"][n]) for n in got)
+    path = export_merged_official(case["params"], cfg, tmp_path / "ad", tmp_path / "dit.pt")
+    back = import_official(load_official_file(str(path)), cfg)
+    expected = merge_arrays(case["params"], case["adapters"], cfg, lora)
+    assert back.keys() == expected.keys()
+    for n in expected:
+        assert np.array_equal(back[n], expected[n]), n
+    unmerged = merge_arrays(expected, case["adapters"], cfg, lora, sign=-1.0)
+    from mugv.parity_tests.tolerances import assert_close
+    for n in case["params"]:
+        assert_close(unmerged[n], case["params"][n], "*", "float32", name=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# TP=2 (2-process gloo) vs TP=1
+
+
+@pytest.fixture(scope="module")
+def tp1_reference(megatron_world, case):
+    model = adapted_model(case["params"], case["lora"], case["adapters"])
+    out, grads = run_model(model, case["inputs"], case["weights"])
+    return out.numpy(), {n: g.numpy() for n, g in grads.items()}
+
+
+@pytest.mark.parametrize("tag", ["tp2", "tp2sp"])
+def test_tp2_equals_tp1(worker_out, tp1_reference, tag):
+    from mugv.parity_tests.tolerances import assert_close
+    res = dict(np.load(worker_out / "lora_results.npz"))
+    out, grads = tp1_reference
+    assert_close(res[f"{tag}.out"], out, "sharded", "float32", name=f"{tag} output")
+    names = [n for n in grads if n != "input.x"]
+    assert len(names) == 28
+    for n in names:
+        assert_close(res[f"{tag}.{n}"], grads[n], "sharded", "float32", name=f"{tag} grad {n}")
+
+
+def test_adapter_saved_at_tp2_loads_at_tp1(worker_out, megatron_world, case):
+    from mugv.checkpoints.format import Checkpoint, latest_checkpoint
+    from mugv.parity_tests.tolerances import assert_close
+    from mugv.torch_backend.lora import load_adapters
+    ckpt = Checkpoint(latest_checkpoint(worker_out / "adapters_tp2"))
+    assert ckpt.groups() == ["lora"] and len(ckpt.names("lora")) == 28 and ckpt.step == 5
+    for n in ckpt.names("lora"):  # the TP=2 slices assembled into the global arrays
+        assert np.array_equal(ckpt.read("lora", n), case["adapters"][n]), n
+    model = adapted_model(case["params"])  # a plain base model: load_adapters attaches them
+    assert load_adapters(model, case["cfg"], worker_out / "adapters_tp2") == case["lora"]
+    out, _ = run_model(model, case["inputs"], case["weights"])
+    tp2 = np.load(worker_out / "lora_results.npz")["tp2.out"]
+    assert_close(out, tp2, "sharded", "float32", name="TP=1 with TP=2 adapters vs TP=2 output")
+
+
+def test_trainer_updates_and_stores_only_adapters(worker_out, case):
+    from mugv.checkpoints.format import Checkpoint, latest_checkpoint
+    from mugv.core.dit import dit_schema
+    from mugv.core.lora import lora_schema
+    cfg, lora = case["cfg"], case["lora"]
+    adapters = sorted(lora_schema(cfg, lora).names)
+    numel = lora_schema(cfg, lora).numel
+    for rank in (0, 1):
+        counts = json.loads((worker_out / "trainer" / f"counts_rank{rank}.json").read_text())
+        assert counts["requires_grad"] == adapters
+        assert counts["main_grad"] == adapters
+        assert counts["optimizer_tensors"] == len(adapters) == 28
+        # TP=2 local shards: A of column and B of row layers are replicated, the others halved
+        s = lora_schema(cfg, lora)
+        local = sum(p.numel // (2 if p.tp_axis is not None else 1) for p in s)
+        assert counts["optimizer_numel"] == local < numel
+    losses = json.loads((worker_out / "trainer" / "counts_rank0.json").read_text())["losses"]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    ck = Checkpoint(latest_checkpoint(worker_out / "trainer" / "checkpoints"))
+    assert ck.step == 3
+    for group in ("optimizer.exp_avg", "optimizer.exp_avg_sq", "ema"):
+        assert sorted(ck.names(group)) == adapters, group
+        assert all(np.abs(ck.read(group, n)).max() > 0 for n in adapters if "lora_b" in n), group
+    assert sorted(ck.names("model")) == sorted(dit_schema(cfg).names + adapters)
+    for n in dit_schema(cfg).names:  # frozen: exactly the loaded base weights
+        assert np.array_equal(ck.read("model", n), case["params"][n]), n
+    # the adapters moved: B left zero after 3 steps of lr 1e-2
+    assert all(np.abs(ck.read("model", n)).max() > 0 for n in adapters if "lora_b" in n)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

@@ -1,0 +1,45 @@
+"""`mugv`: one command line for what a user does, built on jsonargparse.
+
+    mugv generate-data | train-vae | eval-vae | cache | train | sample | evaluate |
+         convert-official | demo   [--config recipe.yaml] [--section.field value ...]
+
+Every subcommand's options come from the config dataclasses (core/ and cli/pipeline.py): a recipe
+file (`--config`, YAML or JSON) sets any of them and dotted options override it
+(`--train.optimizer.lr 3e-4`, `--parallel.tensor_parallel 2`). An unknown key or a value of the
+wrong type fails while parsing, naming the key; an out-of-range value fails when the dataclasses
+are built (their `__post_init__` raises ConfigError naming the field) - both before any work.
+`mugv <subcommand> --print_config` shows the resolved config as YAML (a recipe to edit).
+
+Several processes: `torchrun --nproc-per-node N -m mugv.torch_backend.cli train ...` (the trainer
+joins the torchrun world through RANK / WORLD_SIZE / MASTER_ADDR).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
+
+
+class UsageError(Exception):
+    """Bad command-line input (unknown key, wrong type, out-of-range value, missing path)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mugv` console script. Returns the exit status (2 = bad input)."""
+    from mugv.torch_backend.cli import commands
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        command, cfg = commands.parse(argv)
+    except UsageError as err:
+        sys.stderr.write(f"mugv: error: {err}\n")
+        return 2
+    return commands.run(command, cfg)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,6 +29,15 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 RANK, ALPHA = 3, 5.0  # odd rank, scale 5/3
 
 
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _child_env() -> dict:
+    """This process's environment without the distributed variables a Megatron world of one set."""
+    env = {k: val for k, val in os.environ.items() if k not in _DIST_VARS}
+    return dict(env, OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE")
+
+
 def _lora_cfg(**kw):
     from mugv.core.lora import LoRAConfig
     return LoRAConfig(rank=RANK, alpha=ALPHA, **kw)
@@ -170,7 +179,7 @@ def _trainer_run(out, params, lora) -> None:
 @pytest.fixture(scope="module")
 def worker_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora_tp2")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE")
+    env = _child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            __file__, str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
@@ -406,5 +415,87 @@ def test_trainer_updates_and_stores_only_adapters(worker_out, case):
     assert all(np.abs(ck.read("model", n)).max() > 0 for n in adapters if "lora_b" in n)
 
 
+# ---------------------------------------------------------------------------------------------
+# torch_backend/finetune.py end to end: official weights + product clips through the cache
+
+
+def _pool24(pixels):
+    """Test stand-in for the VAE: pool moments (3 channels, the real latent shape) tiled to the
+    DiT's 24 latent channels."""
+    from mugv.torch_backend.data.cache import pool_encoder
+    mean, std = pool_encoder(pixels)
+    return np.tile(mean, (1, 8, 1, 1, 1)), np.tile(std, (1, 8, 1, 1, 1)) + 0.05
+
+
+def _finetune_worker(out: str, official: str) -> None:
+    import torch
+    from mugv.core.data import BucketSpec
+    from mugv.core.train import OptimizerConfig, TrainConfig
+    from mugv.torch_backend.data.product_videos import generate_dataset
+    from mugv.torch_backend.data.text import EmbeddedTextEncoder
+    from mugv.torch_backend.finetune import FinetuneConfig, finetune, prepare_data
+
+    torch.set_num_threads(1)
+    out = pathlib.Path(out)
+    manifest = generate_dataset(out / "clips", count=4, seed=7, size=32, frames=9, fps=16.0)
+    bucket = BucketSpec(32, 32, 9, batch_size=2, fps=16.0)
+    text = EmbeddedTextEncoder(dim=32, max_len=24, seed=0)
+    encode_text = lambda captions: text(captions)  # noqa: E731
+    train = TrainConfig(steps=3, micro_batch=2, precision="fp32", ema_decay=0.5, checkpoint_every=3,
+                        log_every=1, optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-2, warmup_steps=0))
+    reports = {}
+    for mode in ("lora", "full"):
+        for k in _DIST_VARS:  # each Trainer starts its own world of one, on a fresh port
+            os.environ.pop(k, None)
+        source = prepare_data(manifest, (bucket,), _pool24, encode_text, "pool24", "embedded32",
+                              cache_dir=out / "cache", log=lambda m: None)
+        ft = FinetuneConfig(mode=mode, lora=_lora_cfg(), buckets=(bucket,), i2v=0.5)
+        reports[mode] = finetune(official, source, out / mode, ft, train, log=lambda m: None)
+    (out / "reports.json").write_text(json.dumps(reports))
+
+
+def test_finetune_from_official_weights_lora_and_full(goldens_dir, tmp_path):
+    """From an official-layout weights file (the golden tiny DiT) on 4 product clips through the
+    cache: LoRA trains only adapters (base arrays untouched, adapters written alone), full
+    fine-tuning trains everything; both resume-ready checkpoints."""
+    from safetensors.numpy import load_file, save_file
+
+    from mugv.checkpoints.format import Checkpoint, latest_checkpoint
+    from mugv.checkpoints.official_dit import config_from_official, import_official
+    from mugv.core.dit import dit_schema
+    from mugv.core.lora import lora_schema
+    state = {k[len("param."):]: a for k, a in load_file(str(goldens_dir / "dit_tiny_seed0.safetensors")).items()
+             if k.startswith("param.")}
+    save_file(state, str(tmp_path / "dit.safetensors"))
+    proc = subprocess.run([sys.executable, __file__, "finetune", str(tmp_path), str(tmp_path / "dit.safetensors")],
+                          cwd=REPO, env=_child_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    cfg = config_from_official(state)
+    base = import_official(state, cfg)
+    reports = json.loads((tmp_path / "reports.json").read_text())
+    adapters = lora_schema(cfg, _lora_cfg()).names
+    assert reports["lora"]["trainable_params"] == lora_schema(cfg, _lora_cfg()).numel
+    assert reports["full"]["trainable_params"] == dit_schema(cfg).numel
+    lora_ck = Checkpoint(latest_checkpoint(tmp_path / "lora" / "checkpoints"))
+    assert sorted(lora_ck.names("optimizer.exp_avg")) == sorted(adapters)
+    for n in dit_schema(cfg).names:
+        assert np.array_equal(lora_ck.read("model", n), base[n]), n
+    ad = Checkpoint(latest_checkpoint(tmp_path / "lora" / "adapters"))
+    assert ad.groups() == ["lora"] and sorted(ad.names("lora")) == sorted(adapters)
+    for n in adapters:
+        assert np.array_equal(ad.read("lora", n), lora_ck.read("model", n)), n
+    assert all(np.abs(ad.read("lora", n)).max() > 0 for n in adapters if "lora_b" in n)
+    full_ck = Checkpoint(latest_checkpoint(tmp_path / "full" / "checkpoints"))
+    assert sorted(full_ck.names("optimizer.exp_avg")) == sorted(dit_schema(cfg).names)
+    moved = [n for n in dit_schema(cfg).names if not np.array_equal(full_ck.read("model", n), base[n])]
+    assert len(moved) > 0.9 * len(dit_schema(cfg).names), len(moved)
+    for mode in ("lora", "full"):
+        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    if sys.argv[1] == "finetune":
+        _finetune_worker(sys.argv[2], sys.argv[3])
+    else:
+        _worker(sys.argv[1])

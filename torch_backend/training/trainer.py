@@ -381,7 +381,8 @@ class Trainer:
 
         self.log(f"[mugv] checkpoint: saving step {self.step}")
         states = optim_state.gather_states(self.optimizer, self.model)
-        weights = {n: q.detach() for n, q in self.model.named_parameters() if not q.requires_grad}
+        # Frozen parameters (LoRA's base) may be held in bf16; the checkpoint's model group is fp32.
+        weights = {n: q.detach().float() for n, q in self.model.named_parameters() if not q.requires_grad}
         weights.update({n: s["param"] for n, s in states.items()})   # fp32 main values
         groups = {
             "model": (self.schema, weights),

@@ -248,3 +248,6 @@ def test_all_zero_arrays_are_stored(tmp_path):
 def test_bf16_numpy_round_trip_exact():
     t = torch.randn(1000).to(torch.bfloat16)
     assert torch.equal(from_numpy(to_numpy(t)), t)
+    for scalar in (torch.tensor(4.0), torch.tensor(4.0).to(torch.bfloat16)):   # 0-d stays 0-d
+        back = from_numpy(to_numpy(scalar))
+        assert back.shape == () and torch.equal(back, scalar)

@@ -13,7 +13,7 @@ if [ ! -f "$stamp" ]; then
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q "torch==2.13.0"
   fi
-  .venv/bin/python -m pip install -q -e ".[test,video]"
+  .venv/bin/python -m pip install -q -e ".[test]"
   if .venv/bin/python -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
     echo "[install] warning: CUDA packages were installed" >&2
   fi

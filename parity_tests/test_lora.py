@@ -498,6 +498,23 @@ def test_finetune_from_official_weights_lora_and_full(goldens_dir, tmp_path):
         assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_load_official_vae_matches_golden(goldens_dir, tmp_path):
+    """`load_official_vae` (the encoder the fine-tuning cache uses) reproduces the official
+    posterior of the golden tiny VAE."""
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    from mugv.parity_tests.tolerances import assert_close
+    from mugv.torch_backend.finetune import load_official_vae
+    golden = load_file(str(goldens_dir / "vae_tiny_seed0.safetensors"))
+    save_file({k[len("param."):]: a for k, a in golden.items() if k.startswith("param.")},
+              str(tmp_path / "vae.safetensors"))
+    vae = load_official_vae(tmp_path / "vae.safetensors", size="golden")
+    with torch.no_grad():
+        mean, _ = vae.posterior(torch.from_numpy(golden["input.t17.video"]))
+    assert_close(mean, golden["output.t17.posterior_mean"], "vae", "float32", name="posterior mean")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "finetune":
         _finetune_worker(sys.argv[2], sys.argv[3])

@@ -97,13 +97,16 @@ def load_base(path: str | os.PathLike) -> tuple[DiTConfig, Mapping[str, np.ndarr
     return v.from_dict(DiTConfig, ckpt.config["dit"]), str(ckpt.path)
 
 
-def load_official_vae(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """The official VAE (`vae.pt` / `.safetensors`) as our VideoVAE, eval mode, fp32."""
+def load_official_vae(path: str | os.PathLike, size: Optional[str] = None,
+                      device: str | torch.device = "cpu"):
+    """The official VAE (`vae.pt` / `.safetensors`) as our VideoVAE, eval mode, fp32. `size` names
+    a `core/vae.py` size; None infers it from the shapes (GroupNorm groups: the official 32)."""
     from mugv.checkpoints import official_vae
+    from mugv.core.vae import vae_config
     from mugv.torch_backend.models.vae import VideoVAE
 
     state = official_vae.load_official_file(str(path))
-    cfg = official_vae.config_from_official(state)
+    cfg = official_vae.config_from_official(state) if size is None else vae_config(size)
     params = official_vae.import_official(state, cfg)
     vae = VideoVAE(cfg)
     vae.load_state_dict({k: torch.from_numpy(np.asarray(a, dtype=np.float32)) for k, a in params.items()})

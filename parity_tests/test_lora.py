@@ -13,6 +13,8 @@ One 2-process gloo launch (this file is also the worker) runs:
 - the Trainer at TP=2 with `lora_model_hook` for 3 steps on SyntheticLatents: only the adapters
   require gradients, have main gradients and sit in the optimizer; the checkpoint's optimizer and
   EMA groups hold exactly the adapter arrays and its base weights are the loaded ones, unchanged.
+One child process runs torch_backend/finetune.py from official-layout weights on product clips
+through the cache (LoRA with a bf16 base, full, and an interrupted + resumed LoRA run).
 """
 from __future__ import annotations
 
@@ -428,6 +430,8 @@ def _pool24(pixels):
 
 
 def _finetune_worker(out: str, official: str) -> None:
+    import dataclasses
+
     import torch
     from mugv.core.data import BucketSpec
     from mugv.core.train import OptimizerConfig, TrainConfig
@@ -444,13 +448,15 @@ def _finetune_worker(out: str, official: str) -> None:
     train = TrainConfig(steps=3, micro_batch=2, precision="fp32", ema_decay=0.5, checkpoint_every=3,
                         log_every=1, optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-2, warmup_steps=0))
     reports = {}
-    for mode in ("lora", "full"):
+    # "resumed": the LoRA run stopped after 2 steps, then restarted to 3 (steps may change on resume)
+    for run, mode, steps in (("lora", "lora", 3), ("full", "full", 3), ("resumed", "lora", 2), ("resumed", "lora", 3)):
         for k in _DIST_VARS:  # each Trainer starts its own world of one, on a fresh port
             os.environ.pop(k, None)
         source = prepare_data(manifest, (bucket,), _pool24, encode_text, "pool24", "embedded32",
                               cache_dir=out / "cache", log=lambda m: None)
         ft = FinetuneConfig(mode=mode, lora=_lora_cfg(base_dtype="bfloat16"), buckets=(bucket,), i2v=0.5)
-        reports[mode] = finetune(official, source, out / mode, ft, train, log=lambda m: None)
+        reports[run] = finetune(official, source, out / run, ft, dataclasses.replace(train, steps=steps),
+                                log=lambda m: None)
     (out / "reports.json").write_text(json.dumps(reports))
 
 
@@ -458,7 +464,8 @@ def test_finetune_from_official_weights_lora_and_full(goldens_dir, tmp_path):
     """From an official-layout weights file (the golden tiny DiT) on 4 product clips through the
     cache: LoRA (base in bf16) trains only adapters (base arrays untouched but for the bf16
     rounding, adapters written alone), full
-    fine-tuning trains everything; both resume-ready checkpoints."""
+    fine-tuning trains everything; a LoRA run stopped after 2 steps and restarted ends bit-identical
+    to the uninterrupted 3-step run (weights, adapters, EMA, Adam, losses)."""
     from safetensors.numpy import load_file, save_file
 
     from mugv.checkpoints.format import Checkpoint, latest_checkpoint
@@ -496,6 +503,15 @@ def test_finetune_from_official_weights_lora_and_full(goldens_dir, tmp_path):
     for mode in ("lora", "full"):
         rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+    # exact resume: base reloaded by the hook, then adapters, Adam, EMA, RNG and data position
+    # from the checkpoint give the uninterrupted run bit for bit
+    resumed = Checkpoint(latest_checkpoint(tmp_path / "resumed" / "checkpoints"))
+    assert resumed.step == 3 and (tmp_path / "resumed" / "checkpoints" / "step_000000002").is_dir()
+    losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses("resumed") == losses("lora")
+    for group in resumed.groups():
+        for n in resumed.names(group):
+            assert np.array_equal(resumed.read(group, n), lora_ck.read(group, n)), (group, n)
 
 
 def test_load_official_vae_matches_golden(goldens_dir, tmp_path):

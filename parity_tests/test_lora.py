@@ -458,6 +458,24 @@ def _finetune_worker(out: str, official: str) -> None:
         reports[run] = finetune(official, source, out / run, ft, dataclasses.replace(train, steps=steps),
                                 log=lambda m: None)
     (out / "reports.json").write_text(json.dumps(reports))
+    # the models before and after, as sampling would build them
+    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.finetune import finetuned_model
+    for k in _DIST_VARS:
+        os.environ.pop(k, None)
+    megatron_compat.initialize_parallel(tp=1)
+    rng = np.random.default_rng(5)
+    x = {"x": rng.standard_normal((2, 24, 2, 4, 6)).astype(np.float32), "timestep": np.array([300.0, 700.0], np.float32),
+         "text": rng.standard_normal((2, 5, 32)).astype(np.float32), "text_mask": np.ones((2, 5), bool),
+         "x_mask": np.ones((2, 2), bool), "fps": np.array([16.0, 16.0], np.float32),
+         "frame_indice": np.tile(np.arange(4), (2, 1))}
+    t = {k: torch.from_numpy(val) for k, val in x.items()}
+    outs = {}
+    with torch.no_grad():
+        for name, kw in (("before", {}), ("after", dict(adapters=reports["lora"]["adapters"])),
+                         ("after_unmerged", dict(adapters=reports["lora"]["adapters"], merge=False))):
+            outs[name] = finetuned_model(official, **kw)[1](**t).numpy()
+    np.savez(out / "sampling_models.npz", **outs)
 
 
 def test_finetune_from_official_weights_lora_and_full(goldens_dir, tmp_path):
@@ -503,6 +521,10 @@ def test_finetune_from_official_weights_lora_and_full(goldens_dir, tmp_path):
     for mode in ("lora", "full"):
         rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+    models = np.load(tmp_path / "sampling_models.npz")  # finetuned_model before / after
+    from mugv.parity_tests.tolerances import assert_close
+    assert_close(models["after"], models["after_unmerged"], "*", "bfloat16", name="merged vs unmerged (bf16 base)")
+    assert np.abs(models["after"] - models["before"]).max() > 1e-3 * np.abs(models["before"]).max()
     # exact resume: base reloaded by the hook, then adapters, Adam, EMA, RNG and data position
     # from the checkpoint give the uninterrupted run bit for bit
     resumed = Checkpoint(latest_checkpoint(tmp_path / "resumed" / "checkpoints"))

@@ -127,3 +127,17 @@ def test_sample_needs_exactly_one_weight_source(tmp_path, capsys):
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["sample", "--official", str(tmp_path / "none"), "--prompt", "x"]) == 2
     assert "--official" in capsys.readouterr().err
+
+
+def test_generate_data_then_evaluate(tmp_path, capsys):
+    """generate-data writes real mp4 + manifests; evaluate scores them against their captions."""
+    out = tmp_path / "data"
+    assert main(["generate-data", "--out", str(out), "--count", "3", "--held_out", "1",
+                 "--frames", "9", "--colours", '["red", "blue"]']) == 0
+    rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all((out / r["path"]).stat().st_size > 0 for r in rows)
+    assert all(r["caption"].split()[1] in ("red", "blue") for r in rows)
+    capsys.readouterr()
+    assert main(["evaluate", "--manifest", str(out / "train.jsonl")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["clips"] == 3 and result["accuracy"]["colour"] == 1.0

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run mugv's main job on the embedded default (no downloads).
+# Set up (if needed) and run mugv's main job: the end-to-end demo on the embedded product-video
+# dataset (no downloads): data -> VAE -> latent/text cache -> curriculum pre-training -> samples
+# -> runs/demo/report.md. Extra arguments go to `mugv demo` (e.g. --quick, --out DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec .venv/bin/python -m mugv.torch_backend.main_job "$@"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # tiny models on a small CPU: one intra-op thread
+exec .venv/bin/python -m mugv.torch_backend.cli demo "$@"

@@ -109,9 +109,9 @@ class DemoVAE:
     `minutes`, whichever comes first, on random `frames`-frame windows of the training clips."""
 
     size: str = "tiny"
-    steps: int = 400
-    minutes: float = 2.0
-    batch_size: int = 4
+    steps: int = 1000
+    minutes: float = 4.0
+    batch_size: int = 2
     frames: int = 9
     lr: float = 1e-3
 

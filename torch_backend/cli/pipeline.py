@@ -85,8 +85,8 @@ class PretrainConfig:
                                      optimizer=OptimizerConfig(lr=1e-3, min_lr=0.0, warmup_steps=10))
     parallel: ParallelConfig = ParallelConfig()
     stages: tuple[StageConfig, ...] = (
-        StageConfig("images", frames=1, steps=150, lr=1e-3),
-        StageConfig("short_video", frames=17, steps=450, lr=1e-3, i2v=0.3),
+        StageConfig("images", frames=1, steps=200, lr=1e-3),
+        StageConfig("short_video", frames=17, steps=700, lr=1e-3, i2v=0.3),
     )
 
     def __post_init__(self) -> None:

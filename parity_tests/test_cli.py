@@ -4,7 +4,6 @@ tiny DiT and VAE), equal to sampling from the same weights converted to a mugv c
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -31,7 +30,7 @@ def test_help_of_every_subcommand(name, capsys):
         main([name, "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert f"mugv" in text and "--config" in text
+    assert "mugv" in text and "--config" in text
 
 
 def test_every_option_has_help(parser):
@@ -141,3 +140,36 @@ def test_generate_data_then_evaluate(tmp_path, capsys):
     assert main(["evaluate", "--manifest", str(out / "train.jsonl")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["clips"] == 3 and result["accuracy"]["colour"] == 1.0
+
+
+def test_cached_batches_resume_exactly(tmp_path):
+    """The trainer's BatchSource over the cache: a source restored from a state dict taken after
+    k batches yields exactly the batches the uninterrupted source yields next."""
+    import torch
+
+    from mugv.core.data import BucketSpec, TaskMix
+    from mugv.torch_backend import demo
+    from mugv.torch_backend.data.cache import CachedSource, build_cache, pool_encoder
+    from mugv.torch_backend.data.dataset import build_index
+    from mugv.torch_backend.data.text import EmbeddedTextEncoder
+    from mugv.torch_backend.training.data_source import CachedBatches
+
+    manifests = demo.generate(demo.DemoData(count=7, held_out=1, frames=9), tmp_path / "data", log=lambda s: None)
+    index = build_index(manifests["train"], (BucketSpec(32, 32, 9, 2, 16.0), BucketSpec(32, 32, 1, 3, 16.0)))
+    build_cache(index, tmp_path / "cache", pool_encoder, EmbeddedTextEncoder(dim=16, max_len=24), "pool", "emb")
+    make = lambda: CachedBatches(index, CachedSource(index, tmp_path / "cache"), TaskMix(0.4, 0.6, 0.0),  # noqa: E731
+                                 seed=3, sample_posterior=True)
+    a = make()
+    run = [a.next_batch() for _ in range(9)]
+    b = make()
+    for _ in range(4):
+        b.next_batch()
+    c = make()
+    c.load_state_dict(json.loads(json.dumps(b.state_dict())))
+    for want in run[4:]:
+        got = c.next_batch()
+        assert got.ids == want.ids and got.pixel_hw == want.pixel_hw
+        torch.testing.assert_close(got.latents, want.latents, rtol=0, atol=0)
+        torch.testing.assert_close(got.text, want.text, rtol=0, atol=0)
+    assert {tuple(x.latents.shape[:3]) for x in run} == {(2, 3, 2), (3, 3, 1)}   # video and image batches
+    assert all(x.latents.std() > 0 for x in run)

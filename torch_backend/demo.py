@@ -237,7 +237,6 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
     import torch
 
-    from mugv.core.validate import to_dict
     from mugv.torch_backend import report, vae_eval
     from mugv.torch_backend.cli import pipeline
     from mugv.torch_backend.models.vae import init_vae
@@ -338,6 +337,15 @@ def write_report(cfg: DemoConfig, results: dict, captions: list[str], n: int, ou
             for a, c in results["chance"].items()]
     acc = report.table(["attribute", "chance", "t2v samples", "i2v samples", "VAE reconstructions",
                         "held-out clips"], rows)
+    verdict = []
+    for a, c in results["chance"].items():
+        gap = results["t2v"].get(a, 0) - c
+        verdict.append(f"{a}: t2v {'above' if gap > 0 else 'not above'} chance ({100 * gap:+.1f} points)")
+    ceiling = [a for a, c in results["chance"].items() if results["vae_recon"].get(a, 0) <= c + 0.1]
+    if ceiling:
+        verdict.append(f"the VAE's own reconstructions of the held-out clips fail the analyzer on {ceiling} "
+                       "(at or near chance), so no sample can show these attributes through this VAE")
+    acc += "\n\n" + "; ".join(verdict) + "."
     secs = results["seconds"]
     timing = report.table(["step", "seconds"], [[k, f"{x:.0f}"] for k, x in secs.items()])
     v_ = results["vae"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import pathlib
 
-import numpy as np
-
 
 def _threads() -> None:
     import torch
@@ -143,4 +141,4 @@ def demo(cfg) -> int:
 
 
 __all__ = ["generate_data", "train_vae", "eval_vae", "cache", "train", "sample", "evaluate",
-           "convert_official", "demo", "np"]
+           "convert_official", "demo"]

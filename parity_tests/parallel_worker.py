@@ -1,0 +1,105 @@
+"""Worker of parity_tests/test_parallel_layouts.py, run through `python -m mugv.torch_backend.launch`.
+
+    parallel_worker.py layouts OUT_DIR   every 2-process layout of the tiny DiT (the launcher's
+                                         own layout first), results to OUT_DIR/layouts.npz, a TP=2
+                                         checkpoint to OUT_DIR/ckpt
+    parallel_worker.py die|hang          rank 1 exits (code 7) or sleeps before an all_reduce
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+KINDS = ("t2v", "i2v")  # both with padded text (make_inputs masks sample 1's last tokens)
+
+
+def failing(mode: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from mugv.torch_backend.launch import init_distributed, worker_layout
+    init_distributed(worker_layout().timeout_s)
+    x = torch.ones(3) * dist.get_rank()
+    dist.barrier()
+    if dist.get_rank() == 1:
+        if mode == "die":
+            os._exit(7)
+        time.sleep(3600)  # hang
+    dist.all_reduce(x)
+
+
+def layouts(out_dir: str) -> None:
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from mugv.checkpoints.torch_dit import load_canonical
+    from mugv.checkpoints.torch_io import save_torch
+    from mugv.core.dit import dit_schema
+    from mugv.core.parallel import ParallelConfig
+    from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params
+    from mugv.torch_backend.launch import worker_layout
+    from mugv.torch_backend.parallelize import forward_backward, gather_full_grads, parallelize
+
+    torch.set_num_threads(1)
+    params, weights = random_params(CFG), torch.from_numpy(loss_weights())
+    batches = {}
+    for kind in KINDS:
+        t = {k: torch.from_numpy(np.asarray(v)) for k, v in make_inputs(kind).items()}
+        t["frame_indice"] = t["frame_indice"].long()
+        batches[kind] = t
+    launched = worker_layout()
+    cases = [("tp2sp", launched),
+             ("tp2", dataclasses.replace(launched, sequence_parallel=False)),
+             ("pp2", ParallelConfig(pipeline_parallel=2, timeout_s=launched.timeout_s)),
+             ("dp2", ParallelConfig(distributed_optimizer=True, timeout_s=launched.timeout_s))]
+    results = {}
+    for tag, par in cases:
+        t0 = time.perf_counter()
+        pm = parallelize(CFG, par, seed=None, bucket_size=4000)
+        for stage in pm.stages:
+            load_canonical(stage, CFG, params)
+        dp, dp_rank = pm.data_parallel, dist.get_rank() if pm.data_parallel > 1 else 0
+        for kind in KINDS:
+            batch, w = batches[kind], weights
+            if dp > 1:  # each data-parallel rank takes its own rows of the batch
+                rows = slice(dp_rank * 2 // dp, (dp_rank + 1) * 2 // dp)
+                batch, w = {k: v[rows] for k, v in batch.items()}, weights[rows]
+            for chunk in pm.chunks:
+                chunk.zero_grad_buffer()
+
+            def loss_fn(output, _batch, w=w):
+                loss = (output * w).sum()
+                return loss, {"loss": loss.detach()}
+            metrics = forward_backward(pm, iter([batch]), loss_fn, num_microbatches=1)
+            loss = metrics[0]["loss"].reshape(1) if metrics else torch.zeros(1)
+            dist.all_reduce(loss)  # the last stage's loss (PP) or the DP ranks' parts summed
+            if pm.par.pipeline_parallel == 1 and dp == 1:
+                loss /= dist.get_world_size()  # every TP rank computed the same loss
+            grads = gather_full_grads(pm)
+            # Megatron's DDP averages over data-parallel ranks; the reference sums the batch.
+            results[f"{tag}.{kind}.loss"] = loss.numpy()
+            for name, g in grads.items():
+                results[f"{tag}.{kind}.{name}"] = (g * dp).numpy()
+        if tag == "tp2sp":  # the output at TP=2, and a checkpoint written at TP=2
+            from megatron.core import parallel_state as ps
+            with torch.no_grad():
+                results["tp2sp.t2v.out"] = pm.stages[0](**batches["t2v"]).numpy()
+            save_torch(os.path.join(out_dir, "ckpt"), 0, {"model": (dit_schema(CFG), pm.stages[0].state_dict())},
+                       tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size())
+        results[f"{tag}.seconds"] = np.array(time.perf_counter() - t0)
+    if dist.get_rank() == 0:
+        np.savez(os.path.join(out_dir, "layouts.npz"), **results)
+    from mugv.torch_backend import megatron_compat
+    megatron_compat.destroy_parallel()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "layouts":
+        layouts(sys.argv[2])
+    else:
+        failing(sys.argv[1])

@@ -1,0 +1,216 @@
+"""Parallel layouts for MUG-DiT on Megatron-Core, declared apart from the model code.
+
+`parallelize(dit, par)` turns a `core/parallel.py::ParallelConfig` into a running layout, using only
+what the model already supports (torch_backend/models/dit.py):
+- tensor parallel (+ sequence parallel): Megatron's Column/Row parallel linears from the layer
+  spec, `sequence_parallel` on the TransformerConfig;
+- pipeline parallel (+ virtual stages): one MUG-DiT stage per model chunk (`pre_process` on the
+  first chunk of the first stage, `post_process` on the last chunk of the last stage, a contiguous
+  layer range each, in Megatron's interleaved order), run by Megatron's schedules (1F1B, or
+  interleaved 1F1B when `virtual_pipeline > 1`);
+- data parallel: Megatron's DDP (bucketed, overlapped grad reduce) and, with
+  `distributed_optimizer`, the optimizer state sharded over data-parallel ranks.
+
+The layout is checked by `check_layout` against the model and the world size BEFORE any model is
+built (messages name the sizes). Context parallelism (Ulysses) is not available yet: a layout with
+`context_parallel > 1` fails here, naming the size.
+
+Gradients: `finalize_grads` is Megatron's `finalize_model_grads` (DP reduce, SP norm sums) plus
+the one sum Megatron does not know about: the per-head q/k RMSNorm weights are replicated while
+each TP rank's gradient covers only its own heads (tagged `partial_grad_over_tp` by the model;
+Megatron sums such weights only when their names contain "q_layernorm"/"k_layernorm").
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from mugv.core.dit import DiTConfig, sequence_length
+from mugv.core.parallel import LayoutError, ParallelConfig, check_layout
+from mugv.torch_backend import megatron_compat
+from mugv.torch_backend.launch import init_distributed
+
+
+@dataclasses.dataclass
+class ParallelDiT:
+    """A MUG-DiT laid out on this rank.
+
+    chunks: this rank's model chunks (one, or `virtual_pipeline` with interleaving), each wrapped
+        in Megatron's DDP when `wrap_ddp` (then `.module` is the MUGDiT stage).
+    config: the Megatron TransformerConfig they share.
+    par: the layout; data_parallel: the data-parallel size it left.
+    """
+
+    chunks: list
+    config: object
+    par: ParallelConfig
+    data_parallel: int
+    dit: DiTConfig
+
+    @property
+    def stages(self) -> list:
+        """The bare MUGDiT modules (without DDP)."""
+        return [getattr(c, "module", c) for c in self.chunks]
+
+
+def chunk_layers(depth: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> range:
+    """Global layer indices of model chunk `chunk` on pipeline rank `pp_rank`, in Megatron's
+    interleaved order: the depth is cut into pp x vpp equal pieces, piece v * pp + p lives on
+    pipeline rank p as its chunk v (with vpp = 1: rank p holds the p-th block of depth / pp)."""
+    per = depth // (pp * vpp)
+    start = (chunk * pp + pp_rank) * per
+    return range(start, start + per)
+
+
+def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
+                params_dtype: torch.dtype = torch.float32, wrap_ddp: bool = True,
+                bucket_size: Optional[int] = None, **config_overrides) -> ParallelDiT:
+    """Initialise Megatron's parallel state for `par` and build this rank's part of MUG-DiT.
+
+    Validates the layout first (`check_layout`, then no work: `LayoutError` names the sizes).
+    Joins the torchrun world if there is one (see `mugv.torch_backend.launch`), else a world of
+    one process. `seed` draws the same global model at any layout (None: leave undrawn, to load).
+    `config_overrides` go to the TransformerConfig (e.g. recompute settings).
+    """
+    from megatron.core import parallel_state as ps
+
+    from mugv.torch_backend.models.dit import build_dit, transformer_config
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    dp = check_layout(par, dit, world)
+    if par.context_parallel > 1:
+        raise LayoutError(f"context_parallel {par.context_parallel}: MUG-DiT has no context-parallel "
+                          "(Ulysses) attention yet; use context_parallel 1")
+    init_distributed(par.timeout_s)  # under torchrun: the layout's timeout on every collective
+    megatron_compat.initialize_parallel(tp=par.tensor_parallel, pp=par.pipeline_parallel,
+                                        cp=par.context_parallel, seed=0 if seed is None else seed)
+    pp, vpp = par.pipeline_parallel, par.virtual_pipeline
+    fields = dict(sequence_parallel=par.sequence_parallel, **config_overrides)
+    if pp > 1:
+        fields.update(pipeline_model_parallel_size=pp, pipeline_dtype=params_dtype)
+        if vpp > 1:
+            fields.update(virtual_pipeline_model_parallel_size=vpp)
+    config = transformer_config(dit, params_dtype=params_dtype, **fields)
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    chunks = []
+    for v in range(vpp):
+        layers = chunk_layers(dit.depth, pp, vpp, pp_rank, v)
+        model = build_dit(dit, config, seed=seed, device=device,
+                          pre_process=pp_rank == 0 and v == 0,
+                          post_process=pp_rank == pp - 1 and v == vpp - 1, layers=layers)
+        # finalize_model_grads asks every first/last stage whether it ties embeddings (GPT does).
+        model.share_embeddings_and_output_weights = False
+        chunks.append(model)
+    if wrap_ddp:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce and dp > 1,
+            use_distributed_optimizer=par.distributed_optimizer, bucket_size=bucket_size)
+        chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m,
+                                          # only the first chunk's buckets overlap with backward
+                                          disable_bucketing=i > 0)
+                  for i, m in enumerate(chunks)]
+        config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+        config.finalize_model_grads_func = finalize_grads
+    return ParallelDiT(chunks, config, par, dp, dit)
+
+
+def finalize_grads(chunks: Sequence, num_tokens=None, pg_collection=None, force_all_reduce: bool = False) -> None:
+    """Megatron's `finalize_model_grads` (data-parallel reduce or reduce-scatter, SP norm sums),
+    then the TP sum of the per-head q/k norm weights' partial gradients (see the module docstring).
+    Its signature is Megatron's `finalize_model_grads_func`, so the schedules call it."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(list(chunks), num_tokens, pg_collection=pg_collection,
+                         force_all_reduce=force_all_reduce)
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return
+    grads = [p.main_grad for c in chunks for p in c.parameters()
+             if p.requires_grad and getattr(p, "partial_grad_over_tp", False)]
+    if grads:
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+
+def forward_backward(pm: ParallelDiT, batches: Iterator[dict], loss_fn: Callable, num_microbatches: int,
+                     forward_only: bool = False) -> list:
+    """Run `num_microbatches` micro-batches through Megatron's schedule for this layout (no
+    pipelining, 1F1B, or interleaved 1F1B) and, with DDP, finalize the gradients.
+
+    batches: yields the model's keyword inputs (x, timestep, text, text_mask, x_mask, fps,
+        frame_indice) for each micro-batch; every pipeline stage draws the same micro-batches
+        (the conditioning masks and sizes are needed on every stage).
+    loss_fn(output, batch) -> (scalar loss, dict of detached metrics), on the last stage.
+    Returns the metrics dicts of the last stage (empty elsewhere).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        out = model(**batch)
+        return out, lambda output: loss_fn(output, batch)
+
+    peek = next(batches)
+    b = peek["x"].shape[0]
+    seq = sequence_length(pm.dit, tuple(peek["x"].shape[2:]))
+    # Stages exchange one packed tensor [hidden; text; 14 conditioning rows] (models/dit.py). Under
+    # SP each rank sends its S/tp hidden rows with the whole text and conditioning, and Megatron
+    # divides seq_length by tp: pass tp times the local length.
+    tp = pm.par.tensor_parallel if pm.config.sequence_parallel else 1
+    packed = tp * (seq // tp + peek["text"].shape[1] + 14)
+    if len(pm.chunks) == 1:
+        data = _prepend(peek, batches)
+    else:  # interleaved: one iterator per model chunk, each yielding the same micro-batches
+        items = [peek] + [next(batches) for _ in range(num_microbatches - 1)]
+        data = [iter(list(items)) for _ in pm.chunks]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data, model=pm.chunks,
+        num_microbatches=num_microbatches, seq_length=packed, micro_batch_size=b,
+        forward_only=forward_only)
+
+
+def _prepend(first, rest):
+    yield first
+    yield from rest
+
+
+def gather_full_grads(pm: ParallelDiT) -> dict[str, torch.Tensor]:
+    """Every parameter's GLOBAL gradient (canonical names), on every rank: distributed-optimizer
+    shards all-gathered over DP, TP slices concatenated along the schema's `tp_axis`, pipeline
+    stages exchanged. For tests and debugging (it moves the whole gradient)."""
+    from megatron.core import parallel_state as ps
+
+    from mugv.core.dit import dit_schema
+
+    specs = dit_schema(pm.dit).as_dict()
+    if pm.par.distributed_optimizer and pm.data_parallel > 1:
+        group, dp = ps.get_data_parallel_group(), pm.data_parallel
+        for chunk in pm.chunks:
+            for buffer in chunk.buffers:
+                for bucket in buffer.buckets:
+                    shards = list(bucket.grad_data.chunk(dp))
+                    mine = shards[ps.get_data_parallel_rank()].clone()
+                    dist.all_gather(shards, mine, group=group)
+    tp_group, tp = ps.get_tensor_model_parallel_group(), pm.par.tensor_parallel
+    mine = {}
+    for stage in pm.stages:
+        for name, p in stage.named_parameters():
+            g = (p.main_grad if hasattr(p, "main_grad") else p.grad).detach().float().clone()
+            if specs[name].tp_axis is not None and tp > 1:
+                parts = [torch.empty_like(g) for _ in range(tp)]
+                dist.all_gather(parts, g.contiguous(), group=tp_group)
+                g = torch.cat(parts, dim=specs[name].tp_axis)
+            mine[name] = g
+    if pm.par.pipeline_parallel == 1:
+        return mine
+    stages = [None] * pm.par.pipeline_parallel
+    dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
+    return {k: v for part in stages for k, v in part.items()}

@@ -172,3 +172,35 @@ def video_tokens(cfg: DiTConfig, latent_thw: tuple[int, int, int]) -> int:
 def sequence_length(cfg: DiTConfig, latent_thw: tuple[int, int, int]) -> int:
     """Self-attention length: video tokens plus the learned start and end tokens."""
     return video_tokens(cfg, latent_thw) + 2
+
+
+def check_forward_inputs(cfg: DiTConfig, shapes: dict, kinds: dict, where: str = "MUG-DiT input") -> None:
+    """Shape and dtype checks of the forward contract (docs/dit.md), shared by both backends.
+
+    shapes: {argument: shape tuple}; kinds: {argument: "float" | "bool" | "int"} for x, timestep,
+    text, text_mask, x_mask, fps, frame_indice. Raises ValueError naming the argument, what it
+    got and what was expected.
+    """
+    def fail(name: str, expected: str) -> None:
+        raise ValueError(f"{where} {name} has shape {shapes[name]} ({kinds[name]}), expected {expected}")
+
+    x = shapes["x"]
+    if len(x) != 5 or x[1] != cfg.in_channels or kinds["x"] != "float":
+        fail("x", f"float (B, {cfg.in_channels}, T, H, W)")
+    b, _, t, hh, ww = x
+    tp = patch_grid(cfg, (t, hh, ww))[0]
+    text = shapes["text"]
+    expected = {
+        "timestep": ((b,), "float", f"({b},)"),
+        "fps": ((b,), "float", f"({b},)"),
+        "x_mask": ((b, t), "bool", f"bool ({b}, {t})"),
+        "frame_indice": ((b, tp + 2), "int", f"integer ({b}, {tp + 2}) (patch frames + start + end)"),
+    }
+    if len(text) != 3 or text[0] != b or text[2] != cfg.text_dim or kinds["text"] != "float":
+        fail("text", f"float ({b}, L, {cfg.text_dim})")
+    if text[1] > cfg.text_max_len:
+        fail("text", f"at most text_max_len = {cfg.text_max_len} tokens")
+    expected["text_mask"] = (tuple(text[:2]), "bool", f"bool {tuple(text[:2])}")
+    for name, (shape, kind, say) in expected.items():
+        if tuple(shapes[name]) != shape or (kinds[name] != kind and not (kind == "float" and kinds[name] == "int")):
+            fail(name, say)

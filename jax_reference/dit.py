@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from mugv.core.dit import DiTConfig, dit_schema, patch_grid
+from mugv.core.dit import DiTConfig, check_forward_inputs, dit_schema, patch_grid
 from mugv.core.rope import rope_angles, sinusoidal_embedding
 from mugv.jax_reference.layers import (MLP, AffineLayerNorm, Linear, RMSNorm, apply_rope, attention,
                                        gelu_tanh, layer_norm, modulate)
@@ -354,29 +354,14 @@ def dit_to_params(model: MUGDiT) -> dict[str, Array]:
 
 
 def _check_inputs(cfg, x, timestep, text, text_mask, x_mask, fps, frame_indice) -> None:
-    def fail(name, value, expected):
-        raise ValueError(f"dit_forward: {name} has {value}, expected {expected}")
+    args = dict(x=x, timestep=timestep, text=text, text_mask=text_mask, x_mask=x_mask, fps=fps,
+                frame_indice=frame_indice)
 
-    if x.ndim != 5 or x.shape[1] != cfg.in_channels:
-        fail("x", f"shape {tuple(x.shape)}", f"(B, {cfg.in_channels}, T, H, W)")
-    b, _, t, hh, ww = x.shape
-    tp = patch_grid(cfg, (t, hh, ww))[0]
-    if tuple(timestep.shape) != (b,):
-        fail("timestep", f"shape {tuple(timestep.shape)}", f"({b},)")
-    if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
-        fail("text", f"shape {tuple(text.shape)}", f"({b}, L, {cfg.text_dim})")
-    if text.shape[1] > cfg.text_max_len:
-        fail("text", f"{text.shape[1]} tokens", f"at most text_max_len = {cfg.text_max_len}")
-    if tuple(text_mask.shape) != text.shape[:2] or text_mask.dtype != jnp.bool_:
-        fail("text_mask", f"shape {tuple(text_mask.shape)} dtype {text_mask.dtype}",
-             f"bool {tuple(text.shape[:2])}")
-    if tuple(x_mask.shape) != (b, t) or x_mask.dtype != jnp.bool_:
-        fail("x_mask", f"shape {tuple(x_mask.shape)} dtype {x_mask.dtype}", f"bool ({b}, {t})")
-    if tuple(fps.shape) != (b,):
-        fail("fps", f"shape {tuple(fps.shape)}", f"({b},)")
-    if tuple(frame_indice.shape) != (b, tp + 2) or not jnp.issubdtype(frame_indice.dtype, jnp.integer):
-        fail("frame_indice", f"shape {tuple(frame_indice.shape)} dtype {frame_indice.dtype}",
-             f"integer ({b}, {tp + 2}) (patch frames + start + end)")
+    def kind(a) -> str:
+        dt = jnp.asarray(a).dtype
+        return "bool" if dt == jnp.bool_ else "int" if jnp.issubdtype(dt, jnp.integer) else "float"
+    check_forward_inputs(cfg, {k: tuple(jnp.shape(a)) for k, a in args.items()},
+                         {k: kind(a) for k, a in args.items()}, where="dit_forward:")
 
 
 def dit_forward(model: MUGDiT,

@@ -33,7 +33,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mugv.core.dit import DiTConfig, dit_schema, patch_grid
+from mugv.core.dit import DiTConfig, check_forward_inputs, dit_schema, patch_grid
 from mugv.core.schema import Schema
 from mugv.core.rope import rope_angles, sinusoidal_embedding
 from mugv.torch_backend import megatron_compat
@@ -295,29 +295,12 @@ def unpatchify(cfg: DiTConfig, out, grid, thw):
 
 
 def check_inputs(cfg: DiTConfig, x, timestep, text, text_mask, x_mask, fps, frame_indice) -> None:
-    """Shape/dtype checks of the forward contract, naming the argument, its value and the expectation."""
-    def fail(name, got, expected):
-        raise ValueError(f"MUGDiT input {name}: got {got}, expected {expected}")
-
-    if x.ndim != 5 or x.shape[1] != cfg.in_channels or not x.is_floating_point():
-        fail("x", f"shape {tuple(x.shape)} dtype {x.dtype}", f"float (B, {cfg.in_channels}, T, H, W)")
-    b, _, t, hh, ww = x.shape
-    tp = patch_grid(cfg, (t, hh, ww))[0]
-    if tuple(timestep.shape) != (b,):
-        fail("timestep", f"shape {tuple(timestep.shape)}", f"({b},)")
-    if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
-        fail("text", f"shape {tuple(text.shape)}", f"({b}, L, {cfg.text_dim})")
-    if text.shape[1] > cfg.text_max_len:
-        fail("text", f"{text.shape[1]} tokens", f"at most text_max_len={cfg.text_max_len}")
-    if tuple(text_mask.shape) != tuple(text.shape[:2]) or text_mask.dtype != torch.bool:
-        fail("text_mask", f"shape {tuple(text_mask.shape)} dtype {text_mask.dtype}", f"bool {tuple(text.shape[:2])}")
-    if tuple(x_mask.shape) != (b, t) or x_mask.dtype != torch.bool:
-        fail("x_mask", f"shape {tuple(x_mask.shape)} dtype {x_mask.dtype}", f"bool ({b}, {t})")
-    if tuple(fps.shape) != (b,):
-        fail("fps", f"shape {tuple(fps.shape)}", f"({b},)")
-    if tuple(frame_indice.shape) != (b, tp + 2) or frame_indice.is_floating_point():
-        fail("frame_indice", f"shape {tuple(frame_indice.shape)} dtype {frame_indice.dtype}",
-             f"integer ({b}, {tp + 2}) (patch frames + start + end)")
+    """The forward contract's shape/dtype checks (core/dit.py::check_forward_inputs)."""
+    args = dict(x=x, timestep=timestep, text=text, text_mask=text_mask, x_mask=x_mask, fps=fps,
+                frame_indice=frame_indice)
+    kind = lambda t: "bool" if t.dtype == torch.bool else "float" if t.is_floating_point() else "int"  # noqa: E731
+    check_forward_inputs(cfg, {k: tuple(t.shape) for k, t in args.items()},
+                         {k: kind(t) for k, t in args.items()}, where="MUGDiT input")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,7 +166,16 @@ def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
     from mugv.torch_backend import vae_eval, vae_train
     from mugv.torch_backend.models.vae import init_vae
 
+    from mugv.checkpoints.format import latest_checkpoint
+    from mugv.torch_backend.cli.pipeline import load_vae
+
     d = cfg.data
+    root = pathlib.Path(cfg.out) / "vae"
+    done = latest_checkpoint(root / "ckpt")
+    if done is not None and (root / "log.jsonl").is_file():   # a re-run keeps the trained VAE
+        rows = [json.loads(x) for x in (root / "log.jsonl").read_text().splitlines() if x]
+        log(f"[mugv] VAE: reusing {done}")
+        return load_vae(cfg.vae.size, str(done)), done, rows
     tcfg = vae_train.VAETrainConfig(data=str(manifest), size=cfg.vae.size, height=d.size, width=d.size,
                                     num_frames=cfg.vae.frames, fps=d.fps, batch_size=cfg.vae.batch_size,
                                     lr=cfg.vae.lr, seed=d.seed, eval_frames=d.frames)
@@ -192,7 +201,8 @@ def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
         means = torch.cat([model.posterior(vae_eval.to_video_tensor(c[:d.frames])[None])[0] for _, c in clips])
         model.latent_mean.copy_(means.mean(dim=(0, 2, 3, 4)))
         model.latent_std.copy_(means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3))
-    path = vae_train.save(model, None, tcfg, pathlib.Path(cfg.out) / "vae" / "ckpt", step)
+    path = vae_train.save(model, None, tcfg, root / "ckpt", step)
+    (root / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     log(f"[mugv] VAE: {step} steps in {time.monotonic() - t0:.0f} s, final L1 {rows[-1]['loss']:.4f} -> {path}")
     return model, path, rows
 

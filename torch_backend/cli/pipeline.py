@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from typing import Callable, Optional
 
@@ -215,7 +216,7 @@ def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Op
     """Cache and train every stage (or only the one named), each starting from the previous
     stage's final weights. Returns the last trained stage's run folder."""
     from mugv.core.data import TaskMix
-    from mugv.torch_backend.data.cache import CachedSource
+    from mugv.torch_backend.data.cache import CachedSource, cache_complete
     from mugv.torch_backend.training.data_source import CachedBatches
     from mugv.torch_backend.training.trainer import StageSettings, Trainer
 
@@ -231,6 +232,11 @@ def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Op
     for stage in cfg.stages:
         run_dir = pathlib.Path(cfg.out) / "stages" / stage.name
         if only is None or stage.name == only:
+            cache = pathlib.Path(cfg.out) / "cache" / stage_index(cfg, stage).buckets[0].name
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cache_complete(cache):
+                # every rank would encode the same rows at once: cache in one process first
+                raise RuntimeError(f"cache {cache} is incomplete; under torchrun run `mugv cache` with the "
+                                   f"same recipe first (one process), then `mugv train`")
             cache = cache_stage(cfg, stage, vae, text, log)
             index = stage_index(cfg, stage)
             mix = TaskMix(1.0, 0.0, 0.0) if stage.frames == 1 else TaskMix(0.0, 1 - stage.i2v, stage.i2v)

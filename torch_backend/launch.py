@@ -37,11 +37,12 @@ from mugv.core.validate import ConfigError
 ENV_LAYOUT = "MUGV_PARALLEL"
 ENV_SIZE = "MUGV_DIT_SIZE"
 
-# torch.distributed collectives that may wait on a peer (wrapped by `init_distributed`).
+# torch.distributed collectives that wait on a peer (wrapped by `init_distributed`). Not isend/irecv:
+# P2POp checks their identity, and their wait happens later, on the returned work.
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base",
                "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast",
                "reduce", "barrier", "all_to_all", "all_to_all_single", "all_gather_object",
-               "broadcast_object_list", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+               "broadcast_object_list", "send", "recv",
                "monitored_barrier")
 
 

@@ -1,0 +1,173 @@
+"""Parallel layouts through `torch_backend/parallelize.py` and `torch_backend/launch.py` (CPU, gloo,
+real processes).
+
+One launch of 2 "nodes" of 1 process each on loopback, through the launcher's c10d rendezvous,
+runs every 2-process layout of the tiny DiT (parity_tests/parallel_worker.py): TP=2 + SP (the
+launcher's own layout), TP=2, PP=2 (Megatron's 1F1B schedule), DP=2 (Megatron DDP + distributed
+optimizer, one sample per rank), each through Megatron DDP and `finalize_grads`, for a T2V and an
+I2V batch with padded text. The loss and the gathered global gradients equal this (single)
+process's run within the ("sharded", "float32") row. It also writes a checkpoint at TP=2
+(`save_torch`), which loads here at TP=1 and gives the TP=2 outputs.
+
+Failures: bad layouts exit before any process starts, naming the sizes; a rank that exits, or one
+that hangs, ends the job within the layout's timeout with a message naming the rank and the
+collective.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+WORKER = str(REPO / "parity_tests" / "parallel_worker.py")
+LAUNCH = [sys.executable, "-m", "mugv.torch_backend.launch"]
+KINDS = ("t2v", "i2v")
+LAYOUTS = ("tp2sp", "tp2", "pp2", "dp2")
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+pytestmark = pytest.mark.skipif(_has_cuda(), reason="tests Megatron-Core on CPU/gloo (no CUDA present)")
+
+
+def _env() -> dict:
+    # one intra-op thread (tiny shapes, loaded 2-core machine); reproducible MKL across processes
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """Two launcher processes (nodes 0 and 1, one rank each) meeting at a c10d rendezvous."""
+    out = tmp_path_factory.mktemp("layouts")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(
+        LAUNCH + ["--size", "tiny", "--tp", "2", "--sp", "--timeout-s", "120", "--nnodes", "2",
+                  "--nproc-per-node", "1", "--node-rank", str(rank), "--rdzv-endpoint", endpoint,
+                  "--rdzv-id", "mugv-test", WORKER, "layouts", str(out)],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        if p.returncode:
+            raise AssertionError(f"node {rank} launcher exited {p.returncode}:\n{log[-4000:]}")
+    return dict(np.load(out / "layouts.npz")), out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single process (TP=1): output, loss and gradients for each batch kind."""
+    from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params, torch_model, torch_run
+    from mugv.torch_backend import megatron_compat
+    megatron_compat.initialize_parallel(tp=1)
+    try:
+        model = torch_model(random_params(CFG))
+        runs = {kind: torch_run(model, make_inputs(kind), loss_weights()) for kind in KINDS}
+    finally:
+        megatron_compat.destroy_parallel()
+    return {kind: (out, float(np.sum(out.astype(np.float64) * loss_weights())), grads)
+            for kind, (out, grads) in runs.items()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_layout_equals_single_process(two_nodes, reference, layout, kind):
+    from mugv.parity_tests.tolerances import assert_close
+    results, _ = two_nodes
+    _, loss, grads = reference[kind]
+    assert_close(results[f"{layout}.{kind}.loss"].reshape(()), np.array(loss), "sharded", "float32",
+                 name=f"{layout} {kind} loss")
+    params = [k for k in grads if not k.startswith("input.")]
+    for name in params:
+        assert_close(results[f"{layout}.{kind}.{name}"], grads[name], "sharded", "float32",
+                     name=f"{layout} {kind} grad {name}")
+    print(f"{layout} {kind}: loss {results[f'{layout}.{kind}.loss'][0]:.6f} vs {loss:.6f}, "
+          f"{len(params)} gradients, layout took {float(results[f'{layout}.seconds']):.1f} s")
+
+
+def test_tp2_checkpoint_loads_at_tp1(two_nodes, reference):
+    """Written at TP=2 (each rank its slices, save_torch), read at TP=1: same parameters, same output."""
+    import torch
+
+    from mugv.checkpoints.format import latest_checkpoint
+    from mugv.checkpoints.torch_dit import load_canonical
+    from mugv.checkpoints.torch_io import load_torch
+    from mugv.core.dit import dit_schema
+    from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params, torch_run
+    from mugv.parity_tests.tolerances import assert_close
+    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.models.dit import build_dit, transformer_config
+    results, out_dir = two_nodes
+    megatron_compat.initialize_parallel(tp=1)
+    try:
+        state = load_torch(latest_checkpoint(out_dir / "ckpt"), dit_schema(CFG))
+        model = build_dit(CFG, transformer_config(CFG), seed=None)
+        # (load_canonical, not load_state_dict(strict=True): the latter reports Megatron's linears'
+        # "_extra_state" keys as unexpected; see the report)
+        load_canonical(model, CFG, {k: v.numpy() for k, v in state.items()})
+        out, _ = torch_run(model, make_inputs("t2v"), loss_weights())
+    finally:
+        megatron_compat.destroy_parallel()
+    for name, arr in random_params(CFG).items():  # the checkpoint holds the global parameters
+        assert np.array_equal(state[name].numpy(), arr), name
+    assert_close(out, results["tp2sp.t2v.out"], "sharded", "float32", name="TP=1 from TP=2 checkpoint")
+    assert_close(out, reference["t2v"][0], "exact", "float32", name="TP=1 from checkpoint vs reference")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--tp", "4", "--nproc-per-node", "4"], "num_heads 2 is not divisible by tensor_parallel 4"),
+    (["--pp", "3", "--nproc-per-node", "3"], "depth 2 layers do not divide into pipeline_parallel 3"),
+    (["--tp", "2", "--nproc-per-node", "3"], "world size 3 is not a multiple of tensor_parallel 2"),
+    (["--pp", "2", "--vpp", "2", "--nproc-per-node", "2"], "virtual_pipeline 2 = 4 model chunks"),
+    (["--cp", "2", "--nproc-per-node", "2"], "context_parallel 2"),
+    (["--sp"], "sequence_parallel"),
+    (["--nnodes", "2"], "--rdzv-endpoint"),
+])
+def test_bad_layout_fails_before_any_process(argv, needle, capsys):
+    from mugv.torch_backend import launch
+    rc = launch.main(["--size", "tiny", *argv, WORKER, "layouts", "/nonexistent"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "invalid layout" in err and needle in err, err
+
+
+def test_bad_layout_at_10b_names_heads():
+    from mugv.core.dit import dit_config
+    from mugv.core.parallel import LayoutError, ParallelConfig, check_layout
+    with pytest.raises(LayoutError, match="num_heads 48 is not divisible by tensor_parallel 5"):
+        check_layout(ParallelConfig(tensor_parallel=5), dit_config("10B"), 10)
+
+
+@pytest.mark.parametrize("mode, rank_named, reason", [
+    ("die", "rank 1", "exit code 7"),
+    ("hang", "rank(s) [1] hung or died", "timed out (timeout 5 s)"),
+])
+def test_failed_rank_ends_the_job_naming_rank_and_collective(mode, rank_named, reason):
+    timeout = 5
+    start = time.monotonic()
+    proc = subprocess.run(LAUNCH + ["--size", "tiny", "--nproc-per-node", "2", "--timeout-s", str(timeout),
+                                    WORKER, mode], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    elapsed = time.monotonic() - start
+    report = proc.stderr[proc.stderr.find("mugv launch:"):]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert rank_named in report and reason in report, report
+    if mode == "hang":
+        assert "collective all_reduce" in report, report
+    # process start-up (~3-4 s) + the timeout + torchrun's stop; never a silent hang
+    assert elapsed < timeout + 25, f"job took {elapsed:.1f} s"
+    print(f"{mode}: ended in {elapsed:.1f} s\n{report}")

@@ -53,6 +53,15 @@ class PreferenceConfig:
         validate.in_range(self, "undesirable_weight", lo=0.0, lo_open=True)
 
 
+def check_pair_shapes(**arrays) -> None:
+    """Preferred/rejected (or policy/reference) tensors must share one shape; the backends call
+    this before any arithmetic so a mismatch is an error naming both, not a broadcast."""
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError("preferred and rejected tensors must have equal shapes; got "
+                         + ", ".join(f"{k} {s}" for k, s in shapes.items()))
+
+
 def _check_same_shape(fn: str, **arrays) -> None:
     shapes = {k: tuple(v.shape) for k, v in arrays.items()}
     if len(set(shapes.values())) > 1:

@@ -72,12 +72,6 @@ def flow_matching_loss(cfg: FlowConfig, output: Array, x0: Array, noise: Array,
                                    is_image)
 
 
-def _check_pair(**arrays: Array) -> None:
-    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-    if len(set(shapes.values())) > 1:
-        raise ValueError("preferred and rejected tensors must have equal shapes; got "
-                         + ", ".join(f"{k} {s}" for k, s in shapes.items()))
-
 
 def dpo_loss(cfg: PreferenceConfig, out_w: Array, out_l: Array, ref_out_w: Array,
              ref_out_l: Array, x0_w: Array, x0_l: Array, noise: Array,
@@ -87,8 +81,8 @@ def dpo_loss(cfg: PreferenceConfig, out_w: Array, out_l: Array, ref_out_w: Array
     out_w/out_l: policy outputs on the preferred/rejected latents x0_w/x0_l noised with the SAME
     noise and sigma; ref_out_*: the frozen reference's outputs (stop_gradient here).
     """
-    _check_pair(out_w=out_w, out_l=out_l, ref_out_w=ref_out_w, ref_out_l=ref_out_l)
-    _check_pair(x0_w=x0_w, x0_l=x0_l, noise=noise)
+    preference.check_pair_shapes(out_w=out_w, out_l=out_l, ref_out_w=ref_out_w, ref_out_l=ref_out_l)
+    preference.check_pair_shapes(x0_w=x0_w, x0_l=x0_l, noise=noise)
     sg = jax.lax.stop_gradient
     diff_w = _diff(out_w, sg(ref_out_w), x0_w, noise, frame_mask)
     diff_l = _diff(out_l, sg(ref_out_l), x0_l, noise, frame_mask)
@@ -104,7 +98,7 @@ def kto_loss(cfg: PreferenceConfig, output: Array, ref_output: Array, x0: Array,
     desirable: bool (B,). reference_point: z0 to use (e.g. averaged over data-parallel ranks);
     by default this batch's max(0, mean reward). Always under stop_gradient.
     """
-    _check_pair(output=output, ref_output=ref_output)
+    preference.check_pair_shapes(output=output, ref_output=ref_output)
     sg = jax.lax.stop_gradient
     reward = preference.kto_reward(_diff(output, sg(ref_output), x0, noise, frame_mask))
     if reference_point is None:

@@ -67,12 +67,6 @@ def flow_matching_loss(cfg: FlowConfig, output: Tensor, x0: Tensor, noise: Tenso
     return flow.flow_matching_loss(torch, cfg, v, x0.float(), noise.float(), frame_mask, is_image)
 
 
-def _check_pair(**arrays: Tensor) -> None:
-    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-    if len(set(shapes.values())) > 1:
-        raise ValueError("preferred and rejected tensors must have equal shapes; got "
-                         + ", ".join(f"{k} {s}" for k, s in shapes.items()))
-
 
 def dpo_loss(cfg: PreferenceConfig, out_w: Tensor, out_l: Tensor, ref_out_w: Tensor,
              ref_out_l: Tensor, x0_w: Tensor, x0_l: Tensor, noise: Tensor,
@@ -82,8 +76,8 @@ def dpo_loss(cfg: PreferenceConfig, out_w: Tensor, out_l: Tensor, ref_out_w: Ten
     out_w/out_l: policy outputs on the preferred/rejected latents x0_w/x0_l noised with the SAME
     noise and sigma; ref_out_*: the frozen reference's outputs (detached here).
     """
-    _check_pair(out_w=out_w, out_l=out_l, ref_out_w=ref_out_w, ref_out_l=ref_out_l)
-    _check_pair(x0_w=x0_w, x0_l=x0_l, noise=noise)
+    preference.check_pair_shapes(out_w=out_w, out_l=out_l, ref_out_w=ref_out_w, ref_out_l=ref_out_l)
+    preference.check_pair_shapes(x0_w=x0_w, x0_l=x0_l, noise=noise)
     diff_w = _diff(out_w, ref_out_w.detach(), x0_w, noise, frame_mask)
     diff_l = _diff(out_l, ref_out_l.detach(), x0_l, noise, frame_mask)
     per_pair = preference.dpo_loss(torch, cfg, diff_w, diff_l)
@@ -98,7 +92,7 @@ def kto_loss(cfg: PreferenceConfig, output: Tensor, ref_output: Tensor, x0: Tens
     desirable: bool (B,). reference_point: z0 to use (e.g. already averaged over data-parallel
     ranks, as the official code does); by default this batch's max(0, mean reward). Detached.
     """
-    _check_pair(output=output, ref_output=ref_output)
+    preference.check_pair_shapes(output=output, ref_output=ref_output)
     reward = preference.kto_reward(_diff(output, ref_output.detach(), x0, noise, frame_mask))
     if reference_point is None:
         reference_point = preference.kto_reference_point(torch, reward)

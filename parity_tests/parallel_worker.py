@@ -74,7 +74,7 @@ def layouts(out_dir: str) -> None:
 
             def loss_fn(output, _batch, w=w):
                 loss = (output * w).sum()
-                return loss, {"loss": loss.detach()}
+                return loss, {"loss": loss.detach().clone()}
             metrics = forward_backward(pm, iter([batch]), loss_fn, num_microbatches=1)
             loss = metrics[0]["loss"].reshape(1) if metrics else torch.zeros(1)
             dist.all_reduce(loss)  # the last stage's loss (PP) or the DP ranks' parts summed
@@ -92,10 +92,51 @@ def layouts(out_dir: str) -> None:
             save_torch(os.path.join(out_dir, "ckpt"), 0, {"model": (dit_schema(CFG), pm.stages[0].state_dict())},
                        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size())
         results[f"{tag}.seconds"] = np.array(time.perf_counter() - t0)
+    results.update(interleaved(batches, weights))
     if dist.get_rank() == 0:
         np.savez(os.path.join(out_dir, "layouts.npz"), **results)
     from mugv.torch_backend import megatron_compat
     megatron_compat.destroy_parallel()
+
+
+def interleaved(batches, weights) -> dict:
+    """PP=2 x 2 virtual stages (interleaved 1F1B) on a 4-layer variant of the tiny DiT, two
+    micro-batches of one sample; loss and global gradients (Megatron scales each micro-batch's
+    loss by 1 / num_microbatches, undone here)."""
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from mugv.checkpoints.torch_dit import load_canonical
+    from mugv.core.parallel import ParallelConfig
+    from mugv.parity_tests.test_dit import CFG, random_params
+    from mugv.torch_backend.parallelize import forward_backward, gather_full_grads, parallelize
+
+    cfg = dataclasses.replace(CFG, depth=4)
+    params = random_params(cfg)
+    pm = parallelize(cfg, ParallelConfig(pipeline_parallel=2, virtual_pipeline=2), seed=None)
+    for stage in pm.stages:
+        load_canonical(stage, cfg, params)
+    results = {"pp2vpp2.layers": np.array([list(s.layer_range) for s in pm.stages])}
+    for kind in KINDS:
+        for chunk in pm.chunks:
+            chunk.zero_grad_buffer()
+        micro = [{k: v[i:i + 1] for k, v in batches[kind].items()} for i in range(2)]
+        ws = iter([weights[0:1], weights[1:2]])
+        losses = []
+
+        def loss_fn(output, _batch):
+            loss = (output * next(ws)).sum()
+            losses.append(loss.detach().clone())  # Megatron divides the returned loss in place
+            return loss, {"loss": loss.detach().clone()}
+        forward_backward(pm, iter(micro), loss_fn, num_microbatches=2)
+        loss = torch.stack(losses).sum().reshape(1) if losses else torch.zeros(1)
+        dist.all_reduce(loss)
+        results[f"pp2vpp2.{kind}.loss"] = loss.numpy()
+        for name, g in gather_full_grads(pm).items():
+            results[f"pp2vpp2.{kind}.{name}"] = (g * 2).numpy()
+    return results
 
 
 if __name__ == "__main__":

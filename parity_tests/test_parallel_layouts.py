@@ -3,7 +3,8 @@ real processes).
 
 One launch of 2 "nodes" of 1 process each on loopback, through the launcher's c10d rendezvous,
 runs every 2-process layout of the tiny DiT (parity_tests/parallel_worker.py): TP=2 + SP (the
-launcher's own layout), TP=2, PP=2 (Megatron's 1F1B schedule), DP=2 (Megatron DDP + distributed
+launcher's own layout), TP=2, PP=2 (Megatron's 1F1B schedule), PP=2 x 2 virtual stages
+(interleaved 1F1B, a 4-layer variant, 2 micro-batches), DP=2 (Megatron DDP + distributed
 optimizer, one sample per rank), each through Megatron DDP and `finalize_grads`, for a T2V and an
 I2V batch with padded text. The loss and the gathered global gradients equal this (single)
 process's run within the ("sharded", "float32") row. It also writes a checkpoint at TP=2
@@ -98,6 +99,43 @@ def test_layout_equals_single_process(two_nodes, reference, layout, kind):
                      name=f"{layout} {kind} grad {name}")
     print(f"{layout} {kind}: loss {results[f'{layout}.{kind}.loss'][0]:.6f} vs {loss:.6f}, "
           f"{len(params)} gradients, layout took {float(results[f'{layout}.seconds']):.1f} s")
+
+
+@pytest.fixture(scope="module")
+def reference_depth4():
+    """Single process for the 4-layer variant used by the interleaved (virtual stage) case."""
+    import dataclasses
+
+    from mugv.checkpoints.torch_dit import load_canonical
+    from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params, torch_run
+    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.models.dit import build_dit, transformer_config
+    cfg = dataclasses.replace(CFG, depth=4)
+    megatron_compat.initialize_parallel(tp=1)
+    try:
+        model = build_dit(cfg, transformer_config(cfg), seed=None)
+        load_canonical(model, cfg, random_params(cfg))
+        runs = {kind: torch_run(model, make_inputs(kind), loss_weights()) for kind in KINDS}
+    finally:
+        megatron_compat.destroy_parallel()
+    return {kind: (float(np.sum(out.astype(np.float64) * loss_weights())), grads)
+            for kind, (out, grads) in runs.items()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interleaved_virtual_stages_equal_single_process(two_nodes, reference_depth4, kind):
+    """PP=2 x 2 virtual stages (interleaved 1F1B), 2 micro-batches: rank 0 holds layers 0 and 2,
+    rank 1 layers 1 and 3 (Megatron's interleaved order)."""
+    from mugv.parity_tests.tolerances import assert_close
+    results, _ = two_nodes
+    assert results["pp2vpp2.layers"].tolist() == [[0], [2]]  # rank 0's chunks (rank 0 saves)
+    loss, grads = reference_depth4[kind]
+    assert_close(results[f"pp2vpp2.{kind}.loss"].reshape(()), np.array(loss), "sharded", "float32",
+                 name=f"pp2vpp2 {kind} loss")
+    for name, ref in grads.items():
+        if not name.startswith("input."):
+            assert_close(results[f"pp2vpp2.{kind}.{name}"], ref, "sharded", "float32",
+                         name=f"pp2vpp2 {kind} grad {name}")
 
 
 def test_tp2_checkpoint_loads_at_tp1(two_nodes, reference):

@@ -96,6 +96,8 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
             fields.update(virtual_pipeline_model_parallel_size=vpp)
     config = transformer_config(dit, params_dtype=params_dtype, **fields)
     pp_rank = ps.get_pipeline_model_parallel_rank()
+    # megatron_compat.initialize_parallel sets no virtual size; the interleaved schedule reads it
+    ps.set_virtual_pipeline_model_parallel_world_size(vpp if vpp > 1 else None)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     chunks = []
     for v in range(vpp):
@@ -148,7 +150,8 @@ def forward_backward(pm: ParallelDiT, batches: Iterator[dict], loss_fn: Callable
     batches: yields the model's keyword inputs (x, timestep, text, text_mask, x_mask, fps,
         frame_indice) for each micro-batch; every pipeline stage draws the same micro-batches
         (the conditioning masks and sizes are needed on every stage).
-    loss_fn(output, batch) -> (scalar loss, dict of detached metrics), on the last stage.
+    loss_fn(output, batch) -> (scalar loss, dict of metrics), on the last stage. Megatron divides
+        the returned loss by num_microbatches IN PLACE: metrics must be clones, not `.detach()`.
     Returns the metrics dicts of the last stage (empty elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -171,7 +174,8 @@ def forward_backward(pm: ParallelDiT, batches: Iterator[dict], loss_fn: Callable
     else:  # interleaved: one iterator per model chunk, each yielding the same micro-batches
         items = [peek] + [next(batches) for _ in range(num_microbatches - 1)]
         data = [iter(list(items)) for _ in pm.chunks]
-    return get_forward_backward_func()(
+    pp, vpp = pm.par.pipeline_parallel, pm.par.virtual_pipeline
+    return get_forward_backward_func(pp_size=pp, vp_size=vpp if vpp > 1 else None)(
         forward_step_func=forward_step, data_iterator=data, model=pm.chunks,
         num_microbatches=num_microbatches, seq_length=packed, micro_batch_size=b,
         forward_only=forward_only)

@@ -3,6 +3,7 @@
     parallel_worker.py layouts OUT_DIR   every 2-process layout of the tiny DiT (the launcher's
                                          own layout first), results to OUT_DIR/layouts.npz, a TP=2
                                          checkpoint to OUT_DIR/ckpt
+    parallel_worker.py mixed OUT_DIR     the launcher's layout alone (4 processes: TP=2+SP x PP=2)
     parallel_worker.py die|hang          rank 1 exits (code 7) or sleeps before an all_reduce
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ def failing(mode: str) -> None:
     dist.all_reduce(x)
 
 
-def layouts(out_dir: str) -> None:
+def layouts(out_dir: str, mixed: bool = False) -> None:
     import dataclasses
 
     import torch
@@ -53,7 +54,7 @@ def layouts(out_dir: str) -> None:
         t["frame_indice"] = t["frame_indice"].long()
         batches[kind] = t
     launched = worker_layout()
-    cases = [("tp2sp", launched),
+    cases = [("mixed", launched)] if mixed else [("tp2sp", launched),
              ("tp2", dataclasses.replace(launched, sequence_parallel=False)),
              ("pp2", ParallelConfig(pipeline_parallel=2, timeout_s=launched.timeout_s)),
              ("dp2", ParallelConfig(distributed_optimizer=True, timeout_s=launched.timeout_s))]
@@ -78,21 +79,22 @@ def layouts(out_dir: str) -> None:
             metrics = forward_backward(pm, iter([batch]), loss_fn, num_microbatches=1)
             loss = metrics[0]["loss"].reshape(1) if metrics else torch.zeros(1)
             dist.all_reduce(loss)  # the last stage's loss (PP) or the DP ranks' parts summed
-            if pm.par.pipeline_parallel == 1 and dp == 1:
-                loss /= dist.get_world_size()  # every TP rank computed the same loss
+            if dp == 1:  # every TP rank of the last stage computed the same loss
+                loss /= pm.par.tensor_parallel
             grads = gather_full_grads(pm)
             # Megatron's DDP averages over data-parallel ranks; the reference sums the batch.
             results[f"{tag}.{kind}.loss"] = loss.numpy()
             for name, g in grads.items():
                 results[f"{tag}.{kind}.{name}"] = (g * dp).numpy()
-        if tag == "tp2sp":  # the output at TP=2, and a checkpoint written at TP=2
+        if tag == "tp2sp" and not mixed:  # the output at TP=2, and a checkpoint written at TP=2
             from megatron.core import parallel_state as ps
             with torch.no_grad():
                 results["tp2sp.t2v.out"] = pm.stages[0](**batches["t2v"]).numpy()
             save_torch(os.path.join(out_dir, "ckpt"), 0, {"model": (dit_schema(CFG), pm.stages[0].state_dict())},
                        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size())
         results[f"{tag}.seconds"] = np.array(time.perf_counter() - t0)
-    results.update(interleaved(batches, weights))
+    if not mixed:
+        results.update(interleaved(batches, weights))
     if dist.get_rank() == 0:
         np.savez(os.path.join(out_dir, "layouts.npz"), **results)
     from mugv.torch_backend import megatron_compat
@@ -140,7 +142,7 @@ def interleaved(batches, weights) -> dict:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "layouts":
-        layouts(sys.argv[2])
+    if sys.argv[1] in ("layouts", "mixed"):
+        layouts(sys.argv[2], mixed=sys.argv[1] == "mixed")
     else:
         failing(sys.argv[1])

@@ -10,6 +10,8 @@ I2V batch with padded text. The loss and the gathered global gradients equal thi
 process's run within the ("sharded", "float32") row. It also writes a checkpoint at TP=2
 (`save_torch`), which loads here at TP=1 and gives the TP=2 outputs.
 
+A 4-process launch (one node) runs TP=2 + SP x PP=2 the same way.
+
 Failures: bad layouts exit before any process starts, naming the sizes; a rank that exits, or one
 that hangs, ends the job within the layout's timeout with a message naming the rank and the
 collective.
@@ -136,6 +138,32 @@ def test_interleaved_virtual_stages_equal_single_process(two_nodes, reference_de
         if not name.startswith("input."):
             assert_close(results[f"pp2vpp2.{kind}.{name}"], ref, "sharded", "float32",
                          name=f"pp2vpp2 {kind} grad {name}")
+
+
+@pytest.fixture(scope="module")
+def four_processes(tmp_path_factory):
+    """TP=2 + SP x PP=2 on 4 processes of one node (the launcher's layout)."""
+    out = tmp_path_factory.mktemp("mixed")
+    proc = subprocess.run(LAUNCH + ["--size", "tiny", "--tp", "2", "--sp", "--pp", "2", "--timeout-s", "120",
+                                    "--nproc-per-node", "4", WORKER, "mixed", str(out)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    if proc.returncode:
+        raise AssertionError(f"4-process launch exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return dict(np.load(out / "layouts.npz"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixed_tp2sp_pp2_four_processes_equal_single_process(four_processes, reference, kind):
+    """Sequence parallel inside pipeline stages: the packed stage tensor holds each TP rank's
+    sequence chunk (seq_length passed to the schedule as tp x the local length)."""
+    from mugv.parity_tests.tolerances import assert_close
+    _, loss, grads = reference[kind]
+    assert_close(four_processes[f"mixed.{kind}.loss"].reshape(()), np.array(loss), "sharded", "float32",
+                 name=f"TP2+SP x PP2 {kind} loss")
+    for name, ref in grads.items():
+        if not name.startswith("input."):
+            assert_close(four_processes[f"mixed.{kind}.{name}"], ref, "sharded", "float32",
+                         name=f"TP2+SP x PP2 {kind} grad {name}")
 
 
 def test_tp2_checkpoint_loads_at_tp1(two_nodes, reference):

@@ -86,6 +86,8 @@ def layouts(out_dir: str, mixed: bool = False) -> None:
             results[f"{tag}.{kind}.loss"] = loss.numpy()
             for name, g in grads.items():
                 results[f"{tag}.{kind}.{name}"] = (g * dp).numpy()
+        if tag == "dp2":  # one distributed-Adam step from the i2v gradients just reduced
+            results.update(adam_step(pm, grads))
         if tag == "tp2sp" and not mixed:  # the output at TP=2, and a checkpoint written at TP=2
             from megatron.core import parallel_state as ps
             with torch.no_grad():
@@ -99,6 +101,27 @@ def layouts(out_dir: str, mixed: bool = False) -> None:
         np.savez(os.path.join(out_dir, "layouts.npz"), **results)
     from mugv.torch_backend import megatron_compat
     megatron_compat.destroy_parallel()
+
+
+def adam_step(pm, grads) -> dict:
+    """Megatron's distributed Adam (parallelize.megatron_optimizer, state sharded over the 2 DP
+    ranks, no clipping) takes one step; Adam's first step is lr * g / (|g| + eps) per element with
+    g the DP-averaged gradient. Returns the largest deviation in units of lr."""
+    import torch
+
+    from mugv.core.train import OptimizerConfig
+    from mugv.torch_backend.parallelize import megatron_optimizer
+
+    lr = 1e-3
+    before = {n: p.detach().clone() for n, p in pm.stages[0].named_parameters()}
+    opt = megatron_optimizer(pm, OptimizerConfig(lr=lr, min_lr=0.0, eps=1e-8, clip_grad=0.0))
+    ok, _, _ = opt.step()
+    worst = 0.0
+    for n, p in pm.stages[0].named_parameters():
+        g = grads[n]
+        expected = before[n] - lr * g / (g.abs() + 1e-8)
+        worst = max(worst, ((p.detach() - expected).abs().max() / lr).item())
+    return {"dp2.adam_step_ok": np.array(bool(ok)), "dp2.adam_maxdiff_over_lr": np.array(worst)}
 
 
 def interleaved(batches, weights) -> dict:

@@ -103,6 +103,15 @@ def test_layout_equals_single_process(two_nodes, reference, layout, kind):
           f"{len(params)} gradients, layout took {float(results[f'{layout}.seconds']):.1f} s")
 
 
+def test_dp2_distributed_adam_step(two_nodes):
+    """parallelize.megatron_optimizer (distributed Adam, state sharded over DP=2) after the DP=2
+    backward: every parameter moved by Adam's first step lr * g / (|g| + eps), g the averaged
+    gradient (3 orders below a wrong sign or a missing shard, which would be off by 1 to 2 lr)."""
+    results, _ = two_nodes
+    assert bool(results["dp2.adam_step_ok"])
+    assert results["dp2.adam_maxdiff_over_lr"] < 1e-3, results["dp2.adam_maxdiff_over_lr"]
+
+
 @pytest.fixture(scope="module")
 def reference_depth4():
     """Single process for the 4-layer variant used by the interleaved (virtual stage) case."""

@@ -218,3 +218,19 @@ def gather_full_grads(pm: ParallelDiT) -> dict[str, torch.Tensor]:
     stages = [None] * pm.par.pipeline_parallel
     dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
     return {k: v for part in stages for k, v in part.items()}
+
+
+def megatron_optimizer(pm: ParallelDiT, opt):
+    """Megatron's Adam over this rank's chunks, sharded over data-parallel ranks when the layout
+    asks for the distributed optimizer. `opt` is `core/train.py::OptimizerConfig` (its learning-
+    rate schedule is the caller's: set `param_groups[...]["lr"]` per step)."""
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    dtype = pm.config.params_dtype
+    return get_megatron_optimizer(
+        MegatronOptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+                                adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_eps=opt.eps,
+                                clip_grad=opt.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                                use_distributed_optimizer=pm.par.distributed_optimizer),
+        pm.chunks)

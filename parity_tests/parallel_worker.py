@@ -107,8 +107,6 @@ def adam_step(pm, grads) -> dict:
     """Megatron's distributed Adam (parallelize.megatron_optimizer, state sharded over the 2 DP
     ranks, no clipping) takes one step; Adam's first step is lr * g / (|g| + eps) per element with
     g the DP-averaged gradient. Returns the largest deviation in units of lr."""
-    import torch
-
     from mugv.core.train import OptimizerConfig
     from mugv.torch_backend.parallelize import megatron_optimizer
 

@@ -177,8 +177,6 @@ def test_mixed_tp2sp_pp2_four_processes_equal_single_process(four_processes, ref
 
 def test_tp2_checkpoint_loads_at_tp1(two_nodes, reference):
     """Written at TP=2 (each rank its slices, save_torch), read at TP=1: same parameters, same output."""
-    import torch
-
     from mugv.checkpoints.format import latest_checkpoint
     from mugv.checkpoints.torch_dit import load_canonical
     from mugv.checkpoints.torch_io import load_torch

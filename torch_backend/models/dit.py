@@ -109,6 +109,8 @@ class MUGDiT(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         self.config = config
+        # Megatron's finalize_model_grads reads this under pipeline parallelism (no tied weights).
+        self.share_embeddings_and_output_weights = False
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_range = range(cfg.depth) if layers is None else layers
         if self.layer_range.step != 1 or not (0 <= self.layer_range.start <= self.layer_range.stop <= cfg.depth):

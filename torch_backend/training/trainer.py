@@ -233,7 +233,7 @@ class Trainer:
 
     def _forward_backward(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss (mean over this rank's samples) and per-sample losses; gradients accumulated."""
-        from megatron.core.distributed import finalize_model_grads
+        from mugv.torch_backend.parallelize import finalize_grads
 
         n = inputs["x0"].shape[0]
         mb = self.train.micro_batch
@@ -252,7 +252,8 @@ class Trainer:
                 (loss * (samples.shape[0] / n)).backward()
             losses.append(loss.detach() * samples.shape[0] / n)
             per_sample.append(samples.detach())
-        finalize_model_grads([self.ddp])
+        # Megatron's reduction plus the TP sum of the per-head q/k norm weights' partial gradients.
+        finalize_grads([self.ddp])
         return torch.stack(losses).sum(), torch.cat(per_sample)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:

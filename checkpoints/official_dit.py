@@ -195,3 +195,21 @@ def load_official_file(path: str) -> dict[str, np.ndarray]:
         else:
             out[k] = t.numpy()
     return out
+
+
+def write_dit_checkpoint(cfg: DiTConfig, params: Mapping[str, np.ndarray], root, step: int = 0):
+    """Canonical DiT arrays (e.g. from `import_official`) as a mugv checkpoint: group "model",
+    stored in the weights' own dtype when they share one. Returns the committed path."""
+    import dataclasses
+
+    from mugv.checkpoints.format import CheckpointWriter
+
+    schema = dit_schema(cfg)
+    dtypes = {str(a.dtype) for a in params.values()}
+    if len(dtypes) == 1:
+        schema = schema.with_dtype(dtypes.pop())
+    writer = CheckpointWriter(root, step)
+    writer.create({"model": schema})
+    for name, arr in params.items():
+        writer.write("model", name, arr)
+    return writer.commit(config={"dit": dataclasses.asdict(cfg)}, schema_hash=schema.hash())

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from mugv.core.dit import DiTConfig, dit_schema
-from mugv.checkpoints.official_dit import config_from_official, import_official, load_official_file
+from mugv.checkpoints.official_dit import (config_from_official, import_official, load_official_file,
+                                          write_dit_checkpoint)
 
 
 def _tp_coordinates() -> tuple[int, int]:
@@ -67,18 +68,7 @@ def convert_official_dit(src_path: str | os.PathLike, dst_dir: str | os.PathLike
     cfg = config_from_official(state)
     params = import_official(state, cfg)
     if dst_dir is not None:
-        import dataclasses
-
-        from mugv.checkpoints.format import CheckpointWriter
-        schema = dit_schema(cfg)
-        dtypes = {str(a.dtype) for a in params.values()}
-        if len(dtypes) == 1:
-            schema = schema.with_dtype(dtypes.pop())
-        writer = CheckpointWriter(dst_dir, step)
-        writer.create({"model": schema})
-        for name, arr in params.items():
-            writer.write("model", name, arr)
-        writer.commit(config={"dit": dataclasses.asdict(cfg)}, schema_hash=schema.hash())
+        write_dit_checkpoint(cfg, params, dst_dir, step)
     return cfg, params
 
 

@@ -133,6 +133,17 @@ def noisy_latents(xp, x0, noise, sigma, frame_mask=None):
     return xp.where(_frames(xp, frame_mask, x0), xt, x0)
 
 
+def velocity_channels(output_shape, latent_channels=None) -> int:
+    """MUG-DiT outputs 2C channels, the velocity first (notes 1.15): returns C, or raises naming
+    the shape when the channel count is odd or is not 2 x latent_channels."""
+    c2 = output_shape[1]
+    if c2 % 2 or (latent_channels is not None and c2 != 2 * latent_channels):
+        want = "an even number" if latent_channels is None else str(2 * latent_channels)
+        raise ValueError(f"velocity: model output has {c2} channels (shape {tuple(output_shape)}): "
+                         f"expected {want} (velocity first half, unused second half)")
+    return c2 // 2
+
+
 def velocity_target(x0, noise):
     """v* = x0 - eps (data minus noise), the rectified-flow regression target (notes 2.2)."""
     return x0 - noise

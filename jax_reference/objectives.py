@@ -32,12 +32,7 @@ __all__ = ["velocity", "sample_sigma", "noisy_latents", "flow_matching_loss", "d
 
 def velocity(output: Array, latent_channels: Optional[int] = None) -> Array:
     """The velocity channels of a MUG-DiT output (B, 2C, T, H, W) -> (B, C, T, H, W), in fp32."""
-    c2 = output.shape[1]
-    if c2 % 2 or (latent_channels is not None and c2 != 2 * latent_channels):
-        want = "an even number" if latent_channels is None else str(2 * latent_channels)
-        raise ValueError(f"velocity: model output has {c2} channels (shape {tuple(output.shape)}): "
-                         f"expected {want} (velocity first half, unused second half)")
-    return output[:, : c2 // 2].astype(jnp.float32)
+    return output[:, : flow.velocity_channels(output.shape, latent_channels)].astype(jnp.float32)
 
 
 def sample_sigma(cfg: FlowConfig, draw: Array, r=1.0) -> Array:

@@ -135,22 +135,6 @@ def read_official_dit(path: str | pathlib.Path) -> tuple[DiTConfig, dict[str, np
     return cfg, import_official(state, cfg)
 
 
-def write_dit_checkpoint(cfg: DiTConfig, params: dict[str, np.ndarray], root: str | pathlib.Path,
-                         step: int = 0) -> pathlib.Path:
-    """Canonical DiT arrays as a mugv checkpoint (group "model", the weights' own dtype)."""
-    from mugv.checkpoints.format import CheckpointWriter
-    from mugv.core.dit import dit_schema
-    schema = dit_schema(cfg)
-    dtypes = {str(a.dtype) for a in params.values()}
-    if len(dtypes) == 1:
-        schema = schema.with_dtype(dtypes.pop())
-    writer = CheckpointWriter(root, step)
-    writer.create({"model": schema})
-    for name, arr in params.items():
-        writer.write("model", name, arr)
-    return writer.commit(config={"dit": dataclasses.asdict(cfg)}, schema_hash=schema.hash())
-
-
 def load_dit(cfg: DiTConfig, checkpoint: str | None = None, official: str | None = None,
              group: str = "model"):
     """MUG-DiT for sampling on one process: from a mugv checkpoint (trainer output: group

@@ -123,7 +123,8 @@ def evaluate(ns) -> int:
 
 def convert_official(ns) -> int:
     if ns.kind == "dit":
-        from mugv.torch_backend.cli.pipeline import read_official_dit, write_dit_checkpoint
+        from mugv.checkpoints.official_dit import write_dit_checkpoint
+        from mugv.torch_backend.cli.pipeline import read_official_dit
         cfg, params = read_official_dit(ns.src)
         write_dit_checkpoint(cfg, params, ns.dst)
         print(f"DiT: {len(params)} tensors (hidden {cfg.hidden_size}, depth {cfg.depth}) -> {ns.dst}")

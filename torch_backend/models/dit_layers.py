@@ -228,16 +228,18 @@ class SelfAttention(_AttentionBase):
         self.qkv = _column(submodules.qkv, config, h, 3 * h)
         self.proj = _row(submodules.proj, config, h, h)
 
-    def forward(self, x, angles):
+    def forward(self, x, angles, key_mask=None):
         """x (s, b, h) (the local sequence chunk under sequence parallelism); angles (b, S, d/2)
-        RoPE angles of the full sequence S."""
+        RoPE angles of the full sequence S (this context-parallel rank's S under CP); key_mask
+        None or (b, keys) bool, True = attend, passed to the core attention (under context
+        parallelism: the padding mask of the whole gathered sequence)."""
         qkv, _ = self.qkv(x)  # (S, b, 3 h / tp), full sequence
         qkv = qkv.unflatten(-1, (self.heads, 3, self.head_dim))
         q, k, v = qkv.unbind(dim=-2)
         # norms and rotation batch-first (the kernels' layout), views only
         q = self.ops.qk_rmsnorm_rope(q.transpose(0, 1), self.q_norm.weight, angles, self.eps).transpose(0, 1)
         k = self.ops.qk_rmsnorm_rope(k.transpose(0, 1), self.k_norm.weight, angles, self.eps).transpose(0, 1)
-        out = self._attend(q, k, v)
+        out = self._attend(q, k, v, key_mask)
         out, _ = self.proj(out)
         return out
 
@@ -322,7 +324,7 @@ class MUGDiTLayer(torch.nn.Module):
         self.cross_attn = build_module(submodules.cross_attn, config=config, ops=ops)
         self.mlp = build_module(submodules.mlp, config=config)
 
-    def forward(self, x, mod, mod0, token_mask, text, text_mask, angles):
+    def forward(self, x, mod, mod0, token_mask, text, text_mask, angles, self_attn_mask=None):
         """
         Arguments:
             x: (s, b, h) hidden states (local chunk under sequence parallelism).
@@ -330,6 +332,8 @@ class MUGDiTLayer(torch.nn.Module):
             token_mask: (s, b) bool, True = modulate with t (same chunk as x).
             text: (Lt, b, h) embedded text; text_mask: (b, Lt) bool.
             angles: (b, S, head_dim / 2) RoPE angles of the full sequence.
+            self_attn_mask: None, or (b, keys) bool key mask of self-attention (context
+                parallelism masks the padding of the sequence with it).
         Returns (s, b, h).
         """
         table = self.scale_shift_table.to(mod.dtype)
@@ -340,7 +344,7 @@ class MUGDiTLayer(torch.nn.Module):
         ops, eps = self.ops, self.eps
         xb = x.transpose(0, 1)  # batch-first views for the elementwise ops
         u = ops.adaln_modulate(xb, shift_msa, scale_msa, index, eps)
-        attn = self.self_attn(u.transpose(0, 1), angles)
+        attn = self.self_attn(u.transpose(0, 1), angles, self_attn_mask)
         xb = ops.gated_residual(xb, attn.transpose(0, 1), gate_msa, index)
         cross = self.cross_attn(self.cross_attn_norm(xb.transpose(0, 1)), text, text_mask)
         # The cross-attention residual is ungated: gate 1, fused into the MLP's AdaLN site.

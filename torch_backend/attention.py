@@ -5,7 +5,9 @@ Backends (`BACKENDS`): "math" (torch reference, the CPU path), "cudnn", "flash",
 "auto": on a GPU the order measured fastest at head dim 72 (cuDNN, then flash, then
 memory-efficient; see docs/megatron-on-cpu.md for the numbers), on a CPU plain SDPA. torch falls
 through the priority list when a backend cannot take the inputs (e.g. flash with a mask).
-The scale is head_dim^-1/2 (SDPA's default, the official one).
+The scale is head_dim^-1/2 (the official one), also when `pad_head_dim` pads q, k and v with zero
+features to a head dim the fused kernels run faster at (q.k and the softmax are unchanged by zero
+features, the padded output columns are zeros and are dropped: exact, forward and backward).
 """
 from __future__ import annotations
 
@@ -48,17 +50,28 @@ class DotProductAttention(torch.nn.Module):
     -> (Sq, b, n * d). key_mask True = attend; every row must have at least one True.
     """
 
-    def __init__(self, backend: str = "auto"):
+    def __init__(self, backend: str = "auto", pad_head_dim: int | None = None):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
+        if pad_head_dim is not None and (not isinstance(pad_head_dim, int) or pad_head_dim % 8):
+            raise ValueError(f"pad_head_dim={pad_head_dim!r}: expected None or a multiple of 8")
         self.backend = backend
+        self.pad_head_dim = pad_head_dim
 
     def forward(self, q, k, v, key_mask=None):
+        d = q.shape[-1]
+        if self.pad_head_dim is not None and self.pad_head_dim < d:
+            raise ValueError(f"pad_head_dim={self.pad_head_dim} is below the head dim {d}")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # (b, n, S, d)
+        pad = 0 if self.pad_head_dim is None else self.pad_head_dim - d
+        if pad:
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         mask = None if key_mask is None else key_mask[:, None, None, :]
         with sdpa_context(self.backend, q.device):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d ** -0.5)
+        if pad:
+            out = out[..., :d]
         return out.permute(2, 0, 1, 3).flatten(2)
 
 

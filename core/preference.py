@@ -145,3 +145,29 @@ def kto_loss(xp, cfg: PreferenceConfig, reward, reference_point, desirable):
     _check_same_shape("kto_loss", reward=reward)
     sign, weight = _label_terms(cfg, desirable, reward)
     return weight * _sigmoid(xp, -sign * cfg.beta * (reward - reference_point))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceStageConfig:
+    """The preference stage (torch_backend/training/preference.py).
+
+    objective: "dpo" (pairs) or "kto" (labelled samples). reference: checkpoint of the frozen
+    reference model = the stage's starting point (a step_* directory or a run/checkpoints folder).
+    reference_precision: "fp32", or "bf16" to hold the reference in bf16 (GPU only; it runs
+    without gradients, so only its forward's rounding changes). loss: beta and KTO's weights.
+    kto_reference_point: "global" averages z0 over the whole global batch (every data-parallel
+    rank and micro-batch: the same number at any layout, as the official code's all-gather
+    intends), "micro_batch" uses each micro-batch's own mean (the formula's local default).
+    """
+    reference: str
+    loss: PreferenceConfig
+    objective: str = "dpo"
+    reference_precision: str = "fp32"
+    kto_reference_point: str = "global"
+
+    def __post_init__(self):
+        validate.one_of(self, "objective", ("dpo", "kto"))
+        validate.one_of(self, "reference_precision", ("fp32", "bf16"))
+        validate.one_of(self, "kto_reference_point", ("global", "micro_batch"))
+        if not isinstance(self.reference, str) or not self.reference:
+            validate.fail(self, "reference", "the path of the reference (starting) checkpoint")

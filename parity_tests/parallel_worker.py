@@ -32,68 +32,86 @@ def failing(mode: str) -> None:
     dist.all_reduce(x)
 
 
+ODD_W = 5  # context-parallel batches: latent W 5 -> 3 x 3 x 3 = 27 video tokens + start/end = 29
+
+
+def odd_batches():
+    """T2V and I2V batches (padded text) whose sequence, 29 tokens, divides neither by CP=2 nor by
+    CP x TP = 4: make_inputs' latents cropped to width ODD_W, and the loss weights likewise."""
+    import torch
+
+    from mugv.parity_tests.test_dit import loss_weights, make_inputs
+    batches = {}
+    for kind in KINDS:
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in make_inputs(kind).items()}
+        t["x"] = t["x"][..., :ODD_W].contiguous()
+        t["frame_indice"] = t["frame_indice"].long()
+        batches[kind] = t
+    return batches, torch.from_numpy(np.ascontiguousarray(loss_weights()[..., :ODD_W]))
+
+
+def four_head_config():
+    """The tiny DiT with 4 heads of 36 (TP=2 x CP=2 needs heads divisible by 4)."""
+    import dataclasses
+
+    from mugv.parity_tests.test_dit import CFG
+    return dataclasses.replace(CFG, num_heads=4)
+
+
 def layouts(out_dir: str, mixed: bool = False) -> None:
     import dataclasses
 
     import torch
     import torch.distributed as dist
 
-    from mugv.checkpoints.torch_dit import load_canonical
     from mugv.checkpoints.torch_io import save_torch
     from mugv.core.dit import dit_schema
     from mugv.core.parallel import ParallelConfig
-    from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params
+    from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs
     from mugv.torch_backend.launch import worker_layout
-    from mugv.torch_backend.parallelize import forward_backward, gather_full_grads, parallelize
 
     torch.set_num_threads(1)
-    params, weights = random_params(CFG), torch.from_numpy(loss_weights())
+    weights = torch.from_numpy(loss_weights())
     batches = {}
     for kind in KINDS:
         t = {k: torch.from_numpy(np.asarray(v)) for k, v in make_inputs(kind).items()}
         t["frame_indice"] = t["frame_indice"].long()
         batches[kind] = t
+    odd, odd_weights = odd_batches()
     launched = worker_layout()
-    cases = [("mixed", launched)] if mixed else [("tp2sp", launched),
-             ("tp2", dataclasses.replace(launched, sequence_parallel=False)),
-             ("pp2", ParallelConfig(pipeline_parallel=2, timeout_s=launched.timeout_s)),
-             ("dp2", ParallelConfig(distributed_optimizer=True, timeout_s=launched.timeout_s))]
+    timeout = launched.timeout_s
+    if mixed:  # 4 processes
+        cases = [("mixed", launched, CFG, batches, weights),
+                 ("tp2sp_cp2", ParallelConfig(tensor_parallel=2, sequence_parallel=True, context_parallel=2,
+                                              timeout_s=timeout), four_head_config(), odd, odd_weights),
+                 ("pp2_cp2", ParallelConfig(pipeline_parallel=2, context_parallel=2, timeout_s=timeout),
+                  CFG, odd, odd_weights)]
+    else:
+        cases = [("tp2sp", launched, CFG, batches, weights),
+                 ("tp2", dataclasses.replace(launched, sequence_parallel=False), CFG, batches, weights),
+                 ("pp2", ParallelConfig(pipeline_parallel=2, timeout_s=timeout), CFG, batches, weights),
+                 ("dp2", ParallelConfig(distributed_optimizer=True, timeout_s=timeout), CFG, batches, weights),
+                 ("cp2", ParallelConfig(context_parallel=2, distributed_optimizer=True, timeout_s=timeout),
+                  CFG, odd, odd_weights)]
     results = {}
-    for tag, par in cases:
+    for tag, par, cfg, case_batches, case_weights in cases:
         t0 = time.perf_counter()
-        pm = parallelize(CFG, par, seed=None, bucket_size=4000)
-        for stage in pm.stages:
-            load_canonical(stage, CFG, params)
-        dp, dp_rank = pm.data_parallel, dist.get_rank() if pm.data_parallel > 1 else 0
-        for kind in KINDS:
-            batch, w = batches[kind], weights
-            if dp > 1:  # each data-parallel rank takes its own rows of the batch
-                rows = slice(dp_rank * 2 // dp, (dp_rank + 1) * 2 // dp)
-                batch, w = {k: v[rows] for k, v in batch.items()}, weights[rows]
-            for chunk in pm.chunks:
-                chunk.zero_grad_buffer()
-
-            def loss_fn(output, _batch, w=w):
-                loss = (output * w).sum()
-                return loss, {"loss": loss.detach().clone()}
-            metrics = forward_backward(pm, iter([batch]), loss_fn, num_microbatches=1)
-            loss = metrics[0]["loss"].reshape(1) if metrics else torch.zeros(1)
-            dist.all_reduce(loss)  # the last stage's loss (PP) or the DP ranks' parts summed
-            if dp == 1:  # every TP rank of the last stage computed the same loss
-                loss /= pm.par.tensor_parallel
-            grads = gather_full_grads(pm)
-            # Megatron's DDP averages over data-parallel ranks; the reference sums the batch.
-            results[f"{tag}.{kind}.loss"] = loss.numpy()
-            for name, g in grads.items():
-                results[f"{tag}.{kind}.{name}"] = (g * dp).numpy()
+        pm, grads, case_results = run_layout(tag, par, cfg, case_batches, case_weights)
+        results.update(case_results)
         if tag == "dp2":  # one distributed-Adam step from the i2v gradients just reduced
             results.update(adam_step(pm, grads))
-        if tag == "tp2sp" and not mixed:  # the output at TP=2, and a checkpoint written at TP=2
+        if tag == "tp2sp":  # the output at TP=2, and a checkpoint written at TP=2
             from megatron.core import parallel_state as ps
             with torch.no_grad():
                 results["tp2sp.t2v.out"] = pm.stages[0](**batches["t2v"]).numpy()
             save_torch(os.path.join(out_dir, "ckpt"), 0, {"model": (dit_schema(CFG), pm.stages[0].state_dict())},
                        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size())
+        if tag == "cp2":  # the forward alone: every CP rank returns the whole output
+            with torch.no_grad():
+                out = pm.stages[0](**odd["i2v"])
+            whole = [torch.empty_like(out) for _ in range(dist.get_world_size())]
+            dist.all_gather(whole, out)
+            results["cp2.i2v.out"] = torch.stack(whole).numpy()
         results[f"{tag}.seconds"] = np.array(time.perf_counter() - t0)
     if not mixed:
         results.update(interleaved(batches, weights))
@@ -101,6 +119,49 @@ def layouts(out_dir: str, mixed: bool = False) -> None:
         np.savez(os.path.join(out_dir, "layouts.npz"), **results)
     from mugv.torch_backend import megatron_compat
     megatron_compat.destroy_parallel()
+
+
+def run_layout(tag, par, cfg, batches, weights):
+    """`par` through parallelize + DDP + forward_backward for each batch kind: the loss and the
+    global gradients (keys "{tag}.{kind}.loss" / ".{param}"), scaled to the reference's sum over
+    the batch. Data-parallel ranks take their own rows; tensor- and context-parallel ranks the
+    whole batch (the model shards the sequence over CP itself and returns the whole output)."""
+    import torch
+    import torch.distributed as dist
+
+    from mugv.checkpoints.torch_dit import load_canonical
+    from mugv.parity_tests.test_dit import random_params
+    from mugv.torch_backend.parallelize import forward_backward, gather_full_grads, parallelize
+
+    params = random_params(cfg)
+    pm = parallelize(cfg, par, seed=None, bucket_size=4000)
+    for stage in pm.stages:
+        load_canonical(stage, cfg, params)
+    dp = pm.data_parallel
+    dp_rank = dist.get_rank() if dp > 1 else 0  # (DP only in the pure DP=2 case)
+    results, grads = {}, None
+    for kind in KINDS:
+        batch, w = batches[kind], weights
+        if dp > 1:
+            rows = slice(dp_rank * 2 // dp, (dp_rank + 1) * 2 // dp)
+            batch, w = {k: v[rows] for k, v in batch.items()}, weights[rows]
+        for chunk in pm.chunks:
+            chunk.zero_grad_buffer()
+
+        def loss_fn(output, _batch, w=w):
+            loss = (output * w).sum()
+            return loss, {"loss": loss.detach().clone()}
+        metrics = forward_backward(pm, iter([batch]), loss_fn, num_microbatches=1)
+        loss = metrics[0]["loss"].reshape(1) if metrics else torch.zeros(1)
+        dist.all_reduce(loss)  # the last stage's loss (PP) or the DP ranks' parts summed
+        if dp == 1:  # every TP x CP rank of the last stage computed the same loss
+            loss /= pm.par.tensor_parallel * pm.par.context_parallel
+        grads = gather_full_grads(pm)
+        # Megatron's DDP averages over data-parallel ranks; the reference sums the batch.
+        results[f"{tag}.{kind}.loss"] = loss.numpy()
+        for name, g in grads.items():
+            results[f"{tag}.{kind}.{name}"] = (g * dp).numpy()
+    return pm, grads, results
 
 
 def adam_step(pm, grads) -> dict:

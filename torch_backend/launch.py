@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--sp", action="store_true", help="sequence parallel inside TP groups")
     lay.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
     lay.add_argument("--vpp", type=int, default=1, help="virtual (interleaved) chunks per stage")
-    lay.add_argument("--cp", type=int, default=1, help="context-parallel size (not available yet)")
+    lay.add_argument("--cp", type=int, default=1, help="context-parallel size (Ulysses all-to-all; heads must divide TP x CP)")
     lay.add_argument("--distributed-optimizer", action="store_true",
                      help="shard optimizer state over data-parallel ranks")
     lay.add_argument("--timeout-s", type=float, default=600.0,
@@ -99,9 +99,6 @@ def check_launch(args: argparse.Namespace) -> ParallelConfig:
     par = layout_from_args(args)
     world = args.nnodes * args.nproc_per_node
     check_layout(par, dit_config(args.size), world)
-    if par.context_parallel > 1:
-        raise LayoutError(f"context_parallel {par.context_parallel}: MUG-DiT has no context-parallel "
-                          "(Ulysses) attention yet; use --cp 1")
     return par
 
 

@@ -201,14 +201,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> None:
+def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, *,
+                        vpp: int | None = None, timeout_s: float | None = None) -> None:
     """Initialise torch.distributed and Megatron's parallel state.
 
     Under torchrun (RANK/WORLD_SIZE set) it joins that world; otherwise it starts a world of one
     process. Backend: gloo without CUDA (with `enable()` applied), nccl with CUDA (device = local
     rank). Seeds Megatron's RNG tracker (`model_parallel_cuda_manual_seed`).
+
+    vpp: virtual pipeline chunks per stage (interleaved 1F1B reads it from the parallel state);
+        None or 1 for none.
+    timeout_s: the timeout of every collective, on the world this creates (a world that already
+        exists keeps its own) and on Megatron's subgroups (TP, PP, CP, DP, ...). None: 5 minutes
+        for a world created here, Megatron's default (30 minutes) for the subgroups.
     """
     sizes = ParallelSizes(tp, pp, cp)
+    if vpp is not None and (not isinstance(vpp, int) or vpp < 1 or (vpp > 1 and pp == 1)):
+        raise ValueError(f"vpp = {vpp!r}: expected None or an integer >= 1, and 1 unless pp > 1 (pp = {pp})")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"timeout_s = {timeout_s!r}: expected a positive number of seconds")
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
@@ -221,7 +232,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234)
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend="gloo" if on_cpu else "nccl",
-                                timeout=datetime.timedelta(minutes=5))
+                                timeout=datetime.timedelta(seconds=300 if timeout_s is None else timeout_s))
         _STATE["owns_process_group"] = True
     world = dist.get_world_size()
     if world % (sizes.tp * sizes.pp * sizes.cp):
@@ -229,9 +240,11 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234)
                          f"{sizes.tp}*{sizes.pp}*{sizes.cp}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    timeouts = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=sizes.tp,
                                              pipeline_model_parallel_size=sizes.pp,
-                                             context_parallel_size=sizes.cp)
+                                             virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+                                             context_parallel_size=sizes.cp, **timeouts)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 

@@ -8,12 +8,18 @@ what the model already supports (torch_backend/models/dit.py):
   first chunk of the first stage, `post_process` on the last chunk of the last stage, a contiguous
   layer range each, in Megatron's interleaved order), run by Megatron's schedules (1F1B, or
   interleaved 1F1B when `virtual_pipeline > 1`);
+- context parallel (Ulysses, `torch_backend/context_parallel.py`): the model shards its sequence
+  over Megatron's context-parallel group, self-attention exchanges sequence for heads with two
+  all-to-alls, the output is gathered: every CP rank takes the same batch and returns the whole
+  output. The loss is computed as without CP; gradients equal the single-process ones because
+  Megatron's schedule multiplies a 2-tuple `loss_fn`'s loss by the CP size and its DDP averages
+  over data-parallel x context-parallel ranks (each CP rank's gradient covers its own tokens);
 - data parallel: Megatron's DDP (bucketed, overlapped grad reduce) and, with
-  `distributed_optimizer`, the optimizer state sharded over data-parallel ranks.
+  `distributed_optimizer`, the optimizer state sharded over data-parallel (x context-parallel)
+  ranks.
 
 The layout is checked by `check_layout` against the model and the world size BEFORE any model is
-built (messages name the sizes). Context parallelism (Ulysses) is not available yet: a layout with
-`context_parallel > 1` fails here, naming the size.
+built (messages name the sizes; heads must divide TP x CP).
 
 Gradients: `finalize_grads` is Megatron's `finalize_model_grads` (DP reduce, SP norm sums) plus
 the one sum Megatron does not know about: the per-head q/k RMSNorm weights are replicated while
@@ -30,8 +36,9 @@ import torch
 import torch.distributed as dist
 
 from mugv.core.dit import DiTConfig, sequence_length
-from mugv.core.parallel import LayoutError, ParallelConfig, check_layout
+from mugv.core.parallel import ParallelConfig, check_layout
 from mugv.torch_backend import megatron_compat
+from mugv.torch_backend.context_parallel import padded_length
 from mugv.torch_backend.launch import init_distributed
 
 
@@ -68,13 +75,15 @@ def chunk_layers(depth: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> ran
 
 def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
                 params_dtype: torch.dtype = torch.float32, wrap_ddp: bool = True,
-                bucket_size: Optional[int] = None, **config_overrides) -> ParallelDiT:
+                bucket_size: Optional[int] = None, layer_spec=None, **config_overrides) -> ParallelDiT:
     """Initialise Megatron's parallel state for `par` and build this rank's part of MUG-DiT.
 
     Validates the layout first (`check_layout`, then no work: `LayoutError` names the sizes).
     Joins the torchrun world if there is one (see `mugv.torch_backend.launch`), else a world of
     one process. `seed` draws the same global model at any layout (None: leave undrawn, to load).
-    `config_overrides` go to the TransformerConfig (e.g. recompute settings).
+    `config_overrides` go to the TransformerConfig (e.g. recompute settings). `layer_spec`: the
+    MUG-DiT layer spec (default `mugdit_layer_spec()`); under context parallelism its
+    self-attention core is wrapped in Ulysses attention (`context_parallel.ulysses_layer_spec`).
     """
     from megatron.core import parallel_state as ps
 
@@ -82,12 +91,10 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
     dp = check_layout(par, dit, world)
-    if par.context_parallel > 1:
-        raise LayoutError(f"context_parallel {par.context_parallel}: MUG-DiT has no context-parallel "
-                          "(Ulysses) attention yet; use context_parallel 1")
     init_distributed(par.timeout_s)  # under torchrun: the layout's timeout on every collective
     megatron_compat.initialize_parallel(tp=par.tensor_parallel, pp=par.pipeline_parallel,
-                                        cp=par.context_parallel, seed=0 if seed is None else seed)
+                                        cp=par.context_parallel, vpp=par.virtual_pipeline,
+                                        seed=0 if seed is None else seed, timeout_s=par.timeout_s)
     pp, vpp = par.pipeline_parallel, par.virtual_pipeline
     fields = dict(sequence_parallel=par.sequence_parallel, **config_overrides)
     if pp > 1:
@@ -96,13 +103,11 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
             fields.update(virtual_pipeline_model_parallel_size=vpp)
     config = transformer_config(dit, params_dtype=params_dtype, **fields)
     pp_rank = ps.get_pipeline_model_parallel_rank()
-    # megatron_compat.initialize_parallel sets no virtual size; the interleaved schedule reads it
-    ps.set_virtual_pipeline_model_parallel_world_size(vpp if vpp > 1 else None)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     chunks = []
     for v in range(vpp):
         layers = chunk_layers(dit.depth, pp, vpp, pp_rank, v)
-        model = build_dit(dit, config, seed=seed, device=device,
+        model = build_dit(dit, config, layer_spec, seed=seed, device=device,
                           pre_process=pp_rank == 0 and v == 0,
                           post_process=pp_rank == pp - 1 and v == vpp - 1, layers=layers)
         # finalize_model_grads asks every first/last stage whether it ties embeddings (GPT does).
@@ -151,7 +156,10 @@ def forward_backward(pm: ParallelDiT, batches: Iterator[dict], loss_fn: Callable
         frame_indice) for each micro-batch; every pipeline stage draws the same micro-batches
         (the conditioning masks and sizes are needed on every stage).
     loss_fn(output, batch) -> (scalar loss, dict of metrics), on the last stage. Megatron divides
-        the returned loss by num_microbatches IN PLACE: metrics must be clones, not `.detach()`.
+        the returned loss by num_microbatches (and multiplies it by the context-parallel size) IN
+        PLACE: metrics must be clones, not `.detach()`. Under CP the output is the whole (gathered)
+        output on every CP rank: compute the same loss as without CP (no scaling); return a
+        2-tuple (Megatron's 3-tuple per-token form would skip the CP factor).
     Returns the metrics dicts of the last stage (empty elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -163,12 +171,13 @@ def forward_backward(pm: ParallelDiT, batches: Iterator[dict], loss_fn: Callable
 
     peek = next(batches)
     b = peek["x"].shape[0]
-    seq = sequence_length(pm.dit, tuple(peek["x"].shape[2:]))
-    # Stages exchange one packed tensor [hidden; text; 14 conditioning rows] (models/dit.py). Under
-    # SP each rank sends its S/tp hidden rows with the whole text and conditioning, and Megatron
-    # divides seq_length by tp: pass tp times the local length.
-    tp = pm.par.tensor_parallel if pm.config.sequence_parallel else 1
-    packed = tp * (seq // tp + peek["text"].shape[1] + 14)
+    # Stages exchange one packed tensor [hidden; text; 14 conditioning rows] (models/dit.py). Each
+    # rank sends its own hidden rows (the sequence padded to a multiple of CP x TP_sp, divided by
+    # CP and by TP under SP) with the whole text and conditioning; Megatron divides seq_length by
+    # CP and (SP) TP: pass CP x TP_sp times the local length.
+    shards = pm.par.context_parallel * (pm.par.tensor_parallel if pm.config.sequence_parallel else 1)
+    seq = padded_length(sequence_length(pm.dit, tuple(peek["x"].shape[2:])), shards)
+    packed = shards * (seq // shards + peek["text"].shape[1] + 14)
     if len(pm.chunks) == 1:
         data = _prepend(peek, batches)
     else:  # interleaved: one iterator per model chunk, each yielding the same micro-batches
@@ -195,13 +204,16 @@ def gather_full_grads(pm: ParallelDiT) -> dict[str, torch.Tensor]:
     from mugv.core.dit import dit_schema
 
     specs = dit_schema(pm.dit).as_dict()
-    if pm.par.distributed_optimizer and pm.data_parallel > 1:
-        group, dp = ps.get_data_parallel_group(), pm.data_parallel
+    # the distributed optimizer shards gradients over data-parallel x context-parallel ranks
+    dp_cp = pm.data_parallel * pm.par.context_parallel
+    if pm.par.distributed_optimizer and dp_cp > 1:
+        group = ps.get_data_parallel_group(with_context_parallel=True)
+        rank = ps.get_data_parallel_rank(with_context_parallel=True)
         for chunk in pm.chunks:
             for buffer in chunk.buffers:
                 for bucket in buffer.buckets:
-                    shards = list(bucket.grad_data.chunk(dp))
-                    mine = shards[ps.get_data_parallel_rank()].clone()
+                    shards = list(bucket.grad_data.chunk(dp_cp))
+                    mine = shards[rank].clone()
                     dist.all_gather(shards, mine, group=group)
     tp_group, tp = ps.get_tensor_model_parallel_group(), pm.par.tensor_parallel
     mine = {}

@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mugv.core.dit import DiTConfig, check_forward_inputs, dit_schema, patch_grid
 from mugv.core.schema import Schema
 from mugv.core.rope import rope_angles, sinusoidal_embedding
-from mugv.torch_backend import megatron_compat
+from mugv.torch_backend import context_parallel, megatron_compat
 from mugv.torch_backend.models.dit_layers import mugdit_layer_spec
 
 
@@ -189,7 +189,8 @@ class MUGDiT(torch.nn.Module):
 
     def forward(self, x, timestep, text, text_mask, x_mask, fps, frame_indice):
         """See the module docstring for shapes; returns float32 (B, out_channels, T, H, W) on the
-        last pipeline stage, the packed stage output elsewhere (see the class docstring)."""
+        last pipeline stage (under context parallelism: the whole output, on every CP rank), the
+        packed stage output elsewhere (see the class docstring)."""
         cfg = self.cfg
         check_inputs(cfg, x, timestep, text, text_mask, x_mask, fps, frame_indice)
         b, _, t, hh, ww = x.shape
@@ -200,12 +201,19 @@ class MUGDiT(torch.nn.Module):
         token_mask = torch.cat([never, video_mask, never], dim=1).t()  # (L, b)
         with torch.device(x.device):  # core.rope allocates with the namespace's defaults
             angles = rope_angles(torch, cfg, grid, frame_indice)  # (b, L, head_dim / 2) fp32
+        seq = SequenceShards.current(self.config, token_mask.shape[0])
+        # Per-token inputs of this CP rank: [start; video; end] padded at its end (no modulation,
+        # angle 0), this rank's chunk. Self-attention sees every rank's tokens: it masks the padding.
+        token_mask, angles = seq.local(token_mask, 0), seq.local(angles, 1)
+        self_attn_mask = seq.key_mask(b, x.device)
+        cp_token_mask = token_mask  # (Lp / cp, b): the final layer's rows
         sp = self.config.sequence_parallel
         if sp:
             token_mask = _local_chunk(token_mask)
 
         if self.pre_process:
             hidden, text_h, mod, mod0, c, c0 = self._embed(x, timestep, text, text_mask, fps, grid)
+            hidden = seq.local(hidden, 0)
             if sp:
                 hidden = _scatter_sequence(hidden)
         else:
@@ -215,8 +223,11 @@ class MUGDiT(torch.nn.Module):
                                                        text.shape[1])
         # Each rank modulates only its own tokens under SP, so the gradient reaching the
         # (replicated) conditioning is partial: identity forward, all-reduce over TP backward.
+        # (Over CP the same holds; Megatron's DDP reduces over DP x CP, see context_parallel.py.)
         mod_used, mod0_used = (_SumGradOverTP.apply(mod), _SumGradOverTP.apply(mod0)) if sp else (mod, mod0)
-        hidden = self._run_layers(hidden, mod_used, mod0_used, token_mask, text_h, text_mask.bool(), angles)
+        extra = () if self_attn_mask is None else (self_attn_mask,)
+        hidden = self._run_layers(hidden, mod_used, mod0_used, token_mask, text_h, text_mask.bool(), angles,
+                                  *extra)
         if not self.post_process:
             return torch.cat([hidden, text_h, mod.transpose(0, 1), mod0.transpose(0, 1), c[None], c0[None]])
 
@@ -225,7 +236,13 @@ class MUGDiT(torch.nn.Module):
             # backward of this gather keeps the rank's own chunk instead of reduce-scattering.
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False)
-        out = self.final_layer(hidden[1:-1].transpose(0, 1), c, c0, video_mask)  # (b, N, p*co)
+        if seq.cp == 1 and not seq.padding:  # the final layer on the video tokens only
+            out = self.final_layer(hidden[1:-1].transpose(0, 1), c, c0, video_mask)  # (b, N, p*co)
+        else:  # this rank's tokens, then every CP rank's; start, end and padding dropped
+            out = self.final_layer(hidden.transpose(0, 1), c, c0, cp_token_mask.t())
+            if seq.cp > 1:
+                out = context_parallel.gather_sequence(out, dim=1)
+            out = out[:, 1:seq.length - 1]
         return unpatchify(cfg, out, grid, (t, hh, ww))
 
     def _embed(self, x, timestep, text, text_mask, fps, grid):
@@ -270,12 +287,43 @@ class _SumGradOverTP(torch.autograd.Function):
         return grad
 
 
+class SequenceShards:
+    """How the sequence [start; video; end] of `length` tokens is split over ranks: zero-padded at
+    its end to `padded`, a multiple of CP x (TP under sequence parallelism), each CP rank holding
+    the contiguous chunk `rank` of `cp` (then split over TP by sequence parallelism)."""
+
+    def __init__(self, length: int, cp: int, cp_rank: int, tp_sp: int):
+        self.length, self.cp, self.cp_rank = length, cp, cp_rank
+        self.padded = context_parallel.padded_length(length, cp * tp_sp)
+        self.padding = self.padded - length
+
+    @classmethod
+    def current(cls, config: TransformerConfig, length: int) -> "SequenceShards":
+        cp, cp_rank = context_parallel.cp_size_rank()
+        tp_sp = parallel_state.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
+        return cls(length, cp, cp_rank, tp_sp)
+
+    def local(self, x, dim: int):
+        """Pad `x` along `dim` (length -> padded, zeros / False) and keep this CP rank's chunk."""
+        if self.padding:
+            shape = list(x.shape)
+            shape[dim] = self.padding
+            x = torch.cat([x, torch.zeros(shape, dtype=x.dtype, device=x.device)], dim=dim)
+        if self.cp == 1:
+            return x
+        part = context_parallel.local_range(self.padded, self.cp, self.cp_rank)
+        return x[(slice(None),) * dim + (part,)]
+
+    def key_mask(self, batch: int, device):
+        """(b, padded) bool self-attention key mask (False on padding), None without padding."""
+        if not self.padding:
+            return None
+        return (torch.arange(self.padded, device=device) < self.length)[None].expand(batch, -1)
+
+
 def _local_chunk(token_mask):
-    """This TP rank's contiguous chunk of the sequence (sequence parallelism)."""
+    """This TP rank's contiguous chunk of the (padded, CP-local) sequence (sequence parallelism)."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    if token_mask.shape[0] % tp:
-        raise ValueError(f"sequence parallelism: sequence length {token_mask.shape[0]} (video tokens "
-                         f"+ 2) is not divisible by tensor-parallel size {tp}")
     part = token_mask.shape[0] // tp
     rank = parallel_state.get_tensor_model_parallel_rank()
     return token_mask[rank * part:(rank + 1) * part]
@@ -317,13 +365,19 @@ def build_dit(cfg: DiTConfig, config: Optional[TransformerConfig] = None,
     state must be initialised (`megatron_compat.initialize_parallel`). `seed=None` leaves parameters
     undrawn (to be loaded). pre_process / post_process / layers select a pipeline stage."""
     megatron_compat.enable()  # no-op on a GPU
-    if parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1:
-        raise NotImplementedError("MUG-DiT has no context-parallel attention yet: context parallel "
-                                  f"size {parallel_state.get_context_parallel_world_size()}, expected 1")
     config = config or transformer_config(cfg)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = MUGDiT(cfg, config, layer_spec or mugdit_layer_spec(), pre_process, post_process, layers)
+    layer_spec = layer_spec or mugdit_layer_spec()
+    cp, _ = context_parallel.cp_size_rank()
+    if cp > 1:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if cfg.num_heads % (tp * cp):
+            raise ValueError(f"num_heads {cfg.num_heads} is not divisible by tensor_parallel {tp} x "
+                             f"context_parallel {cp} = {tp * cp} (Ulysses gives each rank "
+                             "num_heads / (TP x CP) heads)")
+        layer_spec = context_parallel.ulysses_layer_spec(layer_spec)
+    model = MUGDiT(cfg, config, layer_spec, pre_process, post_process, layers)
     model.to(device=device, dtype=config.params_dtype)
     check_against_schema(model, cfg)
     if seed is not None:

@@ -135,12 +135,26 @@ class HeadRMSNorm(torch.nn.Module):
         self.weight.partial_grad_over_tp = True
 
 
+def _drop_empty_extra_state(state_dict, prefix, *args, **kwargs) -> None:
+    """Load pre-hook: Megatron's linears register a hook that adds `<prefix>_extra_state: None` to
+    every state dict they load (for Transformer Engine checkpoints); ours keep no extra state, so
+    `load_state_dict(strict=True)` would report it unexpected. Drop that empty entry (registered
+    after Megatron's hook, so it runs after it); a non-empty one stays and is reported."""
+    if f"{prefix}_extra_state" in state_dict and state_dict[f"{prefix}_extra_state"] is None:
+        del state_dict[f"{prefix}_extra_state"]
+
+
 class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     """Megatron's column-parallel linear without its empty `_extra_state` state-dict entry (kept
-    there for Transformer Engine checkpoints), so that the model's state dict is canonical."""
+    there for Transformer Engine checkpoints), so that the model's state dict is canonical and
+    loads with `strict=True`."""
 
     get_extra_state = torch.nn.Module.get_extra_state
     set_extra_state = torch.nn.Module.set_extra_state
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._register_load_state_dict_pre_hook(_drop_empty_extra_state)
 
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
@@ -148,6 +162,10 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
 
     get_extra_state = torch.nn.Module.get_extra_state
     set_extra_state = torch.nn.Module.set_extra_state
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._register_load_state_dict_pre_hook(_drop_empty_extra_state)
 
 
 @dataclasses.dataclass

@@ -378,7 +378,7 @@ class VideoVAE(nn.Module):
             raise ValueError(err)
         z = self.denormalize(latent) if normalized else latent
         positions = spec.output_positions(num_frames)
-        out = []
+        out, done = None, 0
         for chunk in spec.decode_chunks(z.shape[2]):
             lo, hi = spec.TEMPORAL_GROUP * chunk.start, spec.TEMPORAL_GROUP * chunk.stop
             keep = [p - lo for p in positions if lo <= p < hi]
@@ -387,8 +387,14 @@ class VideoVAE(nn.Module):
             feats = self.decode_temporal(z[:, :, chunk.start:chunk.stop])[:, :, keep]
             b, n = feats.shape[0], feats.shape[2]
             pix = self.decode_spatial(feats.transpose(1, 2).flatten(0, 1), frame_batch)
-            out.append(pix.unflatten(0, (b, n)).transpose(1, 2))
-        return torch.cat(out, dim=2)
+            pix = pix.unflatten(0, (b, n)).transpose(1, 2)
+            if out is None:
+                # The clip is allocated once and filled chunk by chunk: concatenating a list of
+                # chunks at the end held the decoded video twice, so the peak grew with its length.
+                out = pix.new_empty(pix.shape[:2] + (num_frames,) + pix.shape[3:])
+            out[:, :, done:done + n] = pix
+            done += n
+        return out
 
     def forward(self, video: torch.Tensor, sample: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -132,10 +132,21 @@ def build_parser():
                                     size=(Optional[str], None, "VAE: size name (default: read from the weights)")),
         "demo": _parser("The end-to-end demo: data -> VAE -> cache -> curriculum -> samples -> report",
                         demo.DemoConfig, quick=(bool, False, "the short CI variant (about 3 minutes)")),
+        **_preference_parsers(),
     }
     for name, p in subs.items():
         sub.add_subcommand(name, p, help=p.description)
     return top
+
+
+def _preference_parsers() -> dict:
+    """`make-preferences` and `train-preference` (docs/preference.md)."""
+    from mugv.torch_backend import preference_data
+    from mugv.torch_backend.training import preference
+    return {"make-preferences": _parser("Sample K candidates per prompt, score them with the analyzer, write DPO "
+                                        "pairs and KTO labels", preference_data.PreferenceDataConfig),
+            "train-preference": _parser("Preference stage: Diffusion-DPO or Diffusion-KTO against a frozen "
+                                        "reference checkpoint", preference.PreferenceRunConfig)}
 
 
 def _sample_parser(pipeline, DiTConfig, FlowSamplerConfig):
@@ -231,6 +242,18 @@ def _build(command: str, ns):
         if not ns.dst:
             raise ConfigError("--dst: expected a checkpoint root directory")
         return ns
+    if command == "make-preferences":
+        from mugv.torch_backend.preference_data import PreferenceDataConfig
+        cfg = PreferenceDataConfig(**_fields(PreferenceDataConfig, ns))
+        for key, what in (("checkpoint", "DiT checkpoint"), ("vae_checkpoint", "VAE checkpoint"), ("prompts", "manifest")):
+            pipeline.require_path(key, getattr(cfg, key), what)
+        return cfg
+    if command == "train-preference":
+        from mugv.torch_backend.training.preference import PreferenceRunConfig, resolve_reference
+        cfg = PreferenceRunConfig(**_fields(PreferenceRunConfig, ns))
+        pipeline.require_path("manifest", cfg.manifest, "preference manifest")
+        resolve_reference(cfg.reference)
+        return cfg
     if command == "demo":
         cfg = demo.DemoConfig(**_fields(demo.DemoConfig, ns))
         if ns.quick:
@@ -241,4 +264,7 @@ def _build(command: str, ns):
 
 def run(command: str, cfg) -> int:
     from mugv.torch_backend.cli import runners
+    if command in ("make-preferences", "train-preference"):
+        from mugv.torch_backend import preference_demo
+        return preference_demo.run_command(command, cfg)
     return getattr(runners, command.replace("-", "_"))(cfg)

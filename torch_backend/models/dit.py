@@ -19,6 +19,18 @@ groups of `recompute_num_layers`)).
 Pipeline parallelism: `build_dit(..., pre_process, post_process, layers)` builds one stage; stages
 exchange one packed tensor (see `MUGDiT`), which Megatron's schedules send and receive.
 
+Context parallelism (Ulysses, `torch_backend/context_parallel.py`), when Megatron's CP size > 1:
+every CP rank takes the same whole batch; the sequence [start; video; end] (S = N + 2 tokens) is
+zero-padded at its end to a multiple of CP x TP (TP only under sequence parallelism) and each
+CP rank keeps its contiguous chunk of the hidden states, of the per-token modulation index
+(token mask: I2V clean frames, start/end and padding use the t = 0 branch) and of the 3D RoPE
+angles (positions stay global: the start token sits on CP rank 0, the end token where index
+S - 1 falls). Self-attention (the layer spec's core wrapped in `UlyssesAttention`) sees every
+rank's tokens with the padding masked out of its keys; cross-attention needs nothing (the text is
+replicated, only queries are sharded). The final layer runs on the rank's tokens, the output is
+gathered over CP and the start/end/padding rows dropped: the whole output on every CP rank.
+Sequence parallelism alone pads the same way when S does not divide by TP.
+
 Text with padding: masks (per-sample key mask in cross-attention; padded tokens never reach the
 output). A sample with no real token gets a zero cross-attention output before `proj`.
 """

@@ -366,8 +366,10 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no state {key!r} for rank {rank}")
         return f.read_bytes()
 
-    def validate(self, group: str, schema: Schema, dtype: str | None = None) -> None:
+    def validate(self, group: str, schema: Schema, dtype: str | None = None, subset: bool = False) -> None:
         """Check that `group` holds exactly the schema's arrays with its shapes (and `dtype`).
+        subset: the schema is part of the model (a pipeline stage's parameters): arrays of the
+        group that are not in it are allowed.
 
         Raises CheckpointError naming every missing, extra or mismatched parameter.
         """
@@ -383,7 +385,7 @@ class Checkpoint:
             want = dtype or p.dtype
             if e.dtype != want:
                 problems.append(f"parameter {p.name}: checkpoint dtype {e.dtype}, expected {want}")
-        for name, e in have.items():
+        for name, e in have.items() if not subset else ():
             problems.append(f"unexpected parameter {name} (shape {e.shape}) not in the schema")
         if problems:
             shown = "; ".join(problems[:10]) + (f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")

@@ -85,14 +85,17 @@ def save_torch(root: str | os.PathLike, step: int,
 
 def load_torch(path: str | os.PathLike | Checkpoint, schema: Schema, group: str = "model", *,
                tp_rank: int = 0, tp_size: int = 1, dtype: torch.dtype | None = None,
-               expect_dtype: str | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+               expect_dtype: str | None = None, device: str | torch.device = "cpu",
+               subset: bool = False) -> dict[str, torch.Tensor]:
     """Read `group` for one rank of a `tp_size` layout: its slice of every sharded parameter.
 
     The group must match `schema` exactly (names, global shapes and, if given, `expect_dtype`),
-    else CheckpointError names every mismatched parameter.
+    else CheckpointError names every mismatched parameter. subset: `schema` is only part of the
+    model (a pipeline stage's parameters); the group's other arrays are left unread, so a
+    checkpoint written at any pipeline layout loads at any other.
     """
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path)
-    ckpt.validate(group, schema, dtype=expect_dtype or _common_dtype(ckpt, group))
+    ckpt.validate(group, schema, dtype=expect_dtype or _common_dtype(ckpt, group), subset=subset)
     out = {}
     for spec in schema:
         index = spec.shard_index(tp_rank, tp_size) if spec.tp_axis is not None else None

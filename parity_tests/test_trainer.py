@@ -1,5 +1,7 @@
-"""The trainer: exact resume after SIGKILL (also during a save), DP=2 with the distributed
-optimizer, non-finite handling, and start-up failures. Every run is a real child process."""
+"""The trainer: exact resume after SIGKILL (also during a save, synchronous or asynchronous), DP=2
+with the distributed optimizer, PP=2 through Megatron's 1F1B schedule (equal to PP=1, its
+checkpoint resumed at PP=1, SIGKILL resume at PP=2), the override points a preference stage uses,
+non-finite handling, and start-up failures. Every run is a real child process."""
 from __future__ import annotations
 
 import json
@@ -121,10 +123,18 @@ def test_sigkill_at_random_step_resumes_bit_identical(reference, tmp_path):
     assert_same_run(reference, tmp_path)
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.05])
-def test_sigkill_during_save_resumes_bit_identical(reference, tmp_path, delay):
-    kill_when(launch(tmp_path), "checkpoint: saving step 8", delay)
-    run(tmp_path)
+@pytest.mark.parametrize("delay,mode", [(0.0, "sync"), (0.05, "sync"), (0.0, "async"), (0.05, "async")])
+def test_sigkill_during_save_resumes_bit_identical(reference, tmp_path, delay, mode):
+    """Killed while a checkpoint is written (in the step, or in the background thread of an
+    asynchronous save while training goes on): the previous checkpoint is intact, the resumed
+    run equals the uninterrupted synchronous one bit for bit (asynchronous saves write the
+    same bytes)."""
+    extra = ("--async-save",) if mode == "async" else ()
+    kill_when(launch(tmp_path, extra=extra), "checkpoint: saving step 8", delay)
+    for p in (tmp_path / "checkpoints").glob("step_*"):
+        Checkpoint(p)   # whatever was committed before the kill is complete
+    out = run(tmp_path, extra=extra)
+    assert "resumed from" in out
     assert_same_run(reference, tmp_path)
 
 
@@ -181,3 +191,61 @@ def test_unwritable_output_dir_fails_at_start(tmp_path):
     blocker.write_text("x")
     out = run(blocker / "run", expect=1)
     assert f"checkpoint directory {blocker / 'run'} is not writable" in out
+
+
+def test_override_points_reference_model(tmp_path):
+    """A subclass using prepare_inputs / loss_fn / forward_only / frozen_copy (what the preference
+    stage does): the frozen copy's per-sample errors, run through the same schedule without
+    gradients, equal the policy's before the first update and differ after it; the losses are
+    those of the plain trainer (the extra forward changes nothing)."""
+    out = run(tmp_path, steps=2, extra=("--check-api",))
+    assert "API-CHECK step 0 max|ref - policy| 0.000e+00 micro-batches 2" in out, out[-2000:]
+    later = [ln for ln in out.splitlines() if ln.startswith("API-CHECK step 1")]
+    assert later and float(later[0].split()[6]) > 0, later
+
+
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory):
+    """The reference run at PP=2 (two stages of one layer, 2 micro-batches through 1F1B)."""
+    out = tmp_path_factory.mktemp("pp2")
+    finish(launch(out, world=2, extra=("--pp", "2")))
+    return out
+
+
+def test_pp2_equals_pp1(reference, pp2):
+    from mugv.parity_tests.tolerances import assert_close
+
+    la, lr = losses(pp2), losses(reference)
+    assert la.keys() == lr.keys()
+    assert_close(np.array(list(la.values())), np.array(list(lr.values())), "sharded", "float32", name="losses")
+    a, b = arrays(latest_checkpoint(pp2 / "checkpoints")), arrays(latest_checkpoint(reference / "checkpoints"))
+    assert a.keys() == b.keys()   # every stage wrote its own layers: together, the whole model
+    for k in b:
+        assert_close(a[k], b[k], "sharded_train", "float32", name=str(k))
+
+
+def test_pp2_checkpoint_resumes_at_pp1(pp2, tmp_path):
+    """A checkpoint written by two pipeline stages resumes in one process (reshard on read)."""
+    import shutil
+
+    from mugv.parity_tests.tolerances import assert_close
+
+    shutil.copytree(pp2, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / f"step_{STEPS:09d}")
+    out = run(tmp_path / "run")
+    assert "resumed from" in out and "step_000000008" in out
+    la, lb = losses(pp2), losses(tmp_path / "run")
+    assert [la[s] for s in range(1, 9)] == [lb[s] for s in range(1, 9)]
+    assert_close(np.array([lb[s] for s in range(9, STEPS + 1)]), np.array([la[s] for s in range(9, STEPS + 1)]),
+                 "sharded", "float32", name="losses after the resume")
+    a = arrays(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    b = arrays(latest_checkpoint(pp2 / "checkpoints"))
+    for k in b:
+        assert_close(a[k], b[k], "sharded_train", "float32", name=str(k))
+
+
+@pytest.mark.slow  # two more 2-process runs (~2-3 min on a loaded 2-core machine)
+def test_pp2_sigkill_resumes_bit_identical(pp2, tmp_path):
+    kill_when(launch(tmp_path, world=2, extra=("--pp", "2")), f"step 7/{STEPS}", 0.0)
+    finish(launch(tmp_path, world=2, extra=("--pp", "2")))
+    assert_same_run(pp2, tmp_path)

@@ -1,7 +1,7 @@
 """A training run in its own process, for the trainer tests (kill/resume, DP=2, failures).
 
     python parity_tests/train_worker.py OUT STEPS [--nan-steps 3,4] [--nonfinite-limit K]
-        [--dp-opt] [--ckpt-every N] [--lr 1e-3]
+        [--dp-opt] [--ckpt-every N] [--lr 1e-3] [--tp N] [--pp N] [--vpp N] [--async-save]
 Under RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT it joins a multi-process world (as torchrun sets).
 """
 from __future__ import annotations
@@ -15,6 +15,43 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def api_check_class(Trainer):
+    """A Trainer subclass exercising the preference stage's override points: a frozen copy of the
+    initial weights as reference, its per-sample flow-matching errors from `forward_only` carried
+    in the inputs, and a `loss_fn` that sees them. At step 0 the copy equals the policy, so the
+    reference errors must equal the policy's per-sample losses; both are printed as a line
+    `API-CHECK step <s> max|ref - policy| <d> ...` on the last pipeline stage."""
+    import torch
+
+    class ApiCheck(Trainer):
+        def prepare_inputs(self, batch, rows):
+            inputs = super().prepare_inputs(batch, rows)
+            if not hasattr(self, "reference"):
+                self.reference = self.frozen_copy()
+
+            def per_sample(out, mb):
+                return Trainer.loss_fn(self, out, mb)[1]
+            inputs["ref_err"] = self.forward_only(self.reference, inputs, reduce=per_sample)
+            return inputs
+
+        def loss_fn(self, out, mb):
+            loss, samples = super().loss_fn(out, mb)
+            self._seen = getattr(self, "_seen", []) + [(samples.detach(), mb["ref_err"])]
+            return loss, samples
+
+        def train_step(self, batch):
+            self._seen = []
+            step = self.step
+            m = super().train_step(batch)
+            if self._seen:
+                d = max(float((s - r).abs().max()) for s, r in self._seen)
+                print(f"API-CHECK step {step} max|ref - policy| {d:.3e} micro-batches {len(self._seen)}",
+                      flush=True)
+            return m
+
+    return ApiCheck
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -25,6 +62,12 @@ def main() -> int:
     ap.add_argument("--ckpt-every", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--vpp", type=int, default=1)
+    ap.add_argument("--async-save", action="store_true")
+    ap.add_argument("--check-api", action="store_true",
+                    help="train a subclass that uses the override points (see ApiCheck)")
     a = ap.parse_args()
 
     import torch
@@ -48,8 +91,11 @@ def main() -> int:
                         max_nonfinite_in_a_row=a.nonfinite_limit,
                         optimizer=OptimizerConfig(lr=a.lr, min_lr=0.0, warmup_steps=3, schedule="cosine"))
     source = SyntheticLatents(4, (3, 4, 6), text_len=6, text_dim=cfg.text_dim, seed=3)
-    trainer = Trainer(cfg, train, FlowConfig(), source, a.out,
-                      parallel=ParallelConfig(distributed_optimizer=a.dp_opt),
+    cls = api_check_class(Trainer) if a.check_api else Trainer
+    trainer = cls(cfg, train, FlowConfig(), source, a.out,
+                      parallel=ParallelConfig(distributed_optimizer=a.dp_opt, tensor_parallel=a.tp,
+                                              pipeline_parallel=a.pp, virtual_pipeline=a.vpp),
+                      async_save=a.async_save,
                       stage=StageSettings(task_mix=(("t2v", 1.0), ("i2v", 1.0)), caption_dropout=0.2),
                       grad_hook=plant_nan, log=lambda m: print(m, flush=True))
     try:

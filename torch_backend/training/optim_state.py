@@ -8,6 +8,15 @@ The checkpoint stores, per canonical parameter, its fp32 main value and Adam's `
   parameter; saving assembles the whole tensor (all-reduce over the data-parallel group of the
   zero-padded ranges), loading keeps the rank's range.
 Adam's scalar `step` is the same for every parameter and travels as one integer.
+
+`model` arguments are anything with `named_parameters()` yielding canonical names (one MUG-DiT
+stage, or the trainer's view over all of a rank's pipeline chunks).
+
+Sharded extra state (the trainer's EMA): `main_shards` gives, per trainable parameter, the fp32
+main values THIS rank's optimizer holds - the whole (TP-local) tensor, or the distributed
+optimizer's flat range of it. State kept per shard (`ema[name]` shaped like the shard) is
+assembled by `gather_states(..., extra=...)` like the Adam moments and cut back into shards by
+`shard_like`.
 """
 from __future__ import annotations
 
@@ -53,10 +62,52 @@ def optimizer_step_count(opt) -> int:
     return 0
 
 
-def gather_states(opt, model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """{canonical name: {"param", "exp_avg", "exp_avg_sq"}} (fp32, TP-local shape, CPU).
+def main_shards(opt, model) -> dict[str, torch.Tensor]:
+    """{canonical name: this rank's fp32 main values of the parameter} (a live view: the optimizer
+    updates it in place). Under the distributed optimizer it is the rank's flat range (1-D, maybe
+    absent when the rank owns none of the parameter), else the whole TP-local tensor."""
+    names = {p: n for n, p in model.named_parameters()}
+    out = {}
+    for inner in inner_optimizers(opt):
+        if isinstance(inner, DistributedOptimizer):
+            for param, name in names.items():
+                main = _dist_main(inner, param)
+                if main is not None:
+                    out[name] = main
+        else:
+            for param, main in _pairs(inner):
+                out[names[param]] = main
+    return out
+
+
+@torch.no_grad()
+def shard_like(opt, model, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut whole (TP-local) fp32 tensors into this rank's shards, as `main_shards` lays them out."""
+    names = {p: n for n, p in model.named_parameters()}
+    out = {}
+    for inner in inner_optimizers(opt):
+        if isinstance(inner, DistributedOptimizer):
+            for param, name in names.items():
+                main = _dist_main(inner, param)
+                if main is not None and name in full:
+                    rng = inner._get_model_param_range_map(param)["param"]
+                    out[name] = full[name].reshape(-1)[rng.start:rng.end].to(main).clone()
+        else:
+            for param, main in _pairs(inner):
+                name = names[param]
+                if name in full:
+                    out[name] = full[name].to(main).reshape(main.shape).clone()
+    return out
+
+
+def gather_states(opt, model, extra: dict[str, dict[str, torch.Tensor]] | None = None
+                  ) -> dict[str, dict[str, torch.Tensor]]:
+    """{canonical name: {"param", "exp_avg", "exp_avg_sq", *extra}} (fp32, TP-local shape, fresh
+    CPU copies). `extra` = {key: {name: shard}}: more per-shard state (EMA) assembled the same way.
 
     Collective under the distributed optimizer: every rank calls it."""
+    extra = extra or {}
+    keys = KEYS + tuple(extra)
     names = {p: n for n, p in model.named_parameters()}
     out: dict[str, dict[str, torch.Tensor]] = {}
     for inner in inner_optimizers(opt):
@@ -69,7 +120,7 @@ def gather_states(opt, model: torch.nn.Module) -> dict[str, dict[str, torch.Tens
                 if param not in mine:
                     continue
                 flat = {k: torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
-                        for k in ("param",) + KEYS}
+                        for k in ("param",) + keys}
                 main = _dist_main(inner, param)
                 if main is not None:
                     rng = inner._get_model_param_range_map(param)["param"]
@@ -78,8 +129,12 @@ def gather_states(opt, model: torch.nn.Module) -> dict[str, dict[str, torch.Tens
                     for k in KEYS:
                         if k in state:
                             flat[k][rng.start:rng.end] = state[k].float()
+                    for k, shards in extra.items():
+                        if name in shards:
+                            flat[k][rng.start:rng.end] = shards[name].float()
                 for t in flat.values():
                     torch.distributed.all_reduce(t, group=group)
+                # .cpu() of a CPU tensor is the same tensor: these are fresh, so no clone needed
                 out[name] = {k: v.view(param.shape).cpu() for k, v in flat.items()}
         else:
             for param, main in _pairs(inner):
@@ -88,6 +143,8 @@ def gather_states(opt, model: torch.nn.Module) -> dict[str, dict[str, torch.Tens
                 for k in KEYS:
                     entry[k] = (state[k].float().cpu().clone() if k in state
                                 else torch.zeros(main.shape, dtype=torch.float32))
+                for k, shards in extra.items():
+                    entry[k] = shards[names[param]].float().cpu().clone()
                 out[names[param]] = entry
     return out
 

@@ -1,23 +1,60 @@
 """The MUG-DiT training engine on Megatron-Core: step, loop, checkpoint/resume, failure handling.
 
-One `Trainer` runs one stage. Per step it takes a global batch from a resumable source, keeps its
-data-parallel rank's rows, assigns tasks (text-to-image for 1-frame batches, else text-to-video
-or image-to-video by the stage's mix), drops captions for classifier-free guidance, draws
-timesteps and noise from a generator seeded by (seed, step, rank) (so a resumed run draws exactly
-what the uninterrupted run drew), runs forward/backward over the micro-batches with Megatron's
-DDP (gradient reduce deferred to the last micro-batch), checks the loss and every gradient for
-non-finite values, and steps Megatron's optimizer (clipping inside) and the EMA.
+One `Trainer` runs one stage on any layout `torch_backend/parallelize.py::parallelize` builds
+(TP(+SP), PP(+virtual stages), DP with the distributed optimizer). Per step it takes a global
+batch from a resumable source, keeps its data-parallel rank's rows, assigns tasks (text-to-image
+for 1-frame batches, else text-to-video or image-to-video by the stage's mix), drops captions for
+classifier-free guidance, draws timesteps and noise from a generator seeded by (seed, step) (a
+resumed run draws exactly what the uninterrupted run drew), runs the micro-batches (= gradient
+accumulation) through Megatron's schedule for the layout (`parallelize.forward_backward`: no
+pipelining, 1F1B or interleaved 1F1B; DDP's reduce deferred to the last micro-batch;
+`finalize_grads`), checks the loss and every gradient for non-finite values, and steps Megatron's
+optimizer (clipping inside) and the EMA.
+
+Override points (for other objectives on the same engine, e.g. the DPO/KTO preference stage):
+    prepare_inputs(batch, rows) -> dict
+        This rank's rows of the global batch as tensors (leading dim = samples) plus anything else
+        the loss needs. Default: flow-matching inputs (x_t, timestep, text, text_mask, frame_mask,
+        fps, frame_indice, x0, noise, is_image, is_i2v). Every pipeline stage calls it and must
+        get the same micro-batch sizes and conditioning.
+    micro_batches(inputs) -> list[dict]
+        Default: every tensor whose leading dim is `num_samples(inputs)` cut into chunks of
+        `TrainConfig.micro_batch` rows; other values are passed to every micro-batch as they are.
+        Override to keep groups of rows together (e.g. a preference pair).
+    num_samples(inputs) -> int
+        Default: rows of inputs["x_t"]. Micro-batches weigh by it in the step's loss.
+    model_inputs(mb) -> dict
+        The model's keyword arguments (x, timestep, text, text_mask, x_mask, fps, frame_indice).
+    loss_fn(out, mb) -> (loss_mean, per_sample)
+        On the last pipeline stage: the scalar loss of the micro-batch (mean over its samples)
+        and per-sample values (metrics only). Default: flow matching (`objectives.py`).
+    task_masks(mb) -> dict[name, bool tensor]
+        Masks over `per_sample` for the per-task metrics ("loss_<name>"). Default: t2i/i2v/t2v
+        from is_image/is_i2v when present, else none; masks not matching `per_sample` are ignored.
+    forward_only(model, inputs, reduce=None)
+        Runs ANOTHER model of this layout (`frozen_copy()`, the preference stage's reference)
+        without gradients through the same schedule and micro-batches. Returns, on the last
+        pipeline stage, torch.cat of `reduce(out, mb)` over the micro-batches (or the list of
+        outputs when reduce is None); None on other stages. Collective over the pipeline: call it
+        from `prepare_inputs` (store the result as a per-sample tensor in the inputs, which
+        `micro_batches` then cuts), not from `loss_fn` (a schedule cannot nest in a schedule).
+    frozen_copy(checkpoint=None, group="model")
+        This rank's stages rebuilt with the same layout, weights copied from the model now, or
+        read from a checkpoint (any layout), requires_grad False.
 
 Exact resume: model (fp32 main values), EMA, Adam moments and step, every RNG, the source's
 position, the step and the failure counters all go into one atomic checkpoint
-(`checkpoints/format.py`); a restarted run picks the newest complete one.
+(`checkpoints/format.py`); a restarted run picks the newest complete one, at any layout (each
+pipeline stage writes its own parameters, each data-parallel shard of the distributed optimizer
+its range via an all-reduce; reading reshards). The EMA is kept per shard like the Adam moments.
+Saves can be asynchronous (`training/saving.py`): the step copies the state to host memory and
+a background thread writes it.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +64,7 @@ import torch
 import torch.distributed as dist
 
 from mugv.checkpoints.format import Checkpoint, CheckpointError, check_writable, latest_checkpoint
-from mugv.checkpoints.torch_io import load_torch, save_torch
+from mugv.checkpoints.torch_io import load_torch
 from mugv.core import flow as core_flow
 from mugv.core.dit import DiTConfig, dit_schema, patch_grid, video_tokens
 from mugv.core.flops import H100_BF16_PEAK, step_flops
@@ -39,6 +76,7 @@ from mugv.core.validate import to_dict
 from mugv.torch_backend import megatron_compat, objectives
 from mugv.torch_backend.training import optim_state, rng
 from mugv.torch_backend.training.batch import BatchSource, TrainBatch
+from mugv.torch_backend.training.saving import CheckpointSaver, to_host
 
 # Fields of TrainConfig that may change when a run is resumed (they do not change the math).
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every")
@@ -79,6 +117,28 @@ class StageSettings:
         return weights.get("i2v", 0.0) / total if total > 0 else 0.0
 
 
+class _Stages:
+    """named_parameters() over all of this rank's model chunks (canonical names are global)."""
+
+    def __init__(self, stages):
+        self.stages = stages
+
+    def named_parameters(self):
+        for s in self.stages:
+            yield from s.named_parameters()
+
+    def parameters(self):
+        for _, q in self.named_parameters():
+            yield q
+
+
+class _MicroBatch(dict):
+    """The model's keyword inputs (what Megatron's schedule passes to the model), carrying the
+    whole micro-batch (targets, masks) for the loss."""
+
+    full: dict
+
+
 class Trainer:
     """Trains MUG-DiT for one stage. Construct on every rank (under torchrun for several)."""
 
@@ -86,15 +146,17 @@ class Trainer:
                  out_dir: str | Path, parallel: ParallelConfig = ParallelConfig(),
                  stage: StageSettings = StageSettings(), grad_hook: Optional[Callable] = None,
                  log: Callable[[str], None] = print, model_hook: Optional[Callable] = None,
-                 on_metrics: Optional[Callable[[dict], None]] = None):
+                 on_metrics: Optional[Callable[[dict], None]] = None,
+                 async_save: Optional[bool] = None):
         """Arguments beyond the configs:
             source: resumable global-batch source (`training/batch.py::BatchSource`).
             grad_hook(step, model): called after backward, before the finiteness check (tests
                 plant non-finite gradients with it).
-            model_hook(model) -> Schema | None: called after the model is built and before DDP
-                wraps it; may freeze parameters or add modules (LoRA) and returns the schema of
-                the parameters it added, which join the checkpoint.
+            model_hook(model) -> Schema | None: called on every model chunk after it is built and
+                before DDP wraps it; may freeze parameters or add modules (LoRA) and returns the
+                schema of the parameters it added, which join the checkpoint.
             on_metrics(metrics): called on rank 0 after every step (progress display).
+            async_save: write checkpoints in a background thread (default: on a GPU).
         """
         self.dit, self.train, self.flow, self.parallel, self.stage = dit, train, flow, parallel, stage
         self.source = source
@@ -104,6 +166,7 @@ class Trainer:
         self.model_hook = model_hook
         self.on_metrics = on_metrics
         self.log = log
+        self.async_save = torch.cuda.is_available() if async_save is None else async_save
         self.step = 0                  # iterations done (skipped ones included)
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
@@ -117,58 +180,68 @@ class Trainer:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.enums import ModelType
-        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-        from megatron.core.optimizer import get_megatron_optimizer
 
-        from mugv.torch_backend.models.dit import build_dit, transformer_config
+        from mugv.torch_backend.parallelize import finalize_grads, megatron_optimizer, parallelize
 
         p = self.parallel
-        megatron_compat.initialize_parallel(tp=p.tensor_parallel, pp=p.pipeline_parallel,
-                                            cp=p.context_parallel, seed=self.train.seed)
-        world = dist.get_world_size()
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
         self.dp_size = check_layout(p, self.dit, world)
-        if p.pipeline_parallel > 1 or p.context_parallel > 1:
-            raise NotImplementedError("the trainer runs TP and DP layouts; pipeline and context "
-                                      "parallel training arrive with the parallel-layouts work")
-        self.rank = dist.get_rank()
-        self.dp_rank = ps.get_data_parallel_rank()
-        self.tp_rank = ps.get_tensor_model_parallel_rank()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-        if self.rank == 0:
-            self._check_output_dir()
-        dist.barrier()
-
         bf16 = self.train.precision == "bf16"
         if bf16 and not torch.cuda.is_available():
             raise ValueError("TrainConfig.precision = 'bf16' needs a GPU; use 'fp32' on a CPU")
+        # Fail before any model is built (rank 0 checks; the others meet it at the first barrier).
+        if int(os.environ.get("RANK", 0)) == 0:
+            self._check_output_dir()
         recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
                      "full": dict(recompute_granularity="full", recompute_method="uniform",
                                   recompute_num_layers=self.train.recompute_layers or 1)}[self.train.recompute]
-        tcfg = transformer_config(self.dit, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-                                  sequence_parallel=p.sequence_parallel, **recompute)
-        model = build_dit(self.dit, tcfg, seed=self.train.seed, device=self.device)
-        model.model_type = ModelType.encoder_or_decoder
-        self.model = model
-        extra = self.model_hook(model) if self.model_hook is not None else None
-        self.schema = dit_schema(self.dit) if extra is None else Schema(dit_schema(self.dit).params + extra.params)
-        requires_grad = {n for n, q in model.named_parameters() if q.requires_grad}
+        pm = parallelize(self.dit, p, seed=self.train.seed, wrap_ddp=False,
+                         params_dtype=torch.bfloat16 if bf16 else torch.float32, **recompute)
+        self.pm, self.params_dtype = pm, pm.config.params_dtype
+        self.rank = dist.get_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.stages = pm.stages
+        self.model = self.stages[0]   # the (first) model chunk: the whole model at PP = 1
+        self.params = _Stages(self.stages)
+        added = []
+        for m in self.stages:
+            m.model_type = ModelType.encoder_or_decoder
+            extra = self.model_hook(m) if self.model_hook is not None else None
+            added += list(extra.params) if extra is not None else []
+        # Checkpoint groups are declared globally by every rank: gather what the other pipeline
+        # stages hold (parameters a hook added, which of them train).
+        mine = (added, [n for n, q in self.params.named_parameters() if q.requires_grad])
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        extra_specs = {q.name: q for a, _ in everyone for q in a}
+        self.schema = Schema(dit_schema(self.dit).params + tuple(extra_specs.values()))
+        trainable = set().union(*(set(t) for _, t in everyone))
         # EMA and optimizer state exist for trainable parameters only (all of them, unless a
         # model_hook froze some, as LoRA does).
-        self.trainable = Schema(tuple(q for q in self.schema if q.name in requires_grad))
-        self.ddp = DistributedDataParallel(
-            config=tcfg, module=model,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce and self.dp_size > 1,
-                use_distributed_optimizer=p.distributed_optimizer))
-        o = self.train.optimizer
-        self.optimizer = get_megatron_optimizer(
-            MegatronOptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                                    adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps,
-                                    clip_grad=o.clip_grad, bf16=bf16, params_dtype=tcfg.params_dtype,
-                                    use_distributed_optimizer=p.distributed_optimizer),
-            [self.ddp])
-        self.ema = {n: q.detach().float().clone() for n, q in model.named_parameters() if q.requires_grad}
+        self.trainable = Schema(tuple(q for q in self.schema if q.name in trainable))
+        local = {n for n, _ in self.params.named_parameters()}
+        self.local_schema = Schema(tuple(q for q in self.schema if q.name in local))
+        self.local_trainable = Schema(tuple(q for q in self.trainable if q.name in local))
+        cfg = pm.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce and self.dp_size > 1,
+            use_distributed_optimizer=p.distributed_optimizer)
+        pm.chunks = [DistributedDataParallel(config=cfg, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
+                     for i, m in enumerate(self.stages)]
+        cfg.no_sync_func = [c.no_sync for c in pm.chunks] if len(pm.chunks) > 1 else pm.chunks[0].no_sync
+        cfg.finalize_model_grads_func = finalize_grads
+        self.chunks = pm.chunks
+        self.ddp = self.chunks[0]
+        self.optimizer = megatron_optimizer(pm, self.train.optimizer)
+        # EMA of this rank's shard of the fp32 main values (the distributed optimizer's range).
+        self.ema = {n: t.detach().float().clone()
+                    for n, t in optim_state.main_shards(self.optimizer, self.params).items()}
+        self.saver = CheckpointSaver(self.async_save, log=self.log)
         self._metrics_path = self.out_dir / "metrics.jsonl"
         self._tb = None
         if not self._resume() and self.stage.init_from:
@@ -191,7 +264,7 @@ class Trainer:
                 "parallel": to_dict(self.parallel), "stage": to_dict(self.stage)}
 
     # ------------------------------------------------------------------------------------------
-    # One step
+    # Override points (see the module docstring)
 
     def _draws(self, batch: TrainBatch, rows: slice) -> dict:
         """Every random draw of this step, from a generator of (seed, step) over the GLOBAL batch,
@@ -208,8 +281,8 @@ class Trainer:
         }
         return {k: v[rows] for k, v in draws.items()}
 
-    def _prepare(self, batch: TrainBatch, rows: slice) -> dict:
-        """Model inputs and loss targets for this rank's rows of the global batch."""
+    def prepare_inputs(self, batch: TrainBatch, rows: slice) -> dict:
+        """Model inputs and loss targets for this rank's rows of the global batch (flow matching)."""
         local = batch.rows(rows.start, rows.stop)
         d = self._draws(batch, rows)
         b, _, t, h, w = local.latents.shape
@@ -231,36 +304,120 @@ class Trainer:
                 "noise": d["noise"].to(dev), "is_image": is_image.to(dev),
                 "is_i2v": (~frame_mask[:, 0]).to(dev) if t > 1 else torch.zeros(b, dtype=torch.bool, device=dev)}
 
-    def _forward_backward(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss (mean over this rank's samples) and per-sample losses; gradients accumulated."""
-        from mugv.torch_backend.parallelize import finalize_grads
+    def num_samples(self, inputs: dict) -> int:
+        return inputs["x_t"].shape[0]
 
-        n = inputs["x0"].shape[0]
-        mb = self.train.micro_batch
-        chunks = max(1, math.ceil(n / mb))
-        losses, per_sample = [], []
-        for k in range(chunks):
-            sl = slice(k * mb, (k + 1) * mb)
-            sync = contextlib.nullcontext() if k == chunks - 1 else self.ddp.no_sync()
-            with sync:
-                out = self.ddp(inputs["x_t"][sl], inputs["timestep"][sl], inputs["text"][sl],
-                               inputs["text_mask"][sl], inputs["frame_mask"][sl], inputs["fps"][sl],
-                               inputs["frame_indice"][sl])
-                loss, samples = objectives.flow_matching_loss(self.flow, out, inputs["x0"][sl], inputs["noise"][sl],
-                                                              inputs["frame_mask"][sl], inputs["is_image"][sl])
-                # Samples weigh equally whatever the micro-batch split.
-                (loss * (samples.shape[0] / n)).backward()
-            losses.append(loss.detach() * samples.shape[0] / n)
-            per_sample.append(samples.detach())
-        # Megatron's reduction plus the TP sum of the per-head q/k norm weights' partial gradients.
-        finalize_grads([self.ddp])
-        return torch.stack(losses).sum(), torch.cat(per_sample)
+    def micro_batches(self, inputs: dict) -> list[dict]:
+        n, mb = self.num_samples(inputs), self.train.micro_batch
+        cut = lambda v, k: v[k * mb:(k + 1) * mb] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v  # noqa: E731
+        return [{key: cut(v, k) for key, v in inputs.items()} for k in range(max(1, -(-n // mb)))]
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
+    def model_inputs(self, mb: dict) -> dict:
+        return {"x": mb["x_t"], "timestep": mb["timestep"], "text": mb["text"], "text_mask": mb["text_mask"],
+                "x_mask": mb["frame_mask"], "fps": mb["fps"], "frame_indice": mb["frame_indice"]}
+
+    def loss_fn(self, out: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return objectives.flow_matching_loss(self.flow, out, mb["x0"], mb["noise"], mb["frame_mask"], mb["is_image"])
+
+    def task_masks(self, mb: dict) -> dict[str, torch.Tensor]:
+        if "is_image" not in mb or "is_i2v" not in mb:
+            return {}
+        return {"t2i": mb["is_image"], "i2v": mb["is_i2v"], "t2v": ~(mb["is_image"] | mb["is_i2v"])}
+
+    # ------------------------------------------------------------------------------------------
+    # One step
+
+    def _schedule(self, chunks, config, mbs: list[dict], loss: Callable, forward_only: bool) -> None:
+        """Megatron's schedule for this layout over the micro-batches `mbs`; `loss(out, mb)` on
+        the last stage returns what Megatron's loss function returns."""
+        from mugv.torch_backend.parallelize import ParallelDiT, forward_backward
+
+        if self.parallel.pipeline_parallel > 1 and len({self.num_samples(m) for m in mbs}) > 1:
+            raise ValueError(f"pipeline parallel needs equal micro-batches: {self.num_samples(mbs[0])} "
+                             f"samples per rank do not divide into TrainConfig.micro_batch = "
+                             f"{self.train.micro_batch}")
+        items = []
+        for mb in mbs:
+            item = _MicroBatch(self.model_inputs(mb))
+            item.full = mb
+            items.append(item)
+        pm = ParallelDiT(list(chunks), config, self.parallel, self.dp_size, self.dit)
+        forward_backward(pm, iter(items), lambda out, item: loss(out, item.full), len(items),
+                         forward_only=forward_only)
+
+    def _forward_backward(self, inputs: dict):
+        """Loss (mean over this rank's samples), per-sample values and task masks (on the last
+        stage; None elsewhere); gradients accumulated over the micro-batches and finalized."""
+        mbs = self.micro_batches(inputs)
+        n = self.num_samples(inputs)
+        records = []
+
+        def loss(out, mb):
+            value, per_sample = self.loss_fn(out, mb)
+            k = self.num_samples(mb)
+            records.append((value.detach().float() * (k / n), per_sample.detach(), self.task_masks(mb)))
+            # Megatron divides by the number of micro-batches: samples weigh equally whatever
+            # the split.
+            return value * (k * len(mbs) / n), {}
+
+        self._schedule(self.chunks, self.pm.config, mbs, loss, forward_only=False)
+        if not records:
+            return None, None, None
+        masks = {}
+        for name in records[0][2]:
+            if all(name in r[2] for r in records):
+                masks[name] = torch.cat([r[2][name] for r in records])
+        return torch.stack([r[0] for r in records]).sum(), torch.cat([r[1] for r in records]), masks
+
+    @torch.no_grad()
+    def forward_only(self, model, inputs: dict, reduce: Optional[Callable] = None):
+        """`model` (a list of this rank's stages of the same layout, e.g. `frozen_copy()`) on
+        `inputs` without gradients, micro-batched like training; see the module docstring."""
+        chunks = model if isinstance(model, (list, tuple)) else [model]
+        got = []
+
+        def collect(out, mb):
+            got.append(out.detach() if reduce is None else reduce(out, mb))
+            return torch.zeros((), device=out.device), {}
+
+        self._schedule(chunks, getattr(chunks[0], "config", self.pm.config), self.micro_batches(inputs),
+                       collect, forward_only=True)
+        if not self.last_stage:
+            return None
+        return got if reduce is None else torch.cat(got)
+
+    def frozen_copy(self, checkpoint: Optional[str | Path] = None, group: str = "model") -> list:
+        """This rank's stages of the same layout without gradients: a copy of the current weights,
+        or `group` of a checkpoint (any layout; e.g. "ema")."""
+        from mugv.torch_backend.models.dit import build_dit
+
+        copies = []
+        for m in self.stages:
+            c = build_dit(self.dit, self.pm.config, seed=None, device=self.device, pre_process=m.pre_process,
+                          post_process=m.post_process, layers=m.layer_range)
+            c.share_embeddings_and_output_weights = False
+            copies.append(c)
+        names = {n for c in copies for n, _ in c.named_parameters()}
+        if checkpoint is not None:
+            ckpt = Checkpoint(checkpoint)
+            part = Schema(tuple(q for q in dit_schema(self.dit) if q.name in names))
+            src = load_torch(ckpt, part, group, tp_rank=self.tp_rank, tp_size=self.parallel.tensor_parallel,
+                             subset=True)
+        else:
+            src = dict(self.params.named_parameters())
+        with torch.no_grad():
+            for c in copies:
+                for n, q in c.named_parameters():
+                    q.copy_(src[n].to(q))
+                    q.requires_grad_(False)
+                c.eval()
+        return copies
+
+    def _all_finite(self, loss: Optional[torch.Tensor]) -> bool:
         bad = torch.zeros((), dtype=torch.float32, device=self.device)
-        if not torch.isfinite(loss):
+        if loss is not None and not torch.isfinite(loss):
             bad += 1
-        for q in self.model.parameters():
+        for q in self.params.parameters():
             grad = getattr(q, "main_grad", None)
             if grad is not None and not torch.isfinite(grad).all():
                 bad += 1
@@ -275,10 +432,11 @@ class Trainer:
             raise ValueError(f"global batch of {batch.size} samples does not divide over "
                              f"{self.dp_size} data-parallel ranks")
         per = batch.size // self.dp_size
-        inputs = self._prepare(batch, slice(self.dp_rank * per, (self.dp_rank + 1) * per))
-        self.ddp.zero_grad_buffer()
+        inputs = self.prepare_inputs(batch, slice(self.dp_rank * per, (self.dp_rank + 1) * per))
+        for c in self.chunks:
+            c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss, per_sample = self._forward_backward(inputs)
+        loss, per_sample, masks = self._forward_backward(inputs)
         if self.grad_hook is not None:
             self.grad_hook(self.step, self.model)
         lr = learning_rate(self.train.optimizer, optim_state.optimizer_step_count(self.optimizer),
@@ -295,7 +453,7 @@ class Trainer:
             ok, grad_norm, _ = self.optimizer.step()
             self._update_ema()
             metrics.update(skipped=not ok, grad_norm=float(grad_norm) if grad_norm is not None else None)
-            metrics.update(self._reduce_losses(loss, per_sample, inputs))
+            metrics.update(self._reduce_losses(loss, per_sample, masks))
         self.step += 1
         dt = time.perf_counter() - t0
         b, _, t, h, w = batch.latents.shape
@@ -307,47 +465,53 @@ class Trainer:
             metrics["mfu"] = fl.model / dt / dist.get_world_size() / H100_BF16_PEAK
         return metrics
 
-    def _reduce_losses(self, loss, per_sample, inputs) -> dict:
-        """Loss and per-task losses averaged over data-parallel ranks."""
-        tasks = {"t2i": inputs["is_image"], "i2v": inputs["is_i2v"],
-                 "t2v": ~(inputs["is_image"] | inputs["is_i2v"])}
-        vec = [loss.float()]
-        for mask in tasks.values():
-            vec += [(per_sample * mask).sum(), mask.sum().float()]
+    def _reduce_losses(self, loss, per_sample, masks) -> dict:
+        """Loss and per-task losses averaged over the ranks that hold them (last pipeline stage).
+        Task names travel with rank 0's view; a rank with masks of another length contributes none."""
+        names = ("t2i", "i2v", "t2v")
+        vec = [torch.zeros((), device=self.device) for _ in range(2 + 2 * len(names))]
+        if loss is not None:
+            vec[0], vec[1] = loss.float().reshape(()), torch.ones((), device=self.device)
+            for i, name in enumerate(names):
+                mask = (masks or {}).get(name)
+                if mask is not None and mask.shape == per_sample.shape[:1]:
+                    vec[2 + 2 * i] = (per_sample.float().reshape(mask.shape[0], -1).mean(1) * mask).sum()
+                    vec[3 + 2 * i] = mask.sum().float()
         vec = torch.stack(vec).to(self.device)
         dist.all_reduce(vec)
-        out = {"loss": (vec[0] / dist.get_world_size()).item()}
-        for i, name in enumerate(tasks):
-            count = vec[2 + 2 * i].item()
+        out = {"loss": (vec[0] / vec[1]).item()}
+        for i, name in enumerate(names):
+            count = vec[3 + 2 * i].item()
             if count:
-                out[f"loss_{name}"] = vec[1 + 2 * i].item() / count
+                out[f"loss_{name}"] = vec[2 + 2 * i].item() / count
         return out
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = self.train.ema_decay
-        for name, q in self.model.named_parameters():
-            if name in self.ema:
-                self.ema[name].copy_(ema_update(self.ema[name], q.detach().float(), decay))
+        for name, main in optim_state.main_shards(self.optimizer, self.params).items():
+            self.ema[name].copy_(ema_update(self.ema[name], main.detach().float(), decay))
 
     # ------------------------------------------------------------------------------------------
     # Loop
 
     def run(self) -> dict:
-        """Train to `train.steps`, checkpointing every `checkpoint_every` steps and at the end."""
+        """Train to `train.steps`, checkpointing every `checkpoint_every` steps and at the end
+        (an asynchronous save is complete when this returns)."""
         last = {}
         while self.step < self.train.steps:
             batch = self.source.next_batch()
             last = self.train_step(batch)
             self._record(last)
             if self.nonfinite_in_a_row >= self.train.max_nonfinite_in_a_row:
-                path = self.save()
+                path = self.save(wait=True)
                 raise TrainingStopped(
                     f"{self.nonfinite_in_a_row} non-finite steps in a row (limit "
                     f"max_nonfinite_in_a_row = {self.train.max_nonfinite_in_a_row}) at step {self.step}; "
                     f"the last good state is saved in {path}")
             if self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
                 self.save()
+        self.saver.wait()
         return last
 
     def _record(self, m: dict) -> None:
@@ -376,18 +540,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Checkpoints
 
-    def save(self) -> Path:
-        """Collective: every rank calls it. Atomic; keeps the last `keep_last`."""
+    def save(self, wait: bool = False) -> Path:
+        """Collective: every rank calls it. Atomic; keeps the last `keep_last`. The state is copied
+        to host memory here; the write runs in the background with `async_save` (until the next
+        save, `run`'s end, `close` or `wait=True`)."""
         from megatron.core import parallel_state as ps
 
         self.log(f"[mugv] checkpoint: saving step {self.step}")
-        states = optim_state.gather_states(self.optimizer, self.model)
+        states = optim_state.gather_states(self.optimizer, self.params, extra={"ema": self.ema})
         # Frozen parameters (LoRA's base) may be held in bf16; the checkpoint's model group is fp32.
-        weights = {n: q.detach().float() for n, q in self.model.named_parameters() if not q.requires_grad}
+        weights = {n: to_host(q.float()) for n, q in self.params.named_parameters() if not q.requires_grad}
         weights.update({n: s["param"] for n, s in states.items()})   # fp32 main values
         groups = {
             "model": (self.schema, weights),
-            "ema": (self.trainable, {n: t.cpu() for n, t in self.ema.items()}),
+            "ema": (self.trainable, {n: s["ema"] for n, s in states.items()}),
             "optimizer.exp_avg": (self.trainable, {n: s["exp_avg"] for n, s in states.items()}),
             "optimizer.exp_avg_sq": (self.trainable, {n: s["exp_avg_sq"] for n, s in states.items()}),
         }
@@ -395,38 +561,39 @@ class Trainer:
                 "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "tokens_seen": self.tokens_seen, "world_size": dist.get_world_size()}
         data_state = json.dumps(self.source.state_dict()).encode()
-        path = save_torch(self.ckpt_dir, self.step, groups, tp_rank=self.tp_rank,
-                          tp_size=self.parallel.tensor_parallel,
-                          write_replica=ps.get_data_parallel_rank() == 0,
-                          config=self.config_dict(), schema_hash=self.schema.hash(), meta=meta,
-                          states={"rng": rng.capture(), "data": data_state},
-                          keep_last=self.train.keep_last, overwrite=True)
-        self.log(f"[mugv] checkpoint: step {self.step} committed at {path}")
+        path = self.saver.save(self.ckpt_dir, self.step, groups, tp_rank=self.tp_rank,
+                               tp_size=self.parallel.tensor_parallel,
+                               write_replica=ps.get_data_parallel_rank() == 0,
+                               config=self.config_dict(), schema_hash=self.schema.hash(), meta=meta,
+                               states={"rng": rng.capture(), "data": data_state},
+                               keep_last=self.train.keep_last, overwrite=True)
+        if wait:
+            self.saver.wait()
         return path
 
     def _load_groups(self, ckpt: Checkpoint, optimizer: bool) -> None:
         tp = self.parallel.tensor_parallel
-        load = lambda g, s: load_torch(ckpt, s, g, tp_rank=self.tp_rank, tp_size=tp)  # noqa: E731
-        model = load("model", self.schema)
-        trainable = set(self.trainable.names)
+        load = lambda g, s: load_torch(ckpt, s, g, tp_rank=self.tp_rank, tp_size=tp, subset=True)  # noqa: E731
+        model = load("model", self.local_schema)
+        trainable = set(self.local_trainable.names)
         with torch.no_grad():
-            for name, q in self.model.named_parameters():
+            for name, q in self.params.named_parameters():
                 if name not in trainable:
                     q.copy_(model[name].to(q))
         model = {n: model[n] for n in trainable}
         if optimizer:
-            m, v = load("optimizer.exp_avg", self.trainable), load("optimizer.exp_avg_sq", self.trainable)
+            m, v = load("optimizer.exp_avg", self.local_trainable), load("optimizer.exp_avg_sq", self.local_trainable)
             states = {n: {"param": model[n], "exp_avg": m[n], "exp_avg_sq": v[n]} for n in model}
-            optim_state.scatter_states(self.optimizer, self.model, states,
+            optim_state.scatter_states(self.optimizer, self.params, states,
                                        int(ckpt.manifest["meta"]["optimizer_step"]))
-            ema = load("ema", self.trainable)
+            ema = load("ema", self.local_trainable)
         else:
-            optim_state.scatter_states(self.optimizer, self.model, {
+            optim_state.scatter_states(self.optimizer, self.params, {
                 n: {"param": model[n], "exp_avg": torch.zeros_like(model[n]),
                     "exp_avg_sq": torch.zeros_like(model[n])} for n in model}, 0)
             ema = model
-        for name in self.ema:
-            self.ema[name].copy_(ema[name].to(self.ema[name]))
+        for name, shard in optim_state.shard_like(self.optimizer, self.params, ema).items():
+            self.ema[name].copy_(shard)
 
     def _resume(self) -> bool:
         path = latest_checkpoint(self.ckpt_dir)
@@ -471,6 +638,8 @@ class Trainer:
         self._metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     def close(self) -> None:
+        """Wait for an asynchronous save in flight, then leave Megatron's parallel state."""
+        self.saver.wait()
         if self._tb:
             self._tb.close()
         megatron_compat.destroy_parallel()

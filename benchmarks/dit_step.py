@@ -448,7 +448,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--profile", nargs="*", default=["eager", "kernels+fadam"])
     ap.add_argument("--skip-ref", action="store_true")
-    ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--attention", choices=["all", "cross", "none"], default="all",
+                    help="SDPA micro-benchmarks: self- and cross-attention, cross only, none")
     ap.add_argument("--dry-run", action="store_true")
     a = ap.parse_args()
     out = pathlib.Path(a.out)
@@ -476,9 +477,10 @@ def main() -> None:
     for res in a.res:
         thw = RES[res]
         r = results["runs"].setdefault(res, {"latent": thw, "seq": sequence_length(cfg, thw)})
-        if not a.skip_attention and DEV == "cuda":
+        if a.attention == "all" and DEV == "cuda":
             r["attention"] = attention_bench(r["seq"], cfg.num_heads, cfg.head_dim)
             print(res, "attention", json.dumps(r["attention"]), flush=True)
+        if a.attention != "none" and DEV == "cuda":
             r["cross_attention"] = cross_attention_bench(r["seq"], cfg.num_heads, cfg.head_dim, TEXT, TEXT - 17)
             print(res, "cross-attention", json.dumps(r["cross_attention"]), flush=True)
         if not a.skip_ref:

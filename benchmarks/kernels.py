@@ -52,12 +52,12 @@ def do_bench(fn, warmup=25, rep=100, return_mode="median"):
     return (time.perf_counter() - t0) * 1e3
 
 
-def run_parity_tests(out: pathlib.Path) -> dict:
+def run_parity_tests(out: pathlib.Path, files: list[str] | None = None) -> dict:
     """pytest parity_tests/kernels in a subprocess (its conftest turns on deterministic algorithms,
     which would slow the eager baselines here); returns {test file: passed?}."""
     junit = out / "parity_junit.xml"
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "parity_tests/kernels", "-q", "-rfE",
+    proc = subprocess.run([sys.executable, "-m", "pytest", *(files or ["parity_tests/kernels"]), "-q", "-rfE",
                            f"--junitxml={junit}", "-p", "no:cacheprovider"], cwd=REPO,
                           capture_output=True, text=True,
                           env={**os.environ, "MUGV_KERNEL_AUTOTUNE": "0"})
@@ -243,23 +243,32 @@ def main():
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python benchmarks/kernels.py --out $OUT"}
     result = dict(meta)
+    only = {k for k in args.only.split(",") if k}
     if not args.skip_tests:
-        parity = run_parity_tests(out)
+        from mugv.kernels.registry import KERNELS, VERIFIED_FILE, fingerprint
+        # --only: test those kernels alone and keep the other kernels' records of this device
+        # while their sources still match the fingerprint that was verified
+        parity = run_parity_tests(out, sorted(KERNELS[k].test for k in only) if only else None)
         result["parity"] = parity
-        from mugv.kernels.registry import KERNELS, fingerprint
         passed = [k for k, e in KERNELS.items() if parity["files"].get(pathlib.Path(e.test).stem)]
-        record = {device: {**meta, "kernels": passed,
-                           "fingerprints": {k: fingerprint(k) for k in passed},
+        kept = []
+        if only and VERIFIED_FILE.exists():
+            old = json.loads(VERIFIED_FILE.read_text()).get(device, {})
+            kept = [k for k in old.get("kernels", []) if k not in only
+                    and old.get("fingerprints", {}).get(k) == fingerprint(k)]
+        record = {device: {**meta, "kernels": kept + passed,
+                           "fingerprints": {k: fingerprint(k) for k in kept + passed},
                            "tests": "parity_tests/kernels (fp32, fp16, bf16 within 2x torch bf16), "
-                                    "fixed launch config (MUGV_KERNEL_AUTOTUNE=0)"}}
+                                    "fixed launch config (MUGV_KERNEL_AUTOTUNE=0)"
+                                    + (f"; this run tested {sorted(only)}, kept {kept} from the "
+                                       "previous record (fingerprints unchanged)" if only else "")}}
         (out / "verified.json").write_text(json.dumps(record, indent=1) + "\n")
-        print("verified on this device:", passed, flush=True)
+        print("verified on this device:", kept + passed, flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bw = copy_bandwidth()
     result["copy_bandwidth_Bps"] = copy_bw
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
     rows = []
-    only = {k for k in args.only.split(",") if k}
     for name, label, kernel, reference, make_inputs, fb, tb in cases():
         if only and name not in only:
             continue

@@ -41,6 +41,21 @@ def test_qk_rmsnorm_rope_matches_reference(shape, dtype, device):
                  device, NAMES, constants=(2,))
 
 
+def _as_head_major_qkv_view(fn):
+    """Run fn on q as the q slice of a (B, L, H, 3, d) tensor: the model's fused projection rows
+    (head, q|k|v, dim), so the head stride is 3 d (the kernel reads it without a copy)."""
+    def wrapped(q, weight, angles, **kw):
+        qkv = torch.stack([q * -1.5, q, q * 0.5], dim=3)
+        return fn(qkv[:, :, :, 1], weight, angles, **kw)
+    return wrapped
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_qk_rmsnorm_rope_head_major_view(shape, device):
+    check_kernel(_as_head_major_qkv_view(qk_rmsnorm_rope), qk_rmsnorm_rope_reference,
+                 _inputs(*shape), "float32", device, NAMES, constants=(2,))
+
+
 def test_qk_rmsnorm_rope_matches_jax(device):
     q, weight, angles = _inputs(2, 5, 3, 72, 2)
     check_against_jax(qk_rmsnorm_rope, jops.qk_rmsnorm_rope, [q, weight, angles], NAMES, device,

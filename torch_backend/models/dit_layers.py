@@ -118,7 +118,8 @@ def kernel_ops(device) -> DiTOps:
     return DiTOps(
         adaln_modulate=_contiguous_args(select("adaln_modulate", device)),
         gated_residual_modulate=_contiguous_args(select("gated_residual_modulate", device)),
-        qk_rmsnorm_rope=_contiguous_args(select("qk_rmsnorm_rope", device)),
+        # reads q/k as strided views of the fused qkv output (head stride 3 d): no copy first
+        qk_rmsnorm_rope=select("qk_rmsnorm_rope", device),
     )
 
 

@@ -43,9 +43,11 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
-def loss_curve(runs: dict[str, list[dict]], out: str | pathlib.Path, smooth: int = 20) -> pathlib.Path:
+def loss_curve(runs: dict[str, list[dict]], out: str | pathlib.Path, smooth: int = 20,
+               marks: dict[str, list[int]] | None = None, ylabel: str = "rectified-flow loss") -> pathlib.Path:
     """One PNG: the training loss of each stage (raw, faint; moving average, solid) against the
-    global step, stages laid end to end."""
+    global step, stages laid end to end. `marks[stage]` = steps where samples were written: a
+    dotted line labelled with the stage step, so the curve points at the sample grids."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -62,9 +64,13 @@ def loss_curve(runs: dict[str, list[dict]], out: str | pathlib.Path, smooth: int
         k = max(1, min(smooth, len(y) // 4))
         avg = np.convolve(y, np.ones(k) / k, mode="valid")
         ax.plot(x[k - 1:], avg, color=line.get_color(), lw=1.8, label=f"{name} (avg of {k})")
+        for step in (marks or {}).get(name, []):
+            ax.axvline(step + offset, color=line.get_color(), ls=":", lw=0.8)
+            ax.annotate(f"{name[:1]}{step}", (step + offset, 1.0), xycoords=("data", "axes fraction"),
+                        fontsize=6, rotation=90, va="top", ha="right", color=line.get_color())
         offset = int(x[-1])
-    ax.set_xlabel("step")
-    ax.set_ylabel("rectified-flow loss")
+    ax.set_xlabel("step (dotted: samples written, stages/<stage>/samples/step_<N>.png)" if marks else "step")
+    ax.set_ylabel(ylabel)
     ax.set_title("training loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -69,6 +69,9 @@ class PretrainConfig:
     size / fps: square training resolution in pixels and the frame rate clips are sampled at.
     text_encoder: "embedded" (no download) or a local T5 directory.
     sample_posterior: train on posterior samples (official) rather than posterior means.
+    sample_every: every this many steps of a stage (and at its last step), sample
+    `sample_prompts` captions of the manifest with the current weights and write an mp4 and a
+    PNG frame grid to stages/<name>/samples/ (0: off; one process only).
     """
 
     manifest: str = ""
@@ -79,6 +82,8 @@ class PretrainConfig:
     fps: float = 16.0
     text_encoder: str = "embedded"
     sample_posterior: bool = False
+    sample_every: int = 0
+    sample_prompts: int = 4
     dit: DiTConfig = demo_dit()
     flow: FlowConfig = FlowConfig(shift=False)
     train: TrainConfig = TrainConfig(precision="fp32", ema_decay=0.99, micro_batch=64, checkpoint_every=100_000,
@@ -98,6 +103,8 @@ class PretrainConfig:
         if self.size % 16:
             v.fail(self, "size", "a multiple of 16 (VAE 8 x DiT patch 2)")
         v.in_range(self, "fps", 0, 240, lo_open=True)
+        v.non_negative_int(self, "sample_every")
+        v.positive_int(self, "sample_prompts")
 
 
 def require_path(field: str, path: str, what: str = "file or directory") -> pathlib.Path:
@@ -234,14 +241,62 @@ def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Op
                                      init_from=str(previous / "checkpoints") if previous else None)
             log(f"[mugv] stage {stage.name}: {stage.steps} steps, {stage.frames} frame(s), batch "
                 f"{stage.batch_size}, lr {stage.lr:g}, i2v {stage.i2v:g} -> {run_dir}")
+            holder = {}
+            on_metrics = on_metrics_for(stage)
+            if cfg.sample_every and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                on_metrics = _with_previews(on_metrics, Previewer(cfg, stage, vae, text, run_dir / "samples"),
+                                            holder, cfg.sample_every, stage.steps)
             trainer = Trainer(cfg.dit, train, cfg.flow, source, run_dir, parallel=cfg.parallel,
-                              stage=settings, log=log, on_metrics=on_metrics_for(stage))
+                              stage=settings, log=log, on_metrics=on_metrics)
+            holder["model"] = trainer.model
             try:
                 trainer.run()
             finally:
                 trainer.close()
         previous = run_dir
     return run_dir
+
+
+class Previewer:
+    """Samples a few of the manifest's captions (text-to-video, fixed seed) with the weights being
+    trained and writes `step_<N>.mp4` (the clips side by side) and `step_<N>.png` (rows = prompts,
+    columns = frames) to `folder`: what the model makes as training goes, not only at the end."""
+
+    def __init__(self, cfg: PretrainConfig, stage: StageConfig, vae, text, folder: pathlib.Path,
+                 sampler: FlowSamplerConfig = FlowSamplerConfig(num_steps=20, guidance_scale=3.0), seed: int = 1234):
+        from mugv.core.vae import latent_shape
+        from mugv.torch_backend.data.manifest import read_manifest
+        self.cfg, self.stage, self.vae, self.folder, self.sampler, self.seed = cfg, stage, vae, folder, sampler, seed
+        self.captions = [e.caption for e in read_manifest(cfg.manifest)[:cfg.sample_prompts]]
+        self.text, self.mask = text(self.captions)
+        self.thw = latent_shape(stage.frames, cfg.size, cfg.size)
+        self.written: list[pathlib.Path] = []
+
+    def __call__(self, model, step: int) -> pathlib.Path:
+        from mugv.torch_backend import report
+        was_training = model.training
+        model.eval()
+        try:
+            z = sample_latents(model, self.cfg.dit, self.text, self.mask, self.thw, self.cfg.fps, self.sampler,
+                               self.seed)
+            with torch.no_grad():
+                videos = [to_uint8(x) for x in self.vae.decode(z, self.stage.frames)]
+        finally:
+            model.train(was_training)
+        png = report.write_png(self.folder / f"step_{step:06d}.png", report.frame_grid(videos))
+        report.write_mp4(self.folder / f"step_{step:06d}.mp4", np.concatenate(videos, axis=2), self.cfg.fps)
+        (self.folder / "prompts.txt").write_text("".join(f"{i}. {c}\n" for i, c in enumerate(self.captions)))
+        self.written.append(png)
+        return png
+
+
+def _with_previews(on_metrics, previewer: Previewer, holder: dict, every: int, last: int):
+    def call(m: dict) -> None:
+        if on_metrics is not None:
+            on_metrics(m)
+        if "model" in holder and (m["step"] % every == 0 or m["step"] == last):
+            previewer(holder["model"], m["step"])
+    return call
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A training run in its own process, for the trainer tests (kill/resume, DP=2, failures).
 
     python parity_tests/train_worker.py OUT STEPS [--nan-steps 3,4] [--nonfinite-limit K]
-        [--dp-opt] [--ckpt-every N] [--lr 1e-3] [--tp N] [--pp N] [--vpp N] [--async-save]
+        [--dp-opt] [--ckpt-every N] [--lr 1e-3] [--tp N] [--pp N] [--vpp N] [--cp N] [--async-save] [--check-api]
 Under RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT it joins a multi-process world (as torchrun sets).
 """
 from __future__ import annotations
@@ -21,8 +21,6 @@ def api_check_class(Trainer):
     in the inputs, and a `loss_fn` that sees them. At step 0 the copy equals the policy, so the
     reference errors must equal the policy's per-sample losses; both are printed as a line
     `API-CHECK step <s> max|ref - policy| <d> ...` on the last pipeline stage."""
-    import torch
-
     class ApiCheck(Trainer):
         def prepare_inputs(self, batch, rows):
             inputs = super().prepare_inputs(batch, rows)
@@ -65,6 +63,7 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--vpp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1)
     ap.add_argument("--async-save", action="store_true")
     ap.add_argument("--check-api", action="store_true",
                     help="train a subclass that uses the override points (see ApiCheck)")
@@ -94,7 +93,8 @@ def main() -> int:
     cls = api_check_class(Trainer) if a.check_api else Trainer
     trainer = cls(cfg, train, FlowConfig(), source, a.out,
                       parallel=ParallelConfig(distributed_optimizer=a.dp_opt, tensor_parallel=a.tp,
-                                              pipeline_parallel=a.pp, virtual_pipeline=a.vpp),
+                                              pipeline_parallel=a.pp, virtual_pipeline=a.vpp,
+                                              context_parallel=a.cp),
                       async_save=a.async_save,
                       stage=StageSettings(task_mix=(("t2v", 1.0), ("i2v", 1.0)), caption_dropout=0.2),
                       grad_hook=plant_nan, log=lambda m: print(m, flush=True))

@@ -1,0 +1,139 @@
+"""The trainer's checkpoints: save (synchronous or asynchronous), resume, start from another stage.
+
+A mixin of `trainer.py::Trainer` (it uses the trainer's optimizer, parameters, EMA shards,
+schemas and layout); see docs/training.md "Checkpoints and exact resume" for the contents and
+the layout rules: each pipeline stage writes its own parameters, the distributed optimizer's
+ranges are assembled over data-parallel ranks, and reading reshards to the reader's layout.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mugv.checkpoints.format import Checkpoint, CheckpointError, check_writable, latest_checkpoint
+from mugv.checkpoints.torch_io import load_torch
+from mugv.core.validate import to_dict
+from mugv.torch_backend.training import optim_state, rng
+from mugv.torch_backend.training.saving import to_host
+
+# Fields of TrainConfig that may change when a run is resumed (they do not change the math).
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every")
+
+
+class CheckpointMixin:
+    """Checkpoint methods of the Trainer."""
+
+    def _check_output_dir(self) -> None:
+        check_writable(self.out_dir)
+        # Fail at start, not at the first save: model + EMA + two Adam moments in fp32.
+        need = 4 * 4 * self.schema_numel()
+        free = shutil.disk_usage(self.out_dir).free
+        if free < need:
+            raise CheckpointError(f"output directory {self.out_dir} has {free / 1e9:.2f} GB free; a "
+                                  f"checkpoint needs about {need / 1e9:.2f} GB")
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save(self, wait: bool = False) -> Path:
+        """Collective: every rank calls it. Atomic; keeps the last `keep_last`. The state is copied
+        to host memory here; the write runs in the background with `async_save` (until the next
+        save, `run`'s end, `close` or `wait=True`)."""
+        from megatron.core import parallel_state as ps
+
+        self.log(f"[mugv] checkpoint: saving step {self.step}")
+        states = optim_state.gather_states(self.optimizer, self.params, extra={"ema": self.ema})
+        # Frozen parameters (LoRA's base) may be held in bf16; the checkpoint's model group is fp32.
+        weights = {n: to_host(q.float()) for n, q in self.params.named_parameters() if not q.requires_grad}
+        weights.update({n: s["param"] for n, s in states.items()})   # fp32 main values
+        groups = {
+            "model": (self.schema, weights),
+            "ema": (self.trainable, {n: s["ema"] for n, s in states.items()}),
+            "optimizer.exp_avg": (self.trainable, {n: s["exp_avg"] for n, s in states.items()}),
+            "optimizer.exp_avg_sq": (self.trainable, {n: s["exp_avg_sq"] for n, s in states.items()}),
+        }
+        meta = {"step": self.step, "optimizer_step": optim_state.optimizer_step_count(self.optimizer),
+                "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "tokens_seen": self.tokens_seen, "world_size": dist.get_world_size()}
+        data_state = json.dumps(self.source.state_dict()).encode()
+        path = self.saver.save(self.ckpt_dir, self.step, groups, tp_rank=self.tp_rank,
+                               tp_size=self.parallel.tensor_parallel,
+                               # one writer per shard: context-parallel ranks hold copies too
+                               write_replica=ps.get_data_parallel_rank(with_context_parallel=True) == 0,
+                               config=self.config_dict(), schema_hash=self.schema.hash(), meta=meta,
+                               states={"rng": rng.capture(), "data": data_state},
+                               keep_last=self.train.keep_last, overwrite=True)
+        if wait:
+            self.saver.wait()
+        return path
+
+    def _load_groups(self, ckpt: Checkpoint, optimizer: bool) -> None:
+        tp = self.parallel.tensor_parallel
+        load = lambda g, s: load_torch(ckpt, s, g, tp_rank=self.tp_rank, tp_size=tp, subset=True)  # noqa: E731
+        model = load("model", self.local_schema)
+        trainable = set(self.local_trainable.names)
+        with torch.no_grad():
+            for name, q in self.params.named_parameters():
+                if name not in trainable:
+                    q.copy_(model[name].to(q))
+        model = {n: model[n] for n in trainable}
+        if optimizer:
+            m, v = load("optimizer.exp_avg", self.local_trainable), load("optimizer.exp_avg_sq", self.local_trainable)
+            states = {n: {"param": model[n], "exp_avg": m[n], "exp_avg_sq": v[n]} for n in model}
+            optim_state.scatter_states(self.optimizer, self.params, states,
+                                       int(ckpt.manifest["meta"]["optimizer_step"]))
+            ema = load("ema", self.local_trainable)
+        else:
+            optim_state.scatter_states(self.optimizer, self.params, {
+                n: {"param": model[n], "exp_avg": torch.zeros_like(model[n]),
+                    "exp_avg_sq": torch.zeros_like(model[n])} for n in model}, 0)
+            ema = model
+        for name, shard in optim_state.shard_like(self.optimizer, self.params, ema).items():
+            self.ema[name].copy_(shard)
+
+    def _resume(self) -> bool:
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        ckpt = Checkpoint(path)
+        saved = ckpt.config
+        for section, now in (("dit", to_dict(self.dit)), ("flow", to_dict(self.flow))):
+            Checkpoint.check_config(ckpt, now, section=section)
+        normal = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples and lists compare equal)
+        train_now = {k: v for k, v in normal(to_dict(self.train)).items() if k not in RESUMABLE_CHANGES}
+        train_then = {k: v for k, v in saved.get("train", {}).items() if k not in RESUMABLE_CHANGES}
+        if train_now != train_then:
+            diffs = [f"train.{k}: checkpoint {train_then.get(k)!r}, now {train_now.get(k)!r}"
+                     for k in sorted(set(train_now) | set(train_then)) if train_now.get(k) != train_then.get(k)]
+            raise CheckpointError(f"{path} was written with a different config: " + "; ".join(diffs))
+        self._load_groups(ckpt, optimizer=True)
+        meta = ckpt.manifest["meta"]
+        self.step = int(meta["step"])
+        self.nonfinite_total = int(meta["nonfinite_total"])
+        self.nonfinite_in_a_row = int(meta["nonfinite_in_a_row"])
+        self.tokens_seen = int(meta["tokens_seen"])
+        rank_blob = self.rank if self.rank < int(meta.get("world_size", 1)) else 0
+        rng.restore(ckpt.read_state("rng", rank_blob))
+        self.source.load_state_dict(json.loads(ckpt.read_state("data", 0)))
+        if self.rank == 0:
+            self._truncate_metrics(self.step)
+        self.log(f"[mugv] resumed from {path} at step {self.step}")
+        return True
+
+    def _init_from(self, path: str, weights_only: bool) -> None:
+        ckpt = Checkpoint(path) if (Path(path) / "manifest.json").is_file() else Checkpoint(latest_checkpoint(path) or path)
+        ckpt.check_config(to_dict(self.dit), section="dit")
+        self._load_groups(ckpt, optimizer=not weights_only)
+        self.log(f"[mugv] stage starts from {ckpt.path} ({'weights only' if weights_only else 'weights, EMA and optimizer'})")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines written after the checkpoint we resumed from (they will be redone)."""
+        if not self._metrics_path.is_file():
+            return
+        keep = [ln for ln in self._metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        self._metrics_path.write_text("".join(ln + "\n" for ln in keep))
+

@@ -50,6 +50,11 @@ def odd_batches():
     return batches, torch.from_numpy(np.ascontiguousarray(loss_weights()[..., :ODD_W]))
 
 
+# CP=2 with recomputation: it re-runs the all-to-alls and carries the padding mask through checkpoints
+CP_RECOMPUTE = {"cp2_full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+                "cp2_selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"])}
+
+
 def four_head_config():
     """The tiny DiT with 4 heads of 36 (TP=2 x CP=2 needs heads divisible by 4)."""
     import dataclasses
@@ -93,10 +98,12 @@ def layouts(out_dir: str, mixed: bool = False) -> None:
                  ("dp2", ParallelConfig(distributed_optimizer=True, timeout_s=timeout), CFG, batches, weights),
                  ("cp2", ParallelConfig(context_parallel=2, distributed_optimizer=True, timeout_s=timeout),
                   CFG, odd, odd_weights)]
+        cases += [(tag, ParallelConfig(context_parallel=2, timeout_s=timeout), CFG, odd, odd_weights)
+                  for tag in CP_RECOMPUTE]
     results = {}
     for tag, par, cfg, case_batches, case_weights in cases:
         t0 = time.perf_counter()
-        pm, grads, case_results = run_layout(tag, par, cfg, case_batches, case_weights)
+        pm, grads, case_results = run_layout(tag, par, cfg, case_batches, case_weights, **CP_RECOMPUTE.get(tag, {}))
         results.update(case_results)
         if tag == "dp2":  # one distributed-Adam step from the i2v gradients just reduced
             results.update(adam_step(pm, grads))
@@ -121,11 +128,12 @@ def layouts(out_dir: str, mixed: bool = False) -> None:
     megatron_compat.destroy_parallel()
 
 
-def run_layout(tag, par, cfg, batches, weights):
+def run_layout(tag, par, cfg, batches, weights, **config_overrides):
     """`par` through parallelize + DDP + forward_backward for each batch kind: the loss and the
     global gradients (keys "{tag}.{kind}.loss" / ".{param}"), scaled to the reference's sum over
     the batch. Data-parallel ranks take their own rows; tensor- and context-parallel ranks the
-    whole batch (the model shards the sequence over CP itself and returns the whole output)."""
+    whole batch (the model shards the sequence over CP itself and returns the whole output).
+    `config_overrides` go to the TransformerConfig (recomputation)."""
     import torch
     import torch.distributed as dist
 
@@ -134,7 +142,7 @@ def run_layout(tag, par, cfg, batches, weights):
     from mugv.torch_backend.parallelize import forward_backward, gather_full_grads, parallelize
 
     params = random_params(cfg)
-    pm = parallelize(cfg, par, seed=None, bucket_size=4000)
+    pm = parallelize(cfg, par, seed=None, bucket_size=4000, **config_overrides)
     for stage in pm.stages:
         load_canonical(stage, cfg, params)
     dp = pm.data_parallel

@@ -130,6 +130,15 @@ def _assert_layout(results, tag, kind, loss, grads, what):
     return len(params)
 
 
+@pytest.mark.parametrize("tag", ["cp2_full", "cp2_selective"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_context_parallel_with_recompute_equals_single_process(two_nodes, reference_odd, tag, kind):
+    """CP=2 under full (uniform, every layer) and selective (attention core) recomputation: the
+    all-to-alls run again in backward, the padding mask passes through the checkpoints."""
+    _, loss, grads = reference_odd["tiny", kind]
+    _assert_layout(two_nodes[0], tag, kind, loss, grads, tag)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_context_parallel_equals_single_process(two_nodes, reference_odd, kind):
     """CP=2 (Ulysses) with the distributed optimizer over DP x CP, 29 tokens (padded to 30): the

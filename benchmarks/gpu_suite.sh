@@ -9,7 +9,9 @@
 # Results: $OUT/vae/vae_throughput.json, $OUT/lora/lora_step.json, $OUT/multi_gpu_1/multi_gpu.json
 # (1-GPU scaling baseline), $OUT/multi_gpu_N/multi_gpu.json, and each script's log; the summary
 # table is printed last. Each script runs under its own time limit (seconds; override with
-# MUGV_VAE_LIMIT, MUGV_LORA_LIMIT, MUGV_MULTI_LIMIT) so one that hangs cannot eat the others' time.
+# MUGV_VAE_LIMIT, MUGV_LORA_LIMIT, MUGV_MULTI_LIMIT) so one that hangs cannot eat the others' time,
+# and the parts together stay inside MUGV_SUITE_BUDGET (default 570 s, under the device tool's
+# 600 s per command); a part that no longer fits is skipped and listed in the summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mugv_gpu_suite}
@@ -37,6 +39,14 @@ echo "[suite] $(python3 -c 'import torch; print(torch.__version__, torch.cuda.ge
 run() {  # run NAME LIMIT CMD...: log to $OUT/NAME.log, record the exit status and time
   local name=$1 limit=$2; shift 2
   local s; s=$(date +%s)
+  # Stay inside the whole call's budget (the device tool stops a command at 600 s): the summary
+  # must still print. A part that would get under 60 s is skipped and says so.
+  local left=$(( ${MUGV_SUITE_BUDGET:-570} - (s - t0) - 20 ))
+  if [ "$left" -lt 60 ]; then
+    echo "$name skipped: only $left s of the suite budget left" | tee -a "$OUT/suite_status.txt"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "[suite] $name: $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?

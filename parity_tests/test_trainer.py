@@ -255,8 +255,11 @@ def test_cp2_distributed_optimizer_equals_one_process(reference, tmp_path):
     assert_close(np.array([la[s] for s in la]), np.array([lr[s] for s in la]), "sharded", "float32", name="losses")
     a, b = arrays(tmp_path / "checkpoints" / "step_000000004"), arrays(reference / "checkpoints" / "step_000000004")
     assert a.keys() == b.keys()
-    for k in b:
-        assert_close(a[k], b[k], "sharded_train", "float32", name=str(k))
+    for (group, name), ref in b.items():
+        # near-equal synthetic text keys: see the tolerance row
+        flat = any(f"cross_attn{p}" in name for p in (".q.", ".kv.", "_norm."))
+        assert_close(a[group, name], ref, "sharded_train_flat_logits" if flat else "sharded_train", "float32",
+                     name=f"{group}/{name}")
 
 
 @pytest.mark.slow  # two more 2-process runs (~2-3 min on a loaded 2-core machine)

@@ -53,6 +53,15 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     # A dozen optimizer steps after sharding: Adam divides by sqrt(v), so summation-order
     # differences in the gradients (~1e-7) grow; still three orders below any real bug.
     ("sharded_train", "float32"): Tol(1e-4, 1e-6),
+    # The same, for the cross-attention logit path (q, k, their norm) on SyntheticLatents, whose
+    # text tokens are one vector plus 1% noise: near-equal keys make dL/dq and dL/dk tiny sums of
+    # cancelling terms (the k bias's is exactly zero in exact arithmetic), so a changed summation
+    # order (CP=2 splits the tokens) is a large RELATIVE change of a tiny gradient, which Adam's
+    # division by sqrt(v) turns into a visible weight change. Measured after 4 steps (CPU, tiny
+    # DiT, CP=2 vs one process): worst 2.2e-2 (model/ema, cross_attn.kv.bias), 2.9e-3 (Adam
+    # moments); v rows and every other tensor within 3.1e-5. A missing or doubled gradient sum is
+    # an O(1) error in the Adam moments (linear in the gradient).
+    ("sharded_train_flat_logits", "float32"): Tol(5e-2, 1e-6),
 }
 
 

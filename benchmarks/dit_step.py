@@ -22,8 +22,11 @@ What runs, per resolution (256p: latent (14, 32, 56) = 6,272 video tokens; 720p:
    NOT counted) / step time / 989e12. HFU adds the recomputed forward FLOPs.
 4. A torch.profiler trace of one step of chosen variants: GPU time by kernel class and the top
    kernels (DIR/profile_<res>_<variant>.txt).
-Prints a table last and writes DIR/dit_step.json. `--dry-run` runs tiny shapes on the CPU (fp32)
-to check the script.
+Prints a table last and writes DIR/dit_step.json. `--attention cross|none` limits the SDPA
+micro-benchmarks, `--skip-ref` the baseline block; extra resolutions `720p-18f`, `720p-23f`,
+`720p-40f` (longer 720p clips) measure the memory limit. Results and what they mean:
+docs/benchmarks.md, "Training step MFU at the 10B width". `--dry-run` runs tiny shapes on the CPU
+(fp32) to check the script.
 """
 from __future__ import annotations
 
@@ -462,7 +465,7 @@ def main() -> None:
         a.res = ["tiny"]
     else:
         cfg = dit_config("10B", depth=a.layers)
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # the model is bf16: no fp32 matmul of size
     from mugv.torch_backend import megatron_compat
     megatron_compat.initialize_parallel(tp=1, pp=1, cp=1, seed=0)
     results = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu",

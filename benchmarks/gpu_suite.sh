@@ -24,6 +24,9 @@ parts=("$@")
 want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 
 t0=$(date +%s)
+if [ "${MUGV_SUITE_SKIP_INSTALL:-0}" = 1 ]; then  # mugv already importable (or a dry run on a CPU)
+  echo "[suite] install skipped (MUGV_SUITE_SKIP_INSTALL=1)"
+else
 # Fresh mugv wheel from this tree when possible (the carried one may predate the working tree).
 if python3 -m pip wheel -q --no-deps --no-build-isolation --no-index -w /tmp/mugv_fresh_whl . >/dev/null 2>&1; then
   rm -f .whl/mugv-*.whl && cp /tmp/mugv_fresh_whl/mugv-*.whl .whl/ && echo "[suite] mugv wheel rebuilt from the tree"
@@ -32,9 +35,11 @@ else
 fi
 # shellcheck disable=SC1091
 source scripts/install_gpu_offline.sh || { echo "[suite] install failed"; exit 1; }
+fi
 set +e
-ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
-echo "[suite] $(python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))') x $ngpu; install $(( $(date +%s) - t0 )) s"
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null)
+ngpu=${ngpu:-0}
+echo "[suite] torch $(python3 -c 'import torch; print(torch.__version__)'), $ngpu GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1); set-up $(( $(date +%s) - t0 )) s"
 
 run() {  # run NAME LIMIT CMD...: log to $OUT/NAME.log, record the exit status and time
   local name=$1 limit=$2; shift 2
@@ -104,12 +109,12 @@ if os.path.exists(f"{out}/vae/vae_throughput.json"):
 if os.path.exists(f"{out}/lora/lora_step.json"):
     l = load(f"{out}/lora/lora_step.json")
     for rc, c in l.get("cases", {}).items():
-        rows.append((f"LoRA 10B 256p recompute={rc}", c.get("skipped") or ("error: " + c["error"][-80:] if "error" in c else
+        rows.append((f"LoRA latent {l.get('latent')} recompute={rc}", c.get("skipped") or ("error: " + c["error"][-80:] if "error" in c else
                      f"step {c['step_time_s']:.3f} s, {c['tokens_per_s']:.0f} tokens/s, MFU {100 * c['mfu']:.1f}%, "
                      f"peak {c.get('peak_gib', 0):.1f} GiB")))
     ff = l.get("arithmetic", {}).get("full_finetune_gib", {}).get("full", {})
     if ff:
-        rows.append(("full fine-tune 10B 1 GPU (estimate)", f"{ff['total']:.1f} GiB; needs >= "
+        rows.append(("full fine-tune, 1 GPU (estimate)", f"{ff['total']:.1f} GiB; needs >= "
                      f"{l['arithmetic'].get('full_finetune_min_gpus')} GPUs"))
 for path in sorted(glob.glob(f"{out}/multi_gpu_*/multi_gpu.json")):
     m = load(path)

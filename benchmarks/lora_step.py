@@ -155,6 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--case", help=argparse.SUPPRESS)       # child: run one policy, write --case-json
     ap.add_argument("--case-json", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if not a.tiny:
+        import torch
+        if not torch.cuda.is_available():
+            print("[lora_step] no CUDA device: running the tiny CPU configuration (--tiny)", file=sys.stderr)
+            a.tiny = True
 
     if a.case:  # child process
         with tempfile.TemporaryDirectory() as d:

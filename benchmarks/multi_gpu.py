@@ -496,6 +496,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="with --cpu: run the parity part in bf16 too")
     a = ap.parse_args(argv)
+    if not a.cpu and os.environ.get("CUDA_VISIBLE_DEVICES") != "":
+        import torch
+        if not torch.cuda.is_available():
+            print("[multi_gpu] no CUDA device: running the CPU configuration (--cpu)", file=sys.stderr)
+            a.cpu = True
     if a.bf16:
         os.environ["MUGV_BENCH_BF16"] = "1"
     torch = _env(a.cpu)

@@ -35,6 +35,11 @@ else
 fi
 # shellcheck disable=SC1091
 source scripts/install_gpu_offline.sh || { echo "[suite] install failed"; exit 1; }
+# The wheel does not ship the kernel registry's record (docs/benchmarks.md, issue 13): without it
+# every Triton kernel slot falls back to its torch reference. MUGV_SUITE_KERNELS=0 keeps it that way.
+if [ "${MUGV_SUITE_KERNELS:-1}" = 1 ] && [ -f kernels/verified.json ] && [ -d /tmp/site/mugv/kernels ]; then
+  cp kernels/verified.json /tmp/site/mugv/kernels/ && echo "[suite] Triton kernels on where kernels/verified.json lists this GPU"
+fi
 fi
 set +e
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null)

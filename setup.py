@@ -16,4 +16,6 @@ for top in TOP:
         package_dir[name] = sub.replace(".", "/")
 
 setup(packages=packages, package_dir=package_dir,
-      package_data={"mugv.parity_tests": ["*.json"]})
+      # kernels/verified.json is the record of which kernels passed parity on which device: without it
+      # a wheel install (the GPU machine's) silently falls back to plain torch everywhere.
+      package_data={"mugv.parity_tests": ["*.json"], "mugv.kernels": ["verified.json"]})

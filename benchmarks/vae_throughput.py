@@ -31,6 +31,7 @@ and the script continues.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     cases = set(a.cases.split(","))
     t_start = time.perf_counter()
     if "precision" in cases:
-        model16 = init_vae(cfg, seed=0).to(device=device, dtype=torch.bfloat16).eval()
+        model16 = copy.deepcopy(model32).to(torch.bfloat16)  # the same weights, rounded to bf16
         _case(results, "bf16_vs_fp32", lambda: precision_error(model32, model16, *prec, device))
         del model16
     model = model32.to(dtype) if dtype != torch.float32 else model32

@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mugv.core import vae as spec
@@ -46,6 +45,14 @@ class VAETrainConfig:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.9)   # LDM's autoencoder optimiser
     logvar_init: float = 0.0      # LDM's default; the official MUGVAE stores 4.0
+    # False: decode the posterior mean (a plain autoencoder). With kl_weight 1e-6 the posterior
+    # std stays near its init (1) for thousands of steps while the means spread by ~0.1, so a
+    # short run that samples learns to ignore z (every clip decodes to the same blob; docs/vae.md).
+    sample_posterior: bool = True
+    # > 0: pixels away from their frame's background (the border's median colour) weigh
+    # 1 + foreground_weight in the reconstruction term. A small product on a plain background
+    # is a few % of the pixels; unweighted, the best early answer is the background alone.
+    foreground_weight: float = 0.0
     loss: spec.VAELossConfig = spec.VAELossConfig()
     disc_channels: int = 32
     seed: int = 0
@@ -58,6 +65,7 @@ class VAETrainConfig:
         v.positive_int(self, "height", "width", "num_frames", "batch_size", "steps", "log_every", "eval_frames",
                        "disc_channels")
         v.in_range(self, "lr", 0, None, lo_open=True)
+        v.in_range(self, "foreground_weight", 0, None)
         v.in_range(self, "fps", 0, None, lo_open=True)
         for f in ("height", "width"):
             if getattr(self, f) % spec.SPATIAL_FACTOR:
@@ -113,12 +121,28 @@ def sample_batch(clips: list[tuple[str, np.ndarray]], cfg: VAETrainConfig, rng: 
     return torch.stack(out)
 
 
+FOREGROUND_THRESHOLD = 0.15   # summed |RGB difference| in [-1, 1] units: JPEG/H.264 noise is < 0.05
+
+
+def foreground_mask(video: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, H, W) 1.0 where a pixel differs from its frame's background colour, taken as
+    the per-channel median of the frame's border pixels (the product is never on the border)."""
+    border = torch.cat([video[..., 0, :], video[..., -1, :], video[..., :, 0], video[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    return ((video - background).abs().sum(1, keepdim=True) > FOREGROUND_THRESHOLD).to(video.dtype)
+
+
 def train_step(model: VideoVAE, disc: PatchDiscriminator | None, opt, opt_d, video: torch.Tensor, step: int,
                cfg: VAETrainConfig, generator: torch.Generator) -> dict:
     """One generator (VAE) update and, when the discriminator is on, one discriminator update."""
     model.train()
-    recon, mean, logvar = model(video, sample=True, generator=generator)
-    nll = spec.reconstruction_nll(video, recon, model.logvar, torch)
+    recon, mean, logvar = model(video, sample=cfg.sample_posterior, generator=generator)
+    if cfg.foreground_weight:
+        # LDM's nll_loss with its per-pixel `weights` (core/vae.py::reconstruction_nll unweighted)
+        weight = 1.0 + cfg.foreground_weight * foreground_mask(video)
+        nll = torch.sum(weight * (video - recon).abs() / torch.exp(model.logvar) + model.logvar) / video.shape[0]
+    else:
+        nll = spec.reconstruction_nll(video, recon, model.logvar, torch)
     kl = spec.gaussian_kl(mean, logvar, torch)
     loss = nll + cfg.loss.kl_weight * kl
     logs = {"step": step, "nll": nll.item(), "kl": kl.item(), "l1": (video - recon).abs().mean().item(),
@@ -217,6 +241,9 @@ def config_from_args(argv: list[str] | None) -> VAETrainConfig:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--kl-weight", type=float, default=1e-6)
     ap.add_argument("--logvar-init", type=float, default=0.0)
+    ap.add_argument("--posterior-mean", action="store_true",
+                    help="decode the posterior mean instead of a sample (short runs; docs/vae.md)")
+    ap.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.9), help="Adam betas")
     ap.add_argument("--disc-start", type=int, default=None, help="step switching the discriminator on (off if unset)")
     ap.add_argument("--disc-weight", type=float, default=0.5)
     ap.add_argument("--eval-frames", type=int, default=17)
@@ -226,7 +253,7 @@ def config_from_args(argv: list[str] | None) -> VAETrainConfig:
     a = ap.parse_args(argv)
     return VAETrainConfig(data=a.data, size=a.size, height=a.height, width=a.width, num_frames=a.frames, fps=a.fps,
                           batch_size=a.batch_size, steps=a.steps, minutes=a.minutes, lr=a.lr,
-                          logvar_init=a.logvar_init,
+                          logvar_init=a.logvar_init, sample_posterior=not a.posterior_mean, betas=tuple(a.betas),
                           loss=spec.VAELossConfig(kl_weight=a.kl_weight, disc_start=a.disc_start,
                                                   disc_weight=a.disc_weight),
                           eval_frames=a.eval_frames, log_every=a.log_every, seed=a.seed, out=a.out)

@@ -94,10 +94,12 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def run_preference_demo(base: str | pathlib.Path, out: str | pathlib.Path, objectives: tuple[str, ...] = ("dpo",),
                         seeds: tuple[int, ...] = (0, 1, 2), candidates: int = 8, draws: int = 4,
-                        steps: int = 150, beta: float = 500.0, lr: float = 1e-4, batch_size: int = 8,
-                        log=print) -> dict:
+                        steps: int = 150, beta: float = 500.0, lr: float = 2e-4, batch_size: int = 8,
+                        shared_data: bool = False, log=print) -> dict:
     """The experiment (module docstring) on a finished demo run `base`; writes out/results.json
-    and out/report.md and returns the results. KTO is run with objectives=("dpo", "kto")."""
+    and out/report.md and returns the results. KTO is run with objectives=("dpo", "kto").
+    shared_data: make the preference data once (candidate seed 0) and train every seed on it
+    (the spread then covers training and evaluation noise, not the data draw)."""
     import torch
 
     from mugv.torch_backend.cli import pipeline
@@ -113,20 +115,21 @@ def run_preference_demo(base: str | pathlib.Path, out: str | pathlib.Path, objec
     held = [e.caption for e in read_manifest(paths["held_out"])]
     train_captions = {e.caption for e in read_manifest(paths["train"])}
     results = {"config": dict(base=str(base), objectives=list(objectives), seeds=list(seeds), candidates=candidates,
-                              draws=draws, steps=steps, beta=beta, lr=lr, batch_size=batch_size),
+                              draws=draws, steps=steps, beta=beta, lr=lr, batch_size=batch_size,
+                              shared_data=shared_data),
                "held_out_prompts": len(held), "held_out_captions_seen_in_training": sum(c in train_captions for c in held),
                "runs": []}
     t_all = time.monotonic()
     for seed in seeds:
         t0 = time.monotonic()
-        data_dir = out / f"seed{seed}" / "preferences"
+        data_dir = out / ("preferences" if shared_data else f"seed{seed}/preferences")
         summary_path = data_dir / "summary.json"
         if summary_path.is_file():   # a re-run reuses finished preference data
             summary = json.loads(summary_path.read_text())
         else:
             summary = make_preferences(PreferenceDataConfig(
                 checkpoint=str(paths["checkpoint"]), vae_checkpoint=str(paths["vae"]), prompts=str(paths["train"]),
-                out=str(data_dir), candidates=candidates, seed=seed), log=log)
+                out=str(data_dir), candidates=candidates, seed=0 if shared_data else seed), log=log)
         before = held_out_accuracy(paths["checkpoint"], vae, held, 10_000 + seed, draws)
         log(f"[mugv] seed {seed}: before {before}")
         for objective in objectives:

@@ -1,29 +1,31 @@
 """The preference stage: Diffusion-DPO and Diffusion-KTO against a frozen reference model.
 
-`PreferenceTrainer` is the pre-training `Trainer` with three things changed:
-  * inputs: a batch of B pairs becomes 2B model rows, preferred and rejected interleaved
-    [w0, l0, w1, l1, ...]; both members of a pair get the SAME draws (timestep, noise, task and
-    caption dropout), because the trainer's draws are a function of (seed, step) and the batch
-    row alone: preparing the preferred and the rejected latents with the same rows gives
-    identical sigma and noise (DPO's margin compares errors at one x_t, Wallace et al. eq. 14);
-  * the frozen reference: the stage's starting checkpoint, built in the same parallel layout
-    (TP-sharded like the policy), optionally in bf16, never wrapped by DDP nor given to the
-    optimizer, `requires_grad=False`. Its outputs for every row are computed once per step under
-    `torch.no_grad()` from the very inputs the policy sees (same t, noise, text, masks);
-  * the loss: `objectives.dpo_loss` / `objectives.kto_loss` (formulas in core/preference.py).
-    For KTO the reference point z0 = max(0, mean reward) is by default taken over the GLOBAL
-    batch (a no-grad policy pass, summed over data-parallel ranks), so it is one number at any
-    layout and micro-batch split; the official code averages it over GPUs likewise.
+`PreferenceTrainer` is the pre-training `Trainer` (training/trainer.py) through its override
+points:
+  * prepare_inputs: a batch of B pairs becomes 2B model rows [w_0..w_B-1, l_0..l_B-1]; both
+    members of a pair get the SAME draws (timestep, noise, task, caption dropout) because the
+    trainer's draws are a function of (seed, step) and the batch row alone, and the rejected half
+    is prepared with the same rows (DPO compares errors at one x_t, Wallace et al. eq. 14). Then
+    the frozen reference's outputs for every row (`forward_only`), and a no-grad policy pass:
+    DPO's per-pair gradient weights (`_dpo_weights`: the separable form, exact on identical
+    pairs) or KTO's reference point z0 over the GLOBAL batch (all data-parallel ranks and
+    micro-batches: one number at any layout; the official code averages it over GPUs likewise);
+  * the reference: `frozen_copy(checkpoint)` = the stage's starting checkpoint in the same
+    parallel layout (TP-sharded, pipeline stages like the policy), optionally in bf16; never
+    wrapped by DDP nor given to the optimizer, `requires_grad=False`;
+  * micro_batches: DPO's preferred and rejected halves are cut separately;
+  * loss_fn: Diffusion-DPO / Diffusion-KTO (formulas in core/preference.py, entry points in
+    objectives.py). Metrics add DPO's `pair_accuracy`: the share of pairs with margin m < 0
+    (the policy moved towards the preferred sample more than towards the rejected one).
 
-Micro-batches are cut in units of pairs (`TrainConfig.micro_batch` pairs = 2x rows for DPO) so a
-pair is never split. DPO's metrics add `pair_accuracy`: the share of pairs whose margin m < 0,
-i.e. the policy moved towards the preferred sample more than towards the rejected one.
+Cost per step: reference forward + policy no-grad forward + policy forward/backward on 2B rows.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -56,20 +58,13 @@ def resolve_reference(path: str) -> Path:
     return found
 
 
-def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[a0, b0, a1, b1, ...] along dim 0."""
-    return torch.stack([a, b], dim=1).flatten(0, 1)
-
-
 class PreferenceTrainer(Trainer):
     """Trains the policy with Diffusion-DPO (pairs) or Diffusion-KTO (labelled samples) against
     a frozen reference; `source` yields `data/preference.py::PreferenceBatch`es. The policy starts
     from the reference checkpoint (weights only) unless the run resumes from its own.
 
-    Built on the trainer's override points (training/trainer.py): prepare_inputs (pairs, the
-    reference's outputs, KTO's z0), micro_batches (whole pairs), loss_fn, task_masks; the
-    reference is `frozen_copy(checkpoint)` run by `forward_only`, i.e. the same layout and
-    schedule as the policy."""
+    The reference is `frozen_copy(checkpoint)` run by `forward_only`: the same layout and
+    schedule as the policy (module docstring)."""
 
     def __init__(self, dit, train, flow, source, out_dir, preference: PreferenceStageConfig,
                  stage: StageSettings = StageSettings(), **kwargs):
@@ -106,14 +101,11 @@ class PreferenceTrainer(Trainer):
     # ------------------------------------------------------------------------------------------
     # Inputs
 
-    @property
-    def rows_per_item(self) -> int:
-        return 2 if self.pref.objective == "dpo" else 1
-
     def prepare_inputs(self, batch, rows: slice) -> dict:
         """Pre-training inputs for the preferred (or KTO) latents; for DPO the rejected latents
-        prepared with the same rows, hence the same draws, interleaved; then the reference's
-        outputs (and KTO's global z0) for every row."""
+        prepared with the same rows (hence the same draws) after them: rows [w_0..w_B-1, l_0..l_B-1].
+        Then the reference's outputs for every row, and the no-grad policy pass that gives DPO's
+        per-pair weights and losses (or KTO's global z0)."""
         if self.pref.objective == "dpo" and getattr(batch, "rejected", None) is None:
             raise ValueError("objective 'dpo' needs pairs: the source gave batches without rejected latents")
         if self.pref.objective == "kto" and getattr(batch, "desirable", None) is None:
@@ -121,19 +113,66 @@ class PreferenceTrainer(Trainer):
         inputs = super().prepare_inputs(batch, rows)
         if self.pref.objective == "dpo":
             rejected = super().prepare_inputs(dataclasses.replace(batch, latents=batch.rejected), rows)
-            inputs = {k: interleave(v, rejected[k]) for k, v in inputs.items()}
+            inputs = {k: torch.cat([v, rejected[k]]) for k, v in inputs.items()}
         else:
             inputs["desirable"] = batch.desirable[rows].to(self.device)
-        inputs["ref_out"] = self.forward_only(self.reference, inputs, reduce=lambda out, mb: out.float())
-        if self.pref.objective == "kto" and self.pref.kto_reference_point == "global":
+        inputs["ref_out"] = self._per_row(self.reference, inputs, lambda out, mb: out.float())
+        if self.pref.objective == "dpo":
+            inputs.update(self._dpo_weights(inputs))
+        elif self.pref.kto_reference_point == "global":
             inputs["z0"] = self._global_reference_point(inputs)
         return inputs
 
+    def _bounds(self, n: int) -> list[tuple[int, int]]:
+        """DPO micro-batches as row ranges: the preferred half and the rejected half cut
+        separately (no micro-batch mixes them), chunks alternating w_0, l_0, w_1, l_1, ... (chunk
+        i of each half: the same pairs): on identical pairs the gradient buffer then goes
+        0 -> g -> g + (-g) = 0 exactly after every two micro-batches."""
+        half, mb = n // 2, self.train.micro_batch
+        return [(a + o, min(a + mb, half) + o) for a in range(0, half, mb) for o in (0, half)]
+
     def micro_batches(self, inputs: dict) -> list[dict]:
-        """`TrainConfig.micro_batch` items per micro-batch: whole pairs for DPO."""
-        n, step = self.num_samples(inputs), self.train.micro_batch * self.rows_per_item
-        cut = lambda v, k: v[k * step:(k + 1) * step] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v  # noqa: E731
-        return [{key: cut(v, k) for key, v in inputs.items()} for k in range(max(1, -(-n // step)))]
+        if self.pref.objective != "dpo":
+            return super().micro_batches(inputs)
+        n = self.num_samples(inputs)
+        cut = lambda v, a, b: v[a:b] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v  # noqa: E731
+        return [{key: cut(v, a, b) for key, v in inputs.items()} for a, b in self._bounds(n)]
+
+    def _per_row(self, model, inputs: dict, reduce) -> Optional[torch.Tensor]:
+        """`forward_only` of per-row values, put back in row order (DPO's micro-batches are not
+        in row order); None off the last pipeline stage."""
+        got = self.forward_only(model, inputs, reduce=reduce)
+        if got is None or self.pref.objective != "dpo":
+            return got
+        order = torch.cat([torch.arange(a, b) for a, b in self._bounds(self.num_samples(inputs))]).to(got.device)
+        rows = torch.empty_like(got)
+        rows[order] = got
+        return rows
+
+    def _row_diffs(self, model, inputs: dict) -> Optional[torch.Tensor]:
+        """d = e_model - e_ref per row (no gradients), None off the last pipeline stage."""
+        return self._per_row(model, inputs, lambda out, mb: objectives._diff(
+            out, mb["ref_out"], mb["x0"], mb["noise"], mb["frame_mask"]))
+
+    @torch.no_grad()
+    def _dpo_weights(self, inputs: dict) -> dict:
+        """Per-row weights of the separable DPO gradient, from a no-grad policy pass.
+
+        With m_p = d_w - d_l and L = mean_p softplus(beta m_p), dL/dtheta = mean_p c_p (grad d_w -
+        grad d_l) with c_p = beta sigmoid(beta m_p) evaluated at the current weights. So the
+        backward pass needs each row alone, weighted +c_p (preferred) or -c_p (rejected): the two
+        halves run as separate micro-batches and their gradients meet only in the gradient
+        buffer. On an identical pair both are bitwise equal with opposite signs and cancel
+        exactly, so beta -> infinity leaves the weights untouched instead of amplifying rounding.
+        """
+        d = self._row_diffs(self.stages, inputs)
+        if d is None:
+            return {}
+        half = d.shape[0] // 2
+        d_w, d_l = d[:half], d[half:]
+        loss = core_pref.dpo_loss(torch, self.pref.loss, d_w, d_l)                 # softplus(beta m)
+        c = self.pref.loss.beta * torch.sigmoid(self.pref.loss.beta * core_pref.dpo_margin(d_w, d_l))
+        return {"dpo_weight": torch.cat([c, -c]), "dpo_pair_loss": torch.cat([loss, loss])}
 
     @torch.no_grad()
     def _global_reference_point(self, inputs: dict) -> torch.Tensor:
@@ -142,34 +181,32 @@ class PreferenceTrainer(Trainer):
         group is on the same pipeline stage; stages without the output add zeros)."""
         from megatron.core import parallel_state as ps
 
-        rewards = self.forward_only(self.stages, inputs, reduce=lambda out, mb: self._kto_reward(out, mb))
+        d = self._row_diffs(self.stages, inputs)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        if rewards is not None:
-            total[0], total[1] = rewards.double().sum(), float(rewards.numel())
+        if d is not None:
+            reward = core_pref.kto_reward(d)
+            total[0], total[1] = reward.double().sum(), float(reward.numel())
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return core_pref.kto_reference_point(torch, (total[0] / total[1]).float())
 
     # ------------------------------------------------------------------------------------------
     # Loss
 
-    @staticmethod
-    def _kto_reward(out, mb) -> torch.Tensor:
-        return core_pref.kto_reward(objectives._diff(out, mb["ref_out"], mb["x0"], mb["noise"], mb["frame_mask"]))
-
     def loss_fn(self, out: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss over the micro-batch's items, per-item losses): pairs for DPO, samples for KTO."""
-        cfg, ref = self.pref.loss, mb["ref_out"]
-        if self.pref.objective == "dpo":
-            x0, noise, fm = mb["x0"], mb["noise"], mb["frame_mask"]
-            return objectives.dpo_loss(cfg, out[0::2], out[1::2], ref[0::2], ref[1::2], x0[0::2], x0[1::2],
-                                       noise[0::2], fm[0::2])
-        loss, per, _ = objectives.kto_loss(cfg, out, ref, mb["x0"], mb["noise"], mb["desirable"], mb["frame_mask"],
-                                           reference_point=mb.get("z0"))
-        return loss, per
+        """(micro-batch loss, per-row values for the metrics).
 
-    def task_masks(self, mb: dict) -> dict[str, torch.Tensor]:
-        masks = super().task_masks(mb)
-        return {k: m[0::2] for k, m in masks.items()} if self.pref.objective == "dpo" else masks
+        DPO: the value is the mean over the micro-batch's rows of their pair's DPO loss (so the
+        step's loss is the mean over pairs), its gradient that of 2 mean(weight * d) (the
+        separable form, `_dpo_weights`; the factor 2: a pair has two rows). KTO: objectives.kto_loss
+        with z0 from the whole global batch (or this micro-batch)."""
+        if self.pref.objective == "dpo":
+            d = objectives._diff(out, mb["ref_out"], mb["x0"], mb["noise"], mb["frame_mask"])
+            surrogate = 2 * (mb["dpo_weight"] * d).mean()
+            pair_loss = mb["dpo_pair_loss"]
+            return surrogate - surrogate.detach() + pair_loss.mean(), pair_loss
+        loss, per, _ = objectives.kto_loss(self.pref.loss, out, mb["ref_out"], mb["x0"], mb["noise"], mb["desirable"],
+                                           mb["frame_mask"], reference_point=mb.get("z0"))
+        return loss, per
 
     def _reduce_losses(self, loss, per_item, masks) -> dict:
         """The trainer's metrics plus DPO's pair accuracy (share of pairs with loss < log 2, i.e.

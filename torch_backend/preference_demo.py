@@ -95,11 +95,14 @@ def _spread(values: list[float]) -> dict[str, float]:
 def run_preference_demo(base: str | pathlib.Path, out: str | pathlib.Path, objectives: tuple[str, ...] = ("dpo",),
                         seeds: tuple[int, ...] = (0, 1, 2), candidates: int = 8, draws: int = 4,
                         steps: int = 150, beta: float = 500.0, lr: float = 2e-4, batch_size: int = 8,
-                        shared_data: bool = False, log=print) -> dict:
+                        shared_data: bool = False, kto_balance: bool = True, log=print) -> dict:
     """The experiment (module docstring) on a finished demo run `base`; writes out/results.json
     and out/report.md and returns the results. KTO is run with objectives=("dpo", "kto").
     shared_data: make the preference data once (candidate seed 0) and train every seed on it
-    (the spread then covers training and evaluation noise, not the data draw)."""
+    (the spread then covers training and evaluation noise, not the data draw). kto_balance: KTO's
+    desirable_weight = #undesirable / #desirable, so both labels weigh equally in total (KTO,
+    Ethayarajh et al. 2024 sec. 4, recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3]; with few
+    correct samples the unbalanced loss mostly pushes away from everything)."""
     import torch
 
     from mugv.torch_backend.cli import pipeline
@@ -116,7 +119,7 @@ def run_preference_demo(base: str | pathlib.Path, out: str | pathlib.Path, objec
     train_captions = {e.caption for e in read_manifest(paths["train"])}
     results = {"config": dict(base=str(base), objectives=list(objectives), seeds=list(seeds), candidates=candidates,
                               draws=draws, steps=steps, beta=beta, lr=lr, batch_size=batch_size,
-                              shared_data=shared_data),
+                              shared_data=shared_data, kto_balance=kto_balance),
                "held_out_prompts": len(held), "held_out_captions_seen_in_training": sum(c in train_captions for c in held),
                "runs": []}
     t_all = time.monotonic()
@@ -135,9 +138,10 @@ def run_preference_demo(base: str | pathlib.Path, out: str | pathlib.Path, objec
         for objective in objectives:
             manifest = summary["dpo"] if objective == "dpo" else summary["kto"]
             run_dir = out / f"seed{seed}" / objective
+            weight = summary["undesirable"] / max(1, summary["desirable"]) if objective == "kto" and kto_balance else 1.0
             train_preference(PreferenceRunConfig(
                 manifest=manifest, reference=str(paths["checkpoint"]), out=str(run_dir), objective=objective,
-                beta=beta, steps=steps, lr=lr, batch_size=batch_size,
+                beta=beta, steps=steps, lr=lr, batch_size=batch_size, desirable_weight=weight,
                 train=dataclasses.replace(PreferenceRunConfig().train, seed=seed)), log=log)
             after = held_out_accuracy(run_dir / "checkpoints", vae, held, 10_000 + seed, draws)
             log(f"[mugv] seed {seed} {objective}: after {after}")

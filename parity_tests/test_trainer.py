@@ -75,13 +75,16 @@ def arrays(path) -> dict:
     return {(g, n): ck.read(g, n) for g in GROUPS for n in ck.names(g)}
 
 
-def kill_when(procs, pattern: str, delay: float) -> None:
-    """SIGKILL every process once the first prints a line containing `pattern`, after `delay`."""
+def kill_when(procs, pattern: str, delay: float, also: tuple[str, ...] = ()) -> None:
+    """SIGKILL every process once the first has printed a line containing `pattern` (and lines
+    containing each of `also`, in any order), after `delay`."""
+    wanted = {pattern, *also}
     for line in procs[0].stdout:
-        if pattern in line:
+        wanted = {w for w in wanted if w not in line}
+        if not wanted:
             break
     else:
-        raise AssertionError(f"the run ended before printing {pattern!r}")
+        raise AssertionError(f"the run ended before printing {sorted(wanted)}")
     time.sleep(delay)
     for p in procs:
         p.send_signal(signal.SIGKILL)
@@ -130,7 +133,10 @@ def test_sigkill_during_save_resumes_bit_identical(reference, tmp_path, delay, m
     run equals the uninterrupted synchronous one bit for bit (asynchronous saves write the
     same bytes)."""
     extra = ("--async-save",) if mode == "async" else ()
-    kill_when(launch(tmp_path, extra=extra), "checkpoint: saving step 8", delay)
+    # async: step 4's background write may still run when step 8's save starts; wait for its
+    # commit so that the kill lands in step 8's save (a resume, not a fresh start)
+    also = ("checkpoint: step 4 committed",) if mode == "async" else ()
+    kill_when(launch(tmp_path, extra=extra), "checkpoint: saving step 8", delay, also)
     for p in (tmp_path / "checkpoints").glob("step_*"):
         Checkpoint(p)   # whatever was committed before the kill is complete
     out = run(tmp_path, extra=extra)

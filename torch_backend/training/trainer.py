@@ -136,7 +136,13 @@ class _MicroBatch(dict):
 
 
 class Trainer(CheckpointMixin):
-    """Trains MUG-DiT for one stage. Construct on every rank (under torchrun for several)."""
+    """Trains MUG-DiT for one stage. Construct on every rank (under torchrun for several).
+
+    Attributes a subclass may read: `stages` (this rank's bare model chunks), `chunks` (the same
+    in Megatron DDP), `model` (the first chunk: the whole model at PP = 1), `params` (canonical
+    `named_parameters()` over all chunks), `optimizer`, `ema` ({name: fp32 shard}), `pm` (the
+    `ParallelDiT`), `last_stage`, `dp_rank`, `dp_size`, `tp_rank`, `pp_rank`, `device`, `step`.
+    """
 
     def __init__(self, dit: DiTConfig, train: TrainConfig, flow: FlowConfig, source: BatchSource,
                  out_dir: str | Path, parallel: ParallelConfig = ParallelConfig(),

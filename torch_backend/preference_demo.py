@@ -24,8 +24,21 @@ ATTRIBUTES = ("colour", "shape", "motion")
 
 
 def run_command(command: str, cfg) -> int:
-    """Runner of `mugv make-preferences` / `mugv train-preference` (cli/commands.py)."""
+    """Runner of `mugv make-preferences` / `mugv train-preference` (cli/commands.py). A bad
+    preference manifest is reported like other input errors: one line, exit status 2."""
+    import sys
+
     import torch
+
+    from mugv.torch_backend.data.preference import PreferenceError
+    try:
+        return _run_command(command, cfg, torch)
+    except PreferenceError as err:
+        sys.stderr.write(f"mugv: error: {err}\n")
+        return 2
+
+
+def _run_command(command: str, cfg, torch) -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     if command == "make-preferences":

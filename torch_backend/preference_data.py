@@ -39,7 +39,9 @@ class PreferenceDataConfig:
     out: output folder. candidates: K samples per prompt. max_prompts: use the first N distinct
     captions (0 = all). frames / size / fps: clip shape. seed: noise seed of the candidates.
     min_gap: a DPO pair needs best and worst to differ by more than this in soft score when
-    their correct counts tie.
+    their correct counts tie. desirable_attributes: the attributes a KTO sample must get right to
+    be desirable (empty = every attribute its caption names); e.g. ["shape", "motion"] when the
+    decoder cannot show colour, so that "desirable" does not just mean "a yellow prompt".
     """
 
     checkpoint: str = ""
@@ -57,6 +59,7 @@ class PreferenceDataConfig:
     vae_size: str = "tiny"
     text_encoder: str = "embedded"
     batch: int = 64
+    desirable_attributes: tuple[str, ...] = ()
     dit: DiTConfig = demo_dit()
     sampler: FlowSamplerConfig = FlowSamplerConfig(num_steps=20, guidance_scale=3.0)
 
@@ -68,6 +71,8 @@ class PreferenceDataConfig:
         v.in_range(self, "fps", 0, 240, lo_open=True)
         v.in_range(self, "min_gap", 0, 1)
         v.one_of(self, "group", ("model", "ema"))
+        if any(a not in ("colour", "shape", "motion") for a in self.desirable_attributes):
+            v.fail(self, "desirable_attributes", "names from ['colour', 'shape', 'motion']")
 
 
 def distinct_captions(manifest: str | pathlib.Path, limit: int = 0) -> list[str]:
@@ -135,10 +140,18 @@ def sample_candidates(cfg: PreferenceDataConfig, captions: list[str], log=print)
     return [rows[i] for i in order], np.stack([videos[i] for i in order])
 
 
-def pairs_and_labels(rows: list[dict], min_gap: float = 0.05) -> tuple[list[dict], list[dict]]:
+def pairs_and_labels(rows: list[dict], min_gap: float = 0.05,
+                     desirable_attributes: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
     """DPO rows (best vs worst of each prompt, ranked by (correct, soft); kept when the correct
     counts differ, or tie with soft scores more than `min_gap` apart) and KTO rows (every
-    candidate; desirable iff all named attributes are correct)."""
+    candidate; desirable iff all named attributes, or all of `desirable_attributes`, are correct)."""
+    from mugv.torch_backend.data.analyzer import parse_caption
+
+    def desirable(r) -> bool:
+        wanted = parse_caption(r["caption"])
+        names = desirable_attributes or [a for a, x in wanted.items() if x is not None]
+        return all(r["read"].get(a) == wanted[a] for a in names)
+
     by_prompt: dict[int, list[dict]] = {}
     for r in rows:
         by_prompt.setdefault(r["prompt"], []).append(r)
@@ -151,7 +164,7 @@ def pairs_and_labels(rows: list[dict], min_gap: float = 0.05) -> tuple[list[dict
                         "rejected": worst["latent"], "scores": [best["correct"] + best["soft"],
                                                                 worst["correct"] + worst["soft"]]})
     kto = [{"id": r["id"], "caption": r["caption"], "path": r["latent"],
-            "desirable": "yes" if r["correct"] == r["named"] else "no",
+            "desirable": "yes" if desirable(r) else "no",
             "score": r["correct"] + r["soft"]} for r in rows]
     return dpo, kto
 
@@ -165,7 +178,7 @@ def make_preferences(cfg: PreferenceDataConfig, log=print) -> dict:
         require_path(field, getattr(cfg, field))
     captions = distinct_captions(cfg.prompts, cfg.max_prompts)
     rows, _ = sample_candidates(cfg, captions, log)
-    dpo, kto = pairs_and_labels(rows, cfg.min_gap)
+    dpo, kto = pairs_and_labels(rows, cfg.min_gap, cfg.desirable_attributes)
     out = pathlib.Path(cfg.out)
     with open(out / "candidates.jsonl", "w") as f:
         for r in rows:

@@ -82,7 +82,8 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
     Joins the torchrun world if there is one (see `mugv.torch_backend.launch`), else a world of
     one process. `seed` draws the same global model at any layout (None: leave undrawn, to load).
     `config_overrides` go to the TransformerConfig (e.g. recompute settings). `layer_spec`: the
-    MUG-DiT layer spec (default `mugdit_layer_spec()`); under context parallelism its
+    MUG-DiT layer spec (default `mugdit_layer_spec()` with the verified Triton kernels on a GPU,
+    the plain-torch ops on a CPU); under context parallelism its
     self-attention core is wrapped in Ulysses attention (`context_parallel.ulysses_layer_spec`).
     """
     from megatron.core import parallel_state as ps
@@ -104,6 +105,11 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
     config = transformer_config(dit, params_dtype=params_dtype, **fields)
     pp_rank = ps.get_pipeline_model_parallel_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if layer_spec is None and device.type == "cuda":
+        # The Triton kernels wherever kernels/verified.json records their parity on this GPU
+        # (kernels/registry.py), else their plain-torch references: the trainer's default path.
+        from mugv.torch_backend.models.dit_layers import kernel_ops, mugdit_layer_spec
+        layer_spec = mugdit_layer_spec(ops=kernel_ops(device))
     chunks = []
     for v in range(vpp):
         layers = chunk_layers(dit.depth, pp, vpp, pp_rank, v)
@@ -232,17 +238,28 @@ def gather_full_grads(pm: ParallelDiT) -> dict[str, torch.Tensor]:
     return {k: v for part in stages for k, v in part.items()}
 
 
-def megatron_optimizer(pm: ParallelDiT, opt):
+def megatron_optimizer(pm: ParallelDiT, opt, fused: Optional[bool] = None):
     """Megatron's Adam over this rank's chunks, sharded over data-parallel ranks when the layout
     asks for the distributed optimizer. `opt` is `core/train.py::OptimizerConfig` (its learning-
-    rate schedule is the caller's: set `param_groups[...]["lr"]` per step)."""
+    rate schedule is the caller's: set `param_groups[...]["lr"]` per step).
+
+    fused (default: on when the parameters live on a GPU): torch's fused Adam kernel. Without Apex
+    or Transformer Engine Megatron falls back to torch's multi-tensor AdamW, which measured 12-14 ms
+    slower per step for 0.89B parameters on an H100 (benchmarks/dit_step.py, docs/benchmarks.md)."""
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
     dtype = pm.config.params_dtype
-    return get_megatron_optimizer(
+    optimizer = get_megatron_optimizer(
         MegatronOptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
                                 adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_eps=opt.eps,
                                 clip_grad=opt.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
                                 use_distributed_optimizer=pm.par.distributed_optimizer),
         pm.chunks)
+    if fused is None:
+        fused = all(q.is_cuda for c in pm.chunks for q in c.parameters())
+    if fused:
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+            for group in inner.optimizer.param_groups:
+                group["fused"], group["foreach"] = True, False
+    return optimizer

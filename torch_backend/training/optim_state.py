@@ -172,6 +172,12 @@ def scatter_states(opt, model: torch.nn.Module, states: dict[str, dict[str, torc
                 main.copy_(src["param"].to(main))
                 inner.optimizer.state[main] = {"step": step_t.clone(), **{
                     k: src[k].to(main).clone() for k in KEYS}}
+        for group in inner.optimizer.param_groups:
+            if group.get("fused"):   # torch's fused Adam keeps `step` on the parameter's device
+                for main in group["params"]:
+                    if main in inner.optimizer.state:
+                        st = inner.optimizer.state[main]
+                        st["step"] = st["step"].to(main.device, torch.float32)
         for param, name in names.items():   # the (maybe bf16) model copy of the main values
             if name in states:
                 param.copy_(states[name]["param"].to(param))

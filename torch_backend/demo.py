@@ -106,14 +106,26 @@ def generate(cfg: DemoData, out_dir: str | pathlib.Path, log=print) -> dict[str,
 @dataclasses.dataclass(frozen=True)
 class DemoVAE:
     """The demo VAE's training: `size` from core/vae.py VAE_SIZES, stopped at `steps` or
-    `minutes`, whichever comes first, on random `frames`-frame windows of the training clips."""
+    `minutes`, whichever comes first, on random `frames`-frame windows of the training clips.
+
+    sample_posterior: False trains a plain autoencoder on the posterior mean (what the DiT is
+    trained on, PretrainConfig.sample_posterior): with the KL weight of 1e-6 the posterior std
+    stays near 1 for the whole short run while the means spread by ~0.1, so decoding samples
+    teaches the decoder to ignore z. lr / betas: Adam; 1e-3 with LDM's (0.5, 0.9) stalls the tiny
+    VAE at the mean image (docs/vae.md, "Why the demo VAE collapsed"). foreground_weight: the
+    product's pixels weigh 1 + this in the L1 term (vae_train.foreground_mask): a 6-10 px object
+    on a plain 32 px background is otherwise not worth reconstructing early on.
+    """
 
     size: str = "tiny"
     steps: int = 1000
     minutes: float = 4.0
     batch_size: int = 2
     frames: int = 9
-    lr: float = 1e-3
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    sample_posterior: bool = False
+    foreground_weight: float = 9.0
 
     def __post_init__(self) -> None:
         from mugv.core.vae import VAE_SIZES
@@ -131,7 +143,7 @@ class DemoConfig:
     out: str = "runs/demo"
     data: DemoData = DemoData()
     vae: DemoVAE = DemoVAE()
-    pretrain: PretrainConfig = PretrainConfig()
+    pretrain: PretrainConfig = PretrainConfig(sample_every=150)
     sampler: FlowSamplerConfig = FlowSamplerConfig(num_steps=20, guidance_scale=3.0)
     samples: int = 24
     sample_seed: int = 1234
@@ -144,7 +156,7 @@ class DemoConfig:
 def quick_config(out: str = "runs/demo_quick") -> DemoConfig:
     """The CI variant: fewer clips, a shorter VAE and fewer DiT steps (about 3 minutes)."""
     return DemoConfig(out=out, data=DemoData(count=96, held_out=16), vae=DemoVAE(minutes=0.75),
-                      pretrain=PretrainConfig(stages=(
+                      pretrain=PretrainConfig(sample_every=110, stages=(
                           StageConfig("images", frames=1, steps=80, lr=1e-3),
                           StageConfig("short_video", frames=17, steps=220, lr=1e-3, i2v=0.3))),
                       samples=16)
@@ -178,7 +190,8 @@ def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
         return load_vae(cfg.vae.size, str(done)), done, rows
     tcfg = vae_train.VAETrainConfig(data=str(manifest), size=cfg.vae.size, height=d.size, width=d.size,
                                     num_frames=cfg.vae.frames, fps=d.fps, batch_size=cfg.vae.batch_size,
-                                    lr=cfg.vae.lr, seed=d.seed, eval_frames=d.frames)
+                                    lr=cfg.vae.lr, betas=cfg.vae.betas, sample_posterior=cfg.vae.sample_posterior,
+                                    foreground_weight=cfg.vae.foreground_weight, seed=d.seed, eval_frames=d.frames)
     torch.manual_seed(d.seed)
     rng = np.random.default_rng(d.seed)
     gen = torch.Generator().manual_seed(d.seed)
@@ -318,8 +331,11 @@ def run(cfg: DemoConfig, log=print) -> dict:
     for i in range(min(4, n)):
         report.write_mp4(media / f"t2v_{i}.mp4", np.concatenate([real[i], samples["t2v"][i], samples["i2v"][i]], axis=2), d.fps)
     runs = {s.name: report.read_metrics(pathlib.Path(pre.out) / "stages" / s.name / "metrics.jsonl") for s in pre.stages}
-    report.loss_curve(runs, media / "loss_curve.png")
-    report.loss_curve({"VAE L1": vae_rows}, media / "vae_loss_curve.png")
+    previews = {s.name: sorted((pathlib.Path(pre.out) / "stages" / s.name / "samples").glob("step_*.png"))
+                for s in pre.stages}
+    report.loss_curve(runs, media / "loss_curve.png", marks={k: [int(p.stem[5:]) for p in x] for k, x in previews.items()})
+    report.loss_curve({"VAE L1": vae_rows}, media / "vae_loss_curve.png", ylabel="L1 (pixels in [-1, 1])")
+    results["previews"] = {k: [str(p.relative_to(out)) for p in x] for k, x in previews.items()}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(cfg, results, captions, n, out)
     log(summary(results))
@@ -370,7 +386,8 @@ def write_report(cfg: DemoConfig, results: dict, captions: list[str], n: int, ou
          f"after {v_['steps']} steps. Side-by-side originals/reconstructions: [vae/held_out/](vae/held_out/). "
          "Loss: ![VAE loss](media/vae_loss_curve.png)"),
         ("Training loss", "![loss curve](media/loss_curve.png)\n\nPer-step metrics: `pretrain/stages/*/metrics.jsonl` "
-         "(TensorBoard events next to them)."),
+         "(TensorBoard events next to them). Dotted lines: steps where the samples below were written."),
+        ("Samples during training", _previews_section(results.get("previews", {}), out)),
         ("Samples", f"Rows = prompts 0..{n - 1}, columns = frames evenly spaced over the clip.\n\n{prompts}\n\n"
          "Held-out clips: ![held-out](media/held_out_grid.png)\n\ntext-to-video: ![t2v](media/t2v_grid.png)\n\n"
          "image-to-video: ![i2v](media/i2v_grid.png)\n\nVideos (held-out | t2v | i2v): "
@@ -378,6 +395,23 @@ def write_report(cfg: DemoConfig, results: dict, captions: list[str], n: int, ou
         ("Wall time", timing),
     ]
     report.markdown_report(out / "report.md", "mugv demo report", sections, config=to_dict(cfg))
+
+
+def _previews_section(previews: dict[str, list[str]], out: pathlib.Path) -> str:
+    """Per stage, the sample grids written while it trained (PretrainConfig.sample_every), each
+    with its mp4: the same prompts and noise every time, so the rows show what training changed."""
+    if not any(previews.values()):
+        return "None written (`pretrain.sample_every` = 0)."
+    lines = []
+    for stage, pngs in previews.items():
+        if not pngs:
+            continue
+        prompts = pathlib.Path(pngs[0]).parent / "prompts.txt"
+        lines.append(f"**{stage}** (prompts: [{prompts}]({prompts}); rows = prompts, columns = frames)\n")
+        for png in pngs:
+            step = int(pathlib.Path(png).stem[5:])
+            lines.append(f"- step {step}: [mp4]({png[:-4]}.mp4)\n\n  ![{stage} step {step}]({png})")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -261,12 +261,14 @@ def finetuned_model(base: str | os.PathLike, adapters: Optional[str | os.PathLik
 def held_out_experiment(out_dir: str | os.PathLike, attribute: str = "colour", value: str = "blue",
                         vae_checkpoint: Optional[str] = None, pretrain=None, steps: int = 300,
                         lora: LoRAConfig = LoRAConfig(rank=8, alpha=8.0), lr: float = 1e-3,
-                        seeds: tuple[int, ...] = (1234, 4321), log: Callable[[str], None] = print) -> dict:
+                        seeds: tuple[int, ...] = (1234, 4321), replay: bool = True,
+                        log: Callable[[str], None] = print) -> dict:
     """Does LoRA teach a pretrained DiT an attribute value it never saw?
 
     1. The demo's clips (`demo.generate`, all values) are split: clips WITHOUT `value` of
        `attribute` pretrain the DiT (the demo's curriculum, `pretrain` or the demo default);
-       the clips WITH it are the fine-tuning set.
+       the clips WITH it are the fine-tuning set, with `replay` together with the pretraining
+       clips (without replay LoRA learns "always `value`": measured, docs/finetune.md).
     2. Before: text-to-video samples of every caption naming `value` (each colour/shape/motion
        combination with it, both caption variants, one sample per seed) are scored by the analyzer.
     3. LoRA (`lora`, base frozen) trains on the fine-tuning set for `steps` steps; the same
@@ -292,11 +294,12 @@ def held_out_experiment(out_dir: str | os.PathLike, attribute: str = "colour", v
     rows = [json.loads(x) for x in manifests["train"].read_text().splitlines()]
     attrs = [json.loads(x) for x in (out / "data" / "train_attributes.jsonl").read_text().splitlines()]
     split = {"pretrain": [r for r, a in zip(rows, attrs) if a[attribute] != value],
-             "finetune": [r for r, a in zip(rows, attrs) if a[attribute] == value]}
+             "finetune": [r for r, a in zip(rows, attrs) if a[attribute] == value or replay]}
+    tag = "_replay" if replay else ""
     for name, part in split.items():
-        (out / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+        (out / "data" / f"{name}{tag if name == 'finetune' else ''}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     log(f"[mugv] held-out {attribute}={value}: {len(split['pretrain'])} pretraining clips without it, "
-        f"{len(split['finetune'])} fine-tuning clips with it")
+        f"{len(split['finetune'])} fine-tuning clips ({'all' if replay else 'only those with it'})")
 
     cfg = demo.DemoConfig(out=str(out / "demo_vae"))
     if vae_checkpoint is None:
@@ -309,51 +312,62 @@ def held_out_experiment(out_dir: str | os.PathLike, attribute: str = "colour", v
 
     others = [dict(zip([k for k in values if k != attribute], combo)) for combo in
               __import__("itertools").product(*[values[k] for k in values if k != attribute])]
-    prompts = []
-    for o in others:
-        pick = {**o, attribute: value}
-        prompts += [demo.caption(pick["colour"], pick["shape"], pick["motion"], variant) for variant in (0, 1)]
+    def captions_for(val):
+        out = []
+        for o in others:
+            pick = {**o, attribute: val}
+            out += [demo.caption(pick["colour"], pick["shape"], pick["motion"], variant) for variant in (0, 1)]
+        return out
+
+    prompts = captions_for(value)
+    # control: the values pretraining did see; LoRA on `value` alone must not turn them into it
+    controls = [c for other in values[attribute] if other != value for c in captions_for(other)]
     text_enc = pipeline.text_encoder(pre.text_encoder, pre.dit)
     frames = max(s.frames for s in pre.stages)
     thw = latent_shape(frames, d.size, d.size)
     sampler_cfg = FlowSamplerConfig(num_steps=20, guidance_scale=3.0)
 
-    def score(adapters, tag):
+    def score(adapters, name_):
         megatron_compat.initialize_parallel(tp=1, pp=1, cp=1, seed=0)
         try:
             _, model = finetuned_model(base, adapters)
-            text, mask = text_enc(prompts)
-            videos = []
-            for seed in seeds:
-                z = pipeline.sample_latents(model, pre.dit, text, mask, thw, d.fps, sampler_cfg, seed)
-                with torch.no_grad():
-                    videos += [pipeline.to_uint8(x) for x in vae.decode(z, frames)]
+            videos = {}
+            for name, caps in (("held_out", prompts), ("control", controls)):
+                text, mask = text_enc(caps)
+                videos[name] = []
+                for seed in seeds:
+                    z = pipeline.sample_latents(model, pre.dit, text, mask, thw, d.fps, sampler_cfg, seed)
+                    with torch.no_grad():
+                        videos[name] += [pipeline.to_uint8(x) for x in vae.decode(z, frames)]
         finally:
             megatron_compat.destroy_parallel()
-        acc, per = pipeline.analyzer_accuracy(videos, prompts * len(seeds))
-        rp.write_png(out / f"{tag}_grid.png", rp.frame_grid(videos[:8]))
+        acc, per = pipeline.analyzer_accuracy(videos["held_out"], prompts * len(seeds))
+        control, _ = pipeline.analyzer_accuracy(videos["control"], controls * len(seeds))
+        rp.write_png(out / f"{name_}_grid.png", rp.frame_grid(videos["held_out"][:8]))
         got = [r.get(attribute) for r in per]
-        log(f"[mugv] {tag}: {attribute} accuracy on '{value}' prompts {acc[attribute]:.1%}; analyzer read "
-            f"{ {g: got.count(g) for g in sorted(set(map(str, got)))} }")
-        return acc, got
+        log(f"[mugv] {name_}: {attribute} accuracy on '{value}' prompts {acc[attribute]:.1%} (read "
+            f"{ {g: got.count(g) for g in sorted(set(map(str, got)))} }); on the other {attribute} prompts "
+            f"{control[attribute]:.1%}")
+        return {**acc, "control": control}, got
 
     before, got_before = score(None, "before")
     bucket = BucketSpec(d.size, d.size, frames, batch_size=16, fps=d.fps)
-    source = prepare_data(out / "data" / "finetune.jsonl", (bucket,), vae_encoder(vae), text_enc,
+    source = prepare_data(out / "data" / f"finetune{tag}.jsonl", (bucket,), vae_encoder(vae), text_enc,
                           video_name=f"vae:{vae_checkpoint}", text_name=f"text:{pre.text_encoder}",
-                          cache_dir=out / "finetune_cache", log=log, sample_posterior=pre.sample_posterior)
+                          cache_dir=out / f"finetune_cache{tag}", log=log, sample_posterior=pre.sample_posterior)
     ft = FinetuneConfig(mode="lora", lora=lora, buckets=(bucket,), i2v=0.0)
     train = dataclasses.replace(pre.train, steps=steps, seed=0,
                                 optimizer=OptimizerConfig(lr=lr, min_lr=lr, warmup_steps=10))
-    result = finetune(base, source, out / "lora", ft, train, flow=pre.flow, log=log)
-    after, got_after = score(result["adapters"], "after")
-    numbers = {"attribute": attribute, "value": value, "prompts": len(prompts), "seeds": list(seeds),
+    result = finetune(base, source, out / f"lora{tag}", ft, train, flow=pre.flow, log=log)
+    after, got_after = score(result["adapters"], f"after{tag}")
+    numbers = {"attribute": attribute, "value": value, "prompts": len(prompts), "control_prompts": len(controls),
+               "seeds": list(seeds),
                "samples": len(prompts) * len(seeds), "chance": 1 / len(values[attribute]),
                "before": before, "after": after, "read_before": got_before, "read_after": got_after,
                "lora": v.to_dict(lora), "steps": steps, "lr": lr,
                "trainable_params": result["trainable_params"], "total_params": result["total_params"],
-               "pretrain_clips": len(split["pretrain"]), "finetune_clips": len(split["finetune"])}
-    (out / "held_out.json").write_text(json.dumps(numbers, indent=1))
+               "pretrain_clips": len(split["pretrain"]), "finetune_clips": len(split["finetune"]), "replay": replay}
+    (out / f"held_out{tag}.json").write_text(json.dumps(numbers, indent=1))
     return numbers
 
 
@@ -368,10 +382,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 4321], help="sampling seeds")
+    ap.add_argument("--no_replay", action="store_true", help="fine-tune on the held-out value's clips only")
     a = ap.parse_args(argv)
     attribute, _, value = a.held_out.partition("=")
     numbers = held_out_experiment(a.out, attribute, value.replace("_", " "), a.vae_checkpoint, steps=a.steps,
-                                  lora=LoRAConfig(rank=a.rank, alpha=float(a.rank)), lr=a.lr, seeds=tuple(a.seeds))
+                                  lora=LoRAConfig(rank=a.rank, alpha=float(a.rank)), lr=a.lr, seeds=tuple(a.seeds),
+                                  replay=not a.no_replay)
     print(json.dumps({k: numbers[k] for k in ("attribute", "value", "samples", "chance", "before", "after")}))
     return 0
 

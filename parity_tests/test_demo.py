@@ -1,13 +1,18 @@
-"""The end-to-end demo's short variant (`mugv demo --quick`): every step runs (data, VAE, cache,
-two-stage curriculum, t2v and i2v samples, report) and the report holds the numbers; the VAE
-improves on its untrained self and the analyzer reads the held-out clips.
+"""The end-to-end demo (`mugv demo`, torch_backend/demo.py).
 
-Caption following above chance is NOT reached by the quick run: in its 45 s the tiny VAE
-(core/vae.py "tiny") reconstructs every product clip as the same blurred blob (73 steps, 17.5 dB;
-its reconstructions of the real clips score 0 % colour, 12.5 % motion), so no DiT can show an
-attribute through it. The full demo (VAE 4 min) gets motion through: t2v motion 50 % vs chance
-33 % (every pan direction right, docs/cli.md). `test_caption_following_beats_chance` states that
-target for the quick run and is marked xfail until the VAE learns faster; XPASS shows when it does.
+- `test_demo_smoke_report_layout` (CI, ~1-3 min on the shared box): a miniature run (16 clips, a few
+  VAE and DiT steps) goes through every step and writes the documented layout: report.md with
+  the accuracy table and chance values, results.json, the media files, and sample grids / mp4s
+  written DURING training (PretrainConfig.sample_every) that the loss curve and report point at.
+  It claims nothing about learning.
+- `test_full_demo_follows_captions` (slow: the full demo, about 7 min on idle 2 cores, 14 min at
+  load average 11-30): t2v motion beats chance by MOTION_MARGIN (measured: 91.7 % vs 33.3 %), the
+  VAE improves on its untrained self by 5 dB, the analyzer reads the held-out clips, the DiT loss
+  goes down, and the samples written during training are where the report says.
+- `test_full_demo_colour_and_shape` (slow, xfail): the same for colour and shape. The tiny demo
+  VAE still decodes every product as one brown blob after its 4 minutes (docs/vae.md: its
+  reconstructions score colour 0 %, shape 50 %), so no sample can show them; XPASS shows when
+  a VAE that keeps colour lands.
 """
 from __future__ import annotations
 
@@ -17,15 +22,10 @@ import re
 import pytest
 
 from mugv.torch_backend import demo
+from mugv.torch_backend.cli.pipeline import PretrainConfig, StageConfig
 
-MOTION_MARGIN = 0.10     # target: t2v motion accuracy >= chance (33 %) + this (full demo: +16.7 points)
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    results = demo.run(demo.quick_config(out=str(out)), log=lambda s: None)
-    return out, results
+MOTION_MARGIN = 0.25   # t2v motion >= chance + 25 points (measured +58: 91.7 % vs 33.3 %, docs/cli.md)
+MARGIN = 0.15          # the target for colour and shape (xfail until the demo VAE keeps them)
 
 
 def _accuracy_rows(report: str) -> dict[str, list[float]]:
@@ -35,33 +35,64 @@ def _accuracy_rows(report: str) -> dict[str, list[float]]:
                                  r"([\d.]+)% \| ([\d.]+)% \|$", report, re.M)}
 
 
-@pytest.mark.slow  # about 4-5 minutes on a loaded 2-core box: beyond the CI budget
-def test_quick_demo_runs_and_reports(quick_run):
-    out, results = quick_run
+def _check_layout(out, results, stages):
     report = (out / "report.md").read_text()
     rows = _accuracy_rows(report)
     assert set(rows) == {"colour", "shape", "motion"}, report[:2000]
     assert [rows[a][0] for a in ("colour", "shape", "motion")] == pytest.approx([1 / 4, 1 / 3, 1 / 3], abs=1e-3)
     saved = json.loads((out / "results.json").read_text())
     assert saved["t2v"]["colour"] == pytest.approx(rows["colour"][1], abs=1e-3)
-    assert all(r[4] >= 0.9 for r in rows.values()), rows      # the analyzer reads the real clips
-    v = results["vae"]
-    assert v["held_out_psnr"] > v["untrained_psnr"] + 5
     for name in ("loss_curve.png", "vae_loss_curve.png", "t2v_grid.png", "i2v_grid.png", "held_out_grid.png",
                  "t2v_0.mp4"):
         assert (out / "media" / name).stat().st_size > 500, name
+    for stage, steps in stages.items():
+        written = saved["previews"][stage]
+        assert [int(p.rsplit("step_", 1)[1][:-4]) for p in written] == steps, (stage, written)
+        for png in written:
+            assert (out / png).stat().st_size > 200 and (out / png[:-4]).with_suffix(".mp4").stat().st_size > 200
+            assert f"]({png})" in report                               # the report shows each grid
+    return rows, report
+
+
+def test_demo_smoke_report_layout(tmp_path):
+    cfg = demo.DemoConfig(out=str(tmp_path), data=demo.DemoData(count=12, held_out=3), vae=demo.DemoVAE(steps=2),
+                          pretrain=PretrainConfig(sample_every=2, sample_prompts=2, stages=(
+                              StageConfig("images", frames=1, steps=3, batch_size=4, warmup_steps=1),
+                              StageConfig("short_video", frames=17, steps=2, batch_size=4, warmup_steps=1, i2v=0.5))),
+                          samples=3)
+    results = demo.run(cfg, log=lambda s: None)
+    _check_layout(tmp_path, results, {"images": [2, 3], "short_video": [2]})
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    results = demo.run(demo.DemoConfig(out=str(out)), log=lambda s: None)
+    return out, results
+
+
+@pytest.mark.slow  # the full demo: 6-10 minutes on an idle 2-core CPU, beyond the CI budget
+def test_full_demo_follows_captions(full_run):
+    out, results = full_run
+    steps = {s.name: [*range(150, s.steps, 150), s.steps] for s in demo.DemoConfig().pretrain.stages}
+    rows, report = _check_layout(out, results, steps)
+    assert all(r[4] >= 0.9 for r in rows.values()), rows      # the analyzer reads the real clips
+    v = results["vae"]
+    assert v["held_out_psnr"] > v["untrained_psnr"] + 5
     for stage in ("images", "short_video"):
         metrics = [json.loads(x) for x in (out / "pretrain" / "stages" / stage / "metrics.jsonl").read_text().splitlines()]
-        first, last = metrics[:10], metrics[-10:]
         mean = lambda rows: sum(r["loss"] for r in rows) / len(rows)  # noqa: E731
-        assert mean(last) < mean(first), stage                        # the DiT's loss goes down
+        assert mean(metrics[-10:]) < mean(metrics[:10]), stage        # the DiT's loss goes down
+    chance, t2v = rows["motion"][:2]
+    assert t2v >= chance + MOTION_MARGIN, f"t2v motion accuracy {t2v:.1%} vs chance {chance:.1%}"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the tiny VAE collapses to one reconstruction within the demo budget "
-                          "(docs/cli.md); caption following cannot show through it yet", strict=False)
-def test_caption_following_beats_chance(quick_run):
-    out, _ = quick_run
+@pytest.mark.xfail(reason="the demo VAE decodes every product as the same brown blob (docs/vae.md); colour and "
+                          "shape cannot show through it", strict=False)
+def test_full_demo_colour_and_shape(full_run):
+    out, _ = full_run
     rows = _accuracy_rows((out / "report.md").read_text())
-    chance, t2v = rows["motion"][0], rows["motion"][1]
-    assert t2v >= chance + MOTION_MARGIN, f"t2v motion accuracy {t2v:.1%} vs chance {chance:.1%}"
+    for attribute in ("colour", "shape"):
+        chance, t2v = rows[attribute][:2]
+        assert t2v >= chance + MARGIN, f"t2v {attribute} accuracy {t2v:.1%} vs chance {chance:.1%} (+{MARGIN:.0%} wanted)"

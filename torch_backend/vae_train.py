@@ -244,6 +244,8 @@ def config_from_args(argv: list[str] | None) -> VAETrainConfig:
     ap.add_argument("--posterior-mean", action="store_true",
                     help="decode the posterior mean instead of a sample (short runs; docs/vae.md)")
     ap.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.9), help="Adam betas")
+    ap.add_argument("--foreground-weight", type=float, default=0.0,
+                    help="extra weight of pixels away from the frame's border colour (the product)")
     ap.add_argument("--disc-start", type=int, default=None, help="step switching the discriminator on (off if unset)")
     ap.add_argument("--disc-weight", type=float, default=0.5)
     ap.add_argument("--eval-frames", type=int, default=17)
@@ -254,6 +256,7 @@ def config_from_args(argv: list[str] | None) -> VAETrainConfig:
     return VAETrainConfig(data=a.data, size=a.size, height=a.height, width=a.width, num_frames=a.frames, fps=a.fps,
                           batch_size=a.batch_size, steps=a.steps, minutes=a.minutes, lr=a.lr,
                           logvar_init=a.logvar_init, sample_posterior=not a.posterior_mean, betas=tuple(a.betas),
+                          foreground_weight=a.foreground_weight,
                           loss=spec.VAELossConfig(kl_weight=a.kl_weight, disc_start=a.disc_start,
                                                   disc_weight=a.disc_weight),
                           eval_frames=a.eval_frames, log_every=a.log_every, seed=a.seed, out=a.out)

@@ -96,3 +96,26 @@ def test_full_demo_colour_and_shape(full_run):
     for attribute in ("colour", "shape"):
         chance, t2v = rows[attribute][:2]
         assert t2v >= chance + MARGIN, f"t2v {attribute} accuracy {t2v:.1%} vs chance {chance:.1%} (+{MARGIN:.0%} wanted)"
+
+
+def test_foreground_mask_marks_the_product_not_the_background():
+    """The demo VAE's foreground weight (vae_train.foreground_mask): pixels away from the frame's
+    border colour are the product; backgrounds of any plain colour (plus codec-sized noise) are not."""
+    import torch
+
+    from mugv.torch_backend.vae_train import foreground_mask
+    g = torch.Generator().manual_seed(3)
+    b, t, h, w = 3, 5, 24, 40
+    background = torch.rand(b, 3, 1, 1, 1, generator=g) * 1.6 - 0.8
+    video = background + 0.01 * torch.randn(b, 3, t, h, w, generator=g)
+    truth = torch.zeros(b, 1, t, h, w)
+    for i in range(b):                       # a box per clip and frame, moving, of a random colour
+        colour = torch.rand(3, generator=g) * 2 - 1
+        colour = torch.where((colour - background[i, :, 0, 0, 0]).abs() < 0.3, -colour.sign() * 0.9, colour)
+        for k in range(t):
+            y, x = 4 + k, 6 + 3 * k + i
+            video[i, :, k, y:y + 7, x:x + 9] = colour[:, None, None]
+            truth[i, 0, k, y:y + 7, x:x + 9] = 1
+    mask = foreground_mask(video)
+    assert mask.shape == truth.shape and mask.dtype == video.dtype
+    assert torch.equal(mask, truth)

@@ -108,7 +108,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 def run_preference_demo(base: str | pathlib.Path, out: str | pathlib.Path, objectives: tuple[str, ...] = ("dpo",),
                         seeds: tuple[int, ...] = (0, 1, 2), candidates: int = 8, draws: int = 4,
                         steps: int = 150, beta: float = 500.0, lr: float = 2e-4, batch_size: int = 8,
-                        shared_data: bool = False, kto_balance: bool = True, log=print) -> dict:
+                        shared_data: bool = True, kto_balance: bool = True, log=print) -> dict:
     """The experiment (module docstring) on a finished demo run `base`; writes out/results.json
     and out/report.md and returns the results. KTO is run with objectives=("dpo", "kto").
     shared_data: make the preference data once (candidate seed 0) and train every seed on it

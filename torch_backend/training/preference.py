@@ -255,8 +255,8 @@ class PreferenceRunConfig:
     undesirable_weight: float = 1.0
     reference_precision: str = "fp32"
     kto_reference_point: str = "global"
-    steps: int = 100
-    lr: float = 1e-4
+    steps: int = 150
+    lr: float = 2e-4
     batch_size: int = 8
     caption_dropout: float = 0.0
     i2v: float = 0.0

@@ -338,6 +338,7 @@ class MUGDiTLayer(torch.nn.Module):
         self.ops = ops
         self.scale_shift_table = torch.nn.Parameter(torch.zeros(6, config.hidden_size))
         self.scale_shift_table.sequence_parallel = config.sequence_parallel
+        self.sequence_parallel = config.sequence_parallel
         self.self_attn = build_module(submodules.self_attn, config=config, ops=ops)
         self.cross_attn_norm = build_module(submodules.cross_attn_norm, config=config)
         self.cross_attn = build_module(submodules.cross_attn, config=config, ops=ops)
@@ -363,13 +364,17 @@ class MUGDiTLayer(torch.nn.Module):
         ops, eps = self.ops, self.eps
         xb = x.transpose(0, 1)  # batch-first views for the elementwise ops
         u = ops.adaln_modulate(xb, shift_msa, scale_msa, index, eps)
-        attn = self.self_attn(u.transpose(0, 1), angles, self_attn_mask)
+        # Sequence parallelism all-gathers the linears' inputs, and NCCL takes contiguous tensors
+        # only (gloo copies silently): the batch-first -> sequence-first views are materialised.
+        seq_first = (lambda t: t.transpose(0, 1).contiguous()) if self.sequence_parallel \
+            else (lambda t: t.transpose(0, 1))
+        attn = self.self_attn(seq_first(u), angles, self_attn_mask)
         xb = ops.gated_residual(xb, attn.transpose(0, 1), gate_msa, index)
         cross = self.cross_attn(self.cross_attn_norm(xb.transpose(0, 1)), text, text_mask)
         # The cross-attention residual is ungated: gate 1, fused into the MLP's AdaLN site.
         xb, u = ops.gated_residual_modulate(xb, cross.transpose(0, 1), torch.ones_like(gate_mlp),
                                             shift_mlp, scale_mlp, index, eps)
-        xb = ops.gated_residual(xb, self.mlp(u.transpose(0, 1)).transpose(0, 1), gate_mlp, index)
+        xb = ops.gated_residual(xb, self.mlp(seq_first(u)).transpose(0, 1), gate_mlp, index)
         return xb.transpose(0, 1)
 
 

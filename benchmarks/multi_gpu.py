@@ -458,7 +458,8 @@ def reshard(cpu: bool, world: int, ckpt_root: str) -> dict:
     # next backward would add each gradient twice.
     opt.zero_grad()
     tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    local = {k: p.detach() for k, p in a.stages[0].named_parameters()}  # canonical names, TP slices
+    # canonical names, TP slices; the format's model group is fp32 (bf16 values are exact in it)
+    local = {k: p.detach().float() for k, p in a.stages[0].named_parameters()}
     path = save_torch(ckpt_root, 1, {"model": (dit_schema(cfg), local)}, tp_rank=tp_rank, tp_size=tp,
                       write_replica=_coords(a)["dp"] == 0, overwrite=True)
     loss_a, grads_a = loss_and_grads(a, b2, w2, whole_batch=False)

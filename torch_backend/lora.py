@@ -39,6 +39,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from mugv.checkpoints.format import Checkpoint, CheckpointError, CheckpointWriter, latest_checkpoint
 from mugv.checkpoints.torch_io import load_torch, save_torch
+from mugv.torch_backend.models.dit_layers import mark_tensor_parallel
 from mugv.core.dit import DiTConfig
 from mugv.core.lora import LoRAConfig, LoRATarget, is_adapter_name, lora_schema, lora_targets, merge_arrays
 from mugv.core.schema import Schema
@@ -179,6 +180,9 @@ def apply_lora(model: torch.nn.Module, cfg: DiTConfig, lora: LoRAConfig,
         # gradient: Megatron's finalize_model_grads sums `sequence_parallel` parameters over TP.
         module.lora_a.weight.sequence_parallel = sp and kind == "column"
         module.lora_b.weight.sequence_parallel = sp and kind == "row"
+        for spec, weight in ((a_spec, module.lora_a.weight), (b_spec, module.lora_b.weight)):
+            if spec.tp_axis is not None:   # the split factor counts on every rank in the grad norm
+                mark_tensor_parallel(weight, spec.tp_axis)
         module.lora_kind, module.lora_tp = kind, tp
         module.lora_scale, module.lora_dropout = lora.scale, lora.dropout
         module.lora_merged = False

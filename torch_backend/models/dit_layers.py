@@ -145,6 +145,15 @@ def _drop_empty_extra_state(state_dict, prefix, *args, **kwargs) -> None:
         del state_dict[f"{prefix}_extra_state"]
 
 
+def mark_tensor_parallel(param: torch.Tensor, axis: int) -> None:
+    """Tag `param` as split over tensor-parallel ranks along `axis`. Megatron's linears set these
+    attributes only when they initialise their weights themselves (`perform_initialization`); ours
+    are drawn from the schema, and without the tag Megatron's gradient norm (hence clipping)
+    counts the parameter once, on TP rank 0, as if it were replicated: the other ranks' slices went
+    missing from the norm."""
+    param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, axis, 1
+
+
 class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     """Megatron's column-parallel linear without its empty `_extra_state` state-dict entry (kept
     there for Transformer Engine checkpoints), so that the model's state dict is canonical and
@@ -156,6 +165,9 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._register_load_state_dict_pre_hook(_drop_empty_extra_state)
+        mark_tensor_parallel(self.weight, 0)
+        if self.bias is not None:
+            mark_tensor_parallel(self.bias, 0)
 
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
@@ -167,6 +179,7 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._register_load_state_dict_pre_hook(_drop_empty_extra_state)
+        mark_tensor_parallel(self.weight, 1)   # its bias is replicated
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ An estimate from first principles, for planning (which layouts fit, how many GPU
 measured peaks belong in benchmarks. Conventions (mugv's trainer on Megatron-Core):
 - bf16 model parameters (2 B), fp32 gradient buffer (4 B, `grad_reduce_in_fp32`), Adam's fp32 main
   parameters + two moments (12 B, sharded over data x context parallel ranks by the distributed
-  optimizer), fp32 EMA (4 B, held whole on every rank).
+  optimizer), fp32 EMA (4 B, sharded like the optimizer state).
 - Parameters divide over tensor parallel (the schema's `tp_axis` tensors; replicated ones stay
   whole) and pipeline stages (blocks split evenly; embedders on the first stage, final layer on
   the last: the estimate charges both to one stage).
@@ -83,7 +83,8 @@ def estimate(cfg: DiTConfig, par: ParallelConfig, world_size: int, latent_thw: t
     stored = layers * (per_block + (text_kv + lse if recompute != "full" else 0))
     working = 0.0 if recompute == "none" else ACT_ELEMENTS["none"] * s * b * h * 2 / sp + text_kv + lse
     activations = stored * pp + working   # 1F1B: pp micro-batches in flight on stage 0
-    return MemoryEstimate(parameters=2 * n, gradients=4 * n, optimizer=12 * n / shard, ema=4 * n,
+    # The EMA is kept per shard of the fp32 main values, like the optimizer state (the trainer).
+    return MemoryEstimate(parameters=2 * n, gradients=4 * n, optimizer=12 * n / shard, ema=4 * n / shard,
                           activations=activations)
 
 

@@ -135,10 +135,17 @@ class DemoVAE:
         v.in_range(self, "lr", 0, 1, lo_open=True)
 
 
+PREFERENCE_CHOICES = ("none", "dpo", "kto", "dpo,kto")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """The whole demo. `pretrain.manifest` / `pretrain.vae_checkpoint` are filled in by the demo
-    (the generated data and the VAE it trains); `samples` held-out prompts are sampled t2v and i2v."""
+    (the generated data and the VAE it trains); `samples` held-out prompts are sampled t2v and i2v.
+    preference: after pre-training, the preference stage (docs/preference.md): preferences made by
+    the analyzer on training prompts, then DPO and/or KTO from the pretrained checkpoint, with
+    held-out caption following before/after over `preference_seeds` seeds ("none": skipped; each
+    seed adds a few minutes on 2 CPU cores)."""
 
     out: str = "runs/demo"
     data: DemoData = DemoData()
@@ -147,10 +154,14 @@ class DemoConfig:
     sampler: FlowSamplerConfig = FlowSamplerConfig(num_steps=20, guidance_scale=3.0)
     samples: int = 24
     sample_seed: int = 1234
+    preference: str = "none"
+    preference_seeds: int = 3
 
     def __post_init__(self) -> None:
         v.positive_int(self, "samples")
         v.non_negative_int(self, "sample_seed")
+        v.one_of(self, "preference", PREFERENCE_CHOICES)
+        v.positive_int(self, "preference_seeds")
 
 
 def quick_config(out: str = "runs/demo_quick") -> DemoConfig:
@@ -336,6 +347,14 @@ def run(cfg: DemoConfig, log=print) -> dict:
     report.loss_curve(runs, media / "loss_curve.png", marks={k: [int(p.stem[5:]) for p in x] for k, x in previews.items()})
     report.loss_curve({"VAE L1": vae_rows}, media / "vae_loss_curve.png", ylabel="L1 (pixels in [-1, 1])")
     results["previews"] = {k: [str(p.relative_to(out)) for p in x] for k, x in previews.items()}
+    if cfg.preference != "none":
+        from mugv.torch_backend.preference_demo import run_preference_demo
+        t0 = time.monotonic()
+        pref = run_preference_demo(out, out / "preference", objectives=tuple(cfg.preference.split(",")),
+                                   seeds=tuple(range(cfg.preference_seeds)), log=log)
+        results["preference"] = pref["summary"]
+        results["seconds"]["preference"] = time.monotonic() - t0
+        results["seconds"]["total"] = time.monotonic() - t_all
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(cfg, results, captions, n, out)
     log(summary(results))
@@ -394,7 +413,25 @@ def write_report(cfg: DemoConfig, results: dict, captions: list[str], n: int, ou
          + ", ".join(f"[t2v_{i}.mp4](media/t2v_{i}.mp4)" for i in range(min(4, n)))),
         ("Wall time", timing),
     ]
+    if "preference" in results:
+        sections.insert(4, ("Preference stage", _preference_section(results["preference"])))
     report.markdown_report(out / "report.md", "mugv demo report", sections, config=to_dict(cfg))
+
+
+def _preference_section(summary: dict) -> str:
+    """Held-out caption following of the pretrained checkpoint and after each preference
+    objective, mean ± sd over seeds (details: preference/report.md)."""
+    from mugv.torch_backend import report
+
+    rows = []
+    for objective, table in summary.items():
+        for a, s in table.items():
+            f = lambda x: f"{100 * x['mean']:.1f} ± {100 * x['std']:.1f} %"  # noqa: E731
+            rows.append([objective.upper(), a, f(s["before"]), f(s["after"]), f(s["gain"])])
+    return ("Preferences made by the analyzer on training prompts, then the stage from the pretrained "
+            "checkpoint; accuracy on held-out prompts (mean ± sd over seeds). Runs, data and settings: "
+            "[preference/report.md](preference/report.md).\n\n"
+            + report.table(["objective", "attribute", "before", "after", "gain"], rows))
 
 
 def _previews_section(previews: dict[str, list[str]], out: pathlib.Path) -> str:

@@ -76,23 +76,10 @@ def _env(cpu: bool):
 
 
 def random_params(cfg, seed: int = 1) -> dict:
-    """Every parameter random and nonzero (the schema's init has zero biases, unit norms and
+    """Every parameter random and nonzero (`parity_tests/helpers.py`; the schema's init has
     zero-initialised output tables, which would hide sharding mistakes)."""
-    import numpy as np
-
-    from mugv.core.dit import dit_schema
-    rng = np.random.default_rng(seed)
-    out = {}
-    for spec in dit_schema(cfg):
-        z = rng.standard_normal(spec.shape)
-        if len(spec.shape) >= 2:
-            z = z / np.sqrt(np.prod(spec.shape[1:]))
-        elif "norm" in spec.name and spec.name.endswith("weight"):
-            z = 1 + 0.1 * z
-        else:
-            z = 0.1 * z
-        out[spec.name] = z.astype(np.float32)
-    return out
+    from mugv.parity_tests.helpers import random_params as draw
+    return draw(cfg, seed)
 
 
 def make_batch(cfg, thw, text_len: int, batch: int, seed: int, device) -> tuple[dict, object]:

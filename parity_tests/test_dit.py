@@ -14,27 +14,13 @@ import pytest
 import torch
 
 from mugv.core.dit import dit_config, dit_schema, patch_grid
+from mugv.parity_tests.helpers import random_params  # noqa: F401  (other tests import it from here)
 from mugv.parity_tests.tolerances import assert_close, assert_tree_close
 
 CFG = dit_config("tiny")
 B, T, H, W, LT = 2, 3, 5, 7, 6  # odd latent sizes: patch padding and crop on H and W
 
 
-def random_params(cfg, seed: int = 1) -> dict[str, np.ndarray]:
-    """Every parameter random and nonzero (the schema's own init has zero biases and unit norms,
-    which would hide mistakes): N/sqrt(fan_in) for matrices, 1 + 0.1 N for norm weights, 0.1 N else."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for spec in dit_schema(cfg):
-        z = rng.standard_normal(spec.shape)
-        if len(spec.shape) >= 2:
-            z = z / np.sqrt(np.prod(spec.shape[1:]))
-        elif "norm" in spec.name and spec.name.endswith("weight"):
-            z = 1 + 0.1 * z
-        else:
-            z = 0.1 * z
-        out[spec.name] = z.astype(np.float32)
-    return out
 
 
 def make_inputs(kind: str, seed: int = 2) -> dict[str, np.ndarray]:

@@ -12,40 +12,24 @@ import json
 import math
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from mugv.parity_tests.helpers import child_env, free_port
 
 THIS = pathlib.Path(__file__)
 STEPS, COMPARED, BETA = 6, 3, 300.0   # DPO steps of the learning run; steps compared at DP=2; beta
 C, THW = 8, (3, 4, 6)         # latent channels of the tiny test DiT, latent (T, h, w)
 
 
-def _env(rank=None, world=None, port=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    if rank is not None:
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(*args, world: int = 1, env: dict | None = None) -> dict:
     """Run the worker (world processes); returns rank 0's JSON result."""
     cmd = [sys.executable, str(THIS), "worker", *map(str, args)]
     env = env or {}
-    port = _free_port()
-    procs = [subprocess.Popen(cmd, env={**(_env(r, world, port) if world > 1 else _env()), **env}, stdout=subprocess.PIPE,
+    port = free_port()
+    procs = [subprocess.Popen(cmd, env={**(child_env(r, world, port) if world > 1 else child_env()), **env}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(world)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for rank, (p, o) in enumerate(zip(procs, outs)):

@@ -9,7 +9,6 @@ import os
 import pathlib
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,36 +17,19 @@ import numpy as np
 import pytest
 
 from mugv.checkpoints.format import Checkpoint, latest_checkpoint
+from mugv.parity_tests.helpers import child_env, free_port
 
 WORKER = pathlib.Path(__file__).with_name("train_worker.py")
 STEPS = 12
 GROUPS = ("model", "ema", "optimizer.exp_avg", "optimizer.exp_avg_sq")
 
 
-def _env(rank=None, world=None, port=None):
-    # MKL_CBWR: MKL's conditional numerical reproducibility. Without it a restarted process can
-    # take another code path for differently aligned buffers and differ by one ulp (seen here).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    if rank is not None:
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out, steps=STEPS, world=1, extra=()):
     args = [sys.executable, str(WORKER), str(out), str(steps), *extra]
     if world == 1:
-        return [subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    port = _free_port()
-    return [subprocess.Popen(args, env=_env(r, world, port), stdout=subprocess.PIPE,
+        return [subprocess.Popen(args, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    port = free_port()
+    return [subprocess.Popen(args, env=child_env(r, world, port), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
 
 

@@ -38,7 +38,7 @@ def read_manifest(manifest: str | pathlib.Path) -> list[ManifestEntry]:
         raise ManifestError(f"manifest {manifest}: file not found")
     suffix = manifest.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = _jsonl_rows(manifest)
+        rows = jsonl_rows(manifest)
     elif suffix == ".csv":
         rows = _csv_rows(manifest)
     else:
@@ -63,7 +63,10 @@ def write_manifest(manifest: str | pathlib.Path, rows: list[dict]) -> None:
                                 for k, v in row.items() if v is not None}) + "\n")
 
 
-def _jsonl_rows(manifest: pathlib.Path):
+def jsonl_rows(manifest: pathlib.Path, error: "type[Exception] | None" = None):
+    """(line number, object) of each non-blank line of a JSONL file; a line that is not a JSON
+    object raises `error` (default ManifestError) naming `file:line`."""
+    error = error or ManifestError
     with open(manifest) as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
@@ -71,9 +74,9 @@ def _jsonl_rows(manifest: pathlib.Path):
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ManifestError(f"{manifest}:{line}: not valid JSON ({e.msg})") from None
+                raise error(f"{manifest}:{line}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ManifestError(f"{manifest}:{line}: expected a JSON object, got {type(row).__name__}")
+                raise error(f"{manifest}:{line}: expected a JSON object, got {type(row).__name__}")
             yield line, row
 
 

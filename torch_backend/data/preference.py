@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from mugv.torch_backend.data.manifest import jsonl_rows
 from mugv.torch_backend.training.batch import TrainBatch
 
 DPO_FIELDS = ("id", "caption", "preferred", "rejected", "reference", "fps", "scores")
@@ -87,26 +88,17 @@ def _read(manifest: pathlib.Path, kind: str) -> list[PreferenceRow]:
     if not manifest.is_file():
         raise PreferenceError(f"{kind} manifest {manifest}: file not found")
     rows, seen, kinds = [], {}, set()
-    with open(manifest) as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{manifest}:{line}"
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise PreferenceError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise PreferenceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            row = _row(manifest, where, line, len(rows), obj, kind)
-            if row.sample_id in seen:
-                raise PreferenceError(f"{where}: id {row.sample_id!r} already used on line {seen[row.sample_id]}")
-            seen[row.sample_id] = line
-            kinds.add(row.is_latent)
-            if len(kinds) > 1:
-                raise PreferenceError(f"{where}: mixes latent ({LATENT_SUFFIX}) and video media; a manifest "
-                                      "holds one kind")
-            rows.append(row)
+    for line, obj in jsonl_rows(manifest, PreferenceError):
+        where = f"{manifest}:{line}"
+        row = _row(manifest, where, line, len(rows), obj, kind)
+        if row.sample_id in seen:
+            raise PreferenceError(f"{where}: id {row.sample_id!r} already used on line {seen[row.sample_id]}")
+        seen[row.sample_id] = line
+        kinds.add(row.is_latent)
+        if len(kinds) > 1:
+            raise PreferenceError(f"{where}: mixes latent ({LATENT_SUFFIX}) and video media; a manifest "
+                                  "holds one kind")
+        rows.append(row)
     if not rows:
         raise PreferenceError(f"{kind} manifest {manifest}: no rows")
     return rows

@@ -58,24 +58,44 @@ def tuned(key: list[str]):
 
 
 def tuned_rows(key: list[str]):
-    """Like `tuned`, for the loop-over-rows backward kernels: also tunes ROWS, the rows loaded
-    per loop iteration (more bytes in flight per program; the first H100 run with one row per
-    iteration reached 61% of the copy bandwidth in the AdaLN backward)."""
+    """Like `tuned`, for the loop-over-rows backward kernels: also tunes ROWS (rows loaded per loop
+    iteration) and STAGES (software-pipelining depth of the row loop, `tl.range(num_stages=)`:
+    the next rows' loads are issued before this row's reductions). The first H100 runs without
+    pipelining reached 61-76% of the copy bandwidth: one program per SM waited on each row's loads."""
     def wrap(kernel):
         if not autotuning():
             return kernel
-        configs = [triton.Config({"ROWS": r}, num_warps=w)
-                   for r, w in [(1, 8), (1, 16), (2, 8), (2, 16), (4, 16)]]
+        configs = [triton.Config({"ROWS": r, "STAGES": s}, num_warps=w)
+                   for r, w, s in [(1, 8, 1), (1, 16, 1), (2, 16, 1), (1, 8, 2), (1, 16, 2), (1, 8, 3),
+                                   (2, 8, 2), (2, 16, 2), (2, 16, 3), (4, 16, 2)]]
         return triton.autotune(configs, key=key)(kernel)
     return wrap
+
+
+def tuned_stages(key: list[str]):
+    """Like `tuned`, for kernels with a loop over blocks (GroupNorm's spans): tunes the warps and
+    STAGES, the software-pipelining depth of the loop."""
+    def wrap(kernel):
+        if not autotuning():
+            return kernel
+        configs = [triton.Config({"STAGES": s}, num_warps=w) for w in (4, 8) for s in (1, 2, 3)]
+        return triton.autotune(configs, key=key)(kernel)
+    return wrap
+
+
+def stages_warps() -> dict:
+    """Launch keywords for a `tuned_stages` kernel (one warp, no pipelining in the interpreter)."""
+    if interpreting():
+        return {"num_warps": 1, "STAGES": 1}
+    return {} if autotuning() else {"num_warps": 8, "STAGES": 2}
 
 
 def rows_warps() -> dict:
     """Launch keywords for a `tuned_rows` kernel: in the interpreter 2 rows per iteration (so the
     tests cover the masked tail of the row tile) and one warp; the autotuner's choice on the GPU."""
     if interpreting():
-        return {"num_warps": 1, "ROWS": 2}
-    return {} if autotuning() else {"num_warps": 8, "ROWS": 2}
+        return {"num_warps": 1, "ROWS": 2, "STAGES": 1}
+    return {} if autotuning() else {"num_warps": 16, "ROWS": 1, "STAGES": 2}
 
 
 def warps() -> dict:
@@ -89,8 +109,9 @@ def warps() -> dict:
 def reduction_programs(device: torch.device) -> int:
     """How many programs a loop-over-rows backward kernel should launch: a few per SM on the GPU
     (each writes one fp32 partial of the parameter gradients), very few in the interpreter."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "cuda":  # each program's fp32 partials (K x h per parameter gradient) are
+        # written and summed again: 2 per SM keeps that under 3% of the backward's bytes at 720p
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 

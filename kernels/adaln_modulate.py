@@ -67,25 +67,28 @@ def _adaln_fwd_kernel(x_ptr, shift_ptr, scale_ptr, index_ptr, y_ptr, mean_ptr, r
     tl.store(rstd_ptr + row, rstd)
 
 
-@_launch.tuned_rows(["H", "K"])
+@_launch.tuned_rows(["H", "TWO"])
 @triton.jit
 def _adaln_bwd_kernel(x_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr, dy_ptr, dx_ptr,
-                      dshift_part_ptr, dscale_part_ptr, L, H, K, rows_per_program,
-                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
-    # Program (b, c) walks rows [c * rows_per_program, ...) of sample b, ROWS at a time, writes
-    # dx and keeps fp32 per-branch sums of dy and dy * xhat; one partial per program, summed in
-    # torch (deterministic, unlike atomics).
+                      dshift_part_ptr, dscale_part_ptr, L, H, rows_per_program, TWO: tl.constexpr,
+                      BLOCK_H: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
+    # Program (b, c) walks rows [c * rows_per_program, ...) of sample b, ROWS at a time, software-
+    # pipelined (STAGES), writes dx and keeps fp32 sums of dy and dy * xhat per branch (TWO: K = 2)
+    # elementwise over the row tile (no cross-row reduction inside the loop); one partial per
+    # program, summed in torch (deterministic, unlike atomics).
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     n_prog = tl.num_programs(1)
+    K: tl.constexpr = 2 if TWO else 1
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
-    branches = tl.arange(0, BLOCK_K)
-    acc_shift = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
-    acc_scale = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
+    acc_shift0 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+    acc_scale0 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+    acc_shift1 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+    acc_scale1 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
     start = c * rows_per_program
     end = tl.minimum(start + rows_per_program, L)
-    for l0 in range(start, end, ROWS):
+    for l0 in tl.range(start, end, ROWS, num_stages=STAGES):
         ls = l0 + tl.arange(0, ROWS)
         rmask = ls < end
         rows = b * L + ls
@@ -103,16 +106,24 @@ def _adaln_bwd_kernel(x_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr, dy_ptr, d
         c_proj = tl.sum(g * xhat, axis=1)[:, None] / H
         dx = (g - c_mean - xhat * c_proj) * rstd
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m2)
-        for kk in tl.static_range(BLOCK_K):  # masked rows have dy = 0 and add nothing
-            sel = (k == kk)[:, None]
-            acc_shift = tl.where(branches[:, None] == kk,
-                                 acc_shift + tl.sum(tl.where(sel, dy, 0.0), axis=0)[None, :], acc_shift)
-            acc_scale = tl.where(branches[:, None] == kk,
-                                 acc_scale + tl.sum(tl.where(sel, dy * xhat, 0.0), axis=0)[None, :], acc_scale)
-    part = ((b * n_prog + c) * K + branches[:, None]) * H + cols[None, :]
-    pmask = (branches[:, None] < K) & mask[None, :]
-    tl.store(dshift_part_ptr + part, acc_shift, mask=pmask)
-    tl.store(dscale_part_ptr + part, acc_scale, mask=pmask)
+        dscale = dy * xhat  # masked rows have dy = 0 and add nothing
+        if TWO:  # branch 1's share, and v - share (exactly v or exactly 0) for branch 0
+            sel = (k == 1)[:, None]
+            shift1 = tl.where(sel, dy, 0.0)
+            scale1 = tl.where(sel, dscale, 0.0)
+            acc_shift1 += shift1
+            acc_scale1 += scale1
+            acc_shift0 += dy - shift1
+            acc_scale0 += dscale - scale1
+        else:
+            acc_shift0 += dy
+            acc_scale0 += dscale
+    part = (b * n_prog + c) * K * H + cols
+    tl.store(dshift_part_ptr + part, tl.sum(acc_shift0, axis=0), mask=mask)
+    tl.store(dscale_part_ptr + part, tl.sum(acc_scale0, axis=0), mask=mask)
+    if TWO:
+        tl.store(dshift_part_ptr + part + H, tl.sum(acc_shift1, axis=0), mask=mask)
+        tl.store(dscale_part_ptr + part + H, tl.sum(acc_scale1, axis=0), mask=mask)
 
 
 def _index_or_zeros(x, shift, index):
@@ -132,6 +143,8 @@ def validate_modulation(x, tables: dict, index, what: str = "adaln_modulate"):
               tuple(t.shape), f"(B={b}, K, h={h})")
         k = t.shape[1] if k is None else k
         check(t.shape[1] == k, f"{what}: {name}", tuple(t.shape), f"K = {k} like the other tables")
+        # K = 1 (per sample) or 2 (t and t = 0): the backward kernels keep one accumulator per branch
+        check(k in (1, 2), f"{what}: {name}", tuple(t.shape), "K = 1 or 2 modulation rows per sample")
     if index is not None:
         check(tuple(index.shape) == (b, length), f"{what}: index", tuple(index.shape), f"({b}, {length})")
         check(not index.is_floating_point(), f"{what}: index dtype", index.dtype, "an integer or bool tensor")
@@ -183,8 +196,7 @@ class _AdaLNModulate(torch.autograd.Function):
         dscale = torch.empty_like(dshift)
         block = _launch.row_block(h)
         _adaln_bwd_kernel[(b, n_prog)](x, scale, index, mean, rstd, dy, dx, dshift, dscale,
-                                       length, h, k, rows, BLOCK_H=block,
-                                       BLOCK_K=triton.next_power_of_2(k),
+                                       length, h, rows, TWO=k == 2, BLOCK_H=block,
                                        **_launch.rows_warps())
         return (dx, dshift.sum(1).to(ctx.shift_dtype), dscale.sum(1).to(scale.dtype), None, None)
 

@@ -58,28 +58,31 @@ def _gated_fwd_kernel(x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, index_ptr, x
     tl.store(rstd_ptr + row, rstd)
 
 
-@_launch.tuned_rows(["H", "K", "HAS_DXRES"])
+@_launch.tuned_rows(["H", "TWO", "HAS_DXRES"])
 @triton.jit
 def _gated_bwd_kernel(x_ptr, y_ptr, gate_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr,
                       dout_ptr, dxres_ptr, dx_ptr, dy_ptr,
                       dgate_part_ptr, dshift_part_ptr, dscale_part_ptr,
-                      L, H, K, rows_per_program, HAS_DXRES: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
-    # Loop over the rows of one sample, ROWS at a time (see adaln_modulate's backward). x' is
-    # recomputed from x and y in fp32 rather than re-read, so the forward's rounding of x' does
-    # not enter the gradient.
+                      L, H, rows_per_program, TWO: tl.constexpr, HAS_DXRES: tl.constexpr,
+                      BLOCK_H: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
+    # Loop over the rows of one sample, ROWS at a time, pipelined, with per-branch elementwise
+    # accumulators (see adaln_modulate's backward). x' is recomputed from x and y in fp32 rather
+    # than re-read, so the forward's rounding of x' does not enter the gradient.
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     n_prog = tl.num_programs(1)
+    K: tl.constexpr = 2 if TWO else 1
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
-    branches = tl.arange(0, BLOCK_K)
-    acc_gate = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
-    acc_shift = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
-    acc_scale = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
+    acc_gate0 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+    acc_shift0 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+    acc_scale0 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+    acc_gate1 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+    acc_shift1 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+    acc_scale1 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
     start = c * rows_per_program
     end = tl.minimum(start + rows_per_program, L)
-    for l0 in range(start, end, ROWS):
+    for l0 in tl.range(start, end, ROWS, num_stages=STAGES):
         ls = l0 + tl.arange(0, ROWS)
         rmask = ls < end
         rows = b * L + ls
@@ -101,18 +104,31 @@ def _gated_bwd_kernel(x_ptr, y_ptr, gate_ptr, scale_ptr, index_ptr, mean_ptr, rs
             dxr += tl.load(dxres_ptr + offs, mask=m2, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, dxr.to(dx_ptr.dtype.element_ty), mask=m2)
         tl.store(dy_ptr + offs, (dxr * gate).to(dy_ptr.dtype.element_ty), mask=m2)
-        for kk in tl.static_range(BLOCK_K):  # masked rows have zero gradients and add nothing
-            sel = (k == kk)[:, None]
-            here = branches[:, None] == kk
-            acc_gate = tl.where(here, acc_gate + tl.sum(tl.where(sel, dxr * y, 0.0), axis=0)[None, :], acc_gate)
-            acc_shift = tl.where(here, acc_shift + tl.sum(tl.where(sel, dout, 0.0), axis=0)[None, :], acc_shift)
-            acc_scale = tl.where(here, acc_scale + tl.sum(tl.where(sel, dout * xhat, 0.0), axis=0)[None, :],
-                                 acc_scale)
-    part = ((b * n_prog + c) * K + branches[:, None]) * H + cols[None, :]
-    pmask = (branches[:, None] < K) & mask[None, :]
-    tl.store(dgate_part_ptr + part, acc_gate, mask=pmask)
-    tl.store(dshift_part_ptr + part, acc_shift, mask=pmask)
-    tl.store(dscale_part_ptr + part, acc_scale, mask=pmask)
+        dgate = dxr * y  # masked rows have zero gradients and add nothing
+        dscale = dout * xhat
+        if TWO:  # branch 1's share, and v - share (exactly v or exactly 0) for branch 0
+            sel = (k == 1)[:, None]
+            gate1 = tl.where(sel, dgate, 0.0)
+            shift1 = tl.where(sel, dout, 0.0)
+            scale1 = tl.where(sel, dscale, 0.0)
+            acc_gate1 += gate1
+            acc_shift1 += shift1
+            acc_scale1 += scale1
+            acc_gate0 += dgate - gate1
+            acc_shift0 += dout - shift1
+            acc_scale0 += dscale - scale1
+        else:
+            acc_gate0 += dgate
+            acc_shift0 += dout
+            acc_scale0 += dscale
+    part = (b * n_prog + c) * K * H + cols
+    tl.store(dgate_part_ptr + part, tl.sum(acc_gate0, axis=0), mask=mask)
+    tl.store(dshift_part_ptr + part, tl.sum(acc_shift0, axis=0), mask=mask)
+    tl.store(dscale_part_ptr + part, tl.sum(acc_scale0, axis=0), mask=mask)
+    if TWO:
+        tl.store(dgate_part_ptr + part + H, tl.sum(acc_gate1, axis=0), mask=mask)
+        tl.store(dshift_part_ptr + part + H, tl.sum(acc_shift1, axis=0), mask=mask)
+        tl.store(dscale_part_ptr + part + H, tl.sum(acc_scale1, axis=0), mask=mask)
 
 
 class _GatedResidualModulate(torch.autograd.Function):
@@ -151,9 +167,8 @@ class _GatedResidualModulate(torch.autograd.Function):
         parts = [torch.empty((b, n_prog, k, h), dtype=torch.float32, device=x.device) for _ in range(3)]
         block = _launch.row_block(h)
         _gated_bwd_kernel[(b, n_prog)](x, y, gate, scale, index, mean, rstd, dout, dx_res, dx, dy,
-                                       *parts, length, h, k, rows, HAS_DXRES=has_dxres,
-                                       BLOCK_H=block, BLOCK_K=triton.next_power_of_2(k),
-                                       **_launch.rows_warps())
+                                       *parts, length, h, rows, TWO=k == 2, HAS_DXRES=has_dxres,
+                                       BLOCK_H=block, **_launch.rows_warps())
         dgate, dshift, dscale = (p.sum(1) for p in parts)
         return (dx, dy, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype),
                 None, None)

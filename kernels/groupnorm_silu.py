@@ -37,8 +37,40 @@ def _span(S, span):
     return row, start, count
 
 
+# Every span loop runs its whole blocks unmasked, at offsets j * BLOCK, and then the span's tail
+# (only a channel's last span has one) masked. A mask `offset < count` with a runtime count keeps
+# Triton from proving it constant over a vector, so the v2 loop, masked throughout, issued 2-byte
+# loads; unmasked blocks at known multiples of BLOCK get 16-byte ones. The loops are software-
+# pipelined (STAGES, autotuned).
 @triton.jit
-def _gn_stats_kernel(x_ptr, shift_ptr, s1_ptr, s2_ptr, S, span, BLOCK: tl.constexpr):
+def _ld(ptr, i, offs, count, MASKED: tl.constexpr):
+    """fp32 values of ptr[i + offs] (zero past `count` when MASKED)."""
+    if MASKED:
+        v = tl.load(ptr + i + offs, mask=i + offs < count, other=0.0).to(tl.float32)
+    else:
+        v = tl.load(ptr + i + offs).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _st(ptr, i, offs, count, v, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + i + offs, v.to(ptr.dtype.element_ty), mask=i + offs < count)
+    else:
+        tl.store(ptr + i + offs, v.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _stats_step(base, i, offs, count, shift, s1, s2, MASKED: tl.constexpr):
+    v = _ld(base, i, offs, count, MASKED) - shift
+    if MASKED:
+        v = tl.where(i + offs < count, v, 0.0)
+    return s1 + v, s2 + v * v
+
+
+@_launch.tuned_stages(["S"])
+@triton.jit
+def _gn_stats_kernel(x_ptr, shift_ptr, s1_ptr, s2_ptr, S, span, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # Program (row = b*C + c, j): span j of channel c of sample b.
     row, start, count = _span(S, span)
     base = x_ptr + row * S + start
@@ -46,11 +78,10 @@ def _gn_stats_kernel(x_ptr, shift_ptr, s1_ptr, s2_ptr, S, span, BLOCK: tl.conste
     offs = tl.arange(0, BLOCK)
     s1 = tl.zeros((BLOCK,), dtype=tl.float32)
     s2 = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(0, count, BLOCK):
-        m = i + offs < count
-        v = tl.where(m, tl.load(base + i + offs, mask=m, other=0.0).to(tl.float32) - shift, 0.0)
-        s1 += v
-        s2 += v * v
+    for j in tl.range(0, count // BLOCK, num_stages=STAGES):
+        s1, s2 = _stats_step(base, j * BLOCK, offs, count, shift, s1, s2, False)
+    if count % BLOCK != 0:
+        s1, s2 = _stats_step(base, count - count % BLOCK, offs, count, shift, s1, s2, True)
     out = row * tl.num_programs(1) + tl.program_id(1)
     tl.store(shift_ptr + out, shift)
     tl.store(s1_ptr + out, tl.sum(s1, axis=0))
@@ -99,8 +130,15 @@ def _gn_bwd_merge_kernel(sdz_ptr, sdzx_ptr, w_ptr, c_mean_ptr, c_proj_ptr, C, CG
 
 
 @triton.jit
+def _apply_step(x_base, y_base, i, offs, count, a, shift, MASKED: tl.constexpr):
+    z = _ld(x_base, i, offs, count, MASKED) * a + shift
+    _st(y_base, i, offs, count, z / (1.0 + tl.exp(-z)), MASKED)
+
+
+@_launch.tuned_stages(["S"])
+@triton.jit
 def _gn_apply_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr, C, CG, S, span,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, STAGES: tl.constexpr):
     row, start, count = _span(S, span)
     c = row % C
     group = (row // C) * (C // CG) + c // CG
@@ -110,11 +148,10 @@ def _gn_apply_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr, C, CG, S, s
     shift = tl.load(b_ptr + c).to(tl.float32) - mean * a  # z = x * a + shift
     offs = tl.arange(0, BLOCK)
     base = row * S + start
-    for i in range(0, count, BLOCK):
-        m = i + offs < count
-        z = tl.load(x_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32) * a + shift
-        y = z / (1.0 + tl.exp(-z))
-        tl.store(y_ptr + base + i + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+    for j in tl.range(0, count // BLOCK, num_stages=STAGES):
+        _apply_step(x_ptr + base, y_ptr + base, j * BLOCK, offs, count, a, shift, False)
+    if count % BLOCK != 0:
+        _apply_step(x_ptr + base, y_ptr + base, count - count % BLOCK, offs, count, a, shift, True)
 
 
 @triton.jit
@@ -127,8 +164,18 @@ def _dz(x, dy, mean, rstd, w, bias):
 
 
 @triton.jit
+def _reduce_step(x_base, dy_base, i, offs, count, mean, rstd, w, bias, acc, accx, MASKED: tl.constexpr):
+    xhat, dz = _dz(_ld(x_base, i, offs, count, MASKED), _ld(dy_base, i, offs, count, MASKED),
+                   mean, rstd, w, bias)
+    if MASKED:  # dy = 0 there gives dz = 0 already; xhat is not 0, so mask the product too
+        dz = tl.where(i + offs < count, dz, 0.0)
+    return acc + dz, accx + dz * xhat
+
+
+@_launch.tuned_stages(["S"])
+@triton.jit
 def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_ptr, sdzx_ptr,
-                          C, CG, S, span, BLOCK: tl.constexpr):
+                          C, CG, S, span, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # Per (channel row, span): sum(dz) and sum(dz * xhat), from which torch forms the bias and
     # weight gradients and the two group means of the GroupNorm backward.
     row, start, count = _span(S, span)
@@ -142,21 +189,29 @@ def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_p
     base = row * S + start
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     accx = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(0, count, BLOCK):
-        m = i + offs < count
-        x = tl.load(x_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
-        xhat, dz = _dz(x, dy, mean, rstd, w, bias)
-        acc += tl.where(m, dz, 0.0)
-        accx += tl.where(m, dz * xhat, 0.0)
+    for j in tl.range(0, count // BLOCK, num_stages=STAGES):
+        acc, accx = _reduce_step(x_ptr + base, dy_ptr + base, j * BLOCK, offs, count, mean, rstd, w, bias,
+                                 acc, accx, False)
+    if count % BLOCK != 0:
+        acc, accx = _reduce_step(x_ptr + base, dy_ptr + base, count - count % BLOCK, offs, count, mean, rstd,
+                                 w, bias, acc, accx, True)
     out = row * tl.num_programs(1) + tl.program_id(1)
     tl.store(sdz_ptr + out, tl.sum(acc, axis=0))
     tl.store(sdzx_ptr + out, tl.sum(accx, axis=0))
 
 
 @triton.jit
+def _bwd_apply_step(x_base, dy_base, dx_base, i, offs, count, mean, rstd, w, bias, c_mean, c_proj,
+                    MASKED: tl.constexpr):
+    xhat, dz = _dz(_ld(x_base, i, offs, count, MASKED), _ld(dy_base, i, offs, count, MASKED),
+                   mean, rstd, w, bias)
+    _st(dx_base, i, offs, count, (dz * w - c_mean - xhat * c_proj) * rstd, MASKED)
+
+
+@_launch.tuned_stages(["S"])
+@triton.jit
 def _gn_bwd_apply_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c_mean_ptr, c_proj_ptr,
-                         dx_ptr, C, CG, S, span, BLOCK: tl.constexpr):
+                         dx_ptr, C, CG, S, span, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dz * w.
     row, start, count = _span(S, span)
     c = row % C
@@ -169,30 +224,27 @@ def _gn_bwd_apply_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c_mean
     bias = tl.load(b_ptr + c).to(tl.float32)
     offs = tl.arange(0, BLOCK)
     base = row * S + start
-    for i in range(0, count, BLOCK):
-        m = i + offs < count
-        x = tl.load(x_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
-        xhat, dz = _dz(x, dy, mean, rstd, w, bias)
-        dx = (dz * w - c_mean - xhat * c_proj) * rstd
-        tl.store(dx_ptr + base + i + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    for j in tl.range(0, count // BLOCK, num_stages=STAGES):
+        _bwd_apply_step(x_ptr + base, dy_ptr + base, dx_ptr + base, j * BLOCK, offs, count, mean, rstd, w,
+                        bias, c_mean, c_proj, False)
+    if count % BLOCK != 0:
+        _bwd_apply_step(x_ptr + base, dy_ptr + base, dx_ptr + base, count - count % BLOCK, offs, count, mean,
+                        rstd, w, bias, c_mean, c_proj, True)
 
 
-def _launch_shape(rows: int, spatial: int, device) -> tuple[int, int, int, int]:
-    """(block, span, spans per channel, warps): spans are whole blocks, and enough of them that the
-    GPU has ~8 programs per SM; the interpreter gets few, large programs."""
+def _launch_shape(rows: int, spatial: int, device) -> tuple[int, int, int]:
+    """(block, span, spans per channel): spans are whole blocks, and enough of them that the GPU
+    has ~8 programs per SM; the interpreter gets few, large programs."""
     if _launch.interpreting() or device.type != "cuda":
         # Small blocks and up to 4 spans, so CPU tests exercise the multi-span merge too.
         block = min(256, triton.next_power_of_2(spatial))
         spans = min(4, triton.cdiv(spatial, block))
-        warps = 1
     else:
         block = min(2048, triton.next_power_of_2(spatial))
         target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
         spans = max(1, min(triton.cdiv(spatial, block), triton.cdiv(target, rows)))
-        warps = 8 if block >= 2048 else 4
     span = triton.cdiv(triton.cdiv(spatial, spans), block) * block
-    return block, span, triton.cdiv(spatial, span), warps
+    return block, span, triton.cdiv(spatial, span)
 
 
 class _GroupNormSiLU(torch.autograd.Function):
@@ -202,9 +254,9 @@ class _GroupNormSiLU(torch.autograd.Function):
         b, c = x.shape[:2]
         x = x.contiguous()
         spatial = x[0, 0].numel()
-        block, span, spans, warps = _launch_shape(b * c, spatial, x.device)
+        block, span, spans = _launch_shape(b * c, spatial, x.device)
         parts = [torch.empty((b * c, spans), dtype=torch.float32, device=x.device) for _ in range(3)]
-        _gn_stats_kernel[(b * c, spans)](x, *parts, spatial, span, BLOCK=block, num_warps=warps)
+        _gn_stats_kernel[(b * c, spans)](x, *parts, spatial, span, BLOCK=block, **_launch.stages_warps())
         mean = torch.empty(b * groups, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         n_part = (c // groups) * spans
@@ -212,7 +264,7 @@ class _GroupNormSiLU(torch.autograd.Function):
                                         BLOCK=triton.next_power_of_2(n_part))
         y = torch.empty_like(x)
         _gn_apply_kernel[(b * c, spans)](x, weight, bias, mean, rstd, y, c, c // groups, spatial,
-                                         span, BLOCK=block, num_warps=warps)
+                                         span, BLOCK=block, **_launch.stages_warps())
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.groups = groups
         return y
@@ -224,11 +276,11 @@ class _GroupNormSiLU(torch.autograd.Function):
         groups = ctx.groups
         dy = dy.contiguous()
         spatial = x[0, 0].numel()
-        block, span, spans, warps = _launch_shape(b * c, spatial, x.device)
+        block, span, spans = _launch_shape(b * c, spatial, x.device)
         sdz, sdzx = (torch.empty((b * c, spans), dtype=torch.float32, device=x.device) for _ in range(2))
         _gn_bwd_reduce_kernel[(b * c, spans)](x, dy, weight, bias, mean, rstd, sdz, sdzx,
                                               c, c // groups, spatial, span, BLOCK=block,
-                                              num_warps=warps)
+                                              **_launch.stages_warps())
         c_mean = torch.empty(b * groups, dtype=torch.float32, device=x.device)
         c_proj = torch.empty_like(c_mean)
         n_part = (c // groups) * spans
@@ -238,7 +290,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         dx = torch.empty_like(x)
         _gn_bwd_apply_kernel[(b * c, spans)](x, dy, weight, bias, mean, rstd, c_mean, c_proj, dx,
                                              c, c // groups, spatial, span, BLOCK=block,
-                                             num_warps=warps)
+                                             **_launch.stages_warps())
         dweight = sdzx.view(b, c, spans).sum((0, 2)).to(weight.dtype)
         dbias = sdz.view(b, c, spans).sum((0, 2)).to(bias.dtype)
         return dx, dweight, dbias, None, None

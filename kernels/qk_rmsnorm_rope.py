@@ -38,75 +38,86 @@ def qk_rmsnorm_rope_reference(q, weight, angles, eps: float = 1e-6):
     return rope_rotate_reference(normed, angles)
 
 
-@_launch.tuned(["NH", "P"])
 @triton.jit
-def _qk_fwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
-                   L, NH, P, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al, eps,
-                   ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
-    # v3: one program per ROWS (token, head) rows. Each row's d = 2P features are loaded as one
-    # contiguous run (16-byte vector loads; v2 read even and odd features as two stride-2 views,
-    # 7% of the copy bandwidth) and split into (even, odd) pairs in registers. Any head stride:
-    # q may be a view of the fused (head, q|k|v, dim) projection, no copy first.
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+def _qk_row_offsets(pid, L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
+                    NH: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr, ROWS: tl.constexpr):
+    """Rows (token, head) of program `pid`: their mask, q offsets and angle-table offsets.
+
+    v4: int32 index math with the head count as a constant (a multiply-shift, where v3 divided in
+    int64 per row), and every stride passed divided by its alignment and multiplied back here, so the
+    compiler knows each row starts on an ALIGN_Q (ALIGN_A) element boundary and issues 16-byte vector loads
+    (a runtime head stride of 72 or 216 elements is not a multiple of 16, which is all Triton
+    assumes about integer arguments; v3 fell back to narrow loads)."""
+    row = pid * ROWS + tl.arange(0, ROWS)
     rmask = row < n_rows
     tok = row // NH
-    h = row % NH
+    h = row - tok * NH
     b = tok // L
-    l = tok % L
+    l = tok - b * L
+    qoff = (b.to(tl.int64) * stride_qb + l.to(tl.int64) * stride_ql + h.to(tl.int64) * stride_qh) * ALIGN_Q
+    aoff = (b.to(tl.int64) * stride_ab + l.to(tl.int64) * stride_al) * ALIGN_A
+    return row.to(tl.int64), rmask, qoff, aoff
+
+
+@_launch.tuned(["L"])
+@triton.jit
+def _qk_fwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
+                   L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al, eps,
+                   NH: tl.constexpr, D: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
+    # One program per ROWS (token, head) rows. Each row's D = 2P features are loaded as one
+    # contiguous run and split into (even, odd) pairs in registers (v2 read even and odd features
+    # as two stride-2 views, 7% of the copy bandwidth). Any head stride: q may be a view of the
+    # fused (head, q|k|v, dim) projection, no copy first.
+    row, rmask, qoff, aoff = _qk_row_offsets(tl.program_id(0), L, n_rows, stride_qb, stride_ql, stride_qh,
+                                             stride_ab, stride_al, NH, ALIGN_Q, ALIGN_A, ROWS)
+    P: tl.constexpr = D // 2
     cols = tl.arange(0, 2 * BLOCK_P)
-    d = 2 * P
-    mask = rmask[:, None] & (cols[None, :] < d)
-    x = tl.load(q_ptr + (b * stride_qb + l * stride_ql + h * stride_qh)[:, None] + cols[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / d + eps)
-    w = tl.load(w_ptr + cols, mask=cols < d, other=0.0).to(tl.float32)
+    mask = rmask[:, None] & (cols[None, :] < D)
+    x = tl.load(q_ptr + qoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     u = x * rstd[:, None] * w[None, :]
     ua, ub = tl.split(tl.reshape(u, (ROWS, BLOCK_P, 2)))
     pairs = tl.arange(0, BLOCK_P)
     amask = rmask[:, None] & (pairs[None, :] < P)
-    rot = (b * stride_ab + l * stride_al)[:, None] + pairs[None, :]
-    cos = tl.load(cos_ptr + rot, mask=amask, other=0.0)
-    sin = tl.load(sin_ptr + rot, mask=amask, other=0.0)
+    cos = tl.load(cos_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
+    sin = tl.load(sin_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
     y = tl.reshape(tl.join(ua * cos - ub * sin, ua * sin + ub * cos), (ROWS, 2 * BLOCK_P))
-    tl.store(out_ptr + row[:, None] * d + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + row, rstd, mask=rmask)
 
 
-@_launch.tuned(["NH", "P"])
+@_launch.tuned(["L"])
 @triton.jit
 def _qk_bwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dout_ptr, dq_ptr, dw_part_ptr,
-                   L, NH, P, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
+                   L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
+                   NH: tl.constexpr, D: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
     # Same row tiles as the forward: rotate the incoming gradient back (R^T) in pair registers,
     # then the RMSNorm backward per row; fp32 sums of du * n per weight entry go to one partial
     # per program, summed in torch.
     pid = tl.program_id(0)
-    row = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    rmask = row < n_rows
-    tok = row // NH
-    h = row % NH
-    b = tok // L
-    l = tok % L
+    row, rmask, qoff, aoff = _qk_row_offsets(pid, L, n_rows, stride_qb, stride_ql, stride_qh,
+                                             stride_ab, stride_al, NH, ALIGN_Q, ALIGN_A, ROWS)
+    P: tl.constexpr = D // 2
     cols = tl.arange(0, 2 * BLOCK_P)
-    d = 2 * P
-    mask = rmask[:, None] & (cols[None, :] < d)
-    x = tl.load(q_ptr + (b * stride_qb + l * stride_ql + h * stride_qh)[:, None] + cols[None, :],
-                mask=mask, other=0.0).to(tl.float32)
+    mask = rmask[:, None] & (cols[None, :] < D)
+    x = tl.load(q_ptr + qoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + row, mask=rmask, other=0.0)
     n = x * rstd[:, None]
-    g = tl.load(dout_ptr + row[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(dout_ptr + row[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     ga, gb = tl.split(tl.reshape(g, (ROWS, BLOCK_P, 2)))
     pairs = tl.arange(0, BLOCK_P)
     amask = rmask[:, None] & (pairs[None, :] < P)
-    rot = (b * stride_ab + l * stride_al)[:, None] + pairs[None, :]
-    cos = tl.load(cos_ptr + rot, mask=amask, other=0.0)
-    sin = tl.load(sin_ptr + rot, mask=amask, other=0.0)
+    cos = tl.load(cos_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
+    sin = tl.load(sin_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
     du = tl.reshape(tl.join(ga * cos + gb * sin, gb * cos - ga * sin), (ROWS, 2 * BLOCK_P))
-    tl.store(dw_part_ptr + pid * d + cols, tl.sum(du * n, axis=0), mask=cols < d)
-    w = tl.load(w_ptr + cols, mask=cols < d, other=0.0).to(tl.float32)
+    tl.store(dw_part_ptr + pid.to(tl.int64) * D + cols, tl.sum(du * n, axis=0), mask=cols < D)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     dn = du * w[None, :]
-    proj = tl.sum(dn * n, axis=1)[:, None] / d
-    tl.store(dq_ptr + row[:, None] * d + cols[None, :],
+    proj = tl.sum(dn * n, axis=1)[:, None] / D
+    tl.store(dq_ptr + row[:, None] * D + cols[None, :],
              ((dn - n * proj) * rstd[:, None]).to(dq_ptr.dtype.element_ty), mask=mask)
 
 
@@ -120,10 +131,23 @@ def _validate(q, weight, angles):
     check(angles.dim() == 3 and angles.shape[1:] == (length, d // 2) and angles.shape[0] in (1, b),
           "qk_rmsnorm_rope: angles", tuple(angles.shape), f"({b} or 1, {length}, {d // 2})")
     check(angles.stride(2) == 1, "qk_rmsnorm_rope: angles strides", angles.stride(), "last dim contiguous")
+    check(b * length * nh < 2 ** 31, "qk_rmsnorm_rope: q", tuple(q.shape),
+          "fewer than 2^31 (token, head) rows (the kernels index rows in int32)")
 
 
-def _angle_strides(table):
-    return (0 if table.shape[0] == 1 else table.stride(0)), table.stride(1)
+def _aligned(strides: list[int]) -> tuple[list[int], int]:
+    """Strides divided by their largest common power-of-two factor up to 8, and that factor."""
+    align = next(a for a in (8, 4, 2, 1) if all(s % a == 0 for s in strides))
+    return [s // align for s in strides], align
+
+
+def _launch_args(q, table) -> dict:
+    """Positional strides and alignment constants of the kernels: q's (batch, token, head) strides
+    over ALIGN_Q (8 for the model's views: head strides 72 and 216) and the fp32 angle table's
+    (batch, token) strides over ALIGN_A (4 at head dim 72: rows of 36)."""
+    qs, align_q = _aligned([q.stride(0), q.stride(1), q.stride(2)])
+    ts, align_a = _aligned([0 if table.shape[0] == 1 else table.stride(0), table.stride(1)])
+    return dict(strides=qs + ts, ALIGN_Q=align_q, ALIGN_A=align_a)
 
 
 class _QKRMSNormRoPE(torch.autograd.Function):
@@ -144,9 +168,9 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         out = torch.empty((b, length, nh, d), dtype=q.dtype, device=q.device)
         rstd = torch.empty((b * length * nh,), dtype=torch.float32, device=q.device)
         n_rows, block_p = b * length * nh, triton.next_power_of_2(d // 2)
+        args = _launch_args(q, cos)
         _qk_fwd_kernel[(triton.cdiv(n_rows, _QKRMSNormRoPE.ROWS),)](
-            q, weight, cos, sin, out, rstd, length, nh, d // 2, n_rows,
-            q.stride(0), q.stride(1), q.stride(2), *_angle_strides(cos), eps,
+            q, weight, cos, sin, out, rstd, length, n_rows, *args.pop("strides"), eps, NH=nh, D=d, **args,
             ROWS=_QKRMSNormRoPE.ROWS, BLOCK_P=block_p, **_launch.warps())
         ctx.save_for_backward(q, weight, cos, sin, rstd)
         return out
@@ -160,9 +184,10 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         n_rows, block_p = b * length * nh, triton.next_power_of_2(d // 2)
         n_prog = triton.cdiv(n_rows, _QKRMSNormRoPE.ROWS)
         dw = torch.empty((n_prog, d), dtype=torch.float32, device=q.device)
-        _qk_bwd_kernel[(n_prog,)](q, weight, cos, sin, rstd, dout, dq, dw, length, nh, d // 2, n_rows,
-                                  q.stride(0), q.stride(1), q.stride(2), *_angle_strides(cos),
-                                  ROWS=_QKRMSNormRoPE.ROWS, BLOCK_P=block_p, **_launch.warps())
+        args = _launch_args(q, cos)
+        _qk_bwd_kernel[(n_prog,)](q, weight, cos, sin, rstd, dout, dq, dw, length, n_rows,
+                                  *args.pop("strides"), NH=nh, D=d, **args, ROWS=_QKRMSNormRoPE.ROWS, BLOCK_P=block_p,
+                                  **_launch.warps())
         return dq, dw.sum(0).to(weight.dtype), None, None
 
 

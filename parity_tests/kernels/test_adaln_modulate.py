@@ -56,3 +56,5 @@ def test_adaln_modulate_rejects_bad_input(device):
         adaln_modulate(x, shift, scale[:, :1], index)
     with pytest.raises(ValueError, match="index"):
         adaln_modulate(x, shift, scale, None)
+    with pytest.raises(ValueError, match="K = 1 or 2"):  # one accumulator per branch in the backward
+        adaln_modulate(x, torch.cat([shift, shift[:, :1]], 1), torch.cat([scale, scale[:, :1]], 1), index)

@@ -196,6 +196,20 @@ def bench_case(name, label, kernel, reference, make_inputs, fwd_bytes, total_byt
     return row
 
 
+def tuned_configs() -> dict:
+    """The autotuner's choice per kernel and key (the size arguments), for the record."""
+    import importlib
+
+    from mugv.kernels.registry import KERNELS
+    chosen = {}
+    for entry in KERNELS.values():
+        for name, obj in vars(importlib.import_module(f"mugv.kernels.{entry.module}")).items():
+            cache = getattr(obj, "cache", None)
+            if hasattr(obj, "configs") and isinstance(cache, dict) and cache:
+                chosen[name] = {str(key): str(config) for key, config in cache.items()}
+    return chosen
+
+
 def table(rows, copy_bw, device) -> str:
     def f(r, key, fmt="{:.3f}", scale=1.0):
         return fmt.format(r[key] * scale) if isinstance(r.get(key), float) else "-"
@@ -283,6 +297,9 @@ def main():
         print(json.dumps(row), flush=True)
         result["rows"] = rows
         (out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")
+    result["tuned"] = tuned_configs()
+    (out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")
+    print("autotuned:", json.dumps(result["tuned"], indent=1))
     text = table(rows, copy_bw, device)
     (out / "kernels_table.md").write_text(text + "\n")
     print(text)

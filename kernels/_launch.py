@@ -47,63 +47,49 @@ def autotuning() -> bool:
     return not interpreting() and os.environ.get("MUGV_KERNEL_AUTOTUNE", "1") != "0"
 
 
-def tuned(key: list[str]):
-    """Decorator over @triton.jit: on the GPU, autotune the warp count per `key` (the row-size
-    arguments); in the interpreter, which refuses several configs, the kernel as it is."""
+# Launch families: (autotuned configs as (meta-parameters, warps), the one config used when
+# MUGV_KERNEL_AUTOTUNE=0 (the GPU parity run), the interpreter's config). The interpreter refuses
+# several configs, runs one warp, and gets small tiles so that the CPU tests cover masked tails.
+FAMILIES = {
+    # one program per row: warps only
+    "row": ([({}, w) for w in (4, 8, 16)], ({}, 8), ({}, 1)),
+    # loop over rows (the AdaLN backwards): ROWS per iteration and STAGES, the software-pipelining
+    # depth (`tl.range(num_stages=)`: the next rows' loads are issued before this row's reductions).
+    # The first H100 runs, unpipelined, reached 61-76% of the copy bandwidth.
+    "row_loop": ([({"ROWS": r, "STAGES": st}, w) for r, w, st in
+                  [(1, 8, 1), (1, 16, 1), (1, 8, 2), (1, 16, 2), (1, 8, 3), (1, 16, 4), (1, 32, 2),
+                   (2, 8, 2), (2, 16, 2), (2, 16, 3), (2, 16, 4), (2, 32, 2), (4, 16, 2)]],
+                 ({"ROWS": 1, "STAGES": 2}, 16), ({"ROWS": 2, "STAGES": 1}, 1)),
+    # grid-stride loop over tiles of ROWS short rows (QK-RMSNorm + RoPE, 72 features a row)
+    "tile_loop": ([({"ROWS": r, "STAGES": st}, w) for r in (16, 32, 64) for w in (4, 8) for st in (2, 3)],
+                  ({"ROWS": 32, "STAGES": 2}, 4), ({"ROWS": 4, "STAGES": 1}, 1)),
+    # loop over blocks of one long span (GroupNorm)
+    "span_loop": ([({"STAGES": st}, w) for w in (4, 8) for st in (1, 2, 3)],
+                  ({"STAGES": 2}, 8), ({"STAGES": 1}, 1)),
+}
+
+
+def tuned(key: list[str], family: str = "row"):
+    """Decorator over @triton.jit: on the GPU, autotune over the family's configs per `key` (the
+    size arguments); otherwise the kernel as it is, launched with `launch_config(family)`."""
     def wrap(kernel):
         if not autotuning():
             return kernel
-        return triton.autotune([triton.Config({}, num_warps=w) for w in (4, 8, 16)], key=key)(kernel)
-    return wrap
-
-
-def tuned_rows(key: list[str]):
-    """Like `tuned`, for the loop-over-rows backward kernels: also tunes ROWS (rows loaded per loop
-    iteration) and STAGES (software-pipelining depth of the row loop, `tl.range(num_stages=)`:
-    the next rows' loads are issued before this row's reductions). The first H100 runs without
-    pipelining reached 61-76% of the copy bandwidth: one program per SM waited on each row's loads."""
-    def wrap(kernel):
-        if not autotuning():
-            return kernel
-        configs = [triton.Config({"ROWS": r, "STAGES": s}, num_warps=w)
-                   for r, w, s in [(1, 8, 1), (1, 16, 1), (2, 16, 1), (1, 8, 2), (1, 16, 2), (1, 8, 3),
-                                   (2, 8, 2), (2, 16, 2), (2, 16, 3), (4, 16, 2)]]
+        configs = [triton.Config(dict(meta), num_warps=w) for meta, w in FAMILIES[family][0]]
         return triton.autotune(configs, key=key)(kernel)
     return wrap
 
 
-def tuned_stages(key: list[str]):
-    """Like `tuned`, for kernels with a loop over blocks (GroupNorm's spans): tunes the warps and
-    STAGES, the software-pipelining depth of the loop."""
-    def wrap(kernel):
-        if not autotuning():
-            return kernel
-        configs = [triton.Config({"STAGES": s}, num_warps=w) for w in (4, 8) for s in (1, 2, 3)]
-        return triton.autotune(configs, key=key)(kernel)
-    return wrap
-
-
-def stages_warps() -> dict:
-    """Launch keywords for a `tuned_stages` kernel (one warp, no pipelining in the interpreter)."""
+def launch_config(family: str = "row") -> dict:
+    """Launch keywords of a `tuned` kernel: none when autotuning (the autotuner's choice), else the
+    family's fixed config (GPU) or its interpreter config (CPU)."""
     if interpreting():
-        return {"num_warps": 1, "STAGES": 1}
-    return {} if autotuning() else {"num_warps": 8, "STAGES": 2}
-
-
-def rows_warps() -> dict:
-    """Launch keywords for a `tuned_rows` kernel: in the interpreter 2 rows per iteration (so the
-    tests cover the masked tail of the row tile) and one warp; the autotuner's choice on the GPU."""
-    if interpreting():
-        return {"num_warps": 1, "ROWS": 2, "STAGES": 1}
-    return {} if autotuning() else {"num_warps": 16, "ROWS": 1, "STAGES": 2}
-
-
-def warps() -> dict:
-    """Launch keywords for a `tuned` kernel: one warp in the interpreter, the autotuner's choice
-    on the GPU."""
-    if interpreting():
-        return {"num_warps": 1}
-    return {} if autotuning() else {"num_warps": 8}
+        meta, w = FAMILIES[family][2]
+    elif autotuning():
+        return {}
+    else:
+        meta, w = FAMILIES[family][1]
+    return {**meta, "num_warps": w}
 
 
 def reduction_programs(device: torch.device) -> int:

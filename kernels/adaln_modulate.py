@@ -67,7 +67,7 @@ def _adaln_fwd_kernel(x_ptr, shift_ptr, scale_ptr, index_ptr, y_ptr, mean_ptr, r
     tl.store(rstd_ptr + row, rstd)
 
 
-@_launch.tuned_rows(["H", "TWO"])
+@_launch.tuned(["H", "TWO"], "row_loop")
 @triton.jit
 def _adaln_bwd_kernel(x_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr, dy_ptr, dx_ptr,
                       dshift_part_ptr, dscale_part_ptr, L, H, rows_per_program, TWO: tl.constexpr,
@@ -86,6 +86,9 @@ def _adaln_bwd_kernel(x_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr, dy_ptr, d
     acc_scale0 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
     acc_shift1 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
     acc_scale1 = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+    # the sample's K scale rows, held in registers (v5; v4 gathered one per row from L2)
+    scale_row0 = tl.load(scale_ptr + b * K * H + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
+    scale_row1 = tl.load(scale_ptr + (b * K + K - 1) * H + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
     start = c * rows_per_program
     end = tl.minimum(start + rows_per_program, L)
     for l0 in tl.range(start, end, ROWS, num_stages=STAGES):
@@ -94,10 +97,11 @@ def _adaln_bwd_kernel(x_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr, dy_ptr, d
         rows = b * L + ls
         m2 = rmask[:, None] & mask[None, :]
         offs = rows[:, None] * H + cols[None, :]
-        k = tl.load(index_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        k = tl.load(index_ptr + rows, mask=rmask, other=0)
         x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + (b * K + k)[:, None] * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        sel = (k == 1)[:, None]
+        scale = tl.where(sel, scale_row1, scale_row0) if TWO else scale_row0
         mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)[:, None]
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)[:, None]
         xhat = tl.where(m2, (x - mean) * rstd, 0.0)
@@ -108,7 +112,6 @@ def _adaln_bwd_kernel(x_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr, dy_ptr, d
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m2)
         dscale = dy * xhat  # masked rows have dy = 0 and add nothing
         if TWO:  # branch 1's share, and v - share (exactly v or exactly 0) for branch 0
-            sel = (k == 1)[:, None]
             shift1 = tl.where(sel, dy, 0.0)
             scale1 = tl.where(sel, dscale, 0.0)
             acc_shift1 += shift1
@@ -179,7 +182,7 @@ class _AdaLNModulate(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         block = _launch.row_block(h)
         _adaln_fwd_kernel[(b * length,)](x, shift, scale, index, y, mean, rstd, length, h, k, eps,
-                                         BLOCK_H=block, **_launch.warps())
+                                         BLOCK_H=block, **_launch.launch_config())
         ctx.save_for_backward(x, scale, index, mean, rstd)
         ctx.shift_dtype = shift.dtype
         return y
@@ -197,7 +200,7 @@ class _AdaLNModulate(torch.autograd.Function):
         block = _launch.row_block(h)
         _adaln_bwd_kernel[(b, n_prog)](x, scale, index, mean, rstd, dy, dx, dshift, dscale,
                                        length, h, rows, TWO=k == 2, BLOCK_H=block,
-                                       **_launch.rows_warps())
+                                       **_launch.launch_config("row_loop"))
         return (dx, dshift.sum(1).to(ctx.shift_dtype), dscale.sum(1).to(scale.dtype), None, None)
 
 

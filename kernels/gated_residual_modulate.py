@@ -58,7 +58,7 @@ def _gated_fwd_kernel(x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, index_ptr, x
     tl.store(rstd_ptr + row, rstd)
 
 
-@_launch.tuned_rows(["H", "TWO", "HAS_DXRES"])
+@_launch.tuned(["H", "TWO", "HAS_DXRES"], "row_loop")
 @triton.jit
 def _gated_bwd_kernel(x_ptr, y_ptr, gate_ptr, scale_ptr, index_ptr, mean_ptr, rstd_ptr,
                       dout_ptr, dxres_ptr, dx_ptr, dy_ptr,
@@ -149,7 +149,7 @@ class _GatedResidualModulate(torch.autograd.Function):
         block = _launch.row_block(h)
         _gated_fwd_kernel[(b * length,)](x, y, gate, shift, scale, index, x_res, out, mean, rstd,
                                          length, h, k, eps, BLOCK_H=block,
-                                         **_launch.warps())
+                                         **_launch.launch_config())
         ctx.save_for_backward(x, y, gate, scale, index, mean, rstd)
         ctx.shift_dtype = shift.dtype
         return x_res, out
@@ -168,7 +168,7 @@ class _GatedResidualModulate(torch.autograd.Function):
         block = _launch.row_block(h)
         _gated_bwd_kernel[(b, n_prog)](x, y, gate, scale, index, mean, rstd, dout, dx_res, dx, dy,
                                        *parts, length, h, rows, TWO=k == 2, HAS_DXRES=has_dxres,
-                                       BLOCK_H=block, **_launch.rows_warps())
+                                       BLOCK_H=block, **_launch.launch_config("row_loop"))
         dgate, dshift, dscale = (p.sum(1) for p in parts)
         return (dx, dy, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype),
                 None, None)

@@ -8,7 +8,8 @@ reduction: each program reduces a span of one channel to (count, shift, sum(x-sh
 sum((x-shift)^2)) with `shift` the span's first element (the "shifted data" variance, which keeps
 fp32 accurate when |mean| >> std), and a one-program-per-group kernel merges the spans of a group
 with Chan's formula (in torch that merge was a dozen small launches).
-Forward: 2 reads of x and 1 write. Backward: 2 reads of x and dy, 1 write of dx.
+Forward: 2 reads of x and 1 write. Backward: 2 reads of x and dy, 1 write of dx. The second read
+of each pass walks the map backwards, so it starts on what the first left in the L2 cache.
 
 Reference: `groupnorm_silu_reference` (plain torch F.group_norm then F.silu).
 """
@@ -30,11 +31,19 @@ def groupnorm_silu_reference(x, weight, bias, groups: int, eps: float = 1e-6):
 
 
 @triton.jit
-def _span(S, span):
-    row = tl.program_id(0).to(tl.int64)
-    start = tl.program_id(1).to(tl.int64) * span
+def _span(S, span, REVERSE: tl.constexpr):
+    """Program (j, row) of the grid (spans, B*C): span j of channel row = b*C + c. The GPU starts
+    programs in grid order, spans fastest, so the passes walk the map group after group; REVERSE
+    walks it backwards, for a second pass over x: it then starts on the groups that the first pass
+    read last, still in the L2 cache (v5; a whole group of a mid-level map is a few MB)."""
+    j = tl.program_id(0)
+    row = tl.program_id(1)
+    if REVERSE:
+        j = tl.num_programs(0) - 1 - j
+        row = tl.num_programs(1) - 1 - row
+    start = j.to(tl.int64) * span
     count = tl.minimum(start + span, S) - start
-    return row, start, count
+    return row.to(tl.int64), start, count, row.to(tl.int64) * tl.num_programs(0) + j
 
 
 # Every span loop runs its whole blocks unmasked, at offsets j * BLOCK, and then the span's tail
@@ -68,11 +77,10 @@ def _stats_step(base, i, offs, count, shift, s1, s2, MASKED: tl.constexpr):
     return s1 + v, s2 + v * v
 
 
-@_launch.tuned_stages(["S"])
+@_launch.tuned(["S"], "span_loop")
 @triton.jit
 def _gn_stats_kernel(x_ptr, shift_ptr, s1_ptr, s2_ptr, S, span, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    # Program (row = b*C + c, j): span j of channel c of sample b.
-    row, start, count = _span(S, span)
+    row, start, count, out = _span(S, span, False)
     base = x_ptr + row * S + start
     shift = tl.load(base).to(tl.float32)
     offs = tl.arange(0, BLOCK)
@@ -82,7 +90,6 @@ def _gn_stats_kernel(x_ptr, shift_ptr, s1_ptr, s2_ptr, S, span, BLOCK: tl.conste
         s1, s2 = _stats_step(base, j * BLOCK, offs, count, shift, s1, s2, False)
     if count % BLOCK != 0:
         s1, s2 = _stats_step(base, count - count % BLOCK, offs, count, shift, s1, s2, True)
-    out = row * tl.num_programs(1) + tl.program_id(1)
     tl.store(shift_ptr + out, shift)
     tl.store(s1_ptr + out, tl.sum(s1, axis=0))
     tl.store(s2_ptr + out, tl.sum(s2, axis=0))
@@ -135,11 +142,11 @@ def _apply_step(x_base, y_base, i, offs, count, a, shift, MASKED: tl.constexpr):
     _st(y_base, i, offs, count, z / (1.0 + tl.exp(-z)), MASKED)
 
 
-@_launch.tuned_stages(["S"])
+@_launch.tuned(["S"], "span_loop")
 @triton.jit
 def _gn_apply_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr, C, CG, S, span,
                      BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    row, start, count = _span(S, span)
+    row, start, count, _ = _span(S, span, True)
     c = row % C
     group = (row // C) * (C // CG) + c // CG
     mean = tl.load(mean_ptr + group)
@@ -172,13 +179,13 @@ def _reduce_step(x_base, dy_base, i, offs, count, mean, rstd, w, bias, acc, accx
     return acc + dz, accx + dz * xhat
 
 
-@_launch.tuned_stages(["S"])
+@_launch.tuned(["S"], "span_loop")
 @triton.jit
 def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_ptr, sdzx_ptr,
                           C, CG, S, span, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # Per (channel row, span): sum(dz) and sum(dz * xhat), from which torch forms the bias and
     # weight gradients and the two group means of the GroupNorm backward.
-    row, start, count = _span(S, span)
+    row, start, count, out = _span(S, span, False)
     c = row % C
     group = (row // C) * (C // CG) + c // CG
     mean = tl.load(mean_ptr + group)
@@ -195,7 +202,6 @@ def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_p
     if count % BLOCK != 0:
         acc, accx = _reduce_step(x_ptr + base, dy_ptr + base, count - count % BLOCK, offs, count, mean, rstd,
                                  w, bias, acc, accx, True)
-    out = row * tl.num_programs(1) + tl.program_id(1)
     tl.store(sdz_ptr + out, tl.sum(acc, axis=0))
     tl.store(sdzx_ptr + out, tl.sum(accx, axis=0))
 
@@ -208,12 +214,12 @@ def _bwd_apply_step(x_base, dy_base, dx_base, i, offs, count, mean, rstd, w, bia
     _st(dx_base, i, offs, count, (dz * w - c_mean - xhat * c_proj) * rstd, MASKED)
 
 
-@_launch.tuned_stages(["S"])
+@_launch.tuned(["S"], "span_loop")
 @triton.jit
 def _gn_bwd_apply_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c_mean_ptr, c_proj_ptr,
                          dx_ptr, C, CG, S, span, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dz * w.
-    row, start, count = _span(S, span)
+    row, start, count, _ = _span(S, span, True)
     c = row % C
     group = (row // C) * (C // CG) + c // CG
     mean = tl.load(mean_ptr + group)
@@ -256,15 +262,16 @@ class _GroupNormSiLU(torch.autograd.Function):
         spatial = x[0, 0].numel()
         block, span, spans = _launch_shape(b * c, spatial, x.device)
         parts = [torch.empty((b * c, spans), dtype=torch.float32, device=x.device) for _ in range(3)]
-        _gn_stats_kernel[(b * c, spans)](x, *parts, spatial, span, BLOCK=block, **_launch.stages_warps())
+        _gn_stats_kernel[(spans, b * c)](x, *parts, spatial, span, BLOCK=block,
+                                         **_launch.launch_config("span_loop"))
         mean = torch.empty(b * groups, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         n_part = (c // groups) * spans
         _gn_merge_kernel[(b * groups,)](*parts, mean, rstd, spatial, span, spans, n_part, eps,
                                         BLOCK=triton.next_power_of_2(n_part))
         y = torch.empty_like(x)
-        _gn_apply_kernel[(b * c, spans)](x, weight, bias, mean, rstd, y, c, c // groups, spatial,
-                                         span, BLOCK=block, **_launch.stages_warps())
+        _gn_apply_kernel[(spans, b * c)](x, weight, bias, mean, rstd, y, c, c // groups, spatial,
+                                         span, BLOCK=block, **_launch.launch_config("span_loop"))
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.groups = groups
         return y
@@ -278,9 +285,9 @@ class _GroupNormSiLU(torch.autograd.Function):
         spatial = x[0, 0].numel()
         block, span, spans = _launch_shape(b * c, spatial, x.device)
         sdz, sdzx = (torch.empty((b * c, spans), dtype=torch.float32, device=x.device) for _ in range(2))
-        _gn_bwd_reduce_kernel[(b * c, spans)](x, dy, weight, bias, mean, rstd, sdz, sdzx,
+        _gn_bwd_reduce_kernel[(spans, b * c)](x, dy, weight, bias, mean, rstd, sdz, sdzx,
                                               c, c // groups, spatial, span, BLOCK=block,
-                                              **_launch.stages_warps())
+                                              **_launch.launch_config("span_loop"))
         c_mean = torch.empty(b * groups, dtype=torch.float32, device=x.device)
         c_proj = torch.empty_like(c_mean)
         n_part = (c // groups) * spans
@@ -288,9 +295,9 @@ class _GroupNormSiLU(torch.autograd.Function):
                                             n_part, 1.0 / ((c // groups) * spatial),
                                             BLOCK=triton.next_power_of_2(n_part))
         dx = torch.empty_like(x)
-        _gn_bwd_apply_kernel[(b * c, spans)](x, dy, weight, bias, mean, rstd, c_mean, c_proj, dx,
+        _gn_bwd_apply_kernel[(spans, b * c)](x, dy, weight, bias, mean, rstd, c_mean, c_proj, dx,
                                              c, c // groups, spatial, span, BLOCK=block,
-                                             **_launch.stages_warps())
+                                             **_launch.launch_config("span_loop"))
         dweight = sdzx.view(b, c, spans).sum((0, 2)).to(weight.dtype)
         dbias = sdz.view(b, c, spans).sum((0, 2)).to(bias.dtype)
         return dx, dweight, dbias, None, None

@@ -59,66 +59,71 @@ def _qk_row_offsets(pid, L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, 
     return row.to(tl.int64), rmask, qoff, aoff
 
 
-@_launch.tuned(["L"])
+@_launch.tuned(["L"], "tile_loop")
 @triton.jit
 def _qk_fwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
                    L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al, eps,
                    NH: tl.constexpr, D: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
-    # One program per ROWS (token, head) rows. Each row's D = 2P features are loaded as one
-    # contiguous run and split into (even, odd) pairs in registers (v2 read even and odd features
-    # as two stride-2 views, 7% of the copy bandwidth). Any head stride: q may be a view of the
-    # fused (head, q|k|v, dim) projection, no copy first.
-    row, rmask, qoff, aoff = _qk_row_offsets(tl.program_id(0), L, n_rows, stride_qb, stride_ql, stride_qh,
-                                             stride_ab, stride_al, NH, ALIGN_Q, ALIGN_A, ROWS)
+                   BLOCK_P: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
+    # Each program walks tiles of ROWS (token, head) rows, grid-stride, software-pipelined (v5;
+    # v4 ran one program per tile: 78% of the copy bandwidth forward). Each row's D = 2P features
+    # are loaded as one contiguous run and split into (even, odd) pairs in registers (v2 read even
+    # and odd features as two stride-2 views: 7%). Any head stride: q may be a view of the fused
+    # (head, q|k|v, dim) projection, no copy first.
     P: tl.constexpr = D // 2
     cols = tl.arange(0, 2 * BLOCK_P)
-    mask = rmask[:, None] & (cols[None, :] < D)
-    x = tl.load(q_ptr + qoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    u = x * rstd[:, None] * w[None, :]
-    ua, ub = tl.split(tl.reshape(u, (ROWS, BLOCK_P, 2)))
     pairs = tl.arange(0, BLOCK_P)
-    amask = rmask[:, None] & (pairs[None, :] < P)
-    cos = tl.load(cos_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
-    sin = tl.load(sin_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
-    y = tl.reshape(tl.join(ua * cos - ub * sin, ua * sin + ub * cos), (ROWS, 2 * BLOCK_P))
-    tl.store(out_ptr + row[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(rstd_ptr + row, rstd, mask=rmask)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
+        row, rmask, qoff, aoff = _qk_row_offsets(tile, L, n_rows, stride_qb, stride_ql, stride_qh,
+                                                 stride_ab, stride_al, NH, ALIGN_Q, ALIGN_A, ROWS)
+        mask = rmask[:, None] & (cols[None, :] < D)
+        x = tl.load(q_ptr + qoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        u = x * rstd[:, None] * w[None, :]
+        ua, ub = tl.split(tl.reshape(u, (ROWS, BLOCK_P, 2)))
+        amask = rmask[:, None] & (pairs[None, :] < P)
+        cos = tl.load(cos_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
+        sin = tl.load(sin_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
+        y = tl.reshape(tl.join(ua * cos - ub * sin, ua * sin + ub * cos), (ROWS, 2 * BLOCK_P))
+        tl.store(out_ptr + row[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + row, rstd, mask=rmask)
 
 
-@_launch.tuned(["L"])
+@_launch.tuned(["L"], "tile_loop")
 @triton.jit
 def _qk_bwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dout_ptr, dq_ptr, dw_part_ptr,
                    L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
                    NH: tl.constexpr, D: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
-    # Same row tiles as the forward: rotate the incoming gradient back (R^T) in pair registers,
-    # then the RMSNorm backward per row; fp32 sums of du * n per weight entry go to one partial
-    # per program, summed in torch.
-    pid = tl.program_id(0)
-    row, rmask, qoff, aoff = _qk_row_offsets(pid, L, n_rows, stride_qb, stride_ql, stride_qh,
-                                             stride_ab, stride_al, NH, ALIGN_Q, ALIGN_A, ROWS)
+                   BLOCK_P: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
+    # The forward's tile walk: rotate the incoming gradient back (R^T) in pair registers, then the
+    # RMSNorm backward per row; du * n is summed elementwise over the program's tiles (no
+    # cross-row reduction inside the loop) and reduced to one fp32 partial per program at the
+    # end, summed in torch.
     P: tl.constexpr = D // 2
     cols = tl.arange(0, 2 * BLOCK_P)
-    mask = rmask[:, None] & (cols[None, :] < D)
-    x = tl.load(q_ptr + qoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + row, mask=rmask, other=0.0)
-    n = x * rstd[:, None]
-    g = tl.load(dout_ptr + row[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    ga, gb = tl.split(tl.reshape(g, (ROWS, BLOCK_P, 2)))
     pairs = tl.arange(0, BLOCK_P)
-    amask = rmask[:, None] & (pairs[None, :] < P)
-    cos = tl.load(cos_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
-    sin = tl.load(sin_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
-    du = tl.reshape(tl.join(ga * cos + gb * sin, gb * cos - ga * sin), (ROWS, 2 * BLOCK_P))
-    tl.store(dw_part_ptr + pid.to(tl.int64) * D + cols, tl.sum(du * n, axis=0), mask=cols < D)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    dn = du * w[None, :]
-    proj = tl.sum(dn * n, axis=1)[:, None] / D
-    tl.store(dq_ptr + row[:, None] * D + cols[None, :],
-             ((dn - n * proj) * rstd[:, None]).to(dq_ptr.dtype.element_ty), mask=mask)
+    acc = tl.zeros((ROWS, 2 * BLOCK_P), dtype=tl.float32)
+    for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
+        row, rmask, qoff, aoff = _qk_row_offsets(tile, L, n_rows, stride_qb, stride_ql, stride_qh,
+                                                 stride_ab, stride_al, NH, ALIGN_Q, ALIGN_A, ROWS)
+        mask = rmask[:, None] & (cols[None, :] < D)
+        x = tl.load(q_ptr + qoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row, mask=rmask, other=0.0)
+        n = x * rstd[:, None]
+        g = tl.load(dout_ptr + row[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        ga, gb = tl.split(tl.reshape(g, (ROWS, BLOCK_P, 2)))
+        amask = rmask[:, None] & (pairs[None, :] < P)
+        cos = tl.load(cos_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
+        sin = tl.load(sin_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
+        du = tl.reshape(tl.join(ga * cos + gb * sin, gb * cos - ga * sin), (ROWS, 2 * BLOCK_P))
+        acc += du * n  # masked rows and columns are 0
+        dn = du * w[None, :]
+        proj = tl.sum(dn * n, axis=1)[:, None] / D
+        tl.store(dq_ptr + row[:, None] * D + cols[None, :],
+                 ((dn - n * proj) * rstd[:, None]).to(dq_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_part_ptr + tl.program_id(0).to(tl.int64) * D + cols, tl.sum(acc, axis=0), mask=cols < D)
 
 
 def _validate(q, weight, angles):
@@ -150,12 +155,14 @@ def _launch_args(q, table) -> dict:
     return dict(strides=qs + ts, ALIGN_Q=align_q, ALIGN_A=align_a)
 
 
-class _QKRMSNormRoPE(torch.autograd.Function):
-    # (token, head) rows per program: 32 rows x 72 features = 4.5 KiB of bf16 per load; the
-    # weight-gradient partials are then (rows / 32, d) fp32, 0.3% of q's bytes. Fewer rows in the
-    # interpreter so that the tests cover a masked tail.
-    ROWS = 4 if _launch.interpreting() else 32
+def _grid(n_rows: int, device):
+    """(programs, grid function) of the tile loops: up to 8 programs per SM (4 in the interpreter),
+    never more than the tiles of the smallest tuned tile size."""
+    programs = max(1, min(triton.cdiv(n_rows, 16), 2 * _launch.reduction_programs(device)))
+    return programs, lambda meta: (min(programs, triton.cdiv(n_rows, meta["ROWS"])),)
 
+
+class _QKRMSNormRoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, weight, angles, eps):
         _launch.check_runnable()
@@ -167,11 +174,11 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         weight = weight.contiguous()
         out = torch.empty((b, length, nh, d), dtype=q.dtype, device=q.device)
         rstd = torch.empty((b * length * nh,), dtype=torch.float32, device=q.device)
-        n_rows, block_p = b * length * nh, triton.next_power_of_2(d // 2)
+        n_rows = b * length * nh
         args = _launch_args(q, cos)
-        _qk_fwd_kernel[(triton.cdiv(n_rows, _QKRMSNormRoPE.ROWS),)](
+        _qk_fwd_kernel[_grid(n_rows, q.device)[1]](
             q, weight, cos, sin, out, rstd, length, n_rows, *args.pop("strides"), eps, NH=nh, D=d, **args,
-            ROWS=_QKRMSNormRoPE.ROWS, BLOCK_P=block_p, **_launch.warps())
+            BLOCK_P=triton.next_power_of_2(d // 2), **_launch.launch_config("tile_loop"))
         ctx.save_for_backward(q, weight, cos, sin, rstd)
         return out
 
@@ -181,13 +188,14 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         b, length, nh, d = q.shape
         dout = dout.contiguous()
         dq = torch.empty((b, length, nh, d), dtype=q.dtype, device=q.device)
-        n_rows, block_p = b * length * nh, triton.next_power_of_2(d // 2)
-        n_prog = triton.cdiv(n_rows, _QKRMSNormRoPE.ROWS)
-        dw = torch.empty((n_prog, d), dtype=torch.float32, device=q.device)
+        n_rows = b * length * nh
+        programs, grid = _grid(n_rows, q.device)
+        # zeros: a tuned tile size may launch fewer programs than `programs`
+        dw = torch.zeros((programs, d), dtype=torch.float32, device=q.device)
         args = _launch_args(q, cos)
-        _qk_bwd_kernel[(n_prog,)](q, weight, cos, sin, rstd, dout, dq, dw, length, n_rows,
-                                  *args.pop("strides"), NH=nh, D=d, **args, ROWS=_QKRMSNormRoPE.ROWS, BLOCK_P=block_p,
-                                  **_launch.warps())
+        _qk_bwd_kernel[grid](q, weight, cos, sin, rstd, dout, dq, dw, length, n_rows,
+                             *args.pop("strides"), NH=nh, D=d, **args, BLOCK_P=triton.next_power_of_2(d // 2),
+                             **_launch.launch_config("tile_loop"))
         return dq, dw.sum(0).to(weight.dtype), None, None
 
 

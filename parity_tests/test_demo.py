@@ -56,7 +56,7 @@ def _check_layout(out, results, stages):
 
 
 def test_demo_smoke_report_layout(tmp_path):
-    cfg = demo.DemoConfig(out=str(tmp_path), data=demo.DemoData(count=12, held_out=3), vae=demo.DemoVAE(steps=2),
+    cfg = demo.DemoConfig(out=str(tmp_path), data=demo.DemoData(count=12, held_out=3), vae=demo.DemoVAE(spatial_steps=2, temporal_steps=2),
                           pretrain=PretrainConfig(sample_every=2, sample_prompts=2, stages=(
                               StageConfig("images", frames=1, steps=3, batch_size=4, warmup_steps=1),
                               StageConfig("short_video", frames=17, steps=2, batch_size=4, warmup_steps=1, i2v=0.5))),

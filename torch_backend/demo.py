@@ -105,23 +105,37 @@ def generate(cfg: DemoData, out_dir: str | pathlib.Path, log=print) -> dict[str,
 
 @dataclasses.dataclass(frozen=True)
 class DemoVAE:
-    """The demo VAE's training: `size` from core/vae.py VAE_SIZES, stopped at `steps` or
-    `minutes`, whichever comes first, on random `frames`-frame windows of the training clips.
+    """The demo VAE's training (vae_train.py; why staged: docs/vae.md, "Why the demo VAE
+    collapses"): `size` from core/vae.py VAE_SIZES, stages A, B, C in order, stopped early only by
+    the `minutes` safety cap (step counts, so the result does not depend on the machine's load).
 
+    spatial_steps / spatial_batch: stage A, the 2D VAE alone on random single frames (Adam `lr`)
+    temporal_steps / temporal_batch / temporal_lr: stage B, the temporal stage alone on the frozen
+        2D features of `frames`-frame windows (MSE over each channel's variance); `frames` = the
+        DiT's clip length (17 = 3 latents): trained on 9-frame windows (2 latents) the temporal
+        decoder lost motion on 17-frame clips (67 % instead of 100 %)
+    steps / batch_size: stage C, the whole VAE end to end on `frames`-frame windows (Adam `lr`,
+        foreground-weighted L1 NLL); 0 by default: 200 steps after A and B lost colour (75 -> 50 %)
     sample_posterior: False trains a plain autoencoder on the posterior mean (what the DiT is
-    trained on, PretrainConfig.sample_posterior): with the KL weight of 1e-6 the posterior std
-    stays near 1 for the whole short run while the means spread by ~0.1, so decoding samples
-    teaches the decoder to ignore z. lr / betas: Adam; 1e-3 with LDM's (0.5, 0.9) stalls the tiny
-    VAE at the mean image (docs/vae.md, "Why the demo VAE collapsed"). foreground_weight: the
-    product's pixels weigh 1 + this in the L1 term (vae_train.foreground_mask): a 6-10 px object
-    on a plain 32 px background is otherwise not worth reconstructing early on.
+        trained on, PretrainConfig.sample_posterior): with the KL weight of 1e-6 the posterior std
+        stays near 1 for the whole short run, so decoding samples teaches the decoder to ignore z
+    lr / betas: Adam of stages A and C
+    foreground_weight: the product's pixels weigh 1 + this in the L1 terms of stages A and C
+        (vae_train.foreground_mask): a 6-10 px object on a plain 32 px background is otherwise
+        not worth reconstructing early on
+    minutes: safety cap on the whole VAE training
     """
 
     size: str = "tiny"
-    steps: int = 800        # the stop: ~3.5 min on an idle 2-core box; a step count, not a time,
-    minutes: float = 10.0   # so the result does not depend on the load (minutes: a safety cap)
+    spatial_steps: int = 700
+    spatial_batch: int = 16
+    temporal_steps: int = 1000
+    temporal_batch: int = 8
+    temporal_lr: float = 1e-3
+    steps: int = 0
+    minutes: float = 10.0
     batch_size: int = 2
-    frames: int = 9
+    frames: int = 17
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.999)
     sample_posterior: bool = False
@@ -130,9 +144,18 @@ class DemoVAE:
     def __post_init__(self) -> None:
         from mugv.core.vae import VAE_SIZES
         v.one_of(self, "size", tuple(VAE_SIZES))
-        v.positive_int(self, "steps", "batch_size", "frames")
+        v.non_negative_int(self, "spatial_steps", "temporal_steps", "steps")
+        v.positive_int(self, "spatial_batch", "temporal_batch", "batch_size", "frames")
+        if self.spatial_steps + self.temporal_steps + self.steps == 0:
+            v.fail(self, "steps", "> 0 when spatial_steps and temporal_steps are 0 (nothing would train)")
         v.in_range(self, "minutes", 0, None, lo_open=True)
         v.in_range(self, "lr", 0, 1, lo_open=True)
+        v.in_range(self, "temporal_lr", 0, 1, lo_open=True)
+        v.in_range(self, "foreground_weight", 0, None)
+
+    @property
+    def total_steps(self) -> int:
+        return self.spatial_steps + self.temporal_steps + self.steps
 
 
 PREFERENCE_CHOICES = ("none", "dpo", "kto", "dpo,kto")
@@ -166,7 +189,7 @@ class DemoConfig:
 
 def quick_config(out: str = "runs/demo_quick") -> DemoConfig:
     """The CI variant: fewer clips, a shorter VAE and fewer DiT steps (about 3 minutes)."""
-    return DemoConfig(out=out, data=DemoData(count=96, held_out=16), vae=DemoVAE(steps=150, minutes=2.0),
+    return DemoConfig(out=out, data=DemoData(count=96, held_out=16), vae=DemoVAE(spatial_steps=250, temporal_steps=300, minutes=3.0),
                       pretrain=PretrainConfig(sample_every=110, stages=(
                           StageConfig("images", frames=1, steps=80, lr=1e-3),
                           StageConfig("short_video", frames=17, steps=220, lr=1e-3, i2v=0.3))),
@@ -175,6 +198,10 @@ def quick_config(out: str = "runs/demo_quick") -> DemoConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Steps
+
+
+VAE_STAGES = {"spatial": "A: 2D VAE, pixel L1", "temporal": "B: temporal stage, feature MSE / variance",
+              "end_to_end": "C: end to end, pixel L1"}
 
 
 def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
@@ -201,6 +228,9 @@ def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
         return load_vae(cfg.vae.size, str(done)), done, rows
     tcfg = vae_train.VAETrainConfig(data=str(manifest), size=cfg.vae.size, height=d.size, width=d.size,
                                     num_frames=cfg.vae.frames, fps=d.fps, batch_size=cfg.vae.batch_size,
+                                    steps=cfg.vae.steps, spatial_steps=cfg.vae.spatial_steps,
+                                    spatial_batch=cfg.vae.spatial_batch, temporal_steps=cfg.vae.temporal_steps,
+                                    temporal_batch=cfg.vae.temporal_batch, temporal_lr=cfg.vae.temporal_lr,
                                     lr=cfg.vae.lr, betas=cfg.vae.betas, sample_posterior=cfg.vae.sample_posterior,
                                     foreground_weight=cfg.vae.foreground_weight, seed=d.seed, eval_frames=d.frames)
     torch.manual_seed(d.seed)
@@ -209,25 +239,36 @@ def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
     model = init_vae(spec.vae_config(cfg.vae.size), d.seed)
     with torch.no_grad():
         model.logvar.fill_(tcfg.logvar_init)
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=tcfg.betas)
     clips = vae_train.load_clips(tcfg)
-    rows, step, t0 = [], 0, time.monotonic()
+    # rows: {"stage", "step" (within the stage), "loss"}: pixel L1 for "spatial" and "end_to_end",
+    # feature MSE over variance for "temporal"
+    rows, t0 = [], time.monotonic()
     from mugv.torch_backend.report import Progress
-    bar = Progress(cfg.vae.steps, "VAE")
-    while step < cfg.vae.steps and time.monotonic() - t0 < 60 * cfg.vae.minutes:
+    bar = Progress(cfg.vae.total_steps, "VAE")
+
+    def on_step(stage: str, logs: dict) -> None:
+        loss = float(logs["loss"] if stage == "temporal" else logs["l1"])
+        rows.append({"stage": stage, "step": logs["step"], "loss": loss})
+        bar({"step": len(rows), "loss": loss})
+
+    deadline = t0 + 60 * cfg.vae.minutes
+    vae_train.pretrain_stages(model, clips, tcfg, rng, on_step=on_step, deadline=deadline)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=tcfg.betas)
+    step = 0
+    while step < cfg.vae.steps and time.monotonic() < deadline:
         logs = vae_train.train_step(model, None, opt, None, vae_train.sample_batch(clips, tcfg, rng), step, tcfg, gen)
-        rows.append({"step": step + 1, "loss": float(logs["l1"])})
-        bar({"step": step + 1, "loss": float(logs["l1"])})
         step += 1
+        on_step("end_to_end", {"step": step, **logs})
     bar.close()
     model.eval()
     with torch.no_grad():   # latent normalisation over the training clips' posterior means
         means = torch.cat([model.posterior(vae_eval.to_video_tensor(c[:d.frames])[None])[0] for _, c in clips])
         model.latent_mean.copy_(means.mean(dim=(0, 2, 3, 4)))
         model.latent_std.copy_(means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3))
-    path = vae_train.save(model, None, tcfg, root / "ckpt", step)
+    path = vae_train.save(model, None, tcfg, root / "ckpt", len(rows))
     (root / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    log(f"[mugv] VAE: {step} steps in {time.monotonic() - t0:.0f} s, final L1 {rows[-1]['loss']:.4f} -> {path}")
+    counts = {k: sum(r["stage"] == k for r in rows) for k in VAE_STAGES}
+    log(f"[mugv] VAE: {counts} steps in {time.monotonic() - t0:.0f} s, final loss {rows[-1]['loss']:.4f} -> {path}")
     return model, path, rows
 
 
@@ -316,7 +357,9 @@ def run(cfg: DemoConfig, log=print) -> dict:
     times["sample"] = time.monotonic() - t0
     t0 = time.monotonic()
     results = {"chance": d.chance, "vae": {"held_out_psnr": held["mean_psnr"], "untrained_psnr": psnr_init,
-                                           "held_out_ssim": held["mean_ssim"], "steps": len(vae_rows)}}
+                                           "held_out_ssim": held["mean_ssim"], "steps": len(vae_rows),
+                                           "stage_steps": {k: sum(r.get("stage", "end_to_end") == k for r in vae_rows)
+                                                           for k in VAE_STAGES}}}
     captions = samples["captions"]
     # the analyzer on the held-out clips themselves and on their VAE reconstructions: the ceilings
     from mugv.torch_backend.data.decode import decode_clip
@@ -345,7 +388,9 @@ def run(cfg: DemoConfig, log=print) -> dict:
     previews = {s.name: sorted((pathlib.Path(pre.out) / "stages" / s.name / "samples").glob("step_*.png"))
                 for s in pre.stages}
     report.loss_curve(runs, media / "loss_curve.png", marks={k: [int(p.stem[5:]) for p in x] for k, x in previews.items()})
-    report.loss_curve({"VAE L1": vae_rows}, media / "vae_loss_curve.png", ylabel="L1 (pixels in [-1, 1])")
+    report.loss_curve({label: [r for r in vae_rows if r.get("stage", "end_to_end") == stage]
+                       for stage, label in VAE_STAGES.items()}, media / "vae_loss_curve.png",
+                      ylabel="loss (pixels in [-1, 1] / relative)")
     results["previews"] = {k: [str(p.relative_to(out)) for p in x] for k, x in previews.items()}
     if cfg.preference != "none":
         from mugv.torch_backend.preference_demo import run_preference_demo
@@ -402,7 +447,8 @@ def write_report(cfg: DemoConfig, results: dict, captions: list[str], n: int, ou
          "frame, so their colour and shape are given; their motion is not.\n\n" + acc),
         ("VAE", f"PSNR on {cfg.data.held_out} held-out generated clips ({cfg.data.frames} frames, {cfg.data.size} px): "
          f"**{v_['held_out_psnr']:.2f} dB** (untrained: {v_['untrained_psnr']:.2f} dB), SSIM {v_['held_out_ssim']:.3f}, "
-         f"after {v_['steps']} steps. Side-by-side originals/reconstructions: [vae/held_out/](vae/held_out/). "
+         f"after {v_['steps']} steps ({', '.join(f'{k} {n}' for k, n in v_['stage_steps'].items())}; "
+         "docs/vae.md). Side-by-side originals/reconstructions: [vae/held_out/](vae/held_out/). "
          "Loss: ![VAE loss](media/vae_loss_curve.png)"),
         ("Training loss", "![loss curve](media/loss_curve.png)\n\nPer-step metrics: `pretrain/stages/*/metrics.jsonl` "
          "(TensorBoard events next to them). Dotted lines: steps where the samples below were written."),

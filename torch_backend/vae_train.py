@@ -5,6 +5,12 @@ scalar `logvar`, plus `kl_weight` x KL, plus, from step `disc_start` on, a per-f
 discriminator (hinge loss) whose generator term is weighted adaptively against the NLL at the
 decoder's last layer (latent diffusion's autoencoder recipe, without the perceptual term).
 
+Optional stages before it (the usual way to train a video VAE built on a 2D image VAE, and the
+only one measured to keep colour on a small budget, docs/vae.md "Why the demo VAE collapses"):
+(A) `spatial_steps` of the 2D VAE alone on single frames (weighted L1), then (B)
+`temporal_steps` of the temporal stage alone on the frozen 2D features (MSE per feature channel
+divided by that channel's variance), then the `steps` end-to-end steps above (C).
+
 Data: every clip is decoded once at (height, width, fps) through the data pipeline's PyAV decode;
 batches are random windows of `num_frames` frames. Checkpoints go through the mugv format
 (checkpoints/torch_io.py): group "model" (the VAE schema) and, when on, "discriminator".
@@ -33,6 +39,17 @@ from mugv.torch_backend.models.vae import VideoVAE, init_vae
 
 @dataclasses.dataclass(frozen=True)
 class VAETrainConfig:
+    """One VAE training run (`mugv train-vae`).
+
+    steps: end-to-end steps (stage C, the full VAE on clip windows); `minutes` usually stops first
+    spatial_steps: stage A, before C: steps of the 2D VAE alone on random single frames (0 = skip)
+    spatial_batch: stage A: frames per step
+    temporal_steps: stage B, after A: steps of the temporal stage alone on the frozen 2D features of
+        `num_frames`-frame windows, MSE per channel over its variance (0 = skip)
+    temporal_batch: stage B: windows per step
+    temporal_lr: stage B: Adam learning rate (stages A and C use `lr`)
+    """
+
     data: str
     size: str = "tiny"
     height: int = 32
@@ -41,6 +58,11 @@ class VAETrainConfig:
     fps: float = 8.0
     batch_size: int = 2
     steps: int = 100_000          # upper bound; `minutes` usually stops first
+    spatial_steps: int = 0
+    spatial_batch: int = 16
+    temporal_steps: int = 0
+    temporal_batch: int = 8
+    temporal_lr: float = 1e-3
     minutes: float | None = None
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.9)   # LDM's autoencoder optimiser
@@ -62,9 +84,13 @@ class VAETrainConfig:
 
     def __post_init__(self) -> None:
         from mugv.core import validate as v
-        v.positive_int(self, "height", "width", "num_frames", "batch_size", "steps", "log_every", "eval_frames",
-                       "disc_channels")
+        v.positive_int(self, "height", "width", "num_frames", "batch_size", "log_every", "eval_frames",
+                       "disc_channels", "spatial_batch", "temporal_batch")
+        v.non_negative_int(self, "steps", "spatial_steps", "temporal_steps")
+        if self.steps + self.spatial_steps + self.temporal_steps == 0:
+            v.fail(self, "steps", "> 0 when spatial_steps and temporal_steps are 0 (nothing would train)")
         v.in_range(self, "lr", 0, None, lo_open=True)
+        v.in_range(self, "temporal_lr", 0, None, lo_open=True)
         v.in_range(self, "foreground_weight", 0, None)
         v.in_range(self, "fps", 0, None, lo_open=True)
         for f in ("height", "width"):
@@ -169,6 +195,114 @@ def train_step(model: VideoVAE, disc: PatchDiscriminator | None, opt, opt_d, vid
     return logs
 
 
+# ---------------------------------------------------------------------------------------------
+# Stages A and B (docs/vae.md). Trained end to end from the start, the tiny VAE's temporal
+# decoder first answers the mean feature for every clip (its initial output has 4-8x the variance
+# of its target, and shrinking it to a constant is the fastest way down); the 2D encoder then
+# gets no clip-specific gradient through it and its features never become worth reconstructing.
+# A 2D VAE trained first gives features the temporal stage learns to reproduce in a few hundred
+# steps.
+
+
+def sample_frames(clips: list[tuple[str, np.ndarray]], batch: int, rng: np.random.Generator) -> torch.Tensor:
+    """Stage A's batch: (B, 3, H, W) random single frames in [-1, 1], random horizontal flips."""
+    out = []
+    for _ in range(batch):
+        clip = clips[rng.integers(len(clips))][1]
+        frame = clip[rng.integers(len(clip))]
+        if rng.random() < 0.5:
+            frame = frame[:, ::-1]
+        out.append(vae_eval.to_video_tensor(np.ascontiguousarray(frame[None]))[:, 0])
+    return torch.stack(out)
+
+
+def spatial_step(model: VideoVAE, opt, frames: torch.Tensor, cfg: VAETrainConfig) -> dict:
+    """Stage A: one step of the 2D VAE alone (encode_spatial -> decode_spatial) on (B, 3, H, W)
+    frames; mean L1 with the product's pixels weighted 1 + foreground_weight."""
+    model.train()
+    recon = model.decode_spatial(model.encode_spatial(frames))
+    err = (frames - recon).abs()
+    l1 = err.mean().item()
+    if cfg.foreground_weight:
+        err = err * (1.0 + cfg.foreground_weight * foreground_mask(frames[:, :, None])[:, :, 0])
+    loss = err.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"loss": loss.item(), "l1": l1}
+
+
+@torch.no_grad()
+def clip_features(model: VideoVAE, clips: list[tuple[str, np.ndarray]], frame_batch: int = 64) -> list[torch.Tensor]:
+    """The 2D encoder's features (x spatial_scaling) of every frame of every clip: (C, T, h, w) each."""
+    model.eval()
+    return [model.encode_spatial(vae_eval.to_video_tensor(clip).transpose(0, 1), frame_batch).transpose(0, 1)
+            for _, clip in clips]
+
+
+def temporal_reconstruction(model: VideoVAE, feats: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, h, w) 2D features -> the temporal stage's reconstruction of them (posterior mean).
+
+    The same frame rules as `VideoVAE.posterior` + `decode` (core/vae.py padded_sources,
+    decode_chunks, output_positions), so decode_spatial of the result is the VAE's reconstruction
+    of the clip (parity_tests/test_vae_train.py checks this)."""
+    b, _, t = feats.shape[:3]
+    zero = feats.new_zeros(feats[:, :, 0].shape)
+    seq = torch.stack([zero if s == spec.ZERO_FRAME else feats[:, :, s] for s in spec.padded_sources(t)], dim=2)
+    groups = seq.unflatten(2, (-1, spec.TEMPORAL_GROUP)).transpose(1, 2).flatten(0, 1)
+    mean, _ = model.encode_temporal(groups)                                     # (B g, lc, 1, h, w)
+    z = mean[:, :, 0].unflatten(0, (b, -1)).transpose(1, 2)                     # (B, lc, g, h, w)
+    decoded = torch.cat([model.decode_temporal(z[:, :, c.start:c.stop]) for c in spec.decode_chunks(z.shape[2])],
+                        dim=2)
+    return decoded[:, :, list(spec.output_positions(t))]
+
+
+def temporal_step(model: VideoVAE, opt, feats: torch.Tensor, inv_var: torch.Tensor) -> dict:
+    """Stage B: one step of the temporal stage alone on frozen (B, C, T, h, w) features: MSE per
+    channel divided by that channel's variance over the training clips (1.0 = answering the
+    mean feature; the 2D features' channels differ in scale by 2x, and unweighted the small ones
+    would be learnt last)."""
+    model.train()
+    loss = (inv_var * (temporal_reconstruction(model, feats) - feats) ** 2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"loss": loss.item()}
+
+
+def pretrain_stages(model: VideoVAE, clips: list[tuple[str, np.ndarray]], cfg: VAETrainConfig,
+                    rng: np.random.Generator, on_step=None, deadline: float | None = None) -> dict[str, int]:
+    """Stages A (`spatial_steps`) and B (`temporal_steps`), each with its own Adam over its own
+    parameters. `on_step(stage, logs)` after every step ("spatial" / "temporal"; logs["step"]
+    counts from 1 within the stage); `deadline` (time.monotonic()) stops either stage early.
+    Returns the steps done per stage."""
+    in_time = lambda: deadline is None or time.monotonic() < deadline  # noqa: E731
+    done = {"spatial": 0, "temporal": 0}
+    if cfg.spatial_steps:
+        opt = torch.optim.Adam(model.spatial.parameters(), lr=cfg.lr, betas=cfg.betas)
+        while done["spatial"] < cfg.spatial_steps and in_time():
+            logs = spatial_step(model, opt, sample_frames(clips, cfg.spatial_batch, rng), cfg)
+            done["spatial"] += 1
+            if on_step:
+                on_step("spatial", {"step": done["spatial"], **logs})
+    if cfg.temporal_steps:
+        feats = clip_features(model, clips)
+        var = torch.cat([f.flatten(1) for f in feats], dim=1).var(dim=1)
+        inv_var = (1.0 / var.clamp_min(1e-12))[None, :, None, None, None]
+        opt = torch.optim.Adam(model.temporal.parameters(), lr=cfg.temporal_lr, betas=cfg.betas)
+        while done["temporal"] < cfg.temporal_steps and in_time():
+            windows = []
+            for _ in range(cfg.temporal_batch):
+                f = feats[rng.integers(len(feats))]
+                start = rng.integers(f.shape[1] - cfg.num_frames + 1)
+                windows.append(f[:, start:start + cfg.num_frames])
+            logs = temporal_step(model, opt, torch.stack(windows), inv_var)
+            done["temporal"] += 1
+            if on_step:
+                on_step("temporal", {"step": done["temporal"], **logs})
+    return done
+
+
 def train(cfg: VAETrainConfig, log=print) -> dict:
     """Train; returns {"before": eval, "after": eval, "steps", "seconds", "checkpoint"}.
 
@@ -197,6 +331,17 @@ def train(cfg: VAETrainConfig, log=print) -> dict:
 
     logfile = open(out / "log.jsonl", "a") if out is not None else None
     t0, step = time.monotonic(), 0
+
+    def log_stage(stage: str, logs: dict) -> None:
+        if (logs["step"] - 1) % cfg.log_every == 0:
+            line = json.dumps({"stage": stage, **logs, "seconds": round(time.monotonic() - t0, 1)})
+            log(line)
+            if logfile:
+                logfile.write(line + "\n")
+                logfile.flush()
+
+    done = pretrain_stages(model, clips, cfg, rng, on_step=log_stage,
+                           deadline=None if cfg.minutes is None else t0 + 60 * cfg.minutes)
     while step < cfg.steps and (cfg.minutes is None or time.monotonic() - t0 < 60 * cfg.minutes):
         logs = train_step(model, disc, opt, opt_d, sample_batch(clips, cfg, rng), step, cfg, gen)
         if step % cfg.log_every == 0:
@@ -211,9 +356,11 @@ def train(cfg: VAETrainConfig, log=print) -> dict:
         logfile.close()
     after = evaluate("eval_after")
     log(json.dumps({"eval": "after", "mean_psnr": after["mean_psnr"], "mean_ssim": after["mean_ssim"],
-                    "steps": step, "seconds": round(seconds, 1)}))
-    ckpt = save(model, disc, cfg, out / "ckpt", step) if out is not None else None
-    return {"before": before, "after": after, "steps": step, "seconds": seconds, "checkpoint": ckpt, "model": model}
+                    "steps": step, **{f"{k}_steps": n for k, n in done.items()}, "seconds": round(seconds, 1)}))
+    total = step + sum(done.values())
+    ckpt = save(model, disc, cfg, out / "ckpt", total) if out is not None else None
+    return {"before": before, "after": after, "steps": step, "stage_steps": done, "seconds": seconds,
+            "checkpoint": ckpt, "model": model}
 
 
 def save(model: VideoVAE, disc: PatchDiscriminator | None, cfg: VAETrainConfig, root: pathlib.Path, step: int):
@@ -236,7 +383,13 @@ def config_from_args(argv: list[str] | None) -> VAETrainConfig:
     ap.add_argument("--frames", type=int, default=9, help="frames per training window")
     ap.add_argument("--fps", type=float, default=8.0)
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=100_000)
+    ap.add_argument("--steps", type=int, default=100_000, help="end-to-end steps (stage C)")
+    ap.add_argument("--spatial-steps", type=int, default=0, help="stage A: steps of the 2D VAE alone on single frames")
+    ap.add_argument("--spatial-batch", type=int, default=16, help="stage A: frames per step")
+    ap.add_argument("--temporal-steps", type=int, default=0,
+                    help="stage B: steps of the temporal stage alone on the frozen 2D features")
+    ap.add_argument("--temporal-batch", type=int, default=8, help="stage B: windows per step")
+    ap.add_argument("--temporal-lr", type=float, default=1e-3, help="stage B: Adam learning rate")
     ap.add_argument("--minutes", type=float, default=None, help="wall-clock budget for the training loop")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--kl-weight", type=float, default=1e-6)
@@ -255,6 +408,9 @@ def config_from_args(argv: list[str] | None) -> VAETrainConfig:
     a = ap.parse_args(argv)
     return VAETrainConfig(data=a.data, size=a.size, height=a.height, width=a.width, num_frames=a.frames, fps=a.fps,
                           batch_size=a.batch_size, steps=a.steps, minutes=a.minutes, lr=a.lr,
+                          spatial_steps=a.spatial_steps, spatial_batch=a.spatial_batch,
+                          temporal_steps=a.temporal_steps, temporal_batch=a.temporal_batch,
+                          temporal_lr=a.temporal_lr,
                           logvar_init=a.logvar_init, sample_posterior=not a.posterior_mean, betas=tuple(a.betas),
                           foreground_weight=a.foreground_weight,
                           loss=spec.VAELossConfig(kl_weight=a.kl_weight, disc_start=a.disc_start,

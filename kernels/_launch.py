@@ -60,9 +60,12 @@ FAMILIES = {
                   [(1, 8, 1), (1, 16, 1), (1, 8, 2), (1, 16, 2), (1, 8, 3), (1, 16, 4), (1, 32, 2),
                    (2, 8, 2), (2, 16, 2), (2, 16, 3), (2, 16, 4), (2, 32, 2), (4, 16, 2)]],
                  ({"ROWS": 1, "STAGES": 2}, 16), ({"ROWS": 2, "STAGES": 1}, 1)),
-    # grid-stride loop over tiles of ROWS short rows (QK-RMSNorm + RoPE, 72 features a row)
-    "tile_loop": ([({"ROWS": r, "STAGES": st}, w) for r in (16, 32, 64) for w in (4, 8) for st in (2, 3)],
-                  ({"ROWS": 32, "STAGES": 2}, 4), ({"ROWS": 4, "STAGES": 1}, 1)),
+    # one program per tile of ROWS short rows (QK-RMSNorm + RoPE forward, 72 features a row)
+    "tile": ([({"ROWS": r}, w) for r in (8, 16, 32, 64) for w in (2, 4, 8)],
+             ({"ROWS": 32}, 4), ({"ROWS": 4}, 1)),
+    # grid-stride loop over such tiles (its backward; the H100 picked the smallest tiles and warps)
+    "tile_loop": ([({"ROWS": r, "STAGES": st}, w) for r in (8, 16, 32) for w in (2, 4, 8) for st in (2, 3, 4)],
+                  ({"ROWS": 16, "STAGES": 3}, 4), ({"ROWS": 4, "STAGES": 1}, 1)),
     # loop over blocks of one long span (GroupNorm)
     "span_loop": ([({"STAGES": st}, w) for w in (4, 8) for st in (1, 2, 3)],
                   ({"STAGES": 2}, 8), ({"STAGES": 1}, 1)),

@@ -8,8 +8,7 @@ reduction: each program reduces a span of one channel to (count, shift, sum(x-sh
 sum((x-shift)^2)) with `shift` the span's first element (the "shifted data" variance, which keeps
 fp32 accurate when |mean| >> std), and a one-program-per-group kernel merges the spans of a group
 with Chan's formula (in torch that merge was a dozen small launches).
-Forward: 2 reads of x and 1 write. Backward: 2 reads of x and dy, 1 write of dx. The second read
-of each pass walks the map backwards, so it starts on what the first left in the L2 cache.
+Forward: 2 reads of x and 1 write. Backward: 2 reads of x and dy, 1 write of dx.
 
 Reference: `groupnorm_silu_reference` (plain torch F.group_norm then F.silu).
 """
@@ -31,19 +30,14 @@ def groupnorm_silu_reference(x, weight, bias, groups: int, eps: float = 1e-6):
 
 
 @triton.jit
-def _span(S, span, REVERSE: tl.constexpr):
-    """Program (j, row) of the grid (spans, B*C): span j of channel row = b*C + c. The GPU starts
-    programs in grid order, spans fastest, so the passes walk the map group after group; REVERSE
-    walks it backwards, for a second pass over x: it then starts on the groups that the first pass
-    read last, still in the L2 cache (v5; a whole group of a mid-level map is a few MB)."""
+def _span(S, span):
+    """Program (j, row) of the grid (spans, B*C): span j of channel row = b*C + c; its start, length
+    and index among the partials (row-major (B*C, spans))."""
     j = tl.program_id(0)
-    row = tl.program_id(1)
-    if REVERSE:
-        j = tl.num_programs(0) - 1 - j
-        row = tl.num_programs(1) - 1 - row
+    row = tl.program_id(1).to(tl.int64)
     start = j.to(tl.int64) * span
     count = tl.minimum(start + span, S) - start
-    return row.to(tl.int64), start, count, row.to(tl.int64) * tl.num_programs(0) + j
+    return row, start, count, row * tl.num_programs(0) + j
 
 
 # Every span loop runs its whole blocks unmasked, at offsets j * BLOCK, and then the span's tail
@@ -80,7 +74,7 @@ def _stats_step(base, i, offs, count, shift, s1, s2, MASKED: tl.constexpr):
 @_launch.tuned(["S"], "span_loop")
 @triton.jit
 def _gn_stats_kernel(x_ptr, shift_ptr, s1_ptr, s2_ptr, S, span, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    row, start, count, out = _span(S, span, False)
+    row, start, count, out = _span(S, span)
     base = x_ptr + row * S + start
     shift = tl.load(base).to(tl.float32)
     offs = tl.arange(0, BLOCK)
@@ -146,7 +140,7 @@ def _apply_step(x_base, y_base, i, offs, count, a, shift, MASKED: tl.constexpr):
 @triton.jit
 def _gn_apply_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr, C, CG, S, span,
                      BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    row, start, count, _ = _span(S, span, True)
+    row, start, count, _ = _span(S, span)
     c = row % C
     group = (row // C) * (C // CG) + c // CG
     mean = tl.load(mean_ptr + group)
@@ -185,7 +179,7 @@ def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_p
                           C, CG, S, span, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # Per (channel row, span): sum(dz) and sum(dz * xhat), from which torch forms the bias and
     # weight gradients and the two group means of the GroupNorm backward.
-    row, start, count, out = _span(S, span, False)
+    row, start, count, out = _span(S, span)
     c = row % C
     group = (row // C) * (C // CG) + c // CG
     mean = tl.load(mean_ptr + group)
@@ -219,7 +213,7 @@ def _bwd_apply_step(x_base, dy_base, dx_base, i, offs, count, mean, rstd, w, bia
 def _gn_bwd_apply_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c_mean_ptr, c_proj_ptr,
                          dx_ptr, C, CG, S, span, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dz * w.
-    row, start, count, _ = _span(S, span, True)
+    row, start, count, _ = _span(S, span)
     c = row % C
     group = (row // C) * (C // CG) + c // CG
     mean = tl.load(mean_ptr + group)

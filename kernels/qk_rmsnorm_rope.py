@@ -59,35 +59,34 @@ def _qk_row_offsets(pid, L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, 
     return row.to(tl.int64), rmask, qoff, aoff
 
 
-@_launch.tuned(["L"], "tile_loop")
+@_launch.tuned(["L"], "tile")
 @triton.jit
 def _qk_fwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
                    L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al, eps,
                    NH: tl.constexpr, D: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr,
-                   BLOCK_P: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
-    # Each program walks tiles of ROWS (token, head) rows, grid-stride, software-pipelined (v5;
-    # v4 ran one program per tile: 78% of the copy bandwidth forward). Each row's D = 2P features
+                   BLOCK_P: tl.constexpr, ROWS: tl.constexpr):
+    # One program per tile of ROWS (token, head) rows (ROWS autotuned; a grid-stride pipelined
+    # walk, v5, ran at 59% of the copy bandwidth against 78% for this). Each row's D = 2P features
     # are loaded as one contiguous run and split into (even, odd) pairs in registers (v2 read even
     # and odd features as two stride-2 views: 7%). Any head stride: q may be a view of the fused
     # (head, q|k|v, dim) projection, no copy first.
+    row, rmask, qoff, aoff = _qk_row_offsets(tl.program_id(0), L, n_rows, stride_qb, stride_ql, stride_qh,
+                                             stride_ab, stride_al, NH, ALIGN_Q, ALIGN_A, ROWS)
     P: tl.constexpr = D // 2
     cols = tl.arange(0, 2 * BLOCK_P)
-    pairs = tl.arange(0, BLOCK_P)
+    mask = rmask[:, None] & (cols[None, :] < D)
+    x = tl.load(q_ptr + qoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
-        row, rmask, qoff, aoff = _qk_row_offsets(tile, L, n_rows, stride_qb, stride_ql, stride_qh,
-                                                 stride_ab, stride_al, NH, ALIGN_Q, ALIGN_A, ROWS)
-        mask = rmask[:, None] & (cols[None, :] < D)
-        x = tl.load(q_ptr + qoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-        u = x * rstd[:, None] * w[None, :]
-        ua, ub = tl.split(tl.reshape(u, (ROWS, BLOCK_P, 2)))
-        amask = rmask[:, None] & (pairs[None, :] < P)
-        cos = tl.load(cos_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
-        sin = tl.load(sin_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
-        y = tl.reshape(tl.join(ua * cos - ub * sin, ua * sin + ub * cos), (ROWS, 2 * BLOCK_P))
-        tl.store(out_ptr + row[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(rstd_ptr + row, rstd, mask=rmask)
+    u = x * rstd[:, None] * w[None, :]
+    ua, ub = tl.split(tl.reshape(u, (ROWS, BLOCK_P, 2)))
+    pairs = tl.arange(0, BLOCK_P)
+    amask = rmask[:, None] & (pairs[None, :] < P)
+    cos = tl.load(cos_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
+    sin = tl.load(sin_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
+    y = tl.reshape(tl.join(ua * cos - ub * sin, ua * sin + ub * cos), (ROWS, 2 * BLOCK_P))
+    tl.store(out_ptr + row[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + row, rstd, mask=rmask)
 
 
 @_launch.tuned(["L"], "tile_loop")
@@ -156,7 +155,7 @@ def _launch_args(q, table) -> dict:
 
 
 def _grid(n_rows: int, device):
-    """(programs, grid function) of the tile loops: up to 8 programs per SM (4 in the interpreter),
+    """(programs, grid function) of the backward's tile loop: up to 8 programs per SM (4 in the interpreter),
     never more than the tiles of the smallest tuned tile size."""
     programs = max(1, min(triton.cdiv(n_rows, 16), 2 * _launch.reduction_programs(device)))
     return programs, lambda meta: (min(programs, triton.cdiv(n_rows, meta["ROWS"])),)
@@ -176,9 +175,9 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         rstd = torch.empty((b * length * nh,), dtype=torch.float32, device=q.device)
         n_rows = b * length * nh
         args = _launch_args(q, cos)
-        _qk_fwd_kernel[_grid(n_rows, q.device)[1]](
+        _qk_fwd_kernel[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](
             q, weight, cos, sin, out, rstd, length, n_rows, *args.pop("strides"), eps, NH=nh, D=d, **args,
-            BLOCK_P=triton.next_power_of_2(d // 2), **_launch.launch_config("tile_loop"))
+            BLOCK_P=triton.next_power_of_2(d // 2), **_launch.launch_config("tile"))
         ctx.save_for_backward(q, weight, cos, sin, rstd)
         return out
 

@@ -60,12 +60,15 @@ FAMILIES = {
                   [(1, 8, 1), (1, 16, 1), (1, 8, 2), (1, 16, 2), (1, 8, 3), (1, 16, 4), (1, 32, 2),
                    (2, 8, 2), (2, 16, 2), (2, 16, 3), (2, 16, 4), (2, 32, 2), (4, 16, 2)]],
                  ({"ROWS": 1, "STAGES": 2}, 16), ({"ROWS": 2, "STAGES": 1}, 1)),
-    # one program per tile of ROWS short rows (QK-RMSNorm + RoPE forward, 72 features a row)
-    "tile": ([({"ROWS": r}, w) for r in (8, 16, 32, 64) for w in (2, 4, 8)],
-             ({"ROWS": 32}, 4), ({"ROWS": 4}, 1)),
-    # grid-stride loop over such tiles (its backward; the H100 picked the smallest tiles and warps)
-    "tile_loop": ([({"ROWS": r, "STAGES": st}, w) for r in (8, 16, 32) for w in (2, 4, 8) for st in (2, 3, 4)],
-                  ({"ROWS": 16, "STAGES": 3}, 4), ({"ROWS": 4, "STAGES": 1}, 1)),
+    # one program per tile of ROWS short rows (QK-RMSNorm + RoPE forward, 72 features a row; the
+    # H100 took the largest tiles offered in v6, 64 rows)
+    "tile": ([({"ROWS": r}, w) for r in (32, 64, 128, 256) for w in (4, 8)],
+             ({"ROWS": 64}, 4), ({"ROWS": 4}, 1)),
+    # grid-stride loop over such tiles by PER_SM programs per SM (its backward; the H100 took the
+    # smallest tiles and warps and the deepest pipeline offered in v6: 8 rows, 2 warps, 4 stages)
+    "tile_loop": ([({"ROWS": r, "STAGES": st, "PER_SM": n}, w)
+                   for r in (4, 8, 16) for w in (1, 2, 4) for st in (3, 5) for n in (8, 16)],
+                  ({"ROWS": 8, "STAGES": 4, "PER_SM": 8}, 2), ({"ROWS": 4, "STAGES": 1, "PER_SM": 1}, 1)),
     # loop over blocks of one long span (GroupNorm)
     "span_loop": ([({"STAGES": st}, w) for w in (4, 8) for st in (1, 2, 3)],
                   ({"STAGES": 2}, 8), ({"STAGES": 1}, 1)),
@@ -95,13 +98,19 @@ def launch_config(family: str = "row") -> dict:
     return {**meta, "num_warps": w}
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a GPU; 2 "SMs" in the interpreter (few, long-lived programs,
+    so that the CPU tests cover loops of several steps)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
 def reduction_programs(device: torch.device) -> int:
-    """How many programs a loop-over-rows backward kernel should launch: a few per SM on the GPU
-    (each writes one fp32 partial of the parameter gradients), very few in the interpreter."""
-    if device.type == "cuda":  # each program's fp32 partials (K x h per parameter gradient) are
-        # written and summed again: 2 per SM keeps that under 3% of the backward's bytes at 720p
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    """How many programs a loop-over-rows backward kernel should launch: 2 per SM. Each writes
+    fp32 partials of the parameter gradients (K x h each), which torch then sums: at 2 per SM that
+    stays under 3% of the AdaLN backward's bytes at 720p."""
+    return 2 * sm_count(device)
 
 
 def check(cond: bool, name: str, value, expected: str) -> None:

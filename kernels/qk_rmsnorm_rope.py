@@ -94,8 +94,9 @@ def _qk_fwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
 def _qk_bwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dout_ptr, dq_ptr, dw_part_ptr,
                    L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
                    NH: tl.constexpr, D: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr,
-                   BLOCK_P: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
-    # The forward's tile walk: rotate the incoming gradient back (R^T) in pair registers, then the
+                   BLOCK_P: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr, PER_SM: tl.constexpr):
+    # A grid-stride walk over tiles of the forward's shape (PER_SM programs per SM: the grid, set
+    # on the host). Rotate the incoming gradient back (R^T) in pair registers, then the
     # RMSNorm backward per row; du * n is summed elementwise over the program's tiles (no
     # cross-row reduction inside the loop) and reduced to one fp32 partial per program at the
     # end, summed in torch.
@@ -154,11 +155,14 @@ def _launch_args(q, table) -> dict:
     return dict(strides=qs + ts, ALIGN_Q=align_q, ALIGN_A=align_a)
 
 
+MAX_PER_SM = 16  # the largest PER_SM of the "tile_loop" launch family
+
+
 def _grid(n_rows: int, device):
-    """(programs, grid function) of the backward's tile loop: up to 8 programs per SM (4 in the interpreter),
-    never more than the tiles of the smallest tuned tile size."""
-    programs = max(1, min(triton.cdiv(n_rows, 16), 2 * _launch.reduction_programs(device)))
-    return programs, lambda meta: (min(programs, triton.cdiv(n_rows, meta["ROWS"])),)
+    """(weight-gradient partial rows, grid function) of the backward's tile walk: PER_SM programs
+    per SM (the launch family's meta-parameter), never more than there are tiles."""
+    sms = _launch.sm_count(device)
+    return MAX_PER_SM * sms, lambda meta: (min(meta["PER_SM"] * sms, triton.cdiv(n_rows, meta["ROWS"])),)
 
 
 class _QKRMSNormRoPE(torch.autograd.Function):
@@ -189,7 +193,7 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         dq = torch.empty((b, length, nh, d), dtype=q.dtype, device=q.device)
         n_rows = b * length * nh
         programs, grid = _grid(n_rows, q.device)
-        # zeros: a tuned tile size may launch fewer programs than `programs`
+        # zeros: the tuned grid may launch fewer programs than there are partial rows
         dw = torch.zeros((programs, d), dtype=torch.float32, device=q.device)
         args = _launch_args(q, cos)
         _qk_bwd_kernel[grid](q, weight, cos, sin, rstd, dout, dq, dw, length, n_rows,

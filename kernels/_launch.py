@@ -60,15 +60,14 @@ FAMILIES = {
                   [(1, 8, 1), (1, 16, 1), (1, 8, 2), (1, 16, 2), (1, 8, 3), (1, 16, 4), (1, 32, 2),
                    (2, 8, 2), (2, 16, 2), (2, 16, 3), (2, 16, 4), (2, 32, 2), (4, 16, 2)]],
                  ({"ROWS": 1, "STAGES": 2}, 16), ({"ROWS": 2, "STAGES": 1}, 1)),
-    # one program per tile of ROWS short rows (QK-RMSNorm + RoPE forward, 72 features a row; the
-    # H100 took the largest tiles offered in v6, 64 rows)
-    "tile": ([({"ROWS": r}, w) for r in (32, 64, 128, 256) for w in (4, 8)],
-             ({"ROWS": 64}, 4), ({"ROWS": 4}, 1)),
-    # grid-stride loop over such tiles by PER_SM programs per SM (its backward; the H100 took the
-    # smallest tiles and warps and the deepest pipeline offered in v6: 8 rows, 2 warps, 4 stages)
-    "tile_loop": ([({"ROWS": r, "STAGES": st, "PER_SM": n}, w)
-                   for r in (4, 8, 16) for w in (1, 2, 4) for st in (3, 5) for n in (8, 16)],
-                  ({"ROWS": 8, "STAGES": 4, "PER_SM": 8}, 2), ({"ROWS": 4, "STAGES": 1, "PER_SM": 1}, 1)),
+    # one program per tile of TOK tokens x 16 heads x the head dim (QK-RMSNorm + RoPE forward)
+    "token_tile": ([({"TOK": t}, w) for t in (1, 2, 4, 8) for w in (2, 4, 8)],
+                   ({"TOK": 2}, 4), ({"TOK": 2}, 1)),
+    # grid-stride loop over such tiles by PER_SM programs per SM (its backward; the v7 row tiles
+    # ran best at 4 rows, 1 warp, 5 stages, 8 programs per SM)
+    "token_tile_loop": ([({"TOK": t, "STAGES": st, "PER_SM": n}, w)
+                         for t in (1, 2) for w in (1, 2, 4) for st in (3, 5) for n in (8, 16)],
+                        ({"TOK": 1, "STAGES": 3, "PER_SM": 8}, 2), ({"TOK": 2, "STAGES": 1, "PER_SM": 1}, 1)),
     # loop over blocks of one long span (GroupNorm)
     "span_loop": ([({"STAGES": st}, w) for w in (4, 8) for st in (1, 2, 3)],
                   ({"STAGES": 2}, 8), ({"STAGES": 1}, 1)),

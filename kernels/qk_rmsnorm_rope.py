@@ -39,91 +39,103 @@ def qk_rmsnorm_rope_reference(q, weight, angles, eps: float = 1e-6):
 
 
 @triton.jit
-def _qk_row_offsets(pid, L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
-                    NH: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr, ROWS: tl.constexpr):
-    """Rows (token, head) of program `pid`: their mask, q offsets and angle-table offsets.
+def _qk_tile(tile, n_hb, L, n_tok, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
+             NH: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr,
+             TOK: tl.constexpr, HB: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """Tile `tile` = TOK tokens x HB heads (head block tile % n_hb) x the head dim: its element and
+    row masks, q offsets (TOK, HB, BLOCK_D), (token, head) row numbers (TOK, HB), per-token
+    angle-table offsets (TOK,) and token mask.
 
-    v4: int32 index math with the head count as a constant (a multiply-shift, where v3 divided in
-    int64 per row), and every stride passed divided by its alignment and multiplied back here, so the
-    compiler knows each row starts on an ALIGN_Q (ALIGN_A) element boundary and issues 16-byte vector loads
-    (a runtime head stride of 72 or 216 elements is not a multiple of 16, which is all Triton
-    assumes about integer arguments; v3 fell back to narrow loads)."""
-    row = pid * ROWS + tl.arange(0, ROWS)
-    rmask = row < n_rows
-    tok = row // NH
-    h = row - tok * NH
+    v8: the tile spans tokens x heads, so cos/sin are loaded once per token and broadcast over its
+    heads (v3-v7 loaded them for every (token, head) row: 8x the load instructions of the q row
+    itself). Index math in int32 with the head count a constant; every stride is passed divided by
+    its alignment and multiplied back here, so the compiler knows each row starts on an ALIGN_Q
+    (ALIGN_A) element boundary and issues 16-byte loads (a runtime head stride of 72 or 216
+    elements is not a multiple of 16, all Triton assumes of an integer argument: v3's narrow
+    loads)."""
+    tok = (tile // n_hb) * TOK + tl.arange(0, TOK)
+    h = (tile % n_hb) * HB + tl.arange(0, HB)
+    tmask = tok < n_tok
     b = tok // L
     l = tok - b * L
-    qoff = (b.to(tl.int64) * stride_qb + l.to(tl.int64) * stride_ql + h.to(tl.int64) * stride_qh) * ALIGN_Q
+    cols = tl.arange(0, BLOCK_D)
+    rmask = tmask[:, None] & (h < NH)[None, :]
+    mask = rmask[:, :, None] & (cols < D)[None, None, :]
+    qoff = ((b.to(tl.int64) * stride_qb + l.to(tl.int64) * stride_ql)[:, None, None]
+            + h.to(tl.int64)[None, :, None] * stride_qh) * ALIGN_Q + cols[None, None, :]
+    row = tok.to(tl.int64)[:, None] * NH + h[None, :]
     aoff = (b.to(tl.int64) * stride_ab + l.to(tl.int64) * stride_al) * ALIGN_A
-    return row.to(tl.int64), rmask, qoff, aoff
+    return mask, rmask, qoff, row, aoff, tmask
 
 
-@_launch.tuned(["L"], "tile")
 @triton.jit
-def _qk_fwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
-                   L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al, eps,
-                   NH: tl.constexpr, D: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr,
-                   BLOCK_P: tl.constexpr, ROWS: tl.constexpr):
-    # One program per tile of ROWS (token, head) rows (ROWS autotuned; a grid-stride pipelined
-    # walk, v5, ran at 59% of the copy bandwidth against 78% for this). Each row's D = 2P features
-    # are loaded as one contiguous run and split into (even, odd) pairs in registers (v2 read even
-    # and odd features as two stride-2 views: 7%). Any head stride: q may be a view of the fused
-    # (head, q|k|v, dim) projection, no copy first.
-    row, rmask, qoff, aoff = _qk_row_offsets(tl.program_id(0), L, n_rows, stride_qb, stride_ql, stride_qh,
-                                             stride_ab, stride_al, NH, ALIGN_Q, ALIGN_A, ROWS)
-    P: tl.constexpr = D // 2
-    cols = tl.arange(0, 2 * BLOCK_P)
-    mask = rmask[:, None] & (cols[None, :] < D)
-    x = tl.load(q_ptr + qoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    u = x * rstd[:, None] * w[None, :]
-    ua, ub = tl.split(tl.reshape(u, (ROWS, BLOCK_P, 2)))
+def _angles(cos_ptr, sin_ptr, aoff, tmask, P: tl.constexpr, BLOCK_P: tl.constexpr):
+    """cos and sin of one tile's tokens, (TOK, 1, BLOCK_P) to broadcast over the heads."""
     pairs = tl.arange(0, BLOCK_P)
-    amask = rmask[:, None] & (pairs[None, :] < P)
+    amask = tmask[:, None] & (pairs < P)[None, :]
     cos = tl.load(cos_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
     sin = tl.load(sin_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
-    y = tl.reshape(tl.join(ua * cos - ub * sin, ua * sin + ub * cos), (ROWS, 2 * BLOCK_P))
-    tl.store(out_ptr + row[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    return cos[:, None, :], sin[:, None, :]
+
+
+@_launch.tuned(["L"], "token_tile")
+@triton.jit
+def _qk_fwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
+                   L, n_tok, n_hb, stride_qb, stride_ql, stride_qh, stride_ab, stride_al, eps,
+                   NH: tl.constexpr, D: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr,
+                   HB: tl.constexpr, BLOCK_P: tl.constexpr, TOK: tl.constexpr):
+    # One program per tile (TOK autotuned). Each row's D = 2P features are loaded as one
+    # contiguous run and split into (even, odd) pairs in registers (v2 read even and odd features
+    # as two stride-2 views: 7%). Any head stride: q may be a view of the fused (head, q|k|v, dim)
+    # projection, no copy first.
+    mask, rmask, qoff, row, aoff, tmask = _qk_tile(
+        tl.program_id(0), n_hb, L, n_tok, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
+        NH, ALIGN_Q, ALIGN_A, TOK, HB, 2 * BLOCK_P, D)
+    cols = tl.arange(0, 2 * BLOCK_P)
+    x = tl.load(q_ptr + qoff, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=2) / D + eps)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    u = x * rstd[:, :, None] * w[None, None, :]
+    ua, ub = tl.split(tl.reshape(u, (TOK, HB, BLOCK_P, 2)))
+    cos, sin = _angles(cos_ptr, sin_ptr, aoff, tmask, D // 2, BLOCK_P)
+    y = tl.reshape(tl.join(ua * cos - ub * sin, ua * sin + ub * cos), (TOK, HB, 2 * BLOCK_P))
+    tl.store(out_ptr + row[:, :, None] * D + cols[None, None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + row, rstd, mask=rmask)
 
 
-@_launch.tuned(["L"], "tile_loop")
+@_launch.tuned(["L"], "token_tile_loop")
 @triton.jit
 def _qk_bwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dout_ptr, dq_ptr, dw_part_ptr,
-                   L, n_rows, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
+                   L, n_tok, n_hb, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
                    NH: tl.constexpr, D: tl.constexpr, ALIGN_Q: tl.constexpr, ALIGN_A: tl.constexpr,
-                   BLOCK_P: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr, PER_SM: tl.constexpr):
-    # A grid-stride walk over tiles of the forward's shape (PER_SM programs per SM: the grid, set
-    # on the host). Rotate the incoming gradient back (R^T) in pair registers, then the
-    # RMSNorm backward per row; du * n is summed elementwise over the program's tiles (no
-    # cross-row reduction inside the loop) and reduced to one fp32 partial per program at the
-    # end, summed in torch.
-    P: tl.constexpr = D // 2
+                   HB: tl.constexpr, BLOCK_P: tl.constexpr, TOK: tl.constexpr, STAGES: tl.constexpr,
+                   PER_SM: tl.constexpr):
+    # A grid-stride walk over the forward's tiles (PER_SM programs per SM: the grid, set on the
+    # host), software-pipelined. Rotate the incoming gradient back (R^T) in pair registers, then
+    # the RMSNorm backward per row; du * n is summed elementwise over the program's tiles (no
+    # cross-row reduction inside the loop; v5: 0.68 -> 0.53 ms at 720p) and reduced to one fp32
+    # partial per program at the end, summed in torch.
     cols = tl.arange(0, 2 * BLOCK_P)
-    pairs = tl.arange(0, BLOCK_P)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    acc = tl.zeros((ROWS, 2 * BLOCK_P), dtype=tl.float32)
-    for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
-        row, rmask, qoff, aoff = _qk_row_offsets(tile, L, n_rows, stride_qb, stride_ql, stride_qh,
-                                                 stride_ab, stride_al, NH, ALIGN_Q, ALIGN_A, ROWS)
-        mask = rmask[:, None] & (cols[None, :] < D)
-        x = tl.load(q_ptr + qoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row, mask=rmask, other=0.0)
-        n = x * rstd[:, None]
-        g = tl.load(dout_ptr + row[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        ga, gb = tl.split(tl.reshape(g, (ROWS, BLOCK_P, 2)))
-        amask = rmask[:, None] & (pairs[None, :] < P)
-        cos = tl.load(cos_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
-        sin = tl.load(sin_ptr + aoff[:, None] + pairs[None, :], mask=amask, other=0.0)
-        du = tl.reshape(tl.join(ga * cos + gb * sin, gb * cos - ga * sin), (ROWS, 2 * BLOCK_P))
+    acc = tl.zeros((TOK, HB, 2 * BLOCK_P), dtype=tl.float32)
+    for tile in tl.range(tl.program_id(0), tl.cdiv(n_tok, TOK) * n_hb, tl.num_programs(0), num_stages=STAGES):
+        mask, rmask, qoff, row, aoff, tmask = _qk_tile(
+            tile, n_hb, L, n_tok, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
+            NH, ALIGN_Q, ALIGN_A, TOK, HB, 2 * BLOCK_P, D)
+        x = tl.load(q_ptr + qoff, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row, mask=rmask, other=0.0)[:, :, None]
+        n = x * rstd
+        g = tl.load(dout_ptr + row[:, :, None] * D + cols[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        ga, gb = tl.split(tl.reshape(g, (TOK, HB, BLOCK_P, 2)))
+        cos, sin = _angles(cos_ptr, sin_ptr, aoff, tmask, D // 2, BLOCK_P)
+        du = tl.reshape(tl.join(ga * cos + gb * sin, gb * cos - ga * sin), (TOK, HB, 2 * BLOCK_P))
         acc += du * n  # masked rows and columns are 0
-        dn = du * w[None, :]
-        proj = tl.sum(dn * n, axis=1)[:, None] / D
-        tl.store(dq_ptr + row[:, None] * D + cols[None, :],
-                 ((dn - n * proj) * rstd[:, None]).to(dq_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_part_ptr + tl.program_id(0).to(tl.int64) * D + cols, tl.sum(acc, axis=0), mask=cols < D)
+        dn = du * w[None, None, :]
+        proj = tl.sum(dn * n, axis=2)[:, :, None] / D
+        tl.store(dq_ptr + row[:, :, None] * D + cols[None, None, :],
+                 ((dn - n * proj) * rstd).to(dq_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_part_ptr + tl.program_id(0).to(tl.int64) * D + cols, tl.sum(tl.sum(acc, axis=0), axis=0),
+             mask=cols < D)
 
 
 def _validate(q, weight, angles):
@@ -137,7 +149,7 @@ def _validate(q, weight, angles):
           "qk_rmsnorm_rope: angles", tuple(angles.shape), f"({b} or 1, {length}, {d // 2})")
     check(angles.stride(2) == 1, "qk_rmsnorm_rope: angles strides", angles.stride(), "last dim contiguous")
     check(b * length * nh < 2 ** 31, "qk_rmsnorm_rope: q", tuple(q.shape),
-          "fewer than 2^31 (token, head) rows (the kernels index rows in int32)")
+          "fewer than 2^31 (token, head) rows (the kernels index tokens and heads in int32)")
 
 
 def _aligned(strides: list[int]) -> tuple[list[int], int]:
@@ -155,14 +167,18 @@ def _launch_args(q, table) -> dict:
     return dict(strides=qs + ts, ALIGN_Q=align_q, ALIGN_A=align_a)
 
 
-MAX_PER_SM = 16  # the largest PER_SM of the "tile_loop" launch family
+MAX_PER_SM = 16  # the largest PER_SM of the "token_tile_loop" launch family
 
 
-def _grid(n_rows: int, device):
-    """(weight-gradient partial rows, grid function) of the backward's tile walk: PER_SM programs
-    per SM (the launch family's meta-parameter), never more than there are tiles."""
-    sms = _launch.sm_count(device)
-    return MAX_PER_SM * sms, lambda meta: (min(meta["PER_SM"] * sms, triton.cdiv(n_rows, meta["ROWS"])),)
+def _tiling(b: int, length: int, nh: int, device) -> dict:
+    """Tile geometry shared by both kernels: HB heads per tile (a power of two up to 16; 48 heads
+    = 3 blocks of 16), and the backward's grid: PER_SM programs per SM (the launch family's
+    meta-parameter), never more than there are tiles, with MAX_PER_SM x SMs partial rows."""
+    hb = min(16, triton.next_power_of_2(nh))
+    n_tok, n_hb, sms = b * length, triton.cdiv(nh, hb), _launch.sm_count(device)
+    return dict(hb=hb, n_tok=n_tok, n_hb=n_hb, partials=MAX_PER_SM * sms,
+                fwd_grid=lambda meta: (triton.cdiv(n_tok, meta["TOK"]) * n_hb,),
+                bwd_grid=lambda meta: (min(meta["PER_SM"] * sms, triton.cdiv(n_tok, meta["TOK"]) * n_hb),))
 
 
 class _QKRMSNormRoPE(torch.autograd.Function):
@@ -177,11 +193,11 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         weight = weight.contiguous()
         out = torch.empty((b, length, nh, d), dtype=q.dtype, device=q.device)
         rstd = torch.empty((b * length * nh,), dtype=torch.float32, device=q.device)
-        n_rows = b * length * nh
-        args = _launch_args(q, cos)
-        _qk_fwd_kernel[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](
-            q, weight, cos, sin, out, rstd, length, n_rows, *args.pop("strides"), eps, NH=nh, D=d, **args,
-            BLOCK_P=triton.next_power_of_2(d // 2), **_launch.launch_config("tile"))
+        t, args = _tiling(b, length, nh, q.device), _launch_args(q, cos)
+        _qk_fwd_kernel[t["fwd_grid"]](
+            q, weight, cos, sin, out, rstd, length, t["n_tok"], t["n_hb"], *args.pop("strides"), eps,
+            NH=nh, D=d, **args, HB=t["hb"], BLOCK_P=triton.next_power_of_2(d // 2),
+            **_launch.launch_config("token_tile"))
         ctx.save_for_backward(q, weight, cos, sin, rstd)
         return out
 
@@ -191,14 +207,13 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         b, length, nh, d = q.shape
         dout = dout.contiguous()
         dq = torch.empty((b, length, nh, d), dtype=q.dtype, device=q.device)
-        n_rows = b * length * nh
-        programs, grid = _grid(n_rows, q.device)
+        t, args = _tiling(b, length, nh, q.device), _launch_args(q, cos)
         # zeros: the tuned grid may launch fewer programs than there are partial rows
-        dw = torch.zeros((programs, d), dtype=torch.float32, device=q.device)
-        args = _launch_args(q, cos)
-        _qk_bwd_kernel[grid](q, weight, cos, sin, rstd, dout, dq, dw, length, n_rows,
-                             *args.pop("strides"), NH=nh, D=d, **args, BLOCK_P=triton.next_power_of_2(d // 2),
-                             **_launch.launch_config("tile_loop"))
+        dw = torch.zeros((t["partials"], d), dtype=torch.float32, device=q.device)
+        _qk_bwd_kernel[t["bwd_grid"]](
+            q, weight, cos, sin, rstd, dout, dq, dw, length, t["n_tok"], t["n_hb"], *args.pop("strides"),
+            NH=nh, D=d, **args, HB=t["hb"], BLOCK_P=triton.next_power_of_2(d // 2),
+            **_launch.launch_config("token_tile_loop"))
         return dq, dw.sum(0).to(weight.dtype), None, None
 
 

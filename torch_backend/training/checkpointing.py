@@ -29,8 +29,8 @@ class CheckpointMixin:
 
     def _check_output_dir(self) -> None:
         check_writable(self.out_dir)
-        # Fail at start, not at the first save: model + EMA + two Adam moments in fp32.
-        need = 4 * 4 * self.schema_numel()
+        # Fail at start, not at the first save.
+        need = 4 * self.checkpoint_numel()
         free = shutil.disk_usage(self.out_dir).free
         if free < need:
             raise CheckpointError(f"output directory {self.out_dir} has {free / 1e9:.2f} GB free; a "
@@ -48,17 +48,20 @@ class CheckpointMixin:
         self.log(f"[mugv] checkpoint: saving step {self.step}")
         states = optim_state.gather_states(self.optimizer, self.params, extra={"ema": self.ema})
         # Frozen parameters (LoRA's base) may be held in bf16; the checkpoint's model group is fp32.
-        weights = {n: to_host(q.float()) for n, q in self.params.named_parameters() if not q.requires_grad}
+        # With `frozen_from` they stay out: the model_hook reloads them from there.
+        weights = {} if self.frozen_from else {
+            n: to_host(q.float()) for n, q in self.params.named_parameters() if not q.requires_grad}
         weights.update({n: s["param"] for n, s in states.items()})   # fp32 main values
         groups = {
-            "model": (self.schema, weights),
+            "model": (self.trainable if self.frozen_from else self.schema, weights),
             "ema": (self.trainable, {n: s["ema"] for n, s in states.items()}),
             "optimizer.exp_avg": (self.trainable, {n: s["exp_avg"] for n, s in states.items()}),
             "optimizer.exp_avg_sq": (self.trainable, {n: s["exp_avg_sq"] for n, s in states.items()}),
         }
         meta = {"step": self.step, "optimizer_step": optim_state.optimizer_step_count(self.optimizer),
                 "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "tokens_seen": self.tokens_seen, "world_size": dist.get_world_size()}
+                "tokens_seen": self.tokens_seen, "world_size": dist.get_world_size(),
+                **({"frozen_from": self.frozen_from} if self.frozen_from else {})}
         data_state = json.dumps(self.source.state_dict()).encode()
         path = self.saver.save(self.ckpt_dir, self.step, groups, tp_rank=self.tp_rank,
                                tp_size=self.parallel.tensor_parallel,
@@ -74,12 +77,21 @@ class CheckpointMixin:
     def _load_groups(self, ckpt: Checkpoint, optimizer: bool) -> None:
         tp = self.parallel.tensor_parallel
         load = lambda g, s: load_torch(ckpt, s, g, tp_rank=self.tp_rank, tp_size=tp, subset=True)  # noqa: E731
-        model = load("model", self.local_schema)
         trainable = set(self.local_trainable.names)
-        with torch.no_grad():
-            for name, q in self.params.named_parameters():
-                if name not in trainable:
-                    q.copy_(model[name].to(q))
+        frozen_from = ckpt.manifest["meta"].get("frozen_from")
+        if frozen_from is not None:  # only the trainable parameters are stored (see `frozen_from`)
+            if frozen_from != self.frozen_from:
+                now = f"come from {self.frozen_from}" if self.frozen_from else "are not loaded from anywhere"
+                raise CheckpointError(f"{ckpt.path} holds only the trainable parameters; its frozen ones come "
+                                      f"from {frozen_from}, but this run's {now}: start it with that base "
+                                      "(finetune's `base`)")
+            model = load("model", self.local_trainable)
+        else:
+            model = load("model", self.local_schema)
+            with torch.no_grad():
+                for name, q in self.params.named_parameters():
+                    if name not in trainable:
+                        q.copy_(model[name].to(q))
         model = {n: model[n] for n in trainable}
         if optimizer:
             m, v = load("optimizer.exp_avg", self.local_trainable), load("optimizer.exp_avg_sq", self.local_trainable)

@@ -149,7 +149,7 @@ class Trainer(CheckpointMixin):
                  stage: StageSettings = StageSettings(), grad_hook: Optional[Callable] = None,
                  log: Callable[[str], None] = print, model_hook: Optional[Callable] = None,
                  on_metrics: Optional[Callable[[dict], None]] = None,
-                 async_save: Optional[bool] = None):
+                 async_save: Optional[bool] = None, frozen_from: Optional[str] = None):
         """Arguments beyond the configs:
             source: resumable global-batch source (`training/batch.py::BatchSource`).
             grad_hook(step, model): called after backward, before the finiteness check (tests
@@ -159,6 +159,11 @@ class Trainer(CheckpointMixin):
                 schema of the parameters it added, which join the checkpoint.
             on_metrics(metrics): called on rank 0 after every step (progress display).
             async_save: write checkpoints in a background thread (default: on a GPU).
+            frozen_from: where the parameters a model_hook froze come from (LoRA's base weights
+                file or checkpoint, which the hook loads on every start). When set, checkpoints
+                hold only the trainable parameters and record this path, and resuming checks it:
+                a 10B LoRA checkpoint is then its adapters and their state, not 40 GB of an fp32
+                copy of the base. None: checkpoints hold every parameter (self-contained).
         """
         self.dit, self.train, self.flow, self.parallel, self.stage = dit, train, flow, parallel, stage
         self.source = source
@@ -169,6 +174,7 @@ class Trainer(CheckpointMixin):
         self.on_metrics = on_metrics
         self.log = log
         self.async_save = torch.cuda.is_available() if async_save is None else async_save
+        self.frozen_from = frozen_from
         self.step = 0                  # iterations done (skipped ones included)
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
@@ -191,9 +197,6 @@ class Trainer(CheckpointMixin):
         bf16 = self.train.precision == "bf16"
         if bf16 and not torch.cuda.is_available():
             raise ValueError("TrainConfig.precision = 'bf16' needs a GPU; use 'fp32' on a CPU")
-        # Fail before any model is built (rank 0 checks; the others meet it at the first barrier).
-        if int(os.environ.get("RANK", 0)) == 0:
-            self._check_output_dir()
         recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
                      "full": dict(recompute_granularity="full", recompute_method="uniform",
                                   recompute_num_layers=self.train.recompute_layers or 1)}[self.train.recompute]
@@ -229,6 +232,10 @@ class Trainer(CheckpointMixin):
         local = {n for n, _ in self.params.named_parameters()}
         self.local_schema = Schema(tuple(q for q in self.schema if q.name in local))
         self.local_trainable = Schema(tuple(q for q in self.trainable if q.name in local))
+        # Fail before training, once what a checkpoint holds is known (rank 0 checks; the others
+        # meet it at the next collective).
+        if self.rank == 0:
+            self._check_output_dir()
         cfg = pm.config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce and self.dp_size > 1,
@@ -249,8 +256,11 @@ class Trainer(CheckpointMixin):
         if not self._resume() and self.stage.init_from:
             self._init_from(self.stage.init_from, self.stage.init_weights_only)
 
-    def schema_numel(self) -> int:
-        return dit_schema(self.dit).numel
+    def checkpoint_numel(self) -> int:
+        """fp32 values one checkpoint holds: model (all parameters, or only the trainable ones
+        with `frozen_from`), EMA and the two Adam moments of the trainable ones."""
+        model = self.trainable.numel if self.frozen_from else self.schema.numel
+        return model + 3 * self.trainable.numel
 
     def config_dict(self) -> dict:
         return {"dit": to_dict(self.dit), "train": to_dict(self.train), "flow": to_dict(self.flow),

@@ -209,11 +209,14 @@ def finetune(base: str | os.PathLike, source, out_dir: str | os.PathLike, ft: Fi
     cfg, base_weights = load_base(base)
     out_dir = Path(out_dir)
     stage = StageSettings(task_mix=(("t2v", 1.0 - ft.i2v), ("i2v", ft.i2v)), caption_dropout=ft.caption_dropout)
-    # LoRA checkpoints keep the adapters and their state; the frozen base is reloaded from `base`
+    # LoRA checkpoints keep the adapters and their state; the frozen base is reloaded from the
+    # official file or the very checkpoint step the run started from (a run root's newest step
+    # may move on)
+    frozen_from = str(Path(base_weights if isinstance(base_weights, str) else base).resolve())
     trainer = Trainer(cfg, train, flow, source, out_dir, parallel=parallel, stage=stage,
-                      model_hook=model_hook(cfg, base_weights, ft, seed=train.seed), log=log,
-                      on_metrics=on_metrics,
-                      frozen_from=str(Path(base).resolve()) if ft.mode == "lora" else None)
+                      model_hook=model_hook(cfg, frozen_from if isinstance(base_weights, str) else base_weights,
+                                            ft, seed=train.seed),
+                      log=log, on_metrics=on_metrics, frozen_from=frozen_from if ft.mode == "lora" else None)
     rank = dist.get_rank()
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())

@@ -47,9 +47,13 @@ class CheckpointMixin:
 
         self.log(f"[mugv] checkpoint: saving step {self.step}")
         states = optim_state.gather_states(self.optimizer, self.params, extra={"ema": self.ema})
+        # One writer per tensor: the first data-parallel replica (context-parallel ranks hold
+        # copies too) writes the frozen parameters; the trainable ones' writer is the rank that
+        # gather_states assembled them on (any replica under the distributed optimizer).
+        first = ps.get_data_parallel_rank(with_context_parallel=True) == 0
         # Frozen parameters (LoRA's base) may be held in bf16; the checkpoint's model group is fp32.
         # With `frozen_from` they stay out: the model_hook reloads them from there.
-        weights = {} if self.frozen_from else {
+        weights = {} if self.frozen_from or not first else {
             n: to_host(q.float()) for n, q in self.params.named_parameters() if not q.requires_grad}
         weights.update({n: s["param"] for n, s in states.items()})   # fp32 main values
         groups = {
@@ -65,8 +69,7 @@ class CheckpointMixin:
         data_state = json.dumps(self.source.state_dict()).encode()
         path = self.saver.save(self.ckpt_dir, self.step, groups, tp_rank=self.tp_rank,
                                tp_size=self.parallel.tensor_parallel,
-                               # one writer per shard: context-parallel ranks hold copies too
-                               write_replica=ps.get_data_parallel_rank(with_context_parallel=True) == 0,
+                               write_replica=first or optim_state.shards_state(self.optimizer),
                                config=self.config_dict(), schema_hash=self.schema.hash(), meta=meta,
                                states={"rng": rng.capture(), "data": data_state},
                                keep_last=self.train.keep_last, overwrite=True)

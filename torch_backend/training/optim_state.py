@@ -5,8 +5,10 @@ The checkpoint stores, per canonical parameter, its fp32 main value and Adam's `
 - FP32Optimizer: the model parameters themselves are the main parameters;
 - Float16OptimizerWithFloat16Params (bf16 training): fp32 copies beside bf16 model parameters;
 - DistributedOptimizer: each data-parallel rank owns a contiguous range of every flattened
-  parameter; saving assembles the whole tensor (all-reduce over the data-parallel group of the
-  zero-padded ranges), loading keeps the rank's range.
+  parameter; saving assembles each whole tensor on ONE rank of the data-parallel group, its
+  writer (a reduce of the zero-padded ranges; writers chosen to balance the bytes), so a rank
+  holds about 1/DP of the state on the host, as in training, and every rank writes its share;
+  loading keeps the rank's range.
 Adam's scalar `step` is the same for every parameter and travels as one integer.
 
 `model` arguments are anything with `named_parameters()` yielding canonical names (one MUG-DiT
@@ -100,12 +102,20 @@ def shard_like(opt, model, full: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+def shards_state(opt) -> bool:
+    """True when the optimizer state is sharded over the data-parallel group (Megatron's
+    distributed optimizer): `gather_states` then gives each rank only the tensors it writes."""
+    return any(isinstance(inner, DistributedOptimizer) for inner in inner_optimizers(opt))
+
+
 def gather_states(opt, model, extra: dict[str, dict[str, torch.Tensor]] | None = None
                   ) -> dict[str, dict[str, torch.Tensor]]:
     """{canonical name: {"param", "exp_avg", "exp_avg_sq", *extra}} (fp32, TP-local shape, fresh
     CPU copies). `extra` = {key: {name: shard}}: more per-shard state (EMA) assembled the same way.
 
-    Collective under the distributed optimizer: every rank calls it."""
+    Under the distributed optimizer (collective: every rank calls it) each whole tensor is
+    assembled on one rank of the data-parallel group only, and only that rank's tensors are
+    returned; otherwise every trainable tensor of this rank."""
     extra = extra or {}
     keys = KEYS + tuple(extra)
     names = {p: n for n, p in model.named_parameters()}
@@ -113,12 +123,16 @@ def gather_states(opt, model, extra: dict[str, dict[str, torch.Tensor]] | None =
     for inner in inner_optimizers(opt):
         if isinstance(inner, DistributedOptimizer):
             group = inner.data_parallel_group
+            size, me = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+            loads = [0] * size   # elements assembled per rank so far: the next goes to the least
             mine = set().union(*(set(buf.param_index_map) for buf in inner.buffers))
             # Same parameters in the same order on every rank (the model's order): a rank that
-            # owns no range of a parameter still joins its all-reduce with zeros.
+            # owns no range of a parameter still joins its reduce with zeros.
             for param, name in names.items():
                 if param not in mine:
                     continue
+                writer = min(range(size), key=loads.__getitem__)
+                loads[writer] += param.numel()
                 flat = {k: torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
                         for k in ("param",) + keys}
                 main = _dist_main(inner, param)
@@ -132,10 +146,11 @@ def gather_states(opt, model, extra: dict[str, dict[str, torch.Tensor]] | None =
                     for k, shards in extra.items():
                         if name in shards:
                             flat[k][rng.start:rng.end] = shards[name].float()
+                dst = torch.distributed.get_global_rank(group, writer)
                 for t in flat.values():
-                    torch.distributed.all_reduce(t, group=group)
-                # .cpu() of a CPU tensor is the same tensor: these are fresh, so no clone needed
-                out[name] = {k: v.view(param.shape).cpu() for k, v in flat.items()}
+                    torch.distributed.reduce(t, dst=dst, group=group)
+                if writer == me:  # .cpu() of a CPU tensor is the same tensor: fresh, no clone needed
+                    out[name] = {k: v.view(param.shape).cpu() for k, v in flat.items()}
         else:
             for param, main in _pairs(inner):
                 state = inner.optimizer.state.get(main, {})

@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     result = train(config_from_args(argv), log=lambda s: print(s, flush=True))
     b, a = result["before"], result["after"]
     sys.stdout.write(f"PSNR {b['mean_psnr']:.2f} -> {a['mean_psnr']:.2f} dB, SSIM {b['mean_ssim']:.4f} -> "
-                     f"{a['mean_ssim']:.4f} after {result['steps']} steps ({result['seconds']:.0f} s)\n")
+                     f"{a['mean_ssim']:.4f} after {result['steps'] + sum(result['stage_steps'].values())} steps "
+                     f"({result['seconds']:.0f} s)\n")
     sys.stdout.write(vae_eval.format_table(a))
     return 0
 

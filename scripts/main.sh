@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # tiny models on a small CPU: one intra-op thread
-exec .venv/bin/python -m mugv.torch_backend.cli demo "$@"
+# The installed console script: it never puts the repository root on sys.path, so the top-level
+# folders (kernels/, core/, ...) cannot shadow installed packages; PYTHONSAFEPATH covers children.
+export PYTHONSAFEPATH=1
+exec .venv/bin/mugv demo "$@"

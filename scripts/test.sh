@@ -9,4 +9,8 @@ args=()
 for a in "$@"; do
   if [ "$a" = "--slow" ]; then marker=(); else args+=("$a"); fi
 done
-exec .venv/bin/python -m pytest "${marker[@]}" "${args[@]}"
+# -P (and PYTHONSAFEPATH for every child process the tests start): the working directory is not put
+# on sys.path, so the repository's top-level folders (kernels/, core/, ...) can never shadow an
+# installed package of the same name (PyPI's `kernels`, which transformers imports).
+export PYTHONSAFEPATH=1
+exec "${MUGV_VENV:-.venv}/bin/python" -P -m pytest "${marker[@]}" "${args[@]}"

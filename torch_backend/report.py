@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from mugv.core import provenance
+
 
 class Progress:
     """A tqdm bar fed by the trainer's `on_metrics(metrics)` callback: step, loss, it/s,
@@ -121,6 +123,9 @@ def markdown_report(path: str | pathlib.Path, title: str, sections: list[tuple[s
         lines += [f"## {heading}", "", body.rstrip(), ""]
     if config is not None:
         lines += ["## Config", "", "```json", json.dumps(config, indent=1, default=str), "```", ""]
+    env = provenance.environment()   # what produced these numbers (a rerun elsewhere may differ)
+    lines += ["## Environment", "", table(["package", "version"], list(env["versions"].items())), "",
+              f"Python {env['python']} on {env['platform']}; dispatch settings {env['dispatch'] or 'default'}.", ""]
     path = pathlib.Path(path)
     path.write_text("\n".join(lines))
     return path

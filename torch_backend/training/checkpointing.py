@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from mugv.checkpoints.format import Checkpoint, CheckpointError, check_writable, latest_checkpoint
 from mugv.checkpoints.torch_io import load_torch
+from mugv.core import provenance
 from mugv.core.validate import to_dict
 from mugv.torch_backend.training import optim_state, rng
 from mugv.torch_backend.training.saving import to_host
@@ -65,6 +66,7 @@ class CheckpointMixin:
         meta = {"step": self.step, "optimizer_step": optim_state.optimizer_step_count(self.optimizer),
                 "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "tokens_seen": self.tokens_seen, "world_size": dist.get_world_size(),
+                "versions": provenance.package_versions(),
                 **({"frozen_from": self.frozen_from} if self.frozen_from else {})}
         data_state = json.dumps(self.source.state_dict()).encode()
         path = self.saver.save(self.ckpt_dir, self.step, groups, tp_rank=self.tp_rank,

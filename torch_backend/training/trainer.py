@@ -65,6 +65,7 @@ import torch.distributed as dist
 from mugv.checkpoints.format import Checkpoint
 from mugv.checkpoints.torch_io import load_torch
 from mugv.core import flow as core_flow
+from mugv.core import provenance
 from mugv.core.dit import DiTConfig, dit_schema, patch_grid, video_tokens
 from mugv.core.flops import H100_BF16_PEAK, step_flops
 from mugv.core.flow import FlowConfig
@@ -502,6 +503,7 @@ class Trainer(CheckpointMixin):
         """Train to `train.steps`, checkpointing every `checkpoint_every` steps and at the end
         (an asynchronous save is complete when this returns)."""
         last = {}
+        self._record_environment()
         while self.step < self.train.steps:
             batch = self.source.next_batch()
             last = self.train_step(batch)
@@ -516,6 +518,16 @@ class Trainer(CheckpointMixin):
                 self.save()
         self.saver.wait()
         return last
+
+    def _record_environment(self) -> None:
+        """One line per start (first or resumed) in `environment.jsonl`: the package versions and
+        dispatch settings that produced the steps after `start_step` (a resume may run elsewhere)."""
+        if self.rank != 0:
+            return
+        env = provenance.environment()
+        with open(self.out_dir / "environment.jsonl", "a") as f:
+            f.write(json.dumps({"start_step": self.step, **env}) + "\n")
+        self.log(f"[mugv] versions: {provenance.versions_line(env)}")
 
     def _record(self, m: dict) -> None:
         if self.rank != 0:

@@ -134,7 +134,10 @@ class CheckpointMixin:
         self.nonfinite_in_a_row = int(meta["nonfinite_in_a_row"])
         self.tokens_seen = int(meta["tokens_seen"])
         rank_blob = self.rank if self.rank < int(meta.get("world_size", 1)) else 0
-        rng.restore(ckpt.read_state("rng", rank_blob))
+        try:
+            rng.restore(ckpt.read_state("rng", rank_blob))
+        except rng.RngStateError as err:
+            raise CheckpointError(f"{path}: state/rng/rank_{rank_blob:05d}.bin: {err}") from None
         self.source.load_state_dict(json.loads(ckpt.read_state("data", 0)))
         if self.rank == 0:
             self._truncate_metrics(self.step)

@@ -3,7 +3,8 @@
 Layout of one checkpoint (full description: docs/checkpoint-format.md):
 
     <root>/step_000000100/
-        manifest.json                    format version, step, config, schema hash, array table
+        manifest.json                    format version, step, config, schema hash, array table,
+                                         sha256 of every state blob, checksum of itself
         arrays/<group>/<name>/zarr.json  one zarr3 array per tensor, holding the GLOBAL tensor
         arrays/<group>/<name>/c/...      chunks (raw little-endian + crc32c checksum)
         state/<key>/rank_00000.bin       opaque per-rank blobs (RNG, data-loader position)
@@ -23,6 +24,7 @@ This module uses numpy and tensorstore only: the torch and JAX front ends are `t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -36,7 +38,10 @@ import tensorstore as ts
 
 from mugv.core.schema import ParamSpec, Schema
 
-FORMAT_VERSION = 1
+# 2: the manifest carries `state_sha256` (every state blob) and `checksum` (of the manifest
+# itself), both verified on read. Version 1 checkpoints (no checksums) are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _STEP_RE = re.compile(r"^step_(\d{9})$")
 _NP_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16,
               "bfloat16": ml_dtypes.bfloat16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
@@ -193,7 +198,10 @@ class CheckpointWriter:
                 "meta": meta or {},
                 "arrays": [dataclasses.asdict(e) for e in self.entries.values()],
                 "state": sorted(p.name for p in (self.partial / "state").iterdir()),
+                "state_sha256": {f"{p.parent.name}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+                                 for p in sorted((self.partial / "state").glob("*/*.bin"))},
             }
+            manifest["checksum"] = manifest_checksum(manifest)
             _write_file_durably(self.partial / "manifest.json", json.dumps(manifest, indent=1).encode())
             _fsync_tree(self.partial)
             if self.final.exists():  # overwrite=True: the old copy goes only once the new one is whole
@@ -209,6 +217,13 @@ class CheckpointWriter:
                 prune(self.root, keep_last)
         self.barrier()
         return self.final
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON without its `checksum` field: an edited step,
+    config or meta (or a flipped bit in them) no longer matches."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _check_group_name(name: str) -> None:
@@ -306,9 +321,12 @@ class Checkpoint:
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{mf}: manifest is not valid JSON ({err})") from None
         version = self.manifest.get("format_version")
-        if self.manifest.get("format") != "mugv-checkpoint" or version != FORMAT_VERSION:
+        if self.manifest.get("format") != "mugv-checkpoint" or version not in READABLE_VERSIONS:
             raise CheckpointError(f"{mf}: format {self.manifest.get('format')!r} version {version!r}, "
-                                  f"expected mugv-checkpoint version {FORMAT_VERSION}")
+                                  f"expected mugv-checkpoint version {' or '.join(map(str, READABLE_VERSIONS))}")
+        if version >= 2 and self.manifest.get("checksum") != manifest_checksum(self.manifest):
+            raise CheckpointError(f"{mf}: checksum mismatch: the manifest (step, config, meta or array "
+                                  "table) was edited or corrupted after it was written")
         self.entries: dict[str, ArrayEntry] = {}
         for raw in self.manifest["arrays"]:
             raw = {**raw, "shape": tuple(raw["shape"]), "chunks": tuple(raw["chunks"])}
@@ -364,7 +382,13 @@ class Checkpoint:
         f = self.path / "state" / key / f"rank_{rank:05d}.bin"
         if not f.is_file():
             raise CheckpointError(f"{self.path}: no state {key!r} for rank {rank}")
-        return f.read_bytes()
+        data = f.read_bytes()
+        if self.manifest["format_version"] >= 2:
+            want = self.manifest.get("state_sha256", {}).get(f"{key}/{f.name}")
+            if want != hashlib.sha256(data).hexdigest():
+                raise CheckpointError(f"{f}: sha256 does not match the manifest's (corrupt or replaced "
+                                      "after the checkpoint was written)")
+        return data
 
     def validate(self, group: str, schema: Schema, dtype: str | None = None, subset: bool = False) -> None:
         """Check that `group` holds exactly the schema's arrays with its shapes (and `dtype`).

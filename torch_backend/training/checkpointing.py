@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mugv.checkpoints.format import Checkpoint, CheckpointError, check_writable, latest_checkpoint
+from mugv.checkpoints.format import (Checkpoint, CheckpointError, check_writable, latest_checkpoint,
+                                     list_checkpoints)
 from mugv.checkpoints.torch_io import load_torch
 from mugv.core import provenance
 from mugv.core.validate import to_dict
@@ -30,12 +31,20 @@ class CheckpointMixin:
 
     def _check_output_dir(self) -> None:
         check_writable(self.out_dir)
-        # Fail at start, not at the first save.
-        need = 4 * self.checkpoint_numel()
+        # Fail at start, not at the first save: the run keeps `keep_last` checkpoints and writes one
+        # more before pruning; those already on disk count as kept.
+        one = 4 * self.checkpoint_numel()
+        have = len(list_checkpoints(self.ckpt_dir))
+        need = one * max(1, self.train.keep_last + 1 - have)
         free = shutil.disk_usage(self.out_dir).free
         if free < need:
-            raise CheckpointError(f"output directory {self.out_dir} has {free / 1e9:.2f} GB free; a "
-                                  f"checkpoint needs about {need / 1e9:.2f} GB")
+            partial = sorted(self.ckpt_dir.glob(".partial.step_*")) if self.ckpt_dir.is_dir() else []
+            leftover = (f"; leftover partial checkpoints of killed saves (safe to delete): "
+                        f"{', '.join(str(p) for p in partial)}" if partial else "")
+            raise CheckpointError(
+                f"output directory {self.out_dir} has {free / 1e9:.2f} GB free; this run needs about "
+                f"{need / 1e9:.2f} GB ({one / 1e9:.2f} GB a checkpoint, keep_last {self.train.keep_last} "
+                f"+ 1 being written, {have} already there){leftover}")
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -113,8 +122,17 @@ class CheckpointMixin:
             self.ema[name].copy_(shard)
 
     def _resume(self) -> bool:
+        incomplete = sorted(p.name for p in self.ckpt_dir.glob("step_*")
+                            if p.is_dir() and not (p / "manifest.json").is_file()) if self.ckpt_dir.is_dir() else []
+        if incomplete:
+            self.log(f"[mugv] warning: {self.ckpt_dir} holds step folders without a manifest (not committed "
+                     f"checkpoints; ignored): {', '.join(incomplete)}")
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
+            if self.rank == 0 and self._truncate_metrics(0):
+                self.log(f"[mugv] warning: no committed checkpoint in {self.ckpt_dir}, so this run starts "
+                         f"at step 0; the metric lines of an earlier attempt were dropped from "
+                         f"{self._metrics_path} so steps do not repeat")
             return False
         ckpt = Checkpoint(path)
         saved = ckpt.config
@@ -150,10 +168,32 @@ class CheckpointMixin:
         self._load_groups(ckpt, optimizer=not weights_only)
         self.log(f"[mugv] stage starts from {ckpt.path} ({'weights only' if weights_only else 'weights, EMA and optimizer'})")
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint we resumed from (they will be redone)."""
+    def _truncate_metrics(self, step: int) -> int:
+        """Drop metric lines written after the checkpoint we resume from (they will be redone), and a
+        torn last line (a crash or a full disk mid-write). Returns how many lines were dropped;
+        a damaged line before the last is an error naming file:line (it was not a torn write)."""
         if not self._metrics_path.is_file():
-            return
-        keep = [ln for ln in self._metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        self._metrics_path.write_text("".join(ln + "\n" for ln in keep))
+            return 0
+        lines = self._metrics_path.read_text(errors="replace").splitlines()
+        keep, dropped = [], 0
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row_step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                if i == len(lines) - 1:
+                    self.log(f"[mugv] warning: {self._metrics_path}:{i + 1}: torn last line dropped")
+                    dropped += 1
+                    continue
+                raise CheckpointError(f"{self._metrics_path}:{i + 1}: not a metrics line (JSON with a "
+                                      f"'step'): {line[:80]!r}") from None
+            if row_step <= step:
+                keep.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            self._metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        return dropped
 

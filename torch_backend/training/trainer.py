@@ -77,6 +77,7 @@ from mugv.torch_backend import megatron_compat, objectives
 from mugv.torch_backend.training import optim_state
 from mugv.torch_backend.training.batch import BatchSource, TrainBatch
 from mugv.torch_backend.training.checkpointing import CheckpointMixin
+from mugv.torch_backend.training.run_lock import RunLock
 from mugv.torch_backend.training.saving import CheckpointSaver
 
 class TrainingStopped(RuntimeError):
@@ -170,6 +171,7 @@ class Trainer(CheckpointMixin):
         self.source = source
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        self.run_lock = RunLock(self.out_dir)
         self.grad_hook = grad_hook
         self.model_hook = model_hook
         self.on_metrics = on_metrics
@@ -236,7 +238,8 @@ class Trainer(CheckpointMixin):
         # Fail before training, once what a checkpoint holds is known (rank 0 checks; the others
         # meet it at the next collective).
         if self.rank == 0:
-            self._check_output_dir()
+            self._check_output_dir()   # names an unwritable or full directory first
+            self.run_lock.acquire()    # then one run per directory, before anything is written
         cfg = pm.config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce and self.dp_size > 1,
@@ -557,4 +560,5 @@ class Trainer(CheckpointMixin):
         self.saver.wait()
         if self._tb:
             self._tb.close()
+        self.run_lock.release()
         megatron_compat.destroy_parallel()

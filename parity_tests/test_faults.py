@@ -1,0 +1,125 @@
+"""Faults that used to lose work or pass silently (issue 26): an edited manifest or a flipped bit in
+a state blob, a torn metrics line, a run killed before its first checkpoint, two runs on one
+output directory. Real child processes where the fault is a process's death."""
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mugv.checkpoints.format import Checkpoint, CheckpointError
+from mugv.parity_tests.helpers import child_env
+from mugv.torch_backend.training.checkpointing import CheckpointMixin
+from mugv.torch_backend.training.run_lock import RunLock, RunLockError
+
+WORKER = pathlib.Path(__file__).with_name("train_worker.py")
+
+
+@pytest.fixture()
+def committed(tmp_path):
+    import numpy as np
+    import torch
+
+    from mugv.checkpoints.torch_io import save_torch
+    from mugv.core.schema import ParamSpec, Schema
+    schema = Schema((ParamSpec("w", (3, 5), "float32", None),))
+    params = {"w": torch.from_numpy(np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32))}
+    return save_torch(tmp_path, 7, {"model": (schema, params)}, config={"train": {"lr": 1e-3}},
+                      meta={"step": 7}, states={"rng": b'{"x": 1}', "data": b"{}"})
+
+
+@pytest.mark.parametrize("edit", ["step", "config", "meta"])
+def test_edited_manifest_is_refused(committed, edit):
+    mf = committed / "manifest.json"
+    m = json.loads(mf.read_text())
+    if edit == "step":
+        m["step"] = 8
+    elif edit == "config":
+        m["config"]["train"]["lr"] = 1e-2
+    else:
+        m["meta"]["step"] = 0
+    mf.write_text(json.dumps(m, indent=1))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        Checkpoint(committed)
+
+
+def test_flipped_bit_in_a_state_blob_is_refused(committed):
+    blob = committed / "state" / "rng" / "rank_00000.bin"
+    data = bytearray(blob.read_bytes())
+    data[2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    ck = Checkpoint(committed)
+    assert ck.read_state("data") == b"{}"
+    with pytest.raises(CheckpointError, match=r"rank_00000.bin: sha256 does not match"):
+        ck.read_state("rng")
+
+
+class _Metrics(CheckpointMixin):
+    def __init__(self, path):
+        self._metrics_path = path
+        self.logged = []
+        self.log = self.logged.append
+
+
+def test_torn_last_metrics_line_is_dropped_and_later_steps_rewound(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    m = _Metrics(path)
+    assert m._truncate_metrics(2) == 2
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    assert any("torn last line" in x for x in m.logged)
+
+
+def test_damaged_metrics_line_before_the_last_names_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl:2: not a metrics line"):
+        _Metrics(path)._truncate_metrics(5)
+
+
+HOLD = """
+import sys, time
+from mugv.torch_backend.training.run_lock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_second_run_on_one_out_dir_is_refused_and_a_dead_holder_frees_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], env=child_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockError, match=rf"in use by another mugv run \(pid {holder.pid} on host"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = RunLock(tmp_path)   # the kernel dropped the dead process's lock: no stale lock to clear
+    lock.acquire()
+    lock.release()
+
+
+def test_killed_before_the_first_checkpoint_restarts_without_repeating_steps(tmp_path):
+    """--ckpt-every 100: no checkpoint before the kill; the rerun starts at step 0, says so, and
+    metrics.jsonl holds each step once."""
+    args = [sys.executable, str(WORKER), str(tmp_path), "6", "--ckpt-every", "100"]
+    proc = subprocess.Popen(args, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step 3/" in line:
+            break
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "metrics.jsonl").read_text().strip(), "the killed run wrote no metrics"
+    rerun = subprocess.run(args, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "no committed checkpoint" in rerun.stdout + rerun.stderr
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6, steps

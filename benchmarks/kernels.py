@@ -4,8 +4,9 @@ their plain-torch references, at the 10B model's shapes (issue 8).
     python benchmarks/kernels.py --out DIR [--skip-tests] [--budget-s 420]
 
 1. Runs parity_tests/kernels with pytest on the GPU (fp32, fp16 and bf16; the bf16 rule is "error
-   against the fp32 reference at most 2x plain torch bf16") and writes DIR/verified.json, the
-   record `kernels/registry.py` reads, listing the kernels whose test files passed on this device.
+   against the fp32 reference at most 2x plain torch bf16") through kernels/verify.py (what
+   `mugv verify-kernels` runs) and writes DIR/verified.json, the record `kernels/registry.py`
+   reads, listing the kernels whose test files passed on this device.
 2. Measures the device copy bandwidth (a large device-to-device copy, bytes read + written).
 3. Times each kernel forward and forward+backward (median of triton.testing.do_bench) in bf16,
    with achieved GB/s over the fewest bytes the op must move (each input read once, each output
@@ -18,10 +19,8 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 
 import torch
 
@@ -50,26 +49,6 @@ def do_bench(fn, warmup=25, rep=100, return_mode="median"):
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
-
-
-def run_parity_tests(out: pathlib.Path, files: list[str] | None = None) -> dict:
-    """pytest parity_tests/kernels in a subprocess (its conftest turns on deterministic algorithms,
-    which would slow the eager baselines here); returns {test file: passed?}."""
-    junit = out / "parity_junit.xml"
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pytest", *(files or ["parity_tests/kernels"]), "-q", "-rfE",
-                           f"--junitxml={junit}", "-p", "no:cacheprovider"], cwd=REPO,
-                          capture_output=True, text=True,
-                          env={**os.environ, "MUGV_KERNEL_AUTOTUNE": "0"})
-    (out / "parity_tests.log").write_text(proc.stdout + proc.stderr)
-    print(proc.stdout[-3000:], flush=True)
-    files: dict[str, bool] = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        name = case.get("classname", "").split(".")[-1]
-        bad = any(child.tag in ("failure", "error") for child in case)
-        files[name] = files.get(name, True) and not bad
-    print(f"parity tests: {time.time() - t0:.0f} s, rc {proc.returncode}", flush=True)
-    return {"returncode": proc.returncode, "files": files}
 
 
 def copy_bandwidth() -> float:
@@ -259,25 +238,18 @@ def main():
     result = dict(meta)
     only = {k for k in args.only.split(",") if k}
     if not args.skip_tests:
-        from mugv.kernels.registry import KERNELS, VERIFIED_FILE, fingerprint
-        # --only: test those kernels alone and keep the other kernels' records of this device
-        # while their sources still match the fingerprint that was verified
-        parity = run_parity_tests(out, sorted(KERNELS[k].test for k in only) if only else None)
-        result["parity"] = parity
-        passed = [k for k, e in KERNELS.items() if parity["files"].get(pathlib.Path(e.test).stem)]
-        kept = []
-        if only and VERIFIED_FILE.exists():
-            old = json.loads(VERIFIED_FILE.read_text()).get(device, {})
-            kept = [k for k in old.get("kernels", []) if k not in only
-                    and old.get("fingerprints", {}).get(k) == fingerprint(k)]
-        record = {device: {**meta, "kernels": kept + passed,
-                           "fingerprints": {k: fingerprint(k) for k in kept + passed},
-                           "tests": "parity_tests/kernels (fp32, fp16, bf16 within 2x torch bf16), "
-                                    "fixed launch config (MUGV_KERNEL_AUTOTUNE=0)"
-                                    + (f"; this run tested {sorted(only)}, kept {kept} from the "
-                                       "previous record (fingerprints unchanged)" if only else "")}}
-        (out / "verified.json").write_text(json.dumps(record, indent=1) + "\n")
-        print("verified on this device:", kept + passed, flush=True)
+        # The same parity run and record as `mugv verify-kernels` (kernels/verify.py); the record is
+        # also written to DIR/verified.json, which the project copies into kernels/ for its devices.
+        from mugv.kernels import verify
+        from mugv.kernels.registry import KERNELS, verified_devices
+        t0 = time.time()
+        parity = verify.run_parity_tests(sorted(KERNELS[k].test for k in only) if only else None, out)
+        print(parity["tail"], f"\nparity tests: {time.time() - t0:.0f} s, rc {parity['returncode']}", flush=True)
+        result["parity"] = {k: parity[k] for k in ("returncode", "files")}
+        record = verify.device_record(device, parity, only or None, verified_devices().get(device, {}))
+        record["command"] = meta["command"]
+        verify.write_record(device, record, out / "verified.json")
+        print("verified on this device:", record["kernels"], flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bw = copy_bandwidth()
     result["copy_bandwidth_Bps"] = copy_bw

@@ -2,10 +2,12 @@
 
 The DiT/VAE spec slots ask `select(name, device)` once, when the model is built, and get either the
 Triton function or its plain-torch reference (same signature). The reference is the default: a
-kernel is used only on a CUDA device whose name is recorded in `verified.json` as having passed
-that kernel's parity tests (the file `benchmarks/kernels.py` writes after its GPU parity run) with
-the kernel's current `fingerprint` (so editing a kernel turns it off until the GPU run is
-repeated), or when MUGV_KERNELS forces a choice:
+kernel is used only on a CUDA device whose name is recorded as having passed that kernel's parity
+tests with the kernel's current `fingerprint` (so editing a kernel turns it off until the GPU run
+is repeated), or when MUGV_KERNELS forces a choice. Records: the one shipped in the package
+(`verified.json`, the project's own GPU runs) and the user's (`mugv verify-kernels` on their GPU,
+`kernels/verify.py::user_record_path()`), which wins for its devices. `kernel_status` says which
+applies and why; runs log it.
 
     MUGV_KERNELS=reference        always the reference (e.g. to bisect a numerical difference)
     MUGV_KERNELS=all              every kernel on any CUDA device (you ran the parity tests there)
@@ -60,10 +62,18 @@ def _entry(name: str) -> KernelEntry:
 
 @functools.lru_cache(maxsize=None)
 def verified_devices() -> dict:
-    """{device name: {"kernels": [...], "torch": ..., "triton": ..., ...}} from verified.json."""
-    if not VERIFIED_FILE.exists():
-        return {}
-    return json.loads(VERIFIED_FILE.read_text())
+    """{device name: {"kernels": [...], "torch": ..., "triton": ..., ...}}: the package's
+    verified.json, then the user's record (`mugv verify-kernels`) over it, device by device."""
+    from mugv.kernels.verify import user_record_path
+    records: dict = {}
+    for path in (VERIFIED_FILE, user_record_path()):
+        if path.exists():
+            try:
+                records.update(json.loads(path.read_text()))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not a kernel verification record ({err}); delete it and "
+                                 "rerun `mugv verify-kernels`") from None
+    return records
 
 
 def fingerprint(name: str) -> str:
@@ -87,27 +97,45 @@ def fingerprint(name: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def kernel_enabled(name: str, device) -> bool:
-    """Whether the Triton kernel `name` may replace its reference on `device` (see module doc)."""
+def kernel_status(name: str, device) -> tuple[bool, str]:
+    """(whether the Triton kernel `name` may replace its reference on `device`, why)."""
     _entry(name)
     device_type = getattr(device, "type", str(device).split(":")[0])
     if device_type != "cuda":
-        return False
+        return False, f"reference: {device_type} device (kernels run on CUDA only)"
     choice = os.environ.get("MUGV_KERNELS", "").strip()
     if choice == "reference":
-        return False
+        return False, "reference: forced by MUGV_KERNELS=reference"
     if choice == "all":
-        return True
+        return True, "kernel: forced by MUGV_KERNELS=all (not checked against a verification record)"
     if choice:
         wanted = {k.strip() for k in choice.split(",") if k.strip()}
         unknown = wanted - set(KERNELS)
         if unknown:
             raise ValueError(f"MUGV_KERNELS: unknown kernels {sorted(unknown)}; expected names from "
                              f"{sorted(KERNELS)}, 'all' or 'reference'")
-        return name in wanted
+        return (True, f"kernel: forced by MUGV_KERNELS={choice}") if name in wanted else \
+            (False, f"reference: not listed in MUGV_KERNELS={choice}")
     import torch
-    record = verified_devices().get(torch.cuda.get_device_name(device), {})
-    return name in record.get("kernels", []) and record.get("fingerprints", {}).get(name) == fingerprint(name)
+    gpu = torch.cuda.get_device_name(device)
+    record = verified_devices().get(gpu)
+    if record is None:
+        return False, f"reference: not verified on {gpu} (run `mugv verify-kernels`)"
+    if name not in record.get("kernels", []):
+        return False, f"reference: its parity test did not pass on {gpu} ({record.get('date', '?')})"
+    if record.get("fingerprints", {}).get(name) != fingerprint(name):
+        return False, f"reference: edited since verified on {gpu} (run `mugv verify-kernels`)"
+    return True, f"kernel: verified on {gpu} ({record.get('date', '?')}, {record.get('command', '?')})"
+
+
+def kernel_enabled(name: str, device) -> bool:
+    """Whether the Triton kernel `name` may replace its reference on `device` (see module doc)."""
+    return kernel_status(name, device)[0]
+
+
+def kernel_report(device) -> dict[str, dict]:
+    """{kernel: {"used": bool, "why": str}} for every kernel on `device` (what runs record)."""
+    return {n: dict(zip(("used", "why"), kernel_status(n, device))) for n in KERNELS}
 
 
 def select(name: str, device):

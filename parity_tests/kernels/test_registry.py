@@ -90,3 +90,70 @@ def test_early_triton_import_gives_a_clear_error_at_launch():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "CLEAR" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The user's record (`mugv verify-kernels`): merged over the packaged one, and why each choice
+
+
+@pytest.fixture()
+def fake_gpu(monkeypatch, tmp_path):
+    import torch
+
+    from mugv.kernels import registry
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 9000")
+    monkeypatch.setenv("MUGV_VERIFIED_KERNELS", str(tmp_path / "verified_kernels.json"))
+    monkeypatch.delenv("MUGV_KERNELS", raising=False)
+    registry.verified_devices.cache_clear()
+    yield tmp_path / "verified_kernels.json"
+    registry.verified_devices.cache_clear()
+
+
+def test_user_record_switches_a_kernel_on_for_its_device_and_says_why(fake_gpu):
+    from mugv.kernels import registry, verify
+    used, why = registry.kernel_status("adaln_modulate", "cuda")
+    assert not used and "not verified on Fake GPU 9000" in why and "mugv verify-kernels" in why
+    parity = {"files": {"test_adaln_modulate": True, "test_gated_residual_modulate": False}}
+    record = verify.device_record("Fake GPU 9000", parity, None, {})
+    verify.write_record("Fake GPU 9000", record)
+    registry.verified_devices.cache_clear()
+    assert registry.kernel_status("adaln_modulate", "cuda") == (
+        True, f"kernel: verified on Fake GPU 9000 ({record['date']}, mugv verify-kernels)")
+    used, why = registry.kernel_status("gated_residual_modulate", "cuda")
+    assert not used and "did not pass" in why
+    assert "gated_residual_modulate" in record["failed"]
+    assert set(registry.verified_devices()) >= {"Fake GPU 9000"}   # the packaged devices stay too
+    report = registry.kernel_report("cpu")
+    assert set(report) == set(registry.KERNELS) and not any(r["used"] for r in report.values())
+
+
+def test_edited_kernel_falls_back_until_verified_again(fake_gpu):
+    from mugv.kernels import registry, verify
+    record = verify.device_record("Fake GPU 9000", {"files": {"test_qk_rmsnorm_rope": True}}, None, {})
+    record["fingerprints"]["qk_rmsnorm_rope"] = "0" * 64    # verified with other source
+    verify.write_record("Fake GPU 9000", record)
+    registry.verified_devices.cache_clear()
+    used, why = registry.kernel_status("qk_rmsnorm_rope", "cuda")
+    assert not used and "edited since verified" in why
+
+
+def test_only_keeps_the_other_verified_kernels(fake_gpu):
+    from mugv.kernels import verify
+    first = verify.device_record("Fake GPU 9000", {"files": {"test_adaln_modulate": True,
+                                                            "test_groupnorm_silu": True}}, None, {})
+    again = verify.device_record("Fake GPU 9000", {"files": {"test_groupnorm_silu": False}},
+                                 {"groupnorm_silu"}, first)
+    assert again["kernels"] == ["adaln_modulate"] and again["failed"] == ["groupnorm_silu"]
+
+
+def test_verify_needs_a_gpu_and_the_bad_record_is_named(fake_gpu):
+    import torch
+
+    from mugv.kernels import registry, verify
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            verify.verify()
+    fake_gpu.write_text("{not json")
+    registry.verified_devices.cache_clear()
+    with pytest.raises(ValueError, match="verified_kernels.json: not a kernel verification record"):
+        registry.verified_devices()

@@ -1,0 +1,137 @@
+"""Verify the fused kernels on this GPU and record it where the registry reads it.
+
+    mugv verify-kernels            (or: python -P -m mugv.kernels.verify [--only NAME,...])
+
+Runs each kernel's parity test file (fp32, fp16 and bf16 forward and gradients against the
+reference; `parity_tests/kernels`) with pytest on this device, then writes the record of the files
+that passed, with each kernel's fingerprint, to the user record (`user_record_path()`:
+$MUGV_VERIFIED_KERNELS, else $XDG_CACHE_HOME/mugv/verified_kernels.json, else
+~/.cache/mugv/verified_kernels.json). The registry merges it over the record shipped in the
+package (`kernels/verified.json`), so a user on a new GPU switches the fast paths on with one
+command, and nothing inside the installed package is written. A kernel whose test fails stays on
+its reference; editing a kernel changes its fingerprint and turns it off until verified again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+TESTS_NOTE = ("parity_tests/kernels (fp32, fp16, bf16 within 2x torch bf16; forward and gradients), "
+              "fixed launch config (MUGV_KERNEL_AUTOTUNE=0)")
+
+
+def user_record_path() -> pathlib.Path:
+    explicit = os.environ.get("MUGV_VERIFIED_KERNELS")
+    if explicit:
+        return pathlib.Path(explicit)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(cache) / "mugv" / "verified_kernels.json"
+
+
+def tests_dir() -> pathlib.Path:
+    """The kernels' parity tests as installed (mugv.parity_tests ships with the package)."""
+    import mugv.parity_tests
+    return pathlib.Path(mugv.parity_tests.__file__).resolve().parent / "kernels"
+
+
+def run_parity_tests(files: list[str] | None = None, log_dir: pathlib.Path | None = None) -> dict:
+    """pytest on the kernel parity files in a child process (python -P: nothing in the working
+    directory shadows an installed package); returns {"returncode", "files": {stem: passed}}."""
+    log_dir = pathlib.Path(log_dir or tempfile.mkdtemp(prefix="mugv-verify-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    junit = log_dir / "parity_junit.xml"
+    targets = [str(tests_dir() / pathlib.Path(f).name) for f in files] if files else [str(tests_dir())]
+    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", *targets, "-q", "-rfE",
+                           f"--junitxml={junit}", "-p", "no:cacheprovider"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "MUGV_KERNEL_AUTOTUNE": "0", "PYTHONSAFEPATH": "1"})
+    (log_dir / "parity_tests.log").write_text(proc.stdout + proc.stderr)
+    passed: dict[str, bool] = {}
+    if junit.exists():
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            stem = case.get("classname", "").split(".")[-1]
+            bad = any(child.tag in ("failure", "error") for child in case)
+            passed[stem] = passed.get(stem, True) and not bad
+    return {"returncode": proc.returncode, "files": passed, "log": str(log_dir / "parity_tests.log"),
+            "tail": proc.stdout[-3000:]}
+
+
+def device_record(device: str, parity: dict, only: set[str] | None, previous: dict) -> dict:
+    """This device's record: the kernels whose test file passed now, plus (with `only`) the
+    previously verified others whose fingerprints still match."""
+    import torch
+    import triton
+
+    from mugv.kernels.registry import KERNELS, fingerprint
+    passed = [k for k, e in KERNELS.items() if parity["files"].get(pathlib.Path(e.test).stem)
+              and (not only or k in only)]
+    kept = [k for k in previous.get("kernels", []) if only and k not in only and k in KERNELS
+            and previous.get("fingerprints", {}).get(k) == fingerprint(k)]
+    names = kept + passed
+    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": "mugv verify-kernels",
+            "kernels": names, "fingerprints": {k: fingerprint(k) for k in names},
+            "failed": sorted(k for k, e in KERNELS.items() if (not only or k in only)
+                             and not parity["files"].get(pathlib.Path(e.test).stem)),
+            "tests": TESTS_NOTE + (f"; tested {sorted(only)}, kept {kept} (fingerprints unchanged)" if only else "")}
+
+
+def write_record(device: str, record: dict, path: pathlib.Path | None = None) -> pathlib.Path:
+    """Merge this device's record into the JSON file at `path` (atomically)."""
+    path = pathlib.Path(path or user_record_path())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = json.loads(path.read_text()) if path.exists() else {}
+    records[device] = record
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def verify(only: set[str] | None = None, record_path: pathlib.Path | None = None,
+           log_dir: pathlib.Path | None = None) -> dict:
+    """Run the parity tests on this GPU and record the result; returns the device's record."""
+    import torch
+
+    from mugv.kernels.registry import KERNELS, verified_devices
+    if not torch.cuda.is_available():
+        raise RuntimeError("verify-kernels needs a CUDA GPU: on the CPU the reference is always used")
+    unknown = (only or set()) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"--only: unknown kernels {sorted(unknown)}; expected names from {sorted(KERNELS)}")
+    device = torch.cuda.get_device_name()
+    parity = run_parity_tests(sorted(KERNELS[k].test for k in only) if only else None, log_dir)
+    record = device_record(device, parity, only, verified_devices().get(device, {}))
+    path = write_record(device, record, record_path)
+    verified_devices.cache_clear()
+    record["record_path"], record["log"] = str(path), parity["log"]
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mugv verify-kernels", description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="", help="comma-separated kernel names (default: all)")
+    ap.add_argument("--record", default=None, help=f"record file (default: {user_record_path()})")
+    ap.add_argument("--log-dir", default=None, help="where the pytest log and junit XML go")
+    a = ap.parse_args(argv)
+    try:
+        rec = verify({k for k in a.only.split(",") if k} or None,
+                     pathlib.Path(a.record) if a.record else None,
+                     pathlib.Path(a.log_dir) if a.log_dir else None)
+    except (RuntimeError, ValueError) as err:
+        print(f"mugv verify-kernels: {err}", file=sys.stderr)
+        return 2
+    print(f"{rec['device']}: verified {rec['kernels'] or 'none'}; failed {rec['failed'] or 'none'}\n"
+          f"record: {rec['record_path']}\nlog: {rec['log']}")
+    return 0 if not rec["failed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -123,3 +123,8 @@ def test_killed_before_the_first_checkpoint_restarts_without_repeating_steps(tmp
     assert "no committed checkpoint" in rerun.stdout + rerun.stderr
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 6, steps
+    # each start recorded what produced its steps: versions, device and the kernels with reasons
+    starts = [json.loads(x) for x in (tmp_path / "environment.jsonl").read_text().splitlines()]
+    assert [s["start_step"] for s in starts] == [0, 0]
+    assert starts[-1]["versions"]["torch"] and set(starts[-1]["kernels"]) >= {"adaln_modulate"}
+    assert all("why" in k for k in starts[-1]["kernels"].values())

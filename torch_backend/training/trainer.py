@@ -527,10 +527,14 @@ class Trainer(CheckpointMixin):
         dispatch settings that produced the steps after `start_step` (a resume may run elsewhere)."""
         if self.rank != 0:
             return
+        from mugv.kernels.registry import kernel_report
         env = provenance.environment()
+        kernels = kernel_report(self.device)   # what DiT's op slots took on this device, and why
         with open(self.out_dir / "environment.jsonl", "a") as f:
-            f.write(json.dumps({"start_step": self.step, **env}) + "\n")
+            f.write(json.dumps({"start_step": self.step, **env, "device": str(self.device),
+                                "kernels": kernels}) + "\n")
         self.log(f"[mugv] versions: {provenance.versions_line(env)}")
+        self.log("[mugv] kernels: " + "; ".join(f"{k} {v['why']}" for k, v in kernels.items()))
 
     def _record(self, m: dict) -> None:
         if self.rank != 0:

@@ -144,3 +144,28 @@ def select(name: str, device):
     entry = _entry(name)
     module = importlib.import_module(f"mugv.kernels.{entry.module}")
     return getattr(module, entry.function if kernel_enabled(name, device) else entry.reference)
+
+
+def attention_head_dim(backend: str, version: str, head_dim: int, device) -> tuple[int | None, str]:
+    """For an attention backend outside torch (FlashAttention-4): the head dim to run a model
+    head dim `head_dim` at on `device` (itself, or the smallest zero-padded one whose forward and
+    dQ/dK/dV parity passed there with this `version`), or None; and why. The record is written by
+    `mugv verify-kernels` (kernels/verify.py) under the device's "attention" entry."""
+    import torch
+    gpu = torch.cuda.get_device_name(device)
+    entry = verified_devices().get(gpu, {}).get("attention", {}).get(backend)
+    if entry is None:
+        return None, f"{backend} not verified on {gpu} (run `mugv verify-kernels`)"
+    if entry.get("version") != version:
+        return None, (f"{backend} {version} installed, {entry.get('version')} verified on {gpu} "
+                      "(run `mugv verify-kernels`)")
+    passed = sorted(int(p) for p in entry.get("head_dims", {}).get(str(head_dim), []))
+    if not passed:
+        tested = entry.get("tested", {}).get(str(head_dim))
+        return None, (f"{backend} {version} failed parity at head dim {head_dim} on {gpu} (tried {tested})"
+                      if tested else f"{backend} {version} not verified at head dim {head_dim} on {gpu}")
+    how = "unpadded" if passed[0] == head_dim else f"zero-padded to {passed[0]}"
+    failed = sorted(set(entry.get("tested", {}).get(str(head_dim), [])) - set(passed))
+    return passed[0], (f"{backend} {version} {how}: verified on {gpu} ({entry.get('date', '?')})"
+                       + (f"; failed parity at {failed}" if failed else ""))
+

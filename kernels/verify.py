@@ -14,9 +14,11 @@ its reference; editing a kernel changes its fingerprint and turns it off until v
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -54,13 +56,44 @@ def run_parity_tests(files: list[str] | None = None, log_dir: pathlib.Path | Non
                           env={**os.environ, "MUGV_KERNEL_AUTOTUNE": "0", "PYTHONSAFEPATH": "1"})
     (log_dir / "parity_tests.log").write_text(proc.stdout + proc.stderr)
     passed: dict[str, bool] = {}
+    cases: dict[str, bool] = {}
     if junit.exists():
         for case in ET.parse(junit).getroot().iter("testcase"):
             stem = case.get("classname", "").split(".")[-1]
             bad = any(child.tag in ("failure", "error") for child in case)
+            skipped = any(child.tag == "skipped" for child in case)
             passed[stem] = passed.get(stem, True) and not bad
-    return {"returncode": proc.returncode, "files": passed, "log": str(log_dir / "parity_tests.log"),
-            "tail": proc.stdout[-3000:]}
+            if not skipped:
+                cases[f"{stem}::{case.get('name', '')}"] = not bad
+    return {"returncode": proc.returncode, "files": passed, "cases": cases,
+            "log": str(log_dir / "parity_tests.log"), "tail": proc.stdout[-3000:]}
+
+
+def attention_record(parity: dict) -> dict:
+    """{"fa4": {"version", "head_dims": {d: [run-at dims that passed]}, "tested": {d: [...]}}} from
+    test_attention_fa4's cases: a (head dim, run-at dim) counts only when self- and
+    cross-attention both passed (forward and dQ, dK, dV)."""
+    results: dict[tuple[int, int], bool] = {}
+    for name, ok in parity.get("cases", {}).items():
+        m = re.search(r"test_attention_fa4::test_fa4_equals_float64_reference\[(.*)\]", name)
+        if not m:
+            continue
+        d, p = (int(x) for x in re.findall(r"\d+", m.group(1))[:2])
+        results[d, p] = results.get((d, p), True) and ok
+    if not results:
+        return {}
+    head_dims: dict[str, list[int]] = {}
+    tested: dict[str, list[int]] = {}
+    for (d, p), ok in sorted(results.items()):
+        tested.setdefault(str(d), []).append(p)
+        if ok:
+            head_dims.setdefault(str(d), []).append(p)
+    try:
+        version = importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {"fa4": {"version": version, "head_dims": head_dims, "tested": tested,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
 
 
 def device_record(device: str, parity: dict, only: set[str] | None, previous: dict) -> dict:
@@ -75,7 +108,8 @@ def device_record(device: str, parity: dict, only: set[str] | None, previous: di
     kept = [k for k in previous.get("kernels", []) if only and k not in only and k in KERNELS
             and previous.get("fingerprints", {}).get(k) == fingerprint(k)]
     names = kept + passed
-    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+    attention = attention_record(parity) or previous.get("attention", {})
+    return {"device": device, "attention": attention, "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": "mugv verify-kernels",
             "kernels": names, "fingerprints": {k: fingerprint(k) for k in names},
             "failed": sorted(k for k, e in KERNELS.items() if (not only or k in only)
@@ -128,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError) as err:
         print(f"mugv verify-kernels: {err}", file=sys.stderr)
         return 2
+    fa4 = rec["attention"].get("fa4", {})
     print(f"{rec['device']}: verified {rec['kernels'] or 'none'}; failed {rec['failed'] or 'none'}\n"
+          f"fa4 {fa4.get('version', 'not installed')}: passed at {fa4.get('head_dims', {})} "
+          f"of {fa4.get('tested', {})} (head dim: run-at dims)\n"
           f"record: {rec['record_path']}\nlog: {rec['log']}")
     return 0 if not rec["failed"] else 1
 

@@ -8,6 +8,14 @@ through the priority list when a backend cannot take the inputs (e.g. flash with
 The scale is head_dim^-1/2 (the official one), also when `pad_head_dim` pads q, k and v with zero
 features to a head dim the fused kernels run faster at (q.k and the softmax are unchanged by zero
 features, the padded output columns are zeros and are dropped: exact, forward and backward).
+
+"fa4" is FlashAttention-4 (`flash_attn.cute`, the optional `mugv[hopper]` extra): self-attention
+through `flash_attn_func`, cross-attention through `flash_attn_varlen_func` over the real text
+tokens only (no mask tensor). It runs only at a head dim whose forward AND dQ/dK/dV parity passed
+on this device (`mugv verify-kernels`; kernels/registry.py `attention_head_dim`): FA4 4.0.0b36
+returns a wrong dQ at head dims 72 and 80 on Hopper, so there the record makes it pad to 96.
+"auto" takes fa4 where it is installed and verified, else SDPA's cuDNN order. `resolve` says
+which backend and head dim a device gets, and why.
 """
 from __future__ import annotations
 
@@ -29,13 +37,67 @@ _BY_NAME = {
 #   cross-attention to 300 masked text tokens: cuDNN 27-43, efficient 17-18; flash takes no mask.
 GPU_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-BACKENDS = ("auto", *_BY_NAME)
+BACKENDS = ("auto", *_BY_NAME, "fa4")
+
+
+def fa4_version() -> str | None:
+    """The installed flash-attn-4 version, or None (importing it needs a GPU build of torch)."""
+    try:
+        import importlib.metadata
+        version = importlib.metadata.version("flash-attn-4")
+        import flash_attn.cute  # noqa: F401
+    except Exception:  # not installed, or installed without its CUDA libraries
+        return None
+    return version
+
+
+def resolve(backend: str, device: torch.device, head_dim: int, pad_head_dim: int | None = None
+            ) -> tuple[str, int | None, str]:
+    """(backend to run, padded head dim or None, why) for `backend` on `device` at `head_dim`.
+    "fa4" (forced or by "auto") only at a head dim verified on this device; forced and not
+    verified is an error naming the command that verifies it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
+    if backend not in ("auto", "fa4"):
+        return backend, pad_head_dim, f"{backend}: chosen"
+    if device.type != "cuda":
+        if backend == "fa4":
+            raise ValueError(f"attention backend 'fa4' needs a CUDA device, got {device}")
+        return "auto", pad_head_dim, "SDPA default: not a CUDA device"
+    from mugv.kernels.registry import attention_head_dim
+    version = fa4_version()
+    run_at, why = attention_head_dim("fa4", version, head_dim, device) if version else \
+        (None, "flash-attn-4 is not installed (pip install 'mugv[hopper]')")
+    if run_at is not None:
+        return "fa4", (None if run_at == head_dim else run_at), why
+    if backend == "fa4":
+        raise ValueError(f"attention backend 'fa4' at head dim {head_dim}: {why}")
+    return "auto", pad_head_dim, f"SDPA cuDNN order: fa4 not used ({why})"
+
+
+def fa4_attention(q, k, v, key_mask=None, scale: float | None = None):
+    """FlashAttention-4 over (b, S, n, d) tensors (head dim already padded as wanted): the full
+    sequence for self-attention, the `key_mask` keys only (varlen) for cross-attention.
+    Returns (b, Sq, n, d)."""
+    from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+    if key_mask is None:
+        out = flash_attn_func(q, k, v, softmax_scale=scale)
+        return out[0] if isinstance(out, tuple) else out
+    b, sq, n, d = q.shape
+    lengths = key_mask.sum(1, dtype=torch.int32)
+    cu_k = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
+    out = flash_attn_varlen_func(q.reshape(b * sq, n, d), k[key_mask], v[key_mask], cu_seqlens_q=cu_q,
+                                 cu_seqlens_k=cu_k, max_seqlen_q=sq, max_seqlen_k=k.shape[1],
+                                 softmax_scale=scale)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(b, sq, n, d)
 
 
 def sdpa_context(backend: str, device: torch.device):
     """The torch context that restricts/prioritises SDPA backends for `backend`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
+    if backend not in BACKENDS or backend == "fa4":
+        raise ValueError(f"SDPA backend {backend!r}: expected one of {BACKENDS[:-1]}")
     if backend == "auto":
         if device.type != "cuda":
             return contextlib.nullcontext()
@@ -58,17 +120,32 @@ class DotProductAttention(torch.nn.Module):
             raise ValueError(f"pad_head_dim={pad_head_dim!r}: expected None or a multiple of 8")
         self.backend = backend
         self.pad_head_dim = pad_head_dim
+        self._resolved: dict = {}
+
+    def chosen(self, device: torch.device, head_dim: int) -> tuple[str, int | None, str]:
+        """(backend, padded head dim, why) on `device` (decided once per device and head dim)."""
+        key = (str(device), head_dim)
+        if key not in self._resolved:
+            self._resolved[key] = resolve(self.backend, device, head_dim, self.pad_head_dim)
+        return self._resolved[key]
 
     def forward(self, q, k, v, key_mask=None):
         d = q.shape[-1]
         if self.pad_head_dim is not None and self.pad_head_dim < d:
             raise ValueError(f"pad_head_dim={self.pad_head_dim} is below the head dim {d}")
+        backend, pad_to, _ = self.chosen(q.device, d)
+        pad = 0 if pad_to is None else pad_to - d
+        if backend == "fa4":
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (b, S, n, d)
+            if pad:
+                q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+            out = fa4_attention(q.contiguous(), k.contiguous(), v.contiguous(), key_mask, scale=d ** -0.5)
+            return out[..., :d].transpose(0, 1).flatten(2)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # (b, n, S, d)
-        pad = 0 if self.pad_head_dim is None else self.pad_head_dim - d
         if pad:
             q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        with sdpa_context(self.backend, q.device):
+        with sdpa_context(backend, q.device):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d ** -0.5)
         if pad:
             out = out[..., :d]

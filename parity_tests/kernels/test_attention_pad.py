@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mugv.torch_backend.attention import DotProductAttention
-from parity_tests.tolerances import assert_close
+from mugv.parity_tests.tolerances import assert_close
 
 
 def _run(attn, q, k, v, mask):

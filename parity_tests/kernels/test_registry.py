@@ -157,3 +157,49 @@ def test_verify_needs_a_gpu_and_the_bad_record_is_named(fake_gpu):
     registry.verified_devices.cache_clear()
     with pytest.raises(ValueError, match="verified_kernels.json: not a kernel verification record"):
         registry.verified_devices()
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention backends outside torch (FlashAttention-4): used only at a verified head dim
+
+
+def _fa4_parity(results):
+    return {"cases": {f"test_attention_fa4::test_fa4_equals_float64_reference[{kind}-{d}-{p}]": ok
+                      for (d, p, kind), ok in results.items()}}
+
+
+def test_fa4_runs_at_the_smallest_verified_head_dim(fake_gpu, monkeypatch):
+    """The 4.0.0b36 case: 72 and 80 fail dQ, 96 passes -> pad to 96; a cross failure alone counts."""
+    import importlib.metadata
+
+    from mugv.kernels import registry, verify
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name, _v=importlib.metadata.version: "4.0.0b36" if name == "flash-attn-4" else _v(name))
+    results = {(72, 72, "self"): False, (72, 72, "cross"): True, (72, 80, "self"): True,
+               (72, 80, "cross"): False, (72, 96, "self"): True, (72, 96, "cross"): True,
+               (128, 128, "self"): True, (128, 128, "cross"): True}
+    record = verify.device_record("Fake GPU 9000", {"files": {}, **_fa4_parity(results)}, None, {})
+    assert record["attention"]["fa4"]["head_dims"] == {"72": [96], "128": [128]}
+    verify.write_record("Fake GPU 9000", record)
+    registry.verified_devices.cache_clear()
+    run_at, why = registry.attention_head_dim("fa4", "4.0.0b36", 72, "cuda")
+    assert run_at == 96 and "zero-padded to 96" in why and "failed parity at [72, 80]" in why
+    assert registry.attention_head_dim("fa4", "4.0.0b36", 128, "cuda")[0] == 128
+    run_at, why = registry.attention_head_dim("fa4", "4.0.0b37", 72, "cuda")
+    assert run_at is None and "4.0.0b36 verified" in why
+    run_at, why = registry.attention_head_dim("fa4", "4.0.0b36", 64, "cuda")
+    assert run_at is None and "not verified at head dim 64" in why
+
+
+def test_attention_resolution_on_cpu_and_without_fa4(monkeypatch):
+    from mugv.torch_backend import attention
+    assert attention.resolve("auto", torch.device("cpu"), 72)[0] == "auto"
+    assert attention.resolve("cudnn", torch.device("cpu"), 72, 80) == ("cudnn", 80, "cudnn: chosen")
+    with pytest.raises(ValueError, match="'fa4' needs a CUDA device"):
+        attention.resolve("fa4", torch.device("cpu"), 72)
+    monkeypatch.setattr(attention, "fa4_version", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 9000")
+    backend, pad, why = attention.resolve("auto", torch.device("cuda"), 72)
+    assert backend == "auto" and pad is None and "flash-attn-4 is not installed" in why
+    with pytest.raises(ValueError, match="head dim 72: flash-attn-4 is not installed"):
+        attention.resolve("fa4", torch.device("cuda"), 72)

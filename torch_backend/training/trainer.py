@@ -528,13 +528,18 @@ class Trainer(CheckpointMixin):
         if self.rank != 0:
             return
         from mugv.kernels.registry import kernel_report
+        from mugv.torch_backend.attention import resolve
         env = provenance.environment()
         kernels = kernel_report(self.device)   # what DiT's op slots took on this device, and why
+        backend, pad, why = resolve("auto", self.device, self.dit.head_dim)   # the layer spec's default
+        attention = {"backend": backend, "head_dim": self.dit.head_dim, "runs_at": pad or self.dit.head_dim,
+                     "why": why}
         with open(self.out_dir / "environment.jsonl", "a") as f:
             f.write(json.dumps({"start_step": self.step, **env, "device": str(self.device),
-                                "kernels": kernels}) + "\n")
+                                "kernels": kernels, "attention": attention}) + "\n")
         self.log(f"[mugv] versions: {provenance.versions_line(env)}")
         self.log("[mugv] kernels: " + "; ".join(f"{k} {v['why']}" for k, v in kernels.items()))
+        self.log(f"[mugv] attention: {why}")
 
     def _record(self, m: dict) -> None:
         if self.rank != 0:

@@ -62,6 +62,7 @@ class Variant:
     compile_layers: bool = False
     pad_head_dim: int | None = None
     recompute: str = "none"         # none | selective | full
+    attention: str = "cudnn"        # torch_backend/attention.py BACKENDS; fa4 = FlashAttention-4
 
 
 VARIANTS = {v.name: v for v in [
@@ -75,6 +76,10 @@ VARIANTS = {v.name: v for v in [
     Variant("compiled-ops+fadam", ops="compiled", fused_adam=True),
     Variant("compiled-layers+fadam", compile_layers=True, fused_adam=True),
     Variant("compiled-layers+fadam+pad80", compile_layers=True, fused_adam=True, pad_head_dim=80),
+    # FlashAttention-4 at the head dim `mugv verify-kernels` verified (96 with 4.0.0b36 at 72)
+    Variant("kernels+fadam+fa4", ops="kernels", fused_adam=True, attention="fa4"),
+    Variant("compiled-ops+fadam+fa4", ops="compiled", fused_adam=True, attention="fa4"),
+    Variant("compiled-layers+fadam+fa4", compile_layers=True, fused_adam=True, attention="fa4"),
 ]}
 
 
@@ -135,7 +140,33 @@ def attention_bench(seq: int, heads: int, d: int, pads=(72, 80, 96, 128), iters:
             except RuntimeError as e:
                 rows[f"{backend} d={p}"] = {"error": str(e).splitlines()[0][:160]}
             del q, k, v
+    _fa4_rows(rows, base, d, pads, flops, iters, None)
     return rows
+
+
+def _fa4_rows(rows, base, d, pads, flops, iters, mask, name="fa4"):
+    """FlashAttention-4 (torch_backend/attention.py::fa4_attention) over the same inputs, each
+    padding; rows say whether that padding passed parity on this device (kernels/registry.py)."""
+    from mugv.torch_backend.attention import fa4_attention, fa4_version
+    version = fa4_version()
+    if version is None:
+        rows[name] = {"error": "flash-attn-4 not installed"}
+        return
+    from mugv.kernels.registry import attention_head_dim
+    verified, why = attention_head_dim("fa4", version, d, torch.device(DEV, 0))
+    for p in pads:
+        q, k, v = (F.pad(t.transpose(1, 2), (0, p - d)).contiguous().requires_grad_() for t in base)
+        try:
+            def run():
+                out = fa4_attention(q, k, v, mask, scale=d ** -0.5)
+                out.backward(torch.ones_like(out))
+            ms = statistics.median(timed(run, iters, 2))
+            rows[f"{name} d={p}"] = {"ms": round(ms, 3), "useful_tflops": round(flops / ms / 1e9, 1),
+                                     "verified_for_training": p == verified}
+        except Exception as e:  # noqa: BLE001 - record and go on
+            rows[f"{name} d={p}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        del q, k, v
+    rows[f"{name} choice"] = {"runs_at": verified, "why": why}
 
 
 def cross_attention_bench(seq: int, heads: int, d: int, text: int, real: int, iters: int = 5) -> dict:
@@ -167,6 +198,9 @@ def cross_attention_bench(seq: int, heads: int, d: int, text: int, real: int, it
         except RuntimeError as e:
             rows[name] = {"error": str(e).splitlines()[0][:160]}
         del q, k, v
+    # FA4 varlen over the real keys only (what the fa4 backend runs for cross-attention)
+    _fa4_rows(rows, (q0, k0, v0), d, (d, 96), flops, iters, mask[:, 0, 0, :].expand(1, text).contiguous(),
+              name="fa4 varlen")
     return rows
 
 
@@ -282,7 +316,8 @@ def build(cfg, v: Variant):
                  "full": dict(recompute_granularity="full", recompute_method="uniform",
                               recompute_num_layers=1)}[v.recompute]
     tcfg = transformer_config(cfg, params_dtype=DT, **recompute)
-    spec = mugdit_layer_spec(ops=_ops(v.ops, device))
+    attention = v.attention if DEV == "cuda" else "auto"   # --dry-run: the CPU's SDPA
+    spec = mugdit_layer_spec(ops=_ops(v.ops, device), attention_backend=attention)
     if v.pad_head_dim:  # self-attention only (cross-attention shares the spec object: replace it)
         sa = spec.submodules.self_attn.submodules
         sa.core_attention = dataclasses.replace(
@@ -438,7 +473,16 @@ def table(results: dict) -> str:
             lines.append(f"| {res} | {name} (step, fwd+bwd {x['fwd_bwd_ms']} ms) | {x['step_ms']} | "
                          f"{100 * x['mfu']:.1f}% ({100 * x['hfu']:.1f}%) | {ratio} | "
                          f"{x['peak_gib']:.1f} ({x['activations_gib']:.1f}) | {x['loss0']:.5f} |")
-    return "\n".join(lines)
+    att = ["", "| res | attention fwd+bwd | ms | useful TFLOP/s |", "|---|---|---|---|"]
+    for res, r in results["runs"].items():
+        for kind in ("attention", "cross_attention"):
+            for name, x in r.get(kind, {}).items():
+                if "ms" in x:
+                    mark = " (verified: the backend runs here)" if x.get("verified_for_training") else ""
+                    att.append(f"| {res} | {kind.replace('_', '-')} {name}{mark} | {x['ms']} | {x['useful_tflops']} |")
+                elif "why" in x:
+                    att.append(f"| {res} | {kind.replace('_', '-')} {name}: {x['why']} | | |")
+    return "\n".join(lines + (att if len(att) > 3 else []))
 
 
 def main() -> None:

@@ -51,6 +51,7 @@ def run_parity_tests(files: list[str] | None = None, log_dir: pathlib.Path | Non
     junit = log_dir / "parity_junit.xml"
     targets = [str(tests_dir() / pathlib.Path(f).name) for f in files] if files else [str(tests_dir())]
     proc = subprocess.run([sys.executable, "-P", "-m", "pytest", *targets, "-q", "-rfE",
+                           "--import-mode=importlib", f"--rootdir={tests_dir().parent}",
                            f"--junitxml={junit}", "-p", "no:cacheprovider"],
                           capture_output=True, text=True,
                           env={**os.environ, "MUGV_KERNEL_AUTOTUNE": "0", "PYTHONSAFEPATH": "1"})

@@ -40,7 +40,7 @@ PY
   tmp=$(mktemp -d)
   python3 -m zipfile -e "$big" "$tmp"
   tar -C "$tmp" -cf - . | xz -9 -T2 | split -b 30M - .whl/hopper-libs/part-
-  ls .whl/hopper-libs | wc -l > .whl/hopper-libs/count
+  ls .whl/hopper-libs/part-* | wc -l > .whl/hopper-libs/count.tmp && mv .whl/hopper-libs/count.tmp .whl/hopper-libs/count
   rm -rf "$tmp" "$big"
 fi
 ls -laR .whl

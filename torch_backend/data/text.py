@@ -13,6 +13,7 @@ the DiT learns to read through cross-attention, which is all the embedded produc
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pathlib
@@ -21,25 +22,50 @@ import numpy as np
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 PAD, EOS, UNK = 0, 1, 2
 BYTE_OFFSET = 3
 BYTE_VOCAB = 256 + BYTE_OFFSET
 
 
+class Truncation:
+    """Counts captions an encoder cut to its token limit, and warns once per call that cut any:
+    two captions that differ only after the limit get the same embedding (issue 26 saw "pans left"
+    and "zooms in" captions encode identically), so a cut is never silent."""
+
+    def __init__(self, what: str, limit: int):
+        self.what, self.limit = what, limit
+        self.seen = self.cut = 0
+
+    def record(self, captions: list[str], lengths: list[int]) -> None:
+        cut = [c for c, n in zip(captions, lengths) if n > self.limit]
+        self.seen += len(captions)
+        self.cut += len(cut)
+        if cut:
+            log.warning("%s: %d of %d captions longer than its %d-token limit were cut (%d of %d so "
+                        "far), e.g. %r", self.what, len(cut), len(captions), self.limit, self.cut,
+                        self.seen, cut[0][:120])
+
+
 class ByteTokenizer:
-    """UTF-8 bytes -> ids (byte + 3), then EOS, padded with PAD to `max_len` (truncated first)."""
+    """UTF-8 bytes -> ids (byte + 3), then EOS, padded with PAD to `max_len` (truncated first,
+    counted and warned about by `truncation`)."""
 
     def __init__(self, max_len: int):
         if max_len < 2:
             raise ValueError(f"max_len = {max_len}: expected >= 2 (at least one byte and EOS)")
         self.max_len = max_len
+        self.truncation = Truncation("embedded text encoder", max_len - 1)
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(captions, str):
             raise TypeError("captions: expected a list of strings, got one string")
         ids = torch.full((len(captions), self.max_len), PAD, dtype=torch.int64)
-        for i, text in enumerate(captions):
-            data = list(text.encode("utf-8"))[: self.max_len - 1]
+        encoded = [text.encode("utf-8") for text in captions]
+        self.truncation.record(list(captions), [len(b) for b in encoded])
+        for i, raw in enumerate(encoded):
+            data = list(raw)[: self.max_len - 1]
             ids[i, : len(data)] = torch.tensor(data, dtype=torch.int64) + BYTE_OFFSET
             ids[i, len(data)] = EOS
         return ids, ids != PAD
@@ -115,9 +141,12 @@ class T5TextEncoder:
         self.model.to(device).eval().requires_grad_(False)
         self.max_len, self.device = max_len, torch.device(device)
         self.dim = self.model.config.d_model
+        self.truncation = Truncation(f"T5 text encoder {directory}", max_len)
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        full = self.tokenizer(list(captions), truncation=False)["input_ids"]
+        self.truncation.record(list(captions), [len(x) for x in full])
         tokens = self.tokenizer(list(captions), max_length=self.max_len, padding="max_length",
                                 truncation=True, return_tensors="pt")
         ids = tokens["input_ids"].to(self.device)

@@ -34,8 +34,8 @@ def find_sources(input_dir: str | pathlib.Path) -> list[pathlib.Path]:
 
 @dataclasses.dataclass
 class Scan:
-    """One decode of a source: small RGB frames (T, h, w, 3) uint8, their times (T,) in seconds,
-    the source's native size and average rate, and the duration of its last frame."""
+    """One decode of a source: small RGB frames (T, h, w, 3) uint8, their times (T,) in seconds
+    from the first frame, the source's native size and average rate."""
 
     frames: np.ndarray
     times: np.ndarray
@@ -45,12 +45,13 @@ class Scan:
     codec: str
 
     @property
-    def frame_duration(self) -> float:
-        return float(np.median(np.diff(self.times))) if len(self.times) > 1 else 1.0 / self.fps
-
-    @property
     def end_time(self) -> float:
-        return float(self.times[-1] + self.frame_duration) if len(self.times) else 0.0
+        """When the last frame stops showing: its start plus the interval before it (the local
+        rate; a variable-rate source's average rate would be wrong here)."""
+        if len(self.times) == 0:
+            return 0.0
+        last = float(self.times[-1] - self.times[-2]) if len(self.times) > 1 else 1.0 / self.fps
+        return float(self.times[-1]) + last
 
 
 class _Open:

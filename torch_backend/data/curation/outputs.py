@@ -47,7 +47,8 @@ def finalize(cfg: CurateConfig, source_names: list[str], records: list[dict]) ->
     groups: dict[str, str] = {}
     if cfg.dedup.enabled:
         sigs = {c["key"]: [int(h, 16) for h in c["phash"]] for c in passed}
-        groups = dedup.group(sigs, cfg.dedup.max_distance)
+        groups = dedup.group(sigs, cfg.dedup.max_distance, {c["key"]: c["chroma"] for c in passed},
+                             cfg.dedup.max_chroma)
         rank = {c["key"]: (c["scores"]["sharpness"] or 0.0, c["end_s"] - c["start_s"]) for c in passed}
         drop = dedup.keep_one(groups, rank)
         for c in passed:
@@ -69,7 +70,7 @@ def finalize(cfg: CurateConfig, source_names: list[str], records: list[dict]) ->
     _write_jsonl(out / "weights.jsonl", [{"id": k, **v} for k, v in weights.items()])
     bad = [s for s in sources.values() if s["status"] == "bad"]
     _write_jsonl(out / "curation.jsonl",
-                 [{k: v for k, v in c.items() if k not in ("thumb", "kind")} | {"weight": weights.get(c["id"], {}).get("weight")}
+                 [{k: v for k, v in c.items() if k not in ("thumb", "kind", "chroma")} | {"weight": weights.get(c["id"], {}).get("weight")}
                   for c in order] +
                  [{"source": s["source"], "decision": "bad input", "reason": s["reason"], "detail": s["detail"]} for s in bad])
     summary = _summary(cfg, source_names, order, sources, rows, ranged, groups)

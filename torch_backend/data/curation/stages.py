@@ -93,4 +93,5 @@ def _score(path: pathlib.Path, scan: media.Scan, clips: list[dict], cfg: CurateC
         c["failed"] = scorers.decide(scores, cfg.filters, cfg.shots.min_duration_s)
         keys = scorers.key_frame_indices(s, e, cfg.dedup.key_frames)
         c["phash"] = [f"{dedup.phash(scan.frames[i]):016x}" for i in keys]
+        c["chroma"] = [dedup.chroma_layout(scan.frames[i]) for i in keys]
         c["thumb"] = _thumb(scan.frames[(s + e) // 2])

@@ -139,7 +139,8 @@ class CurateConfig:
       or "ray" (Ray Data, streaming; `ray_address` picks a cluster, "" = a local Ray).
     batch_size: sources per batch appended to results.jsonl (a SIGKILL loses at most the batches
       in flight).
-    workers: parallel decode processes for the local executor (1 = in-process).
+    workers: parallel decode processes for the local executor (1 = in-process; >1 spawns, so a
+      script calling `run` needs the `if __name__ == "__main__":` guard).
     reencode: write each kept clip as its own mp4 (PyAV, H.264); else clips are source + time range.
     contact_examples: clips shown per filter in the report's contact sheets.
     """

@@ -123,7 +123,8 @@ def _summary(cfg, source_names, order, sources, rows, ranged, groups) -> dict:
     skipped: dict[str, str] = {}
     for c in order:
         skipped.update(c.get("skipped", {}))
-    seconds = sum(s.get("seconds", 0.0) for s in sources.values())
+    seconds = sum(s.get("cpu_seconds", 0.0) for s in sources.values())
+    video_s = sum(s.get("duration", 0.0) for s in sources.values())
     return {
         "sources": len(source_names), "sources_ok": sum(s["status"] == "ok" for s in sources.values()),
         "bad_inputs": bad, "clips": len(order), "kept": sum(c["decision"] == "kept" for c in order),
@@ -131,5 +132,6 @@ def _summary(cfg, source_names, order, sources, rows, ranged, groups) -> dict:
         "duplicate_groups": len(set(groups.values())), "manifest_rows": len(rows),
         "range_only_rows": len(ranged), "skipped_scorers": skipped,
         "ranges": {k: list(v) for k, v in scorers.ranges(cfg.filters, cfg.shots.min_duration_s).items()},
-        "timing": {"stage_cpu_s": seconds, "clips_per_core_s": len(order) / seconds if seconds else None},
+        "timing": {"stage_cpu_s": seconds, "clips_per_core_s": len(order) / seconds if seconds else None,
+                   "video_s": video_s, "video_s_per_core_s": video_s / seconds if seconds else None},
     }

@@ -111,8 +111,10 @@ def write(out: pathlib.Path, cfg, clips: list[dict], summary: dict) -> pathlib.P
         contact_sheet(folder / f"contact_{name}.png", name, rejected[:n], shown)
         lines.append(f"![{name}](report/contact_{name}.png)")
     t = summary["timing"]
-    lines += ["", "## Timing", "", f"Stage CPU time {t['stage_cpu_s']:.1f} s over {summary['clips']} clips"
-              + (f" ({t['clips_per_core_s']:.2f} clips/s per core)" if t["clips_per_core_s"] else "")]
+    lines += ["", "## Timing", "", f"Stage CPU time {t['stage_cpu_s']:.1f} s over {summary['clips']} clips "
+              f"and {t['video_s']:.1f} s of video"
+              + (f" ({t['clips_per_core_s']:.2f} clips/s per core, {t['video_s_per_core_s']:.1f} s of video "
+                 f"per CPU second)" if t["clips_per_core_s"] else "")]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

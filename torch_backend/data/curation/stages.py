@@ -6,7 +6,8 @@ bad file: a `MediaError` becomes a source record with the reason (decode.REASONS
 goes on.
 
 Records (one JSON object each; `kind` says which):
-  source  {source, status "ok"|"bad", reason, detail, duration, frames, fps, transitions, seconds}
+  source  {source, status "ok"|"bad", reason, detail, duration, frames, fps, transitions,
+           seconds (wall), cpu_seconds (this process, all its threads: the per-core cost)}
   clip    {key, source, start_s, end_s, start_frame, end_frame, fps, height, width, shot, piece,
            scores, skipped, failed, phash, thumb}
 `key` = "<source>@<start_s>-<end_s>" (3 decimals): the resume key of a clip.
@@ -41,7 +42,7 @@ def _thumb(rgb: np.ndarray) -> str:
 def process_source(source: str, input_dir: str, cfg: CurateConfig) -> list[dict]:
     """Scan, split into shots/clips, score and judge one source (`source` relative to input_dir).
     Returns its clip records followed by its source record (written last: it marks it done)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     path = pathlib.Path(input_dir) / source
     try:
         scan = media.scan(path, cfg.shots.analysis_width)
@@ -52,11 +53,12 @@ def process_source(source: str, input_dir: str, cfg: CurateConfig) -> list[dict]
         _score(path, scan, clips, cfg)
     except MediaError as e:
         return [{"kind": "source", "source": source, "status": "bad", "reason": e.reason,
-                 "detail": e.detail, "seconds": time.perf_counter() - t0}]
+                 "detail": e.detail, "seconds": time.perf_counter() - t0,
+                 "cpu_seconds": time.process_time() - c0}]
     return clips + [{"kind": "source", "source": source, "status": "ok", "reason": "", "detail": "",
                      "duration": scan.end_time, "frames": len(scan.frames), "fps": scan.fps,
                      "height": scan.height, "width": scan.width, "transitions": transitions,
-                     "seconds": time.perf_counter() - t0}]
+                     "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}]
 
 
 def _clips(source: str, scan: media.Scan, cfg: CurateConfig) -> tuple[list[dict], list[dict]]:

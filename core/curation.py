@@ -173,9 +173,10 @@ def embedded_curate_config(input_dir: str, out_dir: str, **overrides) -> CurateC
     recall use seed 0. Why they differ from the paper's:
     - sharpness: a 64 px product shot has a few soft edges on a flat studio background, so even
       sharp shots measure 18-1800 (a dark green cube on charcoal is the low end) and blurred
-      ones 2-7; the paper's 200 would reject most sharp shots. Min 12, no max (no noise or text).
-    - motion is in pixels of a 64 px frame (motion_width 64): clean shots 0.03-0.4, static
-      0.003, shaken 1.4. Min 0.015, max 0.8.
+      ones 2.6-10.7; the paper's 200 would reject most sharp shots. Min 12, no max (no noise or
+      text overlays to catch).
+    - motion is in pixels of a 64 px frame (motion_width 64): clean shots 0.007-0.45 (the low
+      end: slow turns of small objects), static 0.001-0.006, shaken 1.2-3.3. Min 0.015, max 0.8.
     - adaptive_min 8: a cut that swaps only the object (about a tenth of the frame) on the same
       background changes the mean HSV by 10-12, under PySceneDetect's 15.
     - shots are 2.5-4 s at 16 fps: min 1 s, max 4 s; aesthetic off (no CLIP weights offline).

@@ -143,6 +143,8 @@ class CurateConfig:
       script calling `run` needs the `if __name__ == "__main__":` guard).
     reencode: write each kept clip as its own mp4 (PyAV, H.264); else clips are source + time range.
     contact_examples: clips shown per filter in the report's contact sheets.
+    captioner_dir: a local transformers VLM directory (processor + image-text-to-text model) that
+      captions kept clips without a caption file row; "" = such clips are rejected ("caption").
     """
 
     input_dir: str = ""
@@ -156,12 +158,13 @@ class CurateConfig:
     workers: int = 1
     reencode: bool = False
     contact_examples: int = 4
+    captioner_dir: str = ""
 
     def __post_init__(self) -> None:
         validate.one_of(self, "executor", EXECUTORS)
         validate.positive_int(self, "batch_size", "workers")
         validate.non_negative_int(self, "contact_examples")
-        for f in ("input_dir", "out_dir"):
+        for f in ("input_dir", "out_dir", "captioner_dir"):
             if not isinstance(getattr(self, f), str):
                 validate.fail(self, f, "a path string")
 

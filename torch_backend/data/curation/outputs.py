@@ -2,7 +2,8 @@
 
 Decision order for a clip: the quality filters (each failed one is a reason), then near-duplicate
 groups among the clips that passed them (a rejected blurry copy must not remove the good one),
-then the caption (a clip without one cannot be a manifest row). Kept clips become manifest rows:
+then the caption (from captions.jsonl / <video>.txt, else the VLM of `captioner_dir` on the
+clip's middle frame; a clip without one cannot be a manifest row). Kept clips become manifest rows:
 
 - reencode=True: `clips/<id>.mp4` (H.264, constant rate), any time range.
 - reencode=False: a clip that spans its whole source is the source itself; a clip that is part
@@ -59,6 +60,16 @@ def finalize(cfg: CurateConfig, source_names: list[str], records: list[dict]) ->
     index = captions_mod.CaptionIndex(cfg.input_dir)
     for c in order:
         c["caption"] = index.caption(c["source"], c["start_s"], c["end_s"])
+        c["caption_source"] = "file" if c["caption"] else ""
+    missing = [c for c in order if not c["reasons"] and not c["caption"]]
+    if missing and cfg.captioner_dir:
+        from mugv.torch_backend.data.curation.captioner import VLMCaptioner, caption_clips
+        captioner = VLMCaptioner(cfg.captioner_dir)
+        made = caption_clips(missing, cfg.input_dir, captioner)
+        for c in missing:
+            c["caption"] = made.get(c["key"], "")
+            c["caption_source"] = f"vlm:{captioner.name}" if c["caption"] else ""
+    for c in order:
         if not c["reasons"] and not c["caption"]:
             c["reasons"].append("caption")
         c["decision"] = "rejected" if c["reasons"] else "kept"

@@ -131,13 +131,33 @@ def evaluate_on_truth(out_dir: str | pathlib.Path, truth_path: str | pathlib.Pat
     return {"shots": shot_scores(truth, list(sources.values())), "filters": filter_scores(truth, clips)}
 
 
-if __name__ == "__main__":
-    import argparse
+def curate_generated(out_dir: str | pathlib.Path, sources: int = 8, seed: int = 0, workers: int = 1,
+                     executor: str = "local") -> dict:
+    """The demo's curation step: generate `sources` sources (+ the five bad inputs) under
+    out_dir/sources, curate them with `embedded_curate_config` into out_dir/curated and score the
+    run against the truth. Returns {"shots", "filters", "run"} (run: the report's counts and
+    timing, plus generate_s)."""
     import time
 
     from mugv.core.curation import embedded_curate_config
     from mugv.torch_backend.data.curation.pipeline import run
     from mugv.torch_backend.data.product_sources import SourcesSpec, generate_sources, write_bad_inputs
+    root = pathlib.Path(out_dir)
+    t0 = time.perf_counter()
+    generate_sources(root / "sources", SourcesSpec(sources=sources, seed=seed))
+    write_bad_inputs(root / "sources" / "bad")
+    t1 = time.perf_counter()
+    report = run(embedded_curate_config(str(root / "sources"), str(root / "curated"),
+                                        workers=workers, executor=executor))
+    result = evaluate_on_truth(root / "curated", root / "sources" / "truth.json")
+    result["run"] = {k: report[k] for k in ("sources", "sources_ok", "bad_inputs", "clips", "kept",
+                                            "rejected_by_filter", "duplicate_groups", "timing", "report")}
+    result["run"]["generate_s"] = t1 - t0
+    return result
+
+
+if __name__ == "__main__":
+    import argparse
     parser = argparse.ArgumentParser(description="Curate generated sources and score the result")
     parser.add_argument("out_dir")
     parser.add_argument("--sources", type=int, default=8)
@@ -145,15 +165,4 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--executor", default="local")
     a = parser.parse_args()
-    root = pathlib.Path(a.out_dir)
-    t0 = time.perf_counter()
-    generate_sources(root / "sources", SourcesSpec(sources=a.sources, seed=a.seed))
-    write_bad_inputs(root / "sources" / "bad")
-    t1 = time.perf_counter()
-    report = run(embedded_curate_config(str(root / "sources"), str(root / "curated"),
-                                        workers=a.workers, executor=a.executor))
-    result = evaluate_on_truth(root / "curated", root / "sources" / "truth.json")
-    result["run"] = {k: report[k] for k in ("sources", "sources_ok", "bad_inputs", "clips", "kept",
-                                            "rejected_by_filter", "duplicate_groups", "timing")}
-    result["run"]["generate_s"] = t1 - t0
-    print(json.dumps(result, indent=1))
+    print(json.dumps(curate_generated(a.out_dir, a.sources, a.seed, a.workers, a.executor), indent=1))

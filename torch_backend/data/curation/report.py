@@ -87,6 +87,8 @@ def write(out: pathlib.Path, cfg, clips: list[dict], summary: dict) -> pathlib.P
     for name in list(ranges) + ["duplicate", "caption"]:
         lo, hi = ranges.get(name, (None, None))
         rng = f"[{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}]" if name in ranges else "-"
+        if name in ranges and lo is None and hi is None:
+            rng = "off"
         lines.append(f"| {name} | {rng} | {summary['rejected_by_filter'].get(name, 0)} | "
                      f"{summary['rejected_by_first_reason'].get(name, 0)} |")
     if summary["skipped_scorers"]:

@@ -163,3 +163,10 @@ def test_ray_executor_gives_the_local_results(curated, tmp_path):
     remote = run(embedded_curate_config(str(root / "in"), str(tmp_path), executor="ray"))
     assert _rows(tmp_path / "curation.jsonl") == _rows(root / "out" / "curation.jsonl")
     assert remote["kept"] == local["kept"]
+
+
+def test_process_pool_gives_the_in_process_results(curated, tmp_path):
+    root, _, _, local = curated
+    pooled = run(embedded_curate_config(str(root / "in"), str(tmp_path), workers=2, batch_size=2))
+    assert _rows(tmp_path / "curation.jsonl") == _rows(root / "out" / "curation.jsonl"), "workers=2 changed records"
+    assert pooled["kept"] == local["kept"]

@@ -65,8 +65,9 @@ class FilterConfig:
       `motion_pairs` consecutive-frame pairs (paper: [1, 20], RAFT over three pairs).
     motion_method: "farneback" (OpenCV) or "raft" (torchvision, needs raft_weights).
     motion_width: frames are resized to this width before flow (pixels of flow scale with it).
-    aesthetic_min: LAION aesthetic score >= 4.5 (paper); needs aesthetic_weights (a local CLIP
-      + head directory); without one the scorer is skipped and the reason recorded.
+    aesthetic_min: LAION aesthetic score >= 4.5 (paper); needs aesthetic_weights, a local
+      directory with clip/ (CLIPVisionModelWithProjection) and head.safetensors (the LAION MLP);
+      without one the scorer is skipped and the reason recorded.
     min_short_side: the smaller frame side in pixels (ours).
     aspect_min / aspect_max: width / height (ours: 9:21 portrait to 21:9 cinema).
     black_max: largest fraction of sampled frames that may be black (mean luma < 16, std < 8).

@@ -2,7 +2,7 @@
 
 A scorer is a name, a function of the clip's frames and a (min, max) range read from the
 FilterConfig; `decide` compares each score with its range. A scorer that cannot run here (RAFT
-without torchvision, the aesthetic head without weights) leaves its score None and records why in
+without torchvision, the aesthetic predictor (`aesthetic.py`) without weights) leaves its score None and records why in
 `skipped`, so a report never shows an unmeasured filter as passed silently.
 
 Frames come from two decodes (media.py): `small` frames at the detection width for black/frozen
@@ -137,9 +137,11 @@ def score(clip: ClipFrames, cfg: FilterConfig) -> tuple[dict[str, float | None],
         scores["motion"] = motion_farneback(pairs, cfg.motion_width) if pairs else None
     scores["aesthetic"] = None
     if cfg.aesthetic_min is not None:
-        skipped["aesthetic"] = ("no aesthetic_weights given (a local CLIP ViT-L/14 + LAION MLP head)"
-                                if not cfg.aesthetic_weights else
-                                "loading a CLIP + LAION head is not implemented yet")
+        if not cfg.aesthetic_weights:
+            skipped["aesthetic"] = "no aesthetic_weights given (a local CLIP ViT-L/14 + LAION MLP head)"
+        elif keys:
+            from mugv.torch_backend.data.curation.aesthetic import aesthetic_score
+            scores["aesthetic"] = aesthetic_score(keys, cfg.aesthetic_weights)
     return scores, skipped
 
 

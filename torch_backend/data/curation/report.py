@@ -1,6 +1,6 @@
 """The curation report: report.md, a histogram PNG per score with its thresholds, contact sheets.
 
-Histograms show every clip's score (log-x where the range spans decades: sharpness) with the kept
+Histograms show every clip's score (log-x for sharpness and motion when they span decades) with the kept
 range's ends as red lines, so a threshold that cuts through the middle of a mode is visible. A
 contact sheet per filter shows up to `contact_examples` clips it rejected next to kept clips,
 each titled with its score: the quickest check that a filter rejects what its name says.
@@ -33,7 +33,7 @@ def histogram(path: pathlib.Path, name: str, values: list[float], lo, hi) -> Non
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
     v = np.asarray(values, dtype=np.float64)
-    log = name == "sharpness" and (v > 0).all() and v.max() / max(v.min(), 1e-9) > 50
+    log = name in ("sharpness", "motion") and (v > 0).all() and v.max() / max(v.min(), 1e-9) > 50
     bins = np.geomspace(v.min(), v.max() * 1.0001, 30) if log else 30
     ax.hist(v, bins=bins, color="#4c72b0")
     if log:

@@ -79,7 +79,8 @@ def finalize(cfg: CurateConfig, source_names: list[str], records: list[dict]) ->
     _write_jsonl(out / "manifest.jsonl", rows)
     _write_jsonl(out / "manifest_ranges.jsonl", ranged)
     _write_jsonl(out / "weights.jsonl", [{"id": k, **v} for k, v in weights.items()])
-    bad = [s for s in sources.values() if s["status"] == "bad"]
+    # sorted: executors finish sources in any order (Ray Data does not keep it)
+    bad = sorted((s for s in sources.values() if s["status"] == "bad"), key=lambda s: s["source"])
     _write_jsonl(out / "curation.jsonl",
                  [{k: v for k, v in c.items() if k not in ("thumb", "kind", "chroma")} | {"weight": weights.get(c["id"], {}).get("weight")}
                   for c in order] +

@@ -5,7 +5,7 @@
 
 What runs, per resolution (256p: latent (14, 32, 56) = 6,272 video tokens; 720p: (14, 90, 160) =
 50,400), text 300 tokens, one sample, bf16, TP = 1:
-1. SDPA at head dim 72 and zero-padded to 80/96/128 (exact, see torch_backend/attention.py), cuDNN
+1. SDPA at head dim 72 and zero-padded to 80/96/128 (exact, see torch_backend/models/attention.py), cuDNN
    and flash, forward+backward, useful TFLOP/s (FLOPs at head dim 72).
 2. Baseline: one plain-PyTorch MUG-DiT block written below (`RefBlock`: nn.Linear, F.layer_norm,
    SDPA with torch's default backend choice, per-sample modulation), forward+backward, eager and
@@ -275,7 +275,7 @@ def build(cfg, v: Variant):
     from mugv.core.train import OptimizerConfig
     from mugv.torch_backend.models.dit import build_dit, transformer_config
     from mugv.torch_backend.models.dit_layers import mugdit_layer_spec
-    from mugv.torch_backend.parallelize import ParallelDiT, megatron_optimizer
+    from mugv.torch_backend.training.parallelize import ParallelDiT, megatron_optimizer
 
     device = torch.device(DEV, 0) if DEV == "cuda" else torch.device("cpu")
     recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
@@ -466,7 +466,7 @@ def main() -> None:
     else:
         cfg = dit_config("10B", depth=a.layers)
         torch.backends.cuda.matmul.allow_tf32 = True  # the model is bf16: no fp32 matmul of size
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     megatron_compat.initialize_parallel(tp=1, pp=1, cp=1, seed=0)
     results = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu",
                "torch": torch.__version__, "peak_tflops": PEAK / 1e12, "text_tokens": TEXT,

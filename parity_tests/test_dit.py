@@ -56,7 +56,7 @@ def loss_weights(seed: int = 3) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def megatron_world():
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     megatron_compat.initialize_parallel(tp=1)
     yield
     megatron_compat.destroy_parallel()

@@ -1,4 +1,4 @@
-"""LoRA on MUG-DiT (core/lora.py, torch_backend/lora.py), on the tiny DiT with random nonzero weights.
+"""LoRA on MUG-DiT (core/lora.py, torch_backend/models/lora.py), on the tiny DiT with random nonzero weights.
 
 In this process (TP=1):
 - B = 0 leaves outputs and input gradients bit-identical to the frozen base model;
@@ -13,7 +13,7 @@ One 2-process gloo launch (this file is also the worker) runs:
 - the Trainer at TP=2 with `lora_model_hook` for 3 steps on SyntheticLatents: only the adapters
   require gradients, have main gradients and sit in the optimizer; the checkpoint's optimizer and
   EMA groups hold exactly the adapter arrays and its base weights are the loaded ones, unchanged.
-One child process runs torch_backend/finetune.py from official-layout weights on product clips
+One child process runs torch_backend/jobs/finetune.py from official-layout weights on product clips
 through the cache (LoRA with a bf16 base, full, and an interrupted + resumed LoRA run).
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def random_adapters(cfg, lora, seed: int = 11) -> dict[str, np.ndarray]:
 def set_adapters(model, arrays) -> None:
     """Copy global adapter arrays into the model, this rank's slice of each."""
     import torch
-    from mugv.torch_backend.lora import _tp
+    from mugv.torch_backend.models.lora import _tp
     rank, tp = _tp()
     params = dict(model.named_parameters())
     from mugv.core.lora import lora_schema
@@ -69,7 +69,7 @@ def set_adapters(model, arrays) -> None:
 def adapted_model(params, lora=None, adapters=None, **overrides):
     from mugv.checkpoints.torch_dit import load_canonical
     from mugv.parity_tests.test_dit import CFG
-    from mugv.torch_backend.lora import apply_lora
+    from mugv.torch_backend.models.lora import apply_lora
     from mugv.torch_backend.models.dit import build_dit, transformer_config
     model = build_dit(CFG, transformer_config(CFG, **overrides), seed=None)
     load_canonical(model, CFG, params)
@@ -106,8 +106,8 @@ def _worker(out_dir: str) -> None:
 
     from mugv.core.lora import lora_schema
     from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params
-    from mugv.torch_backend import megatron_compat
-    from mugv.torch_backend.lora import save_adapters
+    from mugv.torch_backend.parallel import megatron_compat
+    from mugv.torch_backend.models.lora import save_adapters
 
     torch.set_num_threads(1)
     out_dir = pathlib.Path(out_dir)
@@ -148,9 +148,9 @@ def _trainer_run(out, params, lora) -> None:
     from mugv.core.parallel import ParallelConfig
     from mugv.core.train import OptimizerConfig, TrainConfig
     from mugv.parity_tests.test_dit import CFG
-    from mugv.torch_backend.lora import lora_model_hook
+    from mugv.torch_backend.models.lora import lora_model_hook
     from mugv.torch_backend.training import optim_state
-    from mugv.torch_backend.training.batch import SyntheticLatents
+    from mugv.torch_backend.data.batch import SyntheticLatents
     from mugv.torch_backend.training.trainer import Trainer
 
     train = TrainConfig(steps=3, micro_batch=2, precision="fp32", ema_decay=0.5, checkpoint_every=3,
@@ -234,7 +234,7 @@ def test_schema_shapes_and_tp_axes():
 
 @pytest.fixture(scope="module")
 def megatron_world():
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     megatron_compat.initialize_parallel(tp=1)
     yield
     megatron_compat.destroy_parallel()
@@ -271,7 +271,7 @@ def test_b_zero_is_bit_identical_to_frozen_base(megatron_world, case):
 def test_merge_unmerge(megatron_world, case):
     from mugv.core.lora import merge_arrays
     from mugv.parity_tests.tolerances import assert_close
-    from mugv.torch_backend.lora import merge_lora, unmerge_lora
+    from mugv.torch_backend.models.lora import merge_lora, unmerge_lora
     model = adapted_model(case["params"], case["lora"], case["adapters"])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     out, _ = run_model(model, case["inputs"], case["weights"])
@@ -327,7 +327,7 @@ def test_merged_official_export_round_trip(case, tmp_path):
     from mugv.checkpoints.official_dit import import_official, load_official_file
     from mugv.core.lora import lora_schema, merge_arrays
     from mugv.core.validate import to_dict
-    from mugv.torch_backend.lora import export_merged_official, read_adapters
+    from mugv.torch_backend.models.lora import export_merged_official, read_adapters
     cfg, lora = case["cfg"], case["lora"]
     schema = lora_schema(cfg, lora)
     w = CheckpointWriter(tmp_path / "ad", 0)
@@ -375,7 +375,7 @@ def test_tp2_equals_tp1(worker_out, tp1_reference, tag):
 def test_adapter_saved_at_tp2_loads_at_tp1(worker_out, megatron_world, case):
     from mugv.checkpoints.format import Checkpoint, latest_checkpoint
     from mugv.parity_tests.tolerances import assert_close
-    from mugv.torch_backend.lora import load_adapters
+    from mugv.torch_backend.models.lora import load_adapters
     ckpt = Checkpoint(latest_checkpoint(worker_out / "adapters_tp2"))
     assert ckpt.groups() == ["lora"] and len(ckpt.names("lora")) == 28 and ckpt.step == 5
     for n in ckpt.names("lora"):  # the TP=2 slices assembled into the global arrays
@@ -418,7 +418,7 @@ def test_trainer_updates_and_stores_only_adapters(worker_out, case):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch_backend/finetune.py end to end: official weights + product clips through the cache
+# torch_backend/jobs/finetune.py end to end: official weights + product clips through the cache
 
 
 def _pool24(pixels):
@@ -437,7 +437,7 @@ def _finetune_worker(out: str, official: str) -> None:
     from mugv.core.train import OptimizerConfig, TrainConfig
     from mugv.torch_backend.data.product_videos import generate_dataset
     from mugv.torch_backend.data.text import EmbeddedTextEncoder
-    from mugv.torch_backend.finetune import FinetuneConfig, finetune, prepare_data
+    from mugv.torch_backend.jobs.finetune import FinetuneConfig, finetune, prepare_data
 
     torch.set_num_threads(1)
     out = pathlib.Path(out)
@@ -471,8 +471,8 @@ def _finetune_worker(out: str, official: str) -> None:
         reports["other_base_error"] = str(e)
     (out / "reports.json").write_text(json.dumps(reports))
     # the models before and after, as sampling would build them
-    from mugv.torch_backend import megatron_compat
-    from mugv.torch_backend.finetune import finetuned_model
+    from mugv.torch_backend.parallel import megatron_compat
+    from mugv.torch_backend.jobs.finetune import finetuned_model
     for k in _DIST_VARS:
         os.environ.pop(k, None)
     megatron_compat.initialize_parallel(tp=1)
@@ -557,7 +557,7 @@ def test_load_official_vae_matches_golden(goldens_dir, tmp_path):
     from safetensors.numpy import load_file, save_file
 
     from mugv.parity_tests.tolerances import assert_close
-    from mugv.torch_backend.finetune import load_official_vae
+    from mugv.torch_backend.jobs.loaders import load_official_vae
     golden = load_file(str(goldens_dir / "vae_tiny_seed0.safetensors"))
     save_file({k[len("param."):]: a for k, a in golden.items() if k.startswith("param.")},
               str(tmp_path / "vae.safetensors"))

@@ -242,7 +242,7 @@ def _worker(argv: list[str]) -> int:
     from mugv.core.preference import PreferenceConfig, PreferenceStageConfig
     from mugv.core.train import OptimizerConfig, TrainConfig
     from mugv.torch_backend.data.preference import PreferenceSource
-    from mugv.torch_backend.training.batch import SyntheticLatents
+    from mugv.torch_backend.data.batch import SyntheticLatents
     from mugv.torch_backend.training.preference import PreferenceTrainer
     from mugv.torch_backend.training.trainer import Trainer
 

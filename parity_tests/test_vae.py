@@ -297,7 +297,7 @@ def test_loss_formulas_match_closed_forms():
 
 
 def test_psnr_ssim_known_values():
-    from mugv.torch_backend import vae_eval
+    from mugv.torch_backend.jobs import vae_eval
     x = torch.from_numpy(rand(3, 4, 16, 16)) * 0.8
     assert vae_eval.psnr(x, x) == float("inf") and vae_eval.ssim(x, x) == pytest.approx(1.0, abs=1e-6)
     # +0.1 in [-1, 1] is +0.05 on [0, 1] pixels: MSE 0.0025 -> 26.02 dB
@@ -308,7 +308,7 @@ def test_psnr_ssim_known_values():
 def test_train_then_reload_and_evaluate(tmp_path):
     """A few steps with the discriminator switched on at step 3, on clips written with PyAV; the
     saved checkpoint reloads to the same evaluation numbers."""
-    from mugv.torch_backend import vae_eval, vae_train
+    from mugv.torch_backend.jobs import vae_eval, vae_train
     data = tmp_path / "clips"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -326,7 +326,8 @@ def test_train_then_reload_and_evaluate(tmp_path):
     assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
     assert all("d_loss" in s for s in steps[3:]) and not any("d_loss" in s for s in steps[:3])
     assert all(np.isfinite(s["loss"]) for s in steps)
-    model = vae_eval.load_model("golden", checkpoint=str(result["checkpoint"]))
+    from mugv.torch_backend.jobs.loaders import vae_model
+    model = vae_model("golden", checkpoint=str(result["checkpoint"]))
     again = vae_eval.evaluate(model, data, 24, 40, 9, 8.0, out_dir=tmp_path / "eval")
     assert again["mean_psnr"] == pytest.approx(result["after"]["mean_psnr"], abs=1e-4)
     assert (tmp_path / "eval" / "clip0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Staged VAE training (torch_backend/vae_train.py stages A and B; docs/vae.md).
+"""Staged VAE training (torch_backend/jobs/vae_train.py stages A and B; docs/vae.md).
 
 - Stage B's feature-level forward (`temporal_reconstruction`) is the VAE's own clip forward
   between the 2D encoder and decoder: decode_spatial of it equals `VideoVAE.forward(video,
@@ -16,7 +16,7 @@ import torch
 from mugv.core import validate as v
 from mugv.parity_tests.tolerances import assert_close
 from mugv.parity_tests.test_vae import TINY, random_params
-from mugv.torch_backend import vae_train
+from mugv.torch_backend.jobs import vae_train
 from mugv.torch_backend.models.vae import VideoVAE
 
 
@@ -91,7 +91,7 @@ def test_stage_losses_go_down():
 
 
 def test_stage_settings_are_validated():
-    from mugv.torch_backend.demo import DemoVAE
+    from mugv.torch_backend.experiments.demo import DemoVAE
     with pytest.raises(v.ConfigError, match=r"VAETrainConfig.steps = 0.*nothing would train"):
         _cfg()
     with pytest.raises(v.ConfigError, match=r"VAETrainConfig.temporal_steps = -1"):
@@ -105,3 +105,4 @@ def test_stage_settings_are_validated():
     cfg = vae_train.config_from_args(["--data", "x", "--spatial-steps", "5", "--temporal-steps", "7",
                                       "--temporal-lr", "2e-3", "--steps", "0"])
     assert (cfg.spatial_steps, cfg.temporal_steps, cfg.temporal_lr, cfg.steps) == (5, 7, 2e-3, 0)
+

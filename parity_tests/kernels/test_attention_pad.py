@@ -5,7 +5,7 @@ docs/benchmarks.md (issue 13); here only the arithmetic."""
 import pytest
 import torch
 
-from mugv.torch_backend.attention import DotProductAttention
+from mugv.torch_backend.models.attention import DotProductAttention
 from parity_tests.tolerances import assert_close
 
 

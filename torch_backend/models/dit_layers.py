@@ -15,7 +15,7 @@ What is configurable, and where:
   in the conventions and signatures of `mugv.kernels`. `REFERENCE_OPS` is plain torch and always
   available; `kernel_ops(device)` takes what `mugv.kernels.registry` selects for the device;
 - `core_attention` (spec submodule): softmax attention, `DotProductAttention(backend=...)`, see
-  `mugv.torch_backend.attention`;
+  `mugv.torch_backend.models.attention`;
 - selective recomputation of the attention core (config.recompute_granularity == "selective").
 
 Module names equal the canonical parameter names of `core/dit.py::dit_schema`.
@@ -33,7 +33,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mugv.torch_backend.attention import DotProductAttention
+from mugv.torch_backend.models.attention import DotProductAttention
 
 # ---------------------------------------------------------------------------------------------
 # Elementwise ops (the kernel slot)
@@ -395,7 +395,7 @@ def mugdit_layer_spec(ops: DiTOps = REFERENCE_OPS, attention_backend: str = "aut
                       column: type = ColumnParallelLinear,
                       row: type = RowParallelLinear) -> ModuleSpec:
     """The MUG-DiT layer spec: Megatron's parallel linears, the kernel slot `ops` and the attention
-    backend (see `mugv.torch_backend.attention.BACKENDS`)."""
+    backend (see `mugv.torch_backend.models.attention.BACKENDS`)."""
     core = ModuleSpec(module=DotProductAttention, params={"backend": attention_backend})
     return ModuleSpec(
         module=MUGDiTLayer,

@@ -1,6 +1,6 @@
 """The MUG-DiT training engine on Megatron-Core: step, loop, checkpoint/resume, failure handling.
 
-One `Trainer` runs one stage on any layout `torch_backend/parallelize.py::parallelize` builds
+One `Trainer` runs one stage on any layout `torch_backend/training/parallelize.py::parallelize` builds
 (TP(+SP), PP(+virtual stages), DP with the distributed optimizer). Per step it takes a global
 batch from a resumable source, keeps its data-parallel rank's rows, assigns tasks (text-to-image
 for 1-frame batches, else text-to-video or image-to-video by the stage's mix), drops captions for
@@ -72,9 +72,10 @@ from mugv.core.parallel import ParallelConfig, check_layout
 from mugv.core.schema import Schema
 from mugv.core.train import TrainConfig, ema_update, learning_rate
 from mugv.core.validate import to_dict
-from mugv.torch_backend import megatron_compat, objectives
+from mugv.torch_backend.parallel import megatron_compat
+from mugv.torch_backend import objectives
 from mugv.torch_backend.training import optim_state
-from mugv.torch_backend.training.batch import BatchSource, TrainBatch
+from mugv.torch_backend.data.batch import BatchSource, TrainBatch
 from mugv.torch_backend.training.checkpointing import CheckpointMixin
 from mugv.torch_backend.training.saving import CheckpointSaver
 
@@ -189,7 +190,7 @@ class Trainer(CheckpointMixin):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.enums import ModelType
 
-        from mugv.torch_backend.parallelize import finalize_grads, megatron_optimizer, parallelize
+        from mugv.torch_backend.training.parallelize import finalize_grads, megatron_optimizer, parallelize
 
         p = self.parallel
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
@@ -333,7 +334,7 @@ class Trainer(CheckpointMixin):
     def _schedule(self, chunks, config, mbs: list[dict], loss: Callable, forward_only: bool) -> None:
         """Megatron's schedule for this layout over the micro-batches `mbs`; `loss(out, mb)` on
         the last stage returns what Megatron's loss function returns."""
-        from mugv.torch_backend.parallelize import ParallelDiT, forward_backward
+        from mugv.torch_backend.training.parallelize import ParallelDiT, forward_backward
 
         if self.parallel.pipeline_parallel > 1 and len({self.num_samples(m) for m in mbs}) > 1:
             raise ValueError(f"pipeline parallel needs equal micro-batches: {self.num_samples(mbs[0])} "

@@ -8,7 +8,7 @@ what the model already supports (torch_backend/models/dit.py):
   first chunk of the first stage, `post_process` on the last chunk of the last stage, a contiguous
   layer range each, in Megatron's interleaved order), run by Megatron's schedules (1F1B, or
   interleaved 1F1B when `virtual_pipeline > 1`);
-- context parallel (Ulysses, `torch_backend/context_parallel.py`): the model shards its sequence
+- context parallel (Ulysses, `torch_backend/models/context_parallel.py`): the model shards its sequence
   over Megatron's context-parallel group, self-attention exchanges sequence for heads with two
   all-to-alls, the output is gathered: every CP rank takes the same batch and returns the whole
   output. The loss is computed as without CP; gradients equal the single-process ones because
@@ -37,9 +37,9 @@ import torch.distributed as dist
 
 from mugv.core.dit import DiTConfig, sequence_length
 from mugv.core.parallel import ParallelConfig, check_layout
-from mugv.torch_backend import megatron_compat
-from mugv.torch_backend.context_parallel import padded_length
-from mugv.torch_backend.launch import init_distributed
+from mugv.torch_backend.parallel import megatron_compat
+from mugv.torch_backend.models.context_parallel import padded_length
+from mugv.torch_backend.parallel.launch import init_distributed
 
 
 @dataclasses.dataclass
@@ -79,7 +79,7 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
     """Initialise Megatron's parallel state for `par` and build this rank's part of MUG-DiT.
 
     Validates the layout first (`check_layout`, then no work: `LayoutError` names the sizes).
-    Joins the torchrun world if there is one (see `mugv.torch_backend.launch`), else a world of
+    Joins the torchrun world if there is one (see `mugv.torch_backend.parallel.launch`), else a world of
     one process. `seed` draws the same global model at any layout (None: leave undrawn, to load).
     `config_overrides` go to the TransformerConfig (e.g. recompute settings). `layer_spec`: the
     MUG-DiT layer spec (default `mugdit_layer_spec()` with the verified Triton kernels on a GPU,

@@ -15,7 +15,7 @@ Data: every clip is decoded once at (height, width, fps) through the data pipeli
 batches are random windows of `num_frames` frames. Checkpoints go through the mugv format
 (checkpoints/torch_io.py): group "model" (the VAE schema) and, when on, "discriminator".
 
-    python -m mugv.torch_backend.vae_train --data ../shared/data/clips --size tiny \
+    python -m mugv.torch_backend.jobs.vae_train --data ../shared/data/clips --size tiny \
         --height 32 --width 32 --frames 9 --minutes 4 --out runs/vae
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import nn
 
 from mugv.core import vae as spec
 from mugv.core.schema import ParamSpec, Schema
-from mugv.torch_backend import vae_eval
+from mugv.torch_backend.jobs import vae_eval
 from mugv.torch_backend.models.vae import VideoVAE, init_vae
 
 
@@ -361,6 +361,16 @@ def train(cfg: VAETrainConfig, log=print) -> dict:
     ckpt = save(model, disc, cfg, out / "ckpt", total) if out is not None else None
     return {"before": before, "after": after, "steps": step, "stage_steps": done, "seconds": seconds,
             "checkpoint": ckpt, "model": model}
+
+
+def train_vae(cfg: VAETrainConfig) -> int:
+    """`mugv train-vae`: train, then print the PSNR before and after and the checkpoint."""
+    from mugv.torch_backend.jobs import report
+    report.one_thread_on_cpu()
+    result = train(cfg, log=lambda s: print(s, flush=True))
+    print(f"PSNR {result['before']['mean_psnr']:.2f} -> {result['after']['mean_psnr']:.2f} dB; "
+          f"checkpoint {result['checkpoint']}")
+    return 0
 
 
 def save(model: VideoVAE, disc: PatchDiscriminator | None, cfg: VAETrainConfig, root: pathlib.Path, step: int):

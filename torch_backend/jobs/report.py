@@ -10,6 +10,14 @@ import time
 import numpy as np
 
 
+def one_thread_on_cpu() -> None:
+    """Small models on a shared CPU: one intra-op thread is faster (spinning OpenMP threads made
+    tiny matmuls 40x slower on a loaded 2-core machine)."""
+    import torch
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+
+
 class Progress:
     """A tqdm bar fed by the trainer's `on_metrics(metrics)` callback: step, loss, it/s,
     tokens/s, MFU (on a GPU, where the trainer reports it) and ETA (tqdm's remaining time)."""
@@ -98,7 +106,7 @@ def frame_grid(videos: list[np.ndarray], labels: list[str] | None = None, max_fr
 
 
 def write_png(path: str | pathlib.Path, rgb: np.ndarray) -> pathlib.Path:
-    from mugv.torch_backend.vae_eval import write_png as _write
+    from mugv.torch_backend.jobs.vae_eval import write_png as _write
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write(path, np.ascontiguousarray(rgb))
@@ -106,7 +114,7 @@ def write_png(path: str | pathlib.Path, rgb: np.ndarray) -> pathlib.Path:
 
 
 def write_mp4(path: str | pathlib.Path, video: np.ndarray, fps: float) -> pathlib.Path:
-    from mugv.torch_backend.vae_eval import write_mp4 as _write
+    from mugv.torch_backend.jobs.vae_eval import write_mp4 as _write
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write(path, video, fps)

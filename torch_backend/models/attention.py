@@ -79,7 +79,7 @@ def benchmark(seq: int = 16384, heads: int = 12, head_dim: int = 72, batch: int 
               text_len: int = 300, dtype=torch.bfloat16, iters: int = 10) -> dict[str, dict]:
     """Forward+backward TFLOP/s of each SDPA backend on this GPU: self-attention (no mask) and
     cross-attention (key padding mask). How the "auto" order was chosen; run
-    `python -m mugv.torch_backend.attention` on the GPU machine."""
+    `python -m mugv.torch_backend.models.attention` on the GPU machine."""
     dev = torch.device("cuda")
     results: dict[str, dict] = {}
     shapes = {"self": (seq, seq, False), "cross": (seq, text_len, True)}

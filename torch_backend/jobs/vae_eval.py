@@ -4,7 +4,7 @@ mean, plus side-by-side original/reconstruction images (PNG) and videos (mp4).
 PSNR is computed on [0, 1] pixels over the whole clip (one MSE per clip). SSIM is torchmetrics'
 `structural_similarity_index_measure` (Gaussian 11x11, sigma 1.5), averaged over frames.
 
-    python -m mugv.torch_backend.vae_eval --data ../shared/data/clips --size tiny \
+    python -m mugv.torch_backend.jobs.vae_eval --data ../shared/data/clips --size tiny \
         --checkpoint runs/vae/ckpt --height 32 --width 32 --frames 17 --out runs/vae/eval
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mugv.core import vae as spec
-from mugv.torch_backend.models.vae import VideoVAE, init_vae
+from mugv.torch_backend.models.vae import VideoVAE
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
@@ -168,24 +168,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_model(size: str = "tiny", checkpoint: str | None = None, official: str | None = None,
-               seed: int = 0) -> VideoVAE:
-    """A VideoVAE from a mugv checkpoint directory, an official vae.pt, or seeded random init."""
-    if official is not None:
-        from mugv.checkpoints import official_vae
-        state = official_vae.load_official_file(official)
-        cfg = official_vae.config_from_official(state) if size == "official" else spec.vae_config(size)
-        params = official_vae.import_official(state, cfg)
-        model = VideoVAE(cfg)
-        model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in params.items()})
-        return model
-    cfg = spec.vae_config(size)
-    if checkpoint is not None:
-        from mugv.checkpoints.torch_io import load_torch
-        model = VideoVAE(cfg)
-        model.load_state_dict(load_torch(checkpoint, spec.vae_schema(cfg), "model"), strict=True)
-        return model
-    return init_vae(cfg, seed)
+def eval_vae(ns) -> int:
+    """`mugv eval-vae` (cli/commands.py builds `ns`): the table to stdout, media under `ns.out`."""
+    from mugv.torch_backend.jobs import loaders, report
+    report.one_thread_on_cpu()
+    model = loaders.load_vae(ns.size, ns.checkpoint, ns.official)
+    result = evaluate(model, ns.data, ns.height, ns.width, ns.frames, ns.fps, ns.out)
+    sys.stdout.write(format_table(result))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="folder for metrics.{json,md} and side-by-side PNG/mp4")
     ap.add_argument("--seed", type=int, default=0, help="init seed when no weights are given")
     a = ap.parse_args(argv)
-    model = load_model(a.size, a.checkpoint, a.official, a.seed)
+    from mugv.torch_backend.jobs.loaders import vae_model
+    model = vae_model(a.size, a.checkpoint, a.official, a.seed)
     result = evaluate(model, a.data, a.height, a.width, a.frames, a.fps, a.out)
     sys.stdout.write(format_table(result))
     return 0

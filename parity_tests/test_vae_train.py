@@ -106,3 +106,32 @@ def test_stage_settings_are_validated():
                                       "--temporal-lr", "2e-3", "--steps", "0"])
     assert (cfg.spatial_steps, cfg.temporal_steps, cfg.temporal_lr, cfg.steps) == (5, 7, 2e-3, 0)
 
+
+def test_train_vae_command_sets_the_latent_normalisation(tmp_path):
+    """`mugv train-vae` (the same job the demo trains its VAE with, jobs/vae_train.py::train)
+    saves a VAE whose latent_mean / latent_std are the per-channel statistics of the training
+    clips' posterior means, not the 0 / 1 it starts with: its normalised latents of those clips
+    have channel means 0 and standard deviations 1."""
+    from mugv.torch_backend.cli import main
+    from mugv.torch_backend.jobs import vae_eval
+    from mugv.torch_backend.jobs.loaders import vae_model
+
+    data = tmp_path / "clips"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):   # moving gradients + noise, 9 frames of 24x40
+        t, yy, xx = np.meshgrid(np.arange(9), np.arange(24), np.arange(40), indexing="ij")
+        base = 127 + 100 * np.sin(0.3 * xx + 0.2 * yy + 0.5 * t + i)
+        frames = np.clip(base[..., None] + rng.integers(-20, 20, (9, 24, 40, 3)), 0, 255).astype(np.uint8)
+        vae_eval.write_mp4(data / f"clip{i}.mp4", frames, fps=8)
+    assert main(["train-vae", "--data", str(data), "--size", "golden", "--height", "24", "--width", "40",
+                 "--num_frames", "9", "--fps", "8", "--steps", "1", "--spatial_steps", "1", "--eval_frames", "9",
+                 "--evaluate", "false", "--out", str(tmp_path / "run")]) == 0
+    ckpt = sorted((tmp_path / "run" / "ckpt").glob("step_*"))[-1]
+    model = vae_model("golden", checkpoint=str(ckpt)).eval()
+    assert not torch.all(model.latent_mean == 0) and not torch.all(model.latent_std == 1)
+    clips = [vae_eval.to_video_tensor(vae_eval.load_clip(s, 9, 24, 40, 8.0)) for s in vae_eval.list_clips(data)]
+    with torch.no_grad():
+        z = torch.cat([model.encode(c[None], sample=False) for c in clips])
+    torch.testing.assert_close(z.mean(dim=(0, 2, 3, 4)), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(dim=(0, 2, 3, 4)), torch.ones(z.shape[1]), atol=1e-5, rtol=0)

@@ -127,25 +127,20 @@ VAE_STAGES = {"spatial": "A: 2D VAE, pixel L1", "temporal": "B: temporal stage, 
 
 
 def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
-    """Train the demo VAE on the training clips, set its latent normalisation (per-channel mean
-    and std of the posterior means, as the official `latents_mean/std`), save it. Returns
-    (model, checkpoint path, log rows)."""
-    import time
-
-    import torch
-
-    from mugv.core import vae as spec
-    from mugv.torch_backend.jobs import vae_eval, vae_train
-    from mugv.torch_backend.models.vae import init_vae
-
+    """Train the demo VAE on the training clips through the `mugv train-vae` job
+    (jobs/vae_train.py::train: stages, latent normalisation, checkpoint) with the demo's settings.
+    Returns (model, checkpoint path, per-step rows {"stage", "step", "loss"}; loss = pixel L1 for
+    "spatial" and "end_to_end", feature MSE over variance for "temporal")."""
     from mugv.checkpoints.format import latest_checkpoint
+    from mugv.torch_backend.jobs import vae_train
     from mugv.torch_backend.jobs.loaders import load_vae
+    from mugv.torch_backend.jobs.report import Progress
 
     d = cfg.data
     root = pathlib.Path(cfg.out) / "vae"
     done = latest_checkpoint(root / "ckpt")
-    if done is not None and (root / "log.jsonl").is_file():   # a re-run keeps the trained VAE
-        rows = [json.loads(x) for x in (root / "log.jsonl").read_text().splitlines() if x]
+    if done is not None and (root / "steps.jsonl").is_file():   # a re-run keeps the trained VAE
+        rows = [json.loads(x) for x in (root / "steps.jsonl").read_text().splitlines() if x]
         log(f"[mugv] VAE: reusing {done}")
         return load_vae(cfg.vae.size, str(done)), done, rows
     tcfg = vae_train.VAETrainConfig(data=str(manifest), size=cfg.vae.size, height=d.size, width=d.size,
@@ -154,18 +149,9 @@ def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
                                     spatial_batch=cfg.vae.spatial_batch, temporal_steps=cfg.vae.temporal_steps,
                                     temporal_batch=cfg.vae.temporal_batch, temporal_lr=cfg.vae.temporal_lr,
                                     lr=cfg.vae.lr, betas=cfg.vae.betas, sample_posterior=cfg.vae.sample_posterior,
-                                    foreground_weight=cfg.vae.foreground_weight, seed=d.seed, eval_frames=d.frames)
-    torch.manual_seed(d.seed)
-    rng = np.random.default_rng(d.seed)
-    gen = torch.Generator().manual_seed(d.seed)
-    model = init_vae(spec.vae_config(cfg.vae.size), d.seed)
-    with torch.no_grad():
-        model.logvar.fill_(tcfg.logvar_init)
-    clips = vae_train.load_clips(tcfg)
-    # rows: {"stage", "step" (within the stage), "loss"}: pixel L1 for "spatial" and "end_to_end",
-    # feature MSE over variance for "temporal"
-    rows, t0 = [], time.monotonic()
-    from mugv.torch_backend.jobs.report import Progress
+                                    foreground_weight=cfg.vae.foreground_weight, seed=d.seed, eval_frames=d.frames,
+                                    minutes=cfg.vae.minutes, evaluate=False, out=str(root))
+    rows = []
     bar = Progress(cfg.vae.total_steps, "VAE")
 
     def on_step(stage: str, logs: dict) -> None:
@@ -173,24 +159,12 @@ def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
         rows.append({"stage": stage, "step": logs["step"], "loss": loss})
         bar({"step": len(rows), "loss": loss})
 
-    deadline = t0 + 60 * cfg.vae.minutes
-    vae_train.pretrain_stages(model, clips, tcfg, rng, on_step=on_step, deadline=deadline)
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=tcfg.betas)
-    step = 0
-    while step < cfg.vae.steps and time.monotonic() < deadline:
-        logs = vae_train.train_step(model, None, opt, None, vae_train.sample_batch(clips, tcfg, rng), step, tcfg, gen)
-        step += 1
-        on_step("end_to_end", {"step": step, **logs})
+    result = vae_train.train(tcfg, log=lambda s: None, on_step=on_step)
     bar.close()
-    model.eval()
-    with torch.no_grad():   # latent normalisation over the training clips' posterior means
-        means = torch.cat([model.posterior(vae_eval.to_video_tensor(c[:d.frames])[None])[0] for _, c in clips])
-        model.latent_mean.copy_(means.mean(dim=(0, 2, 3, 4)))
-        model.latent_std.copy_(means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3))
-    path = vae_train.save(model, None, tcfg, root / "ckpt", len(rows))
-    (root / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, path = result["model"].eval(), result["checkpoint"]
+    (root / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     counts = {k: sum(r["stage"] == k for r in rows) for k in VAE_STAGES}
-    log(f"[mugv] VAE: {counts} steps in {time.monotonic() - t0:.0f} s, final loss {rows[-1]['loss']:.4f} -> {path}")
+    log(f"[mugv] VAE: {counts} steps in {result['seconds']:.0f} s, final loss {rows[-1]['loss']:.4f} -> {path}")
     return model, path, rows
 
 

@@ -1,4 +1,6 @@
-"""Pre-training recipes: a curriculum of stages over one DiT, flow, training and parallel config.
+"""Pre-training recipes: a curriculum of stages over one DiT, flow, training, parallel and kernel
+config; `KernelConfig` is how a run chooses its attention backend, head-dim padding and fused
+kernels (the trainer applies it; its checkpoints record it).
 
 `PretrainConfig` is what `mugv cache` / `mugv train` run (torch_backend/jobs/pretrain.py) and what
 the demo composes; a recipe file (YAML/JSON) sets any of its fields and dotted options override
@@ -8,6 +10,7 @@ the field). Everything here is data: no torch, no jax.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from mugv.core import validate as v
 from mugv.core.dit import DiTConfig
@@ -43,6 +46,46 @@ class StageConfig:
         v.in_range(self, "lr", 0, 1, lo_open=True)
         v.in_range(self, "i2v", 0, 1)
         v.in_range(self, "caption_dropout", 0, 1)
+
+
+# Names only (core imports no torch): torch_backend/models/attention.py maps them onto SDPA
+# backends, kernels/registry.py onto the Triton kernels and their references.
+ATTENTION_BACKENDS = ("auto", "math", "cudnn", "flash", "efficient")
+KERNEL_NAMES = ("adaln_modulate", "gated_residual_modulate", "qk_rmsnorm_rope", "groupnorm_silu")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Which code runs the DiT's attention and fused ops (numerics equal within the kernels'
+    parity tolerances; speed differs).
+
+    attention_backend: SDPA backend: auto (GPU: cuDNN > flash > efficient > math; CPU: math) or
+        one of math, cudnn, flash, efficient.
+    pad_head_dim: zero-pad q/k/v of the self-attention to this head dim (a multiple of 8, >= the
+        model's head dim; exact: docs/benchmarks.md, head dim 72 -> 80); None: no padding.
+    kernels: fused Triton kernels: auto (those verified on this GPU by kernels/verified.json; the
+        MUGV_KERNELS environment variable, if set, decides), reference (plain torch everywhere),
+        all, or comma-separated names from KERNEL_NAMES. The CPU always runs the references.
+    """
+
+    attention_backend: str = "auto"
+    pad_head_dim: Optional[int] = None
+    kernels: str = "auto"
+
+    def __post_init__(self) -> None:
+        v.one_of(self, "attention_backend", ATTENTION_BACKENDS)
+        if self.pad_head_dim is not None and (not isinstance(self.pad_head_dim, int) or self.pad_head_dim <= 0
+                                              or self.pad_head_dim % 8):
+            v.fail(self, "pad_head_dim", "null or a positive multiple of 8")
+        names = [k.strip() for k in self.kernels.split(",")]
+        if self.kernels not in ("auto", "reference", "all") and (not all(names) or set(names) - set(KERNEL_NAMES)):
+            v.fail(self, "kernels", f"auto, reference, all or comma-separated names from {list(KERNEL_NAMES)}")
+
+    @property
+    def kernel_choice(self) -> Optional[str]:
+        """The registry's choice string (kernels/registry.py); None = auto (verified.json, or
+        MUGV_KERNELS when set)."""
+        return None if self.kernels == "auto" else self.kernels
 
 
 def demo_dit(**overrides) -> DiTConfig:
@@ -81,6 +124,7 @@ class PretrainConfig:
                                      log_every=50, keep_last=1, seed=0,
                                      optimizer=OptimizerConfig(lr=1e-3, min_lr=0.0, warmup_steps=10))
     parallel: ParallelConfig = ParallelConfig()
+    kernels: KernelConfig = KernelConfig()
     stages: tuple[StageConfig, ...] = (
         StageConfig("images", frames=1, steps=200, lr=1e-3),
         StageConfig("short_video", frames=17, steps=700, lr=1e-3, i2v=0.3),

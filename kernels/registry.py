@@ -87,13 +87,15 @@ def fingerprint(name: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def kernel_enabled(name: str, device) -> bool:
-    """Whether the Triton kernel `name` may replace its reference on `device` (see module doc)."""
+def kernel_enabled(name: str, device, choice: str | None = None) -> bool:
+    """Whether the Triton kernel `name` may replace its reference on `device` (see module doc).
+    `choice` (a run's `core/recipe.py::KernelConfig.kernels`: "reference", "all" or names) wins
+    over MUGV_KERNELS; None reads MUGV_KERNELS, and without it verified.json decides."""
     _entry(name)
     device_type = getattr(device, "type", str(device).split(":")[0])
     if device_type != "cuda":
         return False
-    choice = os.environ.get("MUGV_KERNELS", "").strip()
+    choice = (os.environ.get("MUGV_KERNELS", "") if choice is None else choice).strip()
     if choice == "reference":
         return False
     if choice == "all":
@@ -110,9 +112,9 @@ def kernel_enabled(name: str, device) -> bool:
     return name in record.get("kernels", []) and record.get("fingerprints", {}).get(name) == fingerprint(name)
 
 
-def select(name: str, device):
-    """The function to call for `name` on `device`: the Triton kernel where enabled, else the
-    plain-torch reference (same arguments and results)."""
+def select(name: str, device, choice: str | None = None):
+    """The function to call for `name` on `device`: the Triton kernel where enabled (`choice` as
+    in `kernel_enabled`), else the plain-torch reference (same arguments and results)."""
     entry = _entry(name)
     module = importlib.import_module(f"mugv.kernels.{entry.module}")
-    return getattr(module, entry.function if kernel_enabled(name, device) else entry.reference)
+    return getattr(module, entry.function if kernel_enabled(name, device, choice) else entry.reference)

@@ -35,6 +35,7 @@ from mugv.core.dit import DiTConfig
 from mugv.core.flow import FlowConfig
 from mugv.core.lora import LoRAConfig
 from mugv.core.parallel import ParallelConfig
+from mugv.core.recipe import KernelConfig
 from mugv.core.train import TrainConfig
 from mugv.torch_backend.data.batch import TrainBatch
 from mugv.torch_backend.jobs.loaders import load_base
@@ -156,7 +157,7 @@ def model_hook(cfg: DiTConfig, base, ft: FinetuneConfig, seed: int = 0):
 def finetune(base: str | os.PathLike, source, out_dir: str | os.PathLike, ft: FinetuneConfig,
              train: TrainConfig, flow: FlowConfig = FlowConfig(),
              parallel: ParallelConfig = ParallelConfig(), log: Callable[[str], None] = print,
-             on_metrics: Optional[Callable[[dict], None]] = None) -> dict:
+             on_metrics: Optional[Callable[[dict], None]] = None, kernels: KernelConfig = KernelConfig()) -> dict:
     """Fine-tune from `base` (official file or mugv checkpoint) on `source` (a BatchSource, e.g.
     `prepare_data(...)`), writing checkpoints, metrics.jsonl and TensorBoard events under
     `out_dir` (a rerun resumes from its newest checkpoint). LoRA runs also write the adapters
@@ -177,7 +178,8 @@ def finetune(base: str | os.PathLike, source, out_dir: str | os.PathLike, ft: Fi
     trainer = Trainer(cfg, train, flow, source, out_dir, parallel=parallel, stage=stage,
                       model_hook=model_hook(cfg, frozen_from if isinstance(base_weights, str) else base_weights,
                                             ft, seed=train.seed),
-                      log=log, on_metrics=on_metrics, frozen_from=frozen_from if ft.mode == "lora" else None)
+                      log=log, on_metrics=on_metrics, frozen_from=frozen_from if ft.mode == "lora" else None,
+                      kernels=kernels)
     rank = dist.get_rank()
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
@@ -253,6 +255,7 @@ class FinetuneRunConfig:
     train: TrainConfig = TrainConfig()
     flow: FlowConfig = FlowConfig()
     parallel: ParallelConfig = ParallelConfig()
+    kernels: KernelConfig = KernelConfig()
 
     def __post_init__(self) -> None:
         if bool(self.vae_official) == bool(self.vae_checkpoint):
@@ -276,6 +279,6 @@ def finetune_command(cfg: FinetuneRunConfig) -> int:
                           cache_dir=Path(cfg.out) / "cache" if cfg.cache else None, seed=cfg.finetune.data_seed,
                           log=lambda s: print(s, flush=True), sample_posterior=cfg.sample_posterior)
     result = finetune(cfg.base, source, cfg.out, cfg.finetune, cfg.train, cfg.flow, cfg.parallel,
-                      log=lambda s: print(s, flush=True))
+                      log=lambda s: print(s, flush=True), kernels=cfg.kernels)
     print(json.dumps(result, indent=1, default=str))
     return 0

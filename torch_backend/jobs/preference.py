@@ -12,7 +12,7 @@ from mugv.core.dit import DiTConfig
 from mugv.core.flow import FlowConfig
 from mugv.core.parallel import ParallelConfig
 from mugv.core.preference import PreferenceStageConfig
-from mugv.core.recipe import demo_dit
+from mugv.core.recipe import KernelConfig, demo_dit
 from mugv.core.train import OptimizerConfig, TrainConfig
 from mugv.torch_backend.training.preference import PreferenceTrainer, resolve_reference
 from mugv.torch_backend.training.trainer import StageSettings
@@ -59,6 +59,7 @@ class PreferenceRunConfig:
                                      log_every=25, keep_last=1, seed=0,
                                      optimizer=OptimizerConfig(lr=1e-4, min_lr=0.0, warmup_steps=0))
     parallel: ParallelConfig = ParallelConfig()
+    kernels: KernelConfig = KernelConfig()
 
     def __post_init__(self) -> None:
         from mugv.core import validate as v
@@ -98,7 +99,8 @@ def train_preference(cfg: PreferenceRunConfig, log=print, on_metrics=None) -> Pa
     log(f"[mugv] preference stage ({cfg.objective}): {len(rows)} {'pairs' if cfg.objective == 'dpo' else 'samples'}, "
         f"{cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, beta {cfg.beta:g} -> {cfg.out}")
     trainer = PreferenceTrainer(cfg.dit, train, cfg.flow, source, cfg.out, cfg.stage_config(str(reference)),
-                                stage=settings, parallel=cfg.parallel, log=log, on_metrics=on_metrics)
+                                stage=settings, parallel=cfg.parallel, log=log, on_metrics=on_metrics,
+                                kernels=cfg.kernels)
     try:
         trainer.run()
     finally:

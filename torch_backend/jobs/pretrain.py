@@ -89,7 +89,7 @@ def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Op
                 on_metrics = _with_previews(on_metrics, Previewer(cfg, stage, vae, text, run_dir / "samples"),
                                             holder, cfg.sample_every, stage.steps)
             trainer = Trainer(cfg.dit, train, cfg.flow, source, run_dir, parallel=cfg.parallel,
-                              stage=settings, log=log, on_metrics=on_metrics)
+                              stage=settings, log=log, on_metrics=on_metrics, kernels=cfg.kernels)
             holder["model"] = trainer.model
             try:
                 trainer.run()

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mugv.core.recipe import ATTENTION_BACKENDS
+
 _BY_NAME = {
     "math": [SDPBackend.MATH],
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -29,7 +31,8 @@ _BY_NAME = {
 #   cross-attention to 300 masked text tokens: cuDNN 27-43, efficient 17-18; flash takes no mask.
 GPU_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-BACKENDS = ("auto", *_BY_NAME)
+BACKENDS = ATTENTION_BACKENDS   # the names a run's KernelConfig may give (core/recipe.py)
+assert set(BACKENDS) == {"auto", *_BY_NAME}, (BACKENDS, list(_BY_NAME))
 
 
 def sdpa_context(backend: str, device: torch.device):

@@ -33,6 +33,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mugv.core.recipe import KernelConfig
 from mugv.torch_backend.models.attention import DotProductAttention
 
 # ---------------------------------------------------------------------------------------------
@@ -111,16 +112,36 @@ def _contiguous_args(fn):
     return call
 
 
-def kernel_ops(device) -> DiTOps:
+DIT_KERNELS = ("adaln_modulate", "gated_residual_modulate", "qk_rmsnorm_rope")
+
+
+def kernel_ops(device, choice: str | None = None) -> DiTOps:
     """DiTOps with each slot chosen by `mugv.kernels.registry.select` on `device` (the Triton
-    kernel where verified there, else its plain-torch reference)."""
+    kernel where verified there, else its plain-torch reference; `choice`: a KernelConfig's
+    `kernel_choice`, None = verified.json / MUGV_KERNELS)."""
     from mugv.kernels.registry import select
     return DiTOps(
-        adaln_modulate=_contiguous_args(select("adaln_modulate", device)),
-        gated_residual_modulate=_contiguous_args(select("gated_residual_modulate", device)),
+        adaln_modulate=_contiguous_args(select("adaln_modulate", device, choice)),
+        gated_residual_modulate=_contiguous_args(select("gated_residual_modulate", device, choice)),
         # reads q/k as strided views of the fused qkv output (head stride 3 d): no copy first
-        qk_rmsnorm_rope=select("qk_rmsnorm_rope", device),
+        qk_rmsnorm_rope=select("qk_rmsnorm_rope", device, choice),
     )
+
+
+def kernels_selected(kernels: KernelConfig, device) -> dict[str, str]:
+    """Which code each DiT kernel slot runs under `kernels` on `device`: "triton" or "reference"
+    (what a checkpoint records next to the KernelConfig)."""
+    from mugv.kernels.registry import kernel_enabled
+    return {name: "triton" if kernel_enabled(name, device, kernels.kernel_choice) else "reference"
+            for name in DIT_KERNELS}
+
+
+def layer_spec_for(kernels: KernelConfig, device) -> ModuleSpec:
+    """The layer spec a run's KernelConfig asks for on `device`: the kernel slots (references on a
+    CPU), the attention backend, and head-dim padding of the self-attention."""
+    ops = kernel_ops(device, kernels.kernel_choice) if getattr(device, "type", str(device)) == "cuda" else REFERENCE_OPS
+    return mugdit_layer_spec(ops=ops, attention_backend=kernels.attention_backend,
+                             pad_head_dim=kernels.pad_head_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,17 +414,20 @@ class MUGDiTLayer(torch.nn.Module):
 
 def mugdit_layer_spec(ops: DiTOps = REFERENCE_OPS, attention_backend: str = "auto",
                       column: type = ColumnParallelLinear,
-                      row: type = RowParallelLinear) -> ModuleSpec:
+                      row: type = RowParallelLinear, pad_head_dim: int | None = None) -> ModuleSpec:
     """The MUG-DiT layer spec: Megatron's parallel linears, the kernel slot `ops` and the attention
-    backend (see `mugv.torch_backend.models.attention.BACKENDS`)."""
+    backend (see `mugv.torch_backend.models.attention.BACKENDS`); `pad_head_dim` zero-pads the
+    self-attention's heads (exact; cross-attention is not padded)."""
     core = ModuleSpec(module=DotProductAttention, params={"backend": attention_backend})
+    self_core = core if pad_head_dim is None else ModuleSpec(
+        module=DotProductAttention, params={"backend": attention_backend, "pad_head_dim": pad_head_dim})
     return ModuleSpec(
         module=MUGDiTLayer,
         params={"ops": ops},
         submodules=MUGDiTLayerSubmodules(
             self_attn=ModuleSpec(module=SelfAttention,
                                  submodules=SelfAttentionSubmodules(qkv=column, proj=row,
-                                                                    core_attention=core)),
+                                                                    core_attention=self_core)),
             cross_attn_norm=AffineLayerNorm,
             cross_attn=ModuleSpec(module=CrossAttention,
                                   submodules=CrossAttentionSubmodules(q=column, kv=column, proj=row,

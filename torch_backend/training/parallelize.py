@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from mugv.core.dit import DiTConfig, sequence_length
 from mugv.core.parallel import ParallelConfig, check_layout
+from mugv.core.recipe import KernelConfig
 from mugv.torch_backend.parallel import megatron_compat
 from mugv.torch_backend.models.context_parallel import padded_length
 from mugv.torch_backend.parallel.launch import init_distributed
@@ -50,6 +51,7 @@ class ParallelDiT:
         in Megatron's DDP when `wrap_ddp` (then `.module` is the MUGDiT stage).
     config: the Megatron TransformerConfig they share.
     par: the layout; data_parallel: the data-parallel size it left.
+    layer_spec: the layer spec they were built from (kernels, attention), for copies of the model.
     """
 
     chunks: list
@@ -57,6 +59,7 @@ class ParallelDiT:
     par: ParallelConfig
     data_parallel: int
     dit: DiTConfig
+    layer_spec: object = None   # the MUG-DiT layer spec the chunks were built with
 
     @property
     def stages(self) -> list:
@@ -75,15 +78,17 @@ def chunk_layers(depth: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> ran
 
 def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
                 params_dtype: torch.dtype = torch.float32, wrap_ddp: bool = True,
-                bucket_size: Optional[int] = None, layer_spec=None, **config_overrides) -> ParallelDiT:
+                bucket_size: Optional[int] = None, layer_spec=None, kernels: KernelConfig = KernelConfig(),
+                **config_overrides) -> ParallelDiT:
     """Initialise Megatron's parallel state for `par` and build this rank's part of MUG-DiT.
 
     Validates the layout first (`check_layout`, then no work: `LayoutError` names the sizes).
     Joins the torchrun world if there is one (see `mugv.torch_backend.parallel.launch`), else a world of
     one process. `seed` draws the same global model at any layout (None: leave undrawn, to load).
     `config_overrides` go to the TransformerConfig (e.g. recompute settings). `layer_spec`: the
-    MUG-DiT layer spec (default `mugdit_layer_spec()` with the verified Triton kernels on a GPU,
-    the plain-torch ops on a CPU); under context parallelism its
+    MUG-DiT layer spec (default: the one `kernels` asks for, `dit_layers.layer_spec_for`: the
+    verified Triton kernels on a GPU, the plain-torch ops on a CPU, the attention backend and
+    head-dim padding); under context parallelism its
     self-attention core is wrapped in Ulysses attention (`context_parallel.ulysses_layer_spec`).
     """
     from megatron.core import parallel_state as ps
@@ -105,11 +110,11 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
     config = transformer_config(dit, params_dtype=params_dtype, **fields)
     pp_rank = ps.get_pipeline_model_parallel_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if layer_spec is None and device.type == "cuda":
+    if layer_spec is None:
         # The Triton kernels wherever kernels/verified.json records their parity on this GPU
-        # (kernels/registry.py), else their plain-torch references: the trainer's default path.
-        from mugv.torch_backend.models.dit_layers import kernel_ops, mugdit_layer_spec
-        layer_spec = mugdit_layer_spec(ops=kernel_ops(device))
+        # (kernels/registry.py; or as `kernels.kernels` says), else their plain-torch references.
+        from mugv.torch_backend.models.dit_layers import layer_spec_for
+        layer_spec = layer_spec_for(kernels, device)
     chunks = []
     for v in range(vpp):
         layers = chunk_layers(dit.depth, pp, vpp, pp_rank, v)
@@ -130,7 +135,7 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
                   for i, m in enumerate(chunks)]
         config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
         config.finalize_model_grads_func = finalize_grads
-    return ParallelDiT(chunks, config, par, dp, dit)
+    return ParallelDiT(chunks, config, par, dp, dit, layer_spec)
 
 
 def finalize_grads(chunks: Sequence, num_tokens=None, pg_collection=None, force_all_reduce: bool = False) -> None:

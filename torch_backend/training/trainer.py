@@ -69,6 +69,7 @@ from mugv.core.dit import DiTConfig, dit_schema, patch_grid, video_tokens
 from mugv.core.flops import H100_BF16_PEAK, step_flops
 from mugv.core.flow import FlowConfig
 from mugv.core.parallel import ParallelConfig, check_layout
+from mugv.core.recipe import KernelConfig
 from mugv.core.schema import Schema
 from mugv.core.train import TrainConfig, ema_update, learning_rate
 from mugv.core.validate import to_dict
@@ -150,7 +151,8 @@ class Trainer(CheckpointMixin):
                  stage: StageSettings = StageSettings(), grad_hook: Optional[Callable] = None,
                  log: Callable[[str], None] = print, model_hook: Optional[Callable] = None,
                  on_metrics: Optional[Callable[[dict], None]] = None,
-                 async_save: Optional[bool] = None, frozen_from: Optional[str] = None):
+                 async_save: Optional[bool] = None, frozen_from: Optional[str] = None,
+                 kernels: KernelConfig = KernelConfig()):
         """Arguments beyond the configs:
             source: resumable global-batch source (`training/batch.py::BatchSource`).
             grad_hook(step, model): called after backward, before the finiteness check (tests
@@ -165,6 +167,8 @@ class Trainer(CheckpointMixin):
                 hold only the trainable parameters and record this path, and resuming checks it:
                 a 10B LoRA checkpoint is then its adapters and their state, not 40 GB of an fp32
                 copy of the base. None: checkpoints hold every parameter (self-contained).
+            kernels: attention backend, head-dim padding and fused-kernel set of the model (and of
+                its frozen copies); checkpoints record it and which kernels ran (`config_dict`).
         """
         self.dit, self.train, self.flow, self.parallel, self.stage = dit, train, flow, parallel, stage
         self.source = source
@@ -176,6 +180,7 @@ class Trainer(CheckpointMixin):
         self.log = log
         self.async_save = torch.cuda.is_available() if async_save is None else async_save
         self.frozen_from = frozen_from
+        self.kernels = kernels
         self.step = 0                  # iterations done (skipped ones included)
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
@@ -201,7 +206,7 @@ class Trainer(CheckpointMixin):
         recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
                      "full": dict(recompute_granularity="full", recompute_method="uniform",
                                   recompute_num_layers=self.train.recompute_layers or 1)}[self.train.recompute]
-        pm = parallelize(self.dit, p, seed=self.train.seed, wrap_ddp=False,
+        pm = parallelize(self.dit, p, seed=self.train.seed, wrap_ddp=False, kernels=self.kernels,
                          params_dtype=torch.bfloat16 if bf16 else torch.float32, **recompute)
         self.pm, self.params_dtype = pm, pm.config.params_dtype
         self.rank = dist.get_rank()
@@ -264,8 +269,12 @@ class Trainer(CheckpointMixin):
         return model + 3 * self.trainable.numel
 
     def config_dict(self) -> dict:
+        from mugv.torch_backend.models.dit_layers import kernels_selected
         return {"dit": to_dict(self.dit), "train": to_dict(self.train), "flow": to_dict(self.flow),
-                "parallel": to_dict(self.parallel), "stage": to_dict(self.stage)}
+                "parallel": to_dict(self.parallel), "stage": to_dict(self.stage),
+                # what produced the weights: the run's choice and what it resolved to on this device
+                "kernels": {**to_dict(self.kernels), "selected": kernels_selected(self.kernels, self.device),
+                            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}}
 
     # ------------------------------------------------------------------------------------------
     # Override points (see the module docstring)
@@ -397,7 +406,8 @@ class Trainer(CheckpointMixin):
 
         copies = []
         for m in self.stages:
-            c = build_dit(self.dit, self.pm.config, seed=None, device=self.device, pre_process=m.pre_process,
+            c = build_dit(self.dit, self.pm.config, self.pm.layer_spec, seed=None, device=self.device,
+                          pre_process=m.pre_process,
                           post_process=m.post_process, layers=m.layer_range)
             c.share_embeddings_and_output_weights = False
             copies.append(c)

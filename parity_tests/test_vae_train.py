@@ -113,7 +113,7 @@ def test_train_vae_command_sets_the_latent_normalisation(tmp_path):
     clips' posterior means, not the 0 / 1 it starts with: its normalised latents of those clips
     have channel means 0 and standard deviations 1."""
     from mugv.torch_backend.cli import main
-    from mugv.torch_backend.jobs import vae_eval
+    from mugv.torch_backend.data import media
     from mugv.torch_backend.jobs.loaders import vae_model
 
     data = tmp_path / "clips"
@@ -123,14 +123,14 @@ def test_train_vae_command_sets_the_latent_normalisation(tmp_path):
         t, yy, xx = np.meshgrid(np.arange(9), np.arange(24), np.arange(40), indexing="ij")
         base = 127 + 100 * np.sin(0.3 * xx + 0.2 * yy + 0.5 * t + i)
         frames = np.clip(base[..., None] + rng.integers(-20, 20, (9, 24, 40, 3)), 0, 255).astype(np.uint8)
-        vae_eval.write_mp4(data / f"clip{i}.mp4", frames, fps=8)
+        media.write_mp4(data / f"clip{i}.mp4", frames, fps=8)
     assert main(["train-vae", "--data", str(data), "--size", "golden", "--height", "24", "--width", "40",
                  "--num_frames", "9", "--fps", "8", "--steps", "1", "--spatial_steps", "1", "--eval_frames", "9",
                  "--evaluate", "false", "--out", str(tmp_path / "run")]) == 0
     ckpt = sorted((tmp_path / "run" / "ckpt").glob("step_*"))[-1]
     model = vae_model("golden", checkpoint=str(ckpt)).eval()
     assert not torch.all(model.latent_mean == 0) and not torch.all(model.latent_std == 1)
-    clips = [vae_eval.to_video_tensor(vae_eval.load_clip(s, 9, 24, 40, 8.0)) for s in vae_eval.list_clips(data)]
+    clips = [media.to_video_tensor(media.load_clip(s, 9, 24, 40, 8.0)) for s in media.list_clips(data)]
     with torch.no_grad():
         z = torch.cat([model.encode(c[None], sample=False) for c in clips])
     torch.testing.assert_close(z.mean(dim=(0, 2, 3, 4)), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)

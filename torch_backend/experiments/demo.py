@@ -177,7 +177,8 @@ def generate_samples(cfg: DemoConfig, run_dir: pathlib.Path, vae, held_out: path
     from mugv.core.vae import latent_shape
     from mugv.torch_backend.parallel import megatron_compat
     from mugv.torch_backend.jobs.loaders import load_dit, text_encoder
-    from mugv.torch_backend.jobs.sample import sample_latents, to_uint8
+    from mugv.torch_backend.data.media import to_uint8
+    from mugv.torch_backend.jobs.sample import sample_latents
     from mugv.torch_backend.data.decode import decode_clip, to_model_range
     from mugv.torch_backend.data.manifest import read_manifest
 
@@ -212,7 +213,8 @@ def run(cfg: DemoConfig, log=print) -> dict:
     from mugv.torch_backend.jobs import report, vae_eval
     from mugv.torch_backend.jobs.evaluate import analyzer_accuracy
     from mugv.torch_backend.jobs.pretrain import train_stages
-    from mugv.torch_backend.jobs.sample import to_uint8
+    from mugv.torch_backend.data import media
+    from mugv.torch_backend.data.media import to_uint8
     from mugv.torch_backend.models.vae import init_vae
     from mugv.core import vae as spec
 
@@ -265,7 +267,7 @@ def run(cfg: DemoConfig, log=print) -> dict:
     from mugv.torch_backend.data.manifest import read_manifest
     real = [decode_clip(e.path, video_frames, d.size, d.size, d.fps) for e in read_manifest(manifests["held_out"])[:cfg.samples]]
     with torch.no_grad():
-        recon = [to_uint8(vae.decode(vae.encode(vae_eval.to_video_tensor(c)[None], sample=False), len(c))[0])
+        recon = [to_uint8(vae.decode(vae.encode(media.to_video_tensor(c)[None], sample=False), len(c))[0])
                  for c in real]
     for name, videos in (("real", real), ("vae_recon", recon), ("t2v", samples["t2v"]), ("i2v", samples["i2v"])):
         results[name], rows = analyzer_accuracy(videos, captions)
@@ -276,19 +278,19 @@ def run(cfg: DemoConfig, log=print) -> dict:
     results["seconds"] = times
 
     # what a user looks at
-    media = out / "media"
+    media_dir = out / "media"
     n = min(8, len(captions))
-    report.write_png(media / "t2v_grid.png", report.frame_grid(samples["t2v"][:n]))
-    report.write_png(media / "i2v_grid.png", report.frame_grid(samples["i2v"][:n]))
-    report.write_png(media / "held_out_grid.png", report.frame_grid(real[:n]))
+    media.write_png(media_dir / "t2v_grid.png", media.frame_grid(samples["t2v"][:n]))
+    media.write_png(media_dir / "i2v_grid.png", media.frame_grid(samples["i2v"][:n]))
+    media.write_png(media_dir / "held_out_grid.png", media.frame_grid(real[:n]))
     for i in range(min(4, n)):
-        report.write_mp4(media / f"t2v_{i}.mp4", np.concatenate([real[i], samples["t2v"][i], samples["i2v"][i]], axis=2), d.fps)
+        media.write_mp4(media_dir / f"t2v_{i}.mp4", np.concatenate([real[i], samples["t2v"][i], samples["i2v"][i]], axis=2), d.fps)
     runs = {s.name: report.read_metrics(pathlib.Path(pre.out) / "stages" / s.name / "metrics.jsonl") for s in pre.stages}
     previews = {s.name: sorted((pathlib.Path(pre.out) / "stages" / s.name / "samples").glob("step_*.png"))
                 for s in pre.stages}
-    report.loss_curve(runs, media / "loss_curve.png", marks={k: [int(p.stem[5:]) for p in x] for k, x in previews.items()})
+    report.loss_curve(runs, media_dir / "loss_curve.png", marks={k: [int(p.stem[5:]) for p in x] for k, x in previews.items()})
     report.loss_curve({label: [r for r in vae_rows if r.get("stage", "end_to_end") == stage]
-                       for stage, label in VAE_STAGES.items()}, media / "vae_loss_curve.png",
+                       for stage, label in VAE_STAGES.items()}, media_dir / "vae_loss_curve.png",
                       ylabel="loss (pixels in [-1, 1] / relative)")
     results["previews"] = {k: [str(p.relative_to(out)) for p in x] for k, x in previews.items()}
     if cfg.preference != "none":

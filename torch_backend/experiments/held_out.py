@@ -44,12 +44,13 @@ def held_out_experiment(out_dir: str | os.PathLike, attribute: str = "colour", v
     from mugv.core.vae import latent_shape
     from mugv.torch_backend.experiments import demo
     from mugv.torch_backend.jobs.generate_data import DemoData, caption, generate
-    from mugv.torch_backend.jobs import report as rp
+    from mugv.torch_backend.data import media
     from mugv.torch_backend.parallel import megatron_compat
     from mugv.torch_backend.jobs.evaluate import analyzer_accuracy
     from mugv.torch_backend.jobs.loaders import load_vae, text_encoder
     from mugv.torch_backend.jobs.pretrain import train_stages
-    from mugv.torch_backend.jobs.sample import sample_latents, to_uint8
+    from mugv.torch_backend.data.media import to_uint8
+    from mugv.torch_backend.jobs.sample import sample_latents
     from mugv.torch_backend.data.cache import vae_encoder
 
     torch.set_num_threads(1)
@@ -111,7 +112,7 @@ def held_out_experiment(out_dir: str | os.PathLike, attribute: str = "colour", v
             megatron_compat.destroy_parallel()
         acc, per = analyzer_accuracy(videos["held_out"], prompts * len(seeds))
         control, _ = analyzer_accuracy(videos["control"], controls * len(seeds))
-        rp.write_png(out / f"{name_}_grid.png", rp.frame_grid(videos["held_out"][:8]))
+        media.write_png(out / f"{name_}_grid.png", media.frame_grid(videos["held_out"][:8]))
         got = [r.get(attribute) for r in per]
         log(f"[mugv] {name_}: {attribute} accuracy on '{value}' prompts {acc[attribute]:.1%} (read "
             f"{ {g: got.count(g) for g in sorted(set(map(str, got)))} }); on the other {attribute} prompts "

@@ -51,7 +51,8 @@ def held_out_accuracy(checkpoint, vae, captions: list[str], seed: int, draws: in
     from mugv.core.recipe import demo_dit
     from mugv.torch_backend.jobs.evaluate import analyzer_accuracy
     from mugv.torch_backend.jobs.loaders import load_dit, text_encoder
-    from mugv.torch_backend.jobs.sample import sample_latents, to_uint8
+    from mugv.torch_backend.data.media import to_uint8
+    from mugv.torch_backend.jobs.sample import sample_latents
 
     dit = dit or demo_dit()
     sampler = sampler or FlowSamplerConfig(num_steps=20, guidance_scale=3.0)

@@ -63,7 +63,8 @@ def caption(colour: str, shape: str, motion: str, variant: int = 0) -> str:
 def generate(cfg: DemoData, out_dir: str | pathlib.Path, log=print) -> dict[str, pathlib.Path]:
     """Render the training and held-out clips as mp4 + manifests; clip i of a split depends only
     on (seed, split, i), and existing clips are kept (a re-run resumes). Returns the manifests."""
-    from mugv.torch_backend.data.product_videos import Scene, encode_mp4, render
+    from mugv.torch_backend.data.media import write_mp4
+    from mugv.torch_backend.data.product_videos import Scene, render
 
     out = pathlib.Path(out_dir)
     (out / "clips").mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def generate(cfg: DemoData, out_dir: str | pathlib.Path, log=print) -> dict[str,
             name = f"clips/{split}_{i:05d}.mp4"
             if not (out / name).exists():
                 tmp = out / (name + ".part.mp4")
-                encode_mp4(render(scene, render_seed, cfg.size, cfg.frames), cfg.fps, tmp)
+                write_mp4(tmp, render(scene, render_seed, cfg.size, cfg.frames), cfg.fps, crf=18)
                 tmp.rename(out / name)   # atomic: a killed run never leaves half a clip
             rows.append({"id": f"{split}_{i:05d}", "path": name, "fps": cfg.fps,
                          "caption": caption(scene.colour, scene.shape, scene.motion, variant),

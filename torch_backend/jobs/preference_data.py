@@ -104,9 +104,10 @@ def sample_candidates(cfg: PreferenceDataConfig, captions: list[str], log=print)
 
     from mugv.core.vae import latent_shape
     from mugv.torch_backend.parallel import megatron_compat
-    from mugv.torch_backend.jobs import report
+    from mugv.torch_backend.data import media
+    from mugv.torch_backend.data.media import to_uint8
     from mugv.torch_backend.jobs.loaders import load_dit, load_vae, text_encoder
-    from mugv.torch_backend.jobs.sample import sample_latents, to_uint8
+    from mugv.torch_backend.jobs.sample import sample_latents
 
     out = pathlib.Path(cfg.out)
     (out / "latents").mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,7 @@ def sample_candidates(cfg: PreferenceDataConfig, captions: list[str], log=print)
                     p = start + j
                     name = f"p{p:04d}_k{k:02d}"
                     np.save(out / "latents" / f"{name}.npy", lat.numpy().astype(np.float32))
-                    report.write_mp4(out / "videos" / f"{name}.mp4", clip, cfg.fps)
+                    media.write_mp4(out / "videos" / f"{name}.mp4", clip, cfg.fps)
                     rows.append({"id": name, "prompt": p, "k": k, "caption": captions[p],
                                  "latent": f"latents/{name}.npy", "video": f"videos/{name}.mp4",
                                  **reward(clip, captions[p])})

@@ -17,7 +17,8 @@ from mugv.core import validate as v
 from mugv.core.recipe import PretrainConfig, StageConfig
 from mugv.core.sampler import FlowSamplerConfig
 from mugv.torch_backend.jobs.loaders import load_vae, require_path, text_encoder
-from mugv.torch_backend.jobs.sample import sample_latents, to_uint8
+from mugv.torch_backend.data.media import frame_grid, to_uint8, write_mp4, write_png
+from mugv.torch_backend.jobs.sample import sample_latents
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +116,6 @@ class Previewer:
         self.written: list[pathlib.Path] = []
 
     def __call__(self, model, step: int) -> pathlib.Path:
-        from mugv.torch_backend.jobs import report
         was_training = model.training
         model.eval()
         try:
@@ -125,8 +125,8 @@ class Previewer:
                 videos = [to_uint8(x) for x in self.vae.decode(z, self.stage.frames)]
         finally:
             model.train(was_training)
-        png = report.write_png(self.folder / f"step_{step:06d}.png", report.frame_grid(videos))
-        report.write_mp4(self.folder / f"step_{step:06d}.mp4", np.concatenate(videos, axis=2), self.cfg.fps)
+        png = write_png(self.folder / f"step_{step:06d}.png", frame_grid(videos))
+        write_mp4(self.folder / f"step_{step:06d}.mp4", np.concatenate(videos, axis=2), self.cfg.fps)
         (self.folder / "prompts.txt").write_text("".join(f"{i}. {c}\n" for i, c in enumerate(self.captions)))
         self.written.append(png)
         return png

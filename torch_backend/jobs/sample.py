@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import pathlib
 
-import numpy as np
 import torch
 
 from mugv.core.dit import DiTConfig, patch_grid
 from mugv.core.sampler import FlowSamplerConfig
+from mugv.torch_backend.data.media import frame_grid, to_uint8, write_mp4, write_png
 
 
 @torch.no_grad()
@@ -50,11 +50,6 @@ def sample_latents(model, dit: DiTConfig, text: torch.Tensor, text_mask: torch.T
     return objectives.sample(call, sampler_cfg, noise, 1.0, cond, frame_mask)
 
 
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """(3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
-
-
 def sample(ns) -> int:
     """`mugv sample` (cli/commands.py builds `ns`): decode, write sample_<i>.mp4, grid.png and
     prompts.json under `ns.out`."""
@@ -83,8 +78,8 @@ def sample(ns) -> int:
         videos = [to_uint8(x) for x in vae.decode(z, ns.frames)]
     out = pathlib.Path(ns.out)
     for i, video in enumerate(videos):
-        report.write_mp4(out / f"sample_{i}.mp4", video, ns.fps)
-    report.write_png(out / "grid.png", report.frame_grid(videos))
+        write_mp4(out / f"sample_{i}.mp4", video, ns.fps)
+    write_png(out / "grid.png", frame_grid(videos))
     (out / "prompts.json").write_text(json.dumps(list(ns.prompt), indent=1))
     print(f"{len(videos)} clips ({'i2v' if ns.image else 't2v'}) -> {out}")
     return 0

@@ -1,5 +1,6 @@
 """VAE reconstruction quality over a folder (or manifest) of clips: PSNR and SSIM per clip and their
-mean, plus side-by-side original/reconstruction images (PNG) and videos (mp4).
+mean, plus side-by-side original/reconstruction images (PNG) and videos (mp4) (media helpers:
+data/media.py).
 
 PSNR is computed on [0, 1] pixels over the whole clip (one MSE per clip). SSIM is torchmetrics'
 `structural_similarity_index_measure` (Gaussian 11x11, sigma 1.5), averaged over frames.
@@ -10,65 +11,17 @@ PSNR is computed on [0, 1] pixels over the whole clip (one MSE per clip). SSIM i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
-import struct
 import sys
-import zlib
 
 import numpy as np
 import torch
 
 from mugv.core import vae as spec
+from mugv.torch_backend.data.media import (list_clips, load_clip, side_by_side, to_uint8, to_video_tensor,
+                                           write_mp4, write_png)
 from mugv.torch_backend.models.vae import VideoVAE
-
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
-
-
-@dataclasses.dataclass(frozen=True)
-class ClipSource:
-    name: str
-    path: pathlib.Path
-    fps: float | None = None
-
-
-def list_clips(data: str | pathlib.Path) -> list[ClipSource]:
-    """Video files of a folder (sorted), or the entries of a .jsonl/.csv manifest."""
-    data = pathlib.Path(data)
-    if data.is_dir():
-        found = [ClipSource(p.stem, p) for p in sorted(data.iterdir()) if p.suffix.lower() in VIDEO_SUFFIXES]
-    elif data.is_file():
-        from mugv.torch_backend.data.manifest import read_manifest
-        found = [ClipSource(e.sample_id, e.path, e.fps) for e in read_manifest(data)]
-    else:
-        raise FileNotFoundError(f"--data {data}: expected a folder of videos or a manifest file")
-    if not found:
-        raise FileNotFoundError(f"--data {data}: no video files ({', '.join(VIDEO_SUFFIXES)})")
-    return found
-
-
-def load_clip(src: ClipSource, num_frames: int | None, height: int, width: int, fps: float) -> np.ndarray:
-    """uint8 (T, H, W, 3) at `fps`, cover-resized and centre-cropped (data pipeline decode).
-    num_frames None: every frame the clip has at `fps`."""
-    from mugv.core.data import frames_available
-    from mugv.torch_backend.data.decode import decode_clip, probe
-    if num_frames is None:
-        info = probe(src.path, src.fps)
-        num_frames = frames_available(info.num_frames, info.fps, fps)
-    return decode_clip(src.path, num_frames, height, width, target_fps=fps, source_fps=src.fps)
-
-
-def to_video_tensor(clip: np.ndarray) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float32 (3, T, H, W) in [-1, 1] (notes 3.1)."""
-    return torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1.0
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """(3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3): clamp, then (x + 1) / 2 * 255 + 0.5 (notes 3.1)."""
-    x = ((video.clamp(-1, 1) + 1) / 2 * 255 + 0.5).floor().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().numpy()
-
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """PSNR in dB of two [-1, 1] videos, measured on [0, 1] pixels over the whole clip."""
@@ -89,43 +42,6 @@ def reconstruct(model: VideoVAE, video: torch.Tensor, frame_batch: int | None = 
     """Posterior mean -> decode: the deterministic reconstruction of one (3, T, H, W) clip."""
     latent = model.encode(video[None], sample=False, frame_batch=frame_batch)
     return model.decode(latent, video.shape[1], frame_batch=frame_batch)[0]
-
-
-def write_png(path: pathlib.Path, rgb: np.ndarray) -> None:
-    """Minimal PNG writer (8-bit RGB, no filter): no imaging library needed."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    path.write_bytes(png)
-
-
-def write_mp4(path: pathlib.Path, frames: np.ndarray, fps: float) -> None:
-    """uint8 (T, H, W, 3) -> H.264 mp4 (yuv420p needs even sizes: odd ones are padded by one)."""
-    import av
-    from fractions import Fraction
-    t, h, w, _ = frames.shape
-    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": "12"}
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def side_by_side(original: np.ndarray, recon: np.ndarray, max_frames: int = 6) -> np.ndarray:
-    """PNG layout: originals on the top row, reconstructions below, up to `max_frames` frames."""
-    pick = np.linspace(0, len(original) - 1, min(max_frames, len(original))).round().astype(int)
-    return np.concatenate([np.concatenate(list(original[pick]), axis=1),
-                           np.concatenate(list(recon[pick]), axis=1)], axis=0)
 
 
 def evaluate(model: VideoVAE, data: str | pathlib.Path, height: int, width: int, num_frames: int,

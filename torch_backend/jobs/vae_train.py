@@ -33,6 +33,7 @@ from torch import nn
 
 from mugv.core import vae as spec
 from mugv.core.schema import ParamSpec, Schema
+from mugv.torch_backend.data import media
 from mugv.torch_backend.jobs import vae_eval
 from mugv.torch_backend.models.vae import VideoVAE, init_vae
 
@@ -127,8 +128,8 @@ def module_schema(module: nn.Module) -> Schema:
 def load_clips(cfg: VAETrainConfig) -> list[tuple[str, np.ndarray]]:
     """Every clip decoded once, whole, at the training resolution and rate."""
     clips = []
-    for src in vae_eval.list_clips(cfg.data):
-        clip = vae_eval.load_clip(src, None, cfg.height, cfg.width, cfg.fps)
+    for src in media.list_clips(cfg.data):
+        clip = media.load_clip(src, None, cfg.height, cfg.width, cfg.fps)
         if len(clip) >= cfg.num_frames:
             clips.append((src.name, clip))
     if not clips:
@@ -145,7 +146,7 @@ def sample_batch(clips: list[tuple[str, np.ndarray]], cfg: VAETrainConfig, rng: 
         window = clip[start:start + cfg.num_frames]
         if rng.random() < 0.5:
             window = window[:, :, ::-1]
-        out.append(vae_eval.to_video_tensor(np.ascontiguousarray(window)))
+        out.append(media.to_video_tensor(np.ascontiguousarray(window)))
     return torch.stack(out)
 
 
@@ -214,7 +215,7 @@ def sample_frames(clips: list[tuple[str, np.ndarray]], batch: int, rng: np.rando
         frame = clip[rng.integers(len(clip))]
         if rng.random() < 0.5:
             frame = frame[:, ::-1]
-        out.append(vae_eval.to_video_tensor(np.ascontiguousarray(frame[None]))[:, 0])
+        out.append(media.to_video_tensor(np.ascontiguousarray(frame[None]))[:, 0])
     return torch.stack(out)
 
 
@@ -238,7 +239,7 @@ def spatial_step(model: VideoVAE, opt, frames: torch.Tensor, cfg: VAETrainConfig
 def clip_features(model: VideoVAE, clips: list[tuple[str, np.ndarray]], frame_batch: int = 64) -> list[torch.Tensor]:
     """The 2D encoder's features (x spatial_scaling) of every frame of every clip: (C, T, h, w) each."""
     model.eval()
-    return [model.encode_spatial(vae_eval.to_video_tensor(clip).transpose(0, 1), frame_batch).transpose(0, 1)
+    return [model.encode_spatial(media.to_video_tensor(clip).transpose(0, 1), frame_batch).transpose(0, 1)
             for _, clip in clips]
 
 
@@ -312,7 +313,7 @@ def set_latent_normalisation(model: VideoVAE, clips: list[tuple[str, np.ndarray]
     `latents_mean/std`: the DiT then sees unit-scale latents whatever the VAE learned."""
     model.eval()
     use = [c[:frames] for _, c in clips if len(c) >= frames] or [c[:min(len(c) for _, c in clips)] for _, c in clips]
-    means = torch.cat([model.posterior(vae_eval.to_video_tensor(c)[None])[0] for c in use])
+    means = torch.cat([model.posterior(media.to_video_tensor(c)[None])[0] for c in use])
     model.latent_mean.copy_(means.mean(dim=(0, 2, 3, 4)))
     model.latent_std.copy_(means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3))
 

@@ -269,31 +269,22 @@ class _FusedAdamW(torch.optim.AdamW):
 
 def build(cfg, v: Variant):
     """(model, ddp, optimizer) as the trainer builds them, with the variant's layer spec."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     from mugv.core.parallel import ParallelConfig
     from mugv.core.train import OptimizerConfig
     from mugv.torch_backend.models.dit import build_dit, transformer_config
     from mugv.torch_backend.models.dit_layers import mugdit_layer_spec
-    from mugv.torch_backend.training.parallelize import ParallelDiT, megatron_optimizer
+    from mugv.torch_backend.training.parallelize import (ParallelDiT, megatron_optimizer, recompute_overrides,
+                                                         wrap_in_ddp)
 
     device = torch.device(DEV, 0) if DEV == "cuda" else torch.device("cpu")
-    recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
-                 "full": dict(recompute_granularity="full", recompute_method="uniform",
-                              recompute_num_layers=1)}[v.recompute]
-    tcfg = transformer_config(cfg, params_dtype=DT, **recompute)
-    spec = mugdit_layer_spec(ops=_ops(v.ops, device))
-    if v.pad_head_dim:  # self-attention only (cross-attention shares the spec object: replace it)
-        sa = spec.submodules.self_attn.submodules
-        sa.core_attention = dataclasses.replace(
-            sa.core_attention, params={**sa.core_attention.params, "pad_head_dim": v.pad_head_dim})
+    tcfg = transformer_config(cfg, params_dtype=DT, **recompute_overrides(v.recompute))
+    spec = mugdit_layer_spec(ops=_ops(v.ops, device), pad_head_dim=v.pad_head_dim or None)  # self-attention only
     model = build_dit(cfg, tcfg, layer_spec=spec, seed=0, device=device)
     if v.compile_layers:
         for layer in model.layers.values():
             layer.compile(dynamic=False)
-    ddp = DistributedDataParallel(config=tcfg, module=model, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False))
-    pm = ParallelDiT([ddp], tcfg, ParallelConfig(), 1, cfg)
+    ddp, = wrap_in_ddp([model], tcfg, ParallelConfig(), data_parallel=1)   # as the trainer wraps it
+    pm = ParallelDiT([ddp], tcfg, ParallelConfig(), 1, cfg, spec)
     adamw = torch.optim.AdamW
     if v.fused_adam:
         torch.optim.AdamW = _FusedAdamW  # Megatron picks torch's AdamW when Apex/TE are absent

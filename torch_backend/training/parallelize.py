@@ -125,17 +125,36 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
         model.share_embeddings_and_output_weights = False
         chunks.append(model)
     if wrap_ddp:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce and dp > 1,
-            use_distributed_optimizer=par.distributed_optimizer, bucket_size=bucket_size)
-        chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m,
-                                          # only the first chunk's buckets overlap with backward
-                                          disable_bucketing=i > 0)
-                  for i, m in enumerate(chunks)]
-        config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
-        config.finalize_model_grads_func = finalize_grads
+        chunks = wrap_in_ddp(chunks, config, par, dp, bucket_size)
     return ParallelDiT(chunks, config, par, dp, dit, layer_spec)
+
+
+def wrap_in_ddp(stages: Sequence[torch.nn.Module], config, par: ParallelConfig, data_parallel: int,
+                bucket_size: Optional[int] = None) -> list:
+    """Megatron's DDP around each model chunk (fp32 grad buffers, bucketed; the grad reduce
+    overlaps backward only when there is data parallelism, and only the first chunk's buckets),
+    with the distributed optimizer's layout when `par` asks for it, and the TransformerConfig's
+    no-sync and finalize-grads hooks set for Megatron's schedules. The one place that wraps DDP:
+    `parallelize(wrap_ddp=True)`, the Trainer (after its model_hook) and benchmarks/dit_step.py."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce and data_parallel > 1,
+        use_distributed_optimizer=par.distributed_optimizer, bucket_size=bucket_size)
+    chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m,
+                                      # only the first chunk's buckets overlap with backward
+                                      disable_bucketing=i > 0)
+              for i, m in enumerate(stages)]
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    config.finalize_model_grads_func = finalize_grads
+    return chunks
+
+
+def recompute_overrides(recompute: str, recompute_layers: int = 0) -> dict:
+    """TransformerConfig fields for `TrainConfig.recompute` (none | selective | full): full
+    recomputes `recompute_layers` layers per uniform chunk (0 -> 1, every layer's input kept)."""
+    return {"none": {}, "selective": dict(recompute_granularity="selective"),
+            "full": dict(recompute_granularity="full", recompute_method="uniform",
+                         recompute_num_layers=recompute_layers or 1)}[recompute]
 
 
 def finalize_grads(chunks: Sequence, num_tokens=None, pg_collection=None, force_all_reduce: bool = False) -> None:

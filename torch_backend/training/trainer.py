@@ -192,10 +192,10 @@ class Trainer(CheckpointMixin):
 
     def _setup(self) -> None:
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.enums import ModelType
 
-        from mugv.torch_backend.training.parallelize import finalize_grads, megatron_optimizer, parallelize
+        from mugv.torch_backend.training.parallelize import (megatron_optimizer, parallelize, recompute_overrides,
+                                                             wrap_in_ddp)
 
         p = self.parallel
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
@@ -203,9 +203,7 @@ class Trainer(CheckpointMixin):
         bf16 = self.train.precision == "bf16"
         if bf16 and not torch.cuda.is_available():
             raise ValueError("TrainConfig.precision = 'bf16' needs a GPU; use 'fp32' on a CPU")
-        recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
-                     "full": dict(recompute_granularity="full", recompute_method="uniform",
-                                  recompute_num_layers=self.train.recompute_layers or 1)}[self.train.recompute]
+        recompute = recompute_overrides(self.train.recompute, self.train.recompute_layers)
         pm = parallelize(self.dit, p, seed=self.train.seed, wrap_ddp=False, kernels=self.kernels,
                          params_dtype=torch.bfloat16 if bf16 else torch.float32, **recompute)
         self.pm, self.params_dtype = pm, pm.config.params_dtype
@@ -242,14 +240,8 @@ class Trainer(CheckpointMixin):
         # meet it at the next collective).
         if self.rank == 0:
             self._check_output_dir()
-        cfg = pm.config
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce and self.dp_size > 1,
-            use_distributed_optimizer=p.distributed_optimizer)
-        pm.chunks = [DistributedDataParallel(config=cfg, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
-                     for i, m in enumerate(self.stages)]
-        cfg.no_sync_func = [c.no_sync for c in pm.chunks] if len(pm.chunks) > 1 else pm.chunks[0].no_sync
-        cfg.finalize_model_grads_func = finalize_grads
+        # DDP after the model_hook (LoRA adds and freezes parameters), as parallelize would wrap
+        pm.chunks = wrap_in_ddp(self.stages, pm.config, p, self.dp_size)
         self.chunks = pm.chunks
         self.ddp = self.chunks[0]
         self.optimizer = megatron_optimizer(pm, self.train.optimizer)

@@ -27,6 +27,8 @@ import sys
 import numpy as np
 import pytest
 
+from mugv.parity_tests.fixtures import megatron_world  # noqa: F401  (a fixture)
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RANK, ALPHA = 3, 5.0  # odd rank, scale 5/3
 
@@ -230,14 +232,6 @@ def test_schema_shapes_and_tp_axes():
 
 # ---------------------------------------------------------------------------------------------
 # TP=1, in this process
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    from mugv.torch_backend.parallel import megatron_compat
-    megatron_compat.initialize_parallel(tp=1)
-    yield
-    megatron_compat.destroy_parallel()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """`mugv sample`: text-to-video / image-to-video clips from a DiT checkpoint through the VAE.
 
 `sample_latents` is the one sampling loop every job and experiment uses (Euler + classifier-free
-guidance, `objectives.sample`); `sample` is the subcommand (mp4 per clip, a PNG frame grid and
+guidance, `torch_backend/sampler.py::sample`); `sample` is the subcommand (mp4 per clip, a PNG frame grid and
 the prompts).
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from mugv.torch_backend.data.media import frame_grid, to_uint8, write_mp4, write
 def sample_latents(model, dit: DiTConfig, text: torch.Tensor, text_mask: torch.Tensor,
                    latent_thw: tuple[int, int, int], fps: float, sampler_cfg: FlowSamplerConfig,
                    seed: int, cond_latent: torch.Tensor | None = None) -> torch.Tensor:
-    """Euler + CFG sampling (objectives.sample) of B clips; the negative prompt is the empty
+    """Euler + CFG sampling (sampler.sample) of B clips; the negative prompt is the empty
     caption (all text masked, as caption dropout trains it). cond_latent (B, C, 1, h, w) makes it
     image-to-video: latent frame 0 is held at the reference image's latent."""
-    from mugv.torch_backend import objectives
+    from mugv.torch_backend import sampler
     b = text.shape[0]
     t, h, w = latent_thw
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +47,7 @@ def sample_latents(model, dit: DiTConfig, text: torch.Tensor, text_mask: torch.T
         return model(x.to(device), timestep.to(device), text2.to(device), mask2.to(device),
                      x_mask.to(device), fps2.to(device), frame_indice.to(device)).float().cpu()
 
-    return objectives.sample(call, sampler_cfg, noise, 1.0, cond, frame_mask)
+    return sampler.sample(call, sampler_cfg, noise, 1.0, cond, frame_mask)
 
 
 def sample(ns) -> int:

@@ -15,7 +15,7 @@ points:
     wrapped by DDP nor given to the optimizer, `requires_grad=False`;
   * micro_batches: DPO's preferred and rejected halves are cut separately;
   * loss_fn: Diffusion-DPO / Diffusion-KTO (formulas in core/preference.py, entry points in
-    objectives.py). Metrics add DPO's `pair_accuracy`: the share of pairs with margin m < 0
+    torch_backend/preference.py). Metrics add DPO's `pair_accuracy`: the share of pairs with margin m < 0
     (the policy moved towards the preferred sample more than towards the rejected one).
 
 Cost per step: reference forward + policy no-grad forward + policy forward/backward on 2B rows.
@@ -34,7 +34,7 @@ from mugv.checkpoints.format import Checkpoint, latest_checkpoint
 from mugv.core import preference as core_pref
 from mugv.core.preference import PreferenceStageConfig
 from mugv.core.validate import to_dict
-from mugv.torch_backend import objectives
+from mugv.torch_backend import preference as torch_preference
 from mugv.torch_backend.training.trainer import StageSettings, Trainer
 
 LOG2 = math.log(2.0)
@@ -147,7 +147,7 @@ class PreferenceTrainer(Trainer):
 
     def _row_diffs(self, model, inputs: dict) -> Optional[torch.Tensor]:
         """d = e_model - e_ref per row (no gradients), None off the last pipeline stage."""
-        return self._per_row(model, inputs, lambda out, mb: objectives._diff(
+        return self._per_row(model, inputs, lambda out, mb: torch_preference.error_difference(
             out, mb["ref_out"], mb["x0"], mb["noise"], mb["frame_mask"]))
 
     @torch.no_grad()
@@ -193,14 +193,14 @@ class PreferenceTrainer(Trainer):
 
         DPO: the value is the mean over the micro-batch's rows of their pair's DPO loss (so the
         step's loss is the mean over pairs), its gradient that of 2 mean(weight * d) (the
-        separable form, `_dpo_weights`; the factor 2: a pair has two rows). KTO: objectives.kto_loss
+        separable form, `_dpo_weights`; the factor 2: a pair has two rows). KTO: torch_preference.kto_loss
         with z0 from the whole global batch (or this micro-batch)."""
         if self.pref.objective == "dpo":
-            d = objectives._diff(out, mb["ref_out"], mb["x0"], mb["noise"], mb["frame_mask"])
+            d = torch_preference.error_difference(out, mb["ref_out"], mb["x0"], mb["noise"], mb["frame_mask"])
             surrogate = 2 * (mb["dpo_weight"] * d).mean()
             pair_loss = mb["dpo_pair_loss"]
             return surrogate - surrogate.detach() + pair_loss.mean(), pair_loss
-        loss, per, _ = objectives.kto_loss(self.pref.loss, out, mb["ref_out"], mb["x0"], mb["noise"], mb["desirable"],
+        loss, per, _ = torch_preference.kto_loss(self.pref.loss, out, mb["ref_out"], mb["x0"], mb["noise"], mb["desirable"],
                                            mb["frame_mask"], reference_point=mb.get("z0"))
         return loss, per
 

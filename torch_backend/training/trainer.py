@@ -27,7 +27,7 @@ Override points (for other objectives on the same engine, e.g. the DPO/KTO prefe
         The model's keyword arguments (x, timestep, text, text_mask, x_mask, fps, frame_indice).
     loss_fn(out, mb) -> (loss_mean, per_sample)
         On the last pipeline stage: the scalar loss of the micro-batch (mean over its samples)
-        and per-sample values (metrics only). Default: flow matching (`objectives.py`).
+        and per-sample values (metrics only). Default: flow matching (`torch_backend/flow.py`).
     task_masks(mb) -> dict[name, bool tensor]
         Masks over `per_sample` for the per-task metrics ("loss_<name>"). Default: t2i/i2v/t2v
         from is_image/is_i2v when present, else none; masks not matching `per_sample` are ignored.
@@ -74,7 +74,7 @@ from mugv.core.schema import Schema
 from mugv.core.train import TrainConfig, ema_update, learning_rate
 from mugv.core.validate import to_dict
 from mugv.torch_backend.parallel import megatron_compat
-from mugv.torch_backend import objectives
+from mugv.torch_backend import flow as torch_flow
 from mugv.torch_backend.training import optim_state
 from mugv.torch_backend.data.batch import BatchSource, TrainBatch
 from mugv.torch_backend.training.checkpointing import CheckpointMixin
@@ -297,9 +297,9 @@ class Trainer(CheckpointMixin):
             frame_mask[:, 0] = ~(d["task"] < self.stage.i2v_probability)
         text_mask = local.text_mask.bool() & (d["caption"] >= self.stage.caption_dropout)[:, None]
         r = core_flow.shift_ratio(self.flow, local.pixel_hw[0], local.pixel_hw[1], t) if self.flow.shift else 1.0
-        sigma = objectives.sample_sigma(self.flow, d["sigma"], float(r))
+        sigma = torch_flow.sample_sigma(self.flow, d["sigma"], float(r))
         x0 = local.latents.float()
-        x_t = objectives.noisy_latents(x0, d["noise"], sigma, frame_mask)
+        x_t = torch_flow.noisy_latents(x0, d["noise"], sigma, frame_mask)
         timestep = core_flow.timestep_from_sigma(self.flow, sigma)
         tp = patch_grid(self.dit, (t, h, w))[0]
         dev = self.device
@@ -322,7 +322,7 @@ class Trainer(CheckpointMixin):
                 "x_mask": mb["frame_mask"], "fps": mb["fps"], "frame_indice": mb["frame_indice"]}
 
     def loss_fn(self, out: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return objectives.flow_matching_loss(self.flow, out, mb["x0"], mb["noise"], mb["frame_mask"], mb["is_image"])
+        return torch_flow.flow_matching_loss(self.flow, out, mb["x0"], mb["noise"], mb["frame_mask"], mb["is_image"])
 
     def task_masks(self, mb: dict) -> dict[str, torch.Tensor]:
         if "is_image" not in mb or "is_i2v" not in mb:

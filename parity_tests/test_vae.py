@@ -305,19 +305,24 @@ def test_psnr_ssim_known_values():
     assert vae_eval.ssim(-x, x) < 0.5
 
 
+def write_gradient_clips(folder, frames: int, count: int = 2, height: int = 24, width: int = 40):
+    """`count` mp4 clips of moving gradients + noise (uint8, 8 fps) in `folder`; returns it."""
+    from mugv.torch_backend.data import media
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        t, yy, xx = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
+        base = 127 + 100 * np.sin(0.3 * xx + 0.2 * yy + 0.5 * t + i)
+        video = np.clip(base[..., None] + rng.integers(-20, 20, (frames, height, width, 3)), 0, 255).astype(np.uint8)
+        media.write_mp4(folder / f"clip{i}.mp4", video, fps=8)
+    return folder
+
+
 def test_train_then_reload_and_evaluate(tmp_path):
     """A few steps with the discriminator switched on at step 3, on clips written with PyAV; the
     saved checkpoint reloads to the same evaluation numbers."""
-    from mugv.torch_backend.data import media
     from mugv.torch_backend.jobs import vae_eval, vae_train
-    data = tmp_path / "clips"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):   # moving gradients + noise, 12 frames of 24x40
-        t, yy, xx = np.meshgrid(np.arange(12), np.arange(24), np.arange(40), indexing="ij")
-        base = 127 + 100 * np.sin(0.3 * xx + 0.2 * yy + 0.5 * t + i)
-        frames = np.clip(base[..., None] + rng.integers(-20, 20, (12, 24, 40, 3)), 0, 255).astype(np.uint8)
-        media.write_mp4(data / f"clip{i}.mp4", frames, fps=8)
+    data = write_gradient_clips(tmp_path / "clips", frames=12)
     cfg = vae_train.VAETrainConfig(data=str(data), size="golden", height=24, width=40, num_frames=9, fps=8,
                                    steps=5, log_every=1, eval_frames=9, out=str(tmp_path / "run"),
                                    loss=spec.VAELossConfig(disc_start=3), disc_channels=8)

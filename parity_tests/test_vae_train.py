@@ -15,7 +15,7 @@ import torch
 
 from mugv.core import validate as v
 from mugv.parity_tests.tolerances import assert_close
-from mugv.parity_tests.test_vae import TINY, random_params
+from mugv.parity_tests.test_vae import TINY, random_params, write_gradient_clips
 from mugv.torch_backend.jobs import vae_train
 from mugv.torch_backend.models.vae import VideoVAE
 
@@ -116,14 +116,7 @@ def test_train_vae_command_sets_the_latent_normalisation(tmp_path):
     from mugv.torch_backend.data import media
     from mugv.torch_backend.jobs.loaders import vae_model
 
-    data = tmp_path / "clips"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):   # moving gradients + noise, 9 frames of 24x40
-        t, yy, xx = np.meshgrid(np.arange(9), np.arange(24), np.arange(40), indexing="ij")
-        base = 127 + 100 * np.sin(0.3 * xx + 0.2 * yy + 0.5 * t + i)
-        frames = np.clip(base[..., None] + rng.integers(-20, 20, (9, 24, 40, 3)), 0, 255).astype(np.uint8)
-        media.write_mp4(data / f"clip{i}.mp4", frames, fps=8)
+    data = write_gradient_clips(tmp_path / "clips", frames=9)
     assert main(["train-vae", "--data", str(data), "--size", "golden", "--height", "24", "--width", "40",
                  "--num_frames", "9", "--fps", "8", "--steps", "1", "--spatial_steps", "1", "--eval_frames", "9",
                  "--evaluate", "false", "--out", str(tmp_path / "run")]) == 0

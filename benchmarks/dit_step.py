@@ -5,7 +5,7 @@
 
 What runs, per resolution (256p: latent (14, 32, 56) = 6,272 video tokens; 720p: (14, 90, 160) =
 50,400), text 300 tokens, one sample, bf16, TP = 1:
-1. SDPA at head dim 72 and zero-padded to 80/96/128 (exact, see torch_backend/attention.py), cuDNN
+1. SDPA at head dim 72 and zero-padded to 80/96/128 (exact, see torch_backend/models/attention.py), cuDNN
    and flash, forward+backward, useful TFLOP/s (FLOPs at head dim 72).
 2. Baseline: one plain-PyTorch MUG-DiT block written below (`RefBlock`: nn.Linear, F.layer_norm,
    SDPA with torch's default backend choice, per-sample modulation), forward+backward, eager and
@@ -62,7 +62,7 @@ class Variant:
     compile_layers: bool = False
     pad_head_dim: int | None = None
     recompute: str = "none"         # none | selective | full
-    attention: str = "cudnn"        # torch_backend/attention.py BACKENDS; fa4 = FlashAttention-4
+    attention: str = "cudnn"        # torch_backend/models/attention.py BACKENDS; fa4 = FlashAttention-4
 
 
 VARIANTS = {v.name: v for v in [
@@ -145,9 +145,9 @@ def attention_bench(seq: int, heads: int, d: int, pads=(72, 80, 96, 128), iters:
 
 
 def _fa4_rows(rows, base, d, pads, flops, iters, mask, name="fa4"):
-    """FlashAttention-4 (torch_backend/attention.py::fa4_attention) over the same inputs, each
+    """FlashAttention-4 (torch_backend/models/attention.py::fa4_attention) over the same inputs, each
     padding; rows say whether that padding passed parity on this device (kernels/registry.py)."""
-    from mugv.torch_backend.attention import fa4_attention, fa4_version
+    from mugv.torch_backend.models.attention import fa4_attention, fa4_version
     version = fa4_version()
     if version is None:
         rows[name] = {"error": "flash-attn-4 not installed"}
@@ -303,32 +303,24 @@ class _FusedAdamW(torch.optim.AdamW):
 
 def build(cfg, v: Variant):
     """(model, ddp, optimizer) as the trainer builds them, with the variant's layer spec."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     from mugv.core.parallel import ParallelConfig
     from mugv.core.train import OptimizerConfig
     from mugv.torch_backend.models.dit import build_dit, transformer_config
     from mugv.torch_backend.models.dit_layers import mugdit_layer_spec
-    from mugv.torch_backend.parallelize import ParallelDiT, megatron_optimizer
+    from mugv.torch_backend.training.parallelize import (ParallelDiT, megatron_optimizer, recompute_overrides,
+                                                         wrap_in_ddp)
 
     device = torch.device(DEV, 0) if DEV == "cuda" else torch.device("cpu")
-    recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
-                 "full": dict(recompute_granularity="full", recompute_method="uniform",
-                              recompute_num_layers=1)}[v.recompute]
-    tcfg = transformer_config(cfg, params_dtype=DT, **recompute)
+    tcfg = transformer_config(cfg, params_dtype=DT, **recompute_overrides(v.recompute))
     attention = v.attention if DEV == "cuda" else "auto"   # --dry-run: the CPU's SDPA
-    spec = mugdit_layer_spec(ops=_ops(v.ops, device), attention_backend=attention)
-    if v.pad_head_dim:  # self-attention only (cross-attention shares the spec object: replace it)
-        sa = spec.submodules.self_attn.submodules
-        sa.core_attention = dataclasses.replace(
-            sa.core_attention, params={**sa.core_attention.params, "pad_head_dim": v.pad_head_dim})
+    spec = mugdit_layer_spec(ops=_ops(v.ops, device), attention_backend=attention,
+                             pad_head_dim=v.pad_head_dim or None)  # padding: self-attention only
     model = build_dit(cfg, tcfg, layer_spec=spec, seed=0, device=device)
     if v.compile_layers:
         for layer in model.layers.values():
             layer.compile(dynamic=False)
-    ddp = DistributedDataParallel(config=tcfg, module=model, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False))
-    pm = ParallelDiT([ddp], tcfg, ParallelConfig(), 1, cfg)
+    ddp, = wrap_in_ddp([model], tcfg, ParallelConfig(), data_parallel=1)   # as the trainer wraps it
+    pm = ParallelDiT([ddp], tcfg, ParallelConfig(), 1, cfg, spec)
     adamw = torch.optim.AdamW
     if v.fused_adam:
         torch.optim.AdamW = _FusedAdamW  # Megatron picks torch's AdamW when Apex/TE are absent
@@ -510,7 +502,7 @@ def main() -> None:
     else:
         cfg = dit_config("10B", depth=a.layers)
         torch.backends.cuda.matmul.allow_tf32 = True  # the model is bf16: no fp32 matmul of size
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     megatron_compat.initialize_parallel(tp=1, pp=1, cp=1, seed=0)
     results = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu",
                "torch": torch.__version__, "peak_tflops": PEAK / 1e12, "text_tokens": TEXT,

@@ -7,7 +7,7 @@ arithmetic of full fine-tuning (core/memory.py).
     python benchmarks/lora_step.py --tiny --inline --out /tmp/lora_bench
 
 What it runs: the production path, `torch_backend/training/trainer.py::Trainer` with
-`torch_backend/lora.py::lora_model_hook` (rank 64, alpha 32, the default targets: every block's
+`torch_backend/models/lora.py::lora_model_hook` (rank 64, alpha 32, the default targets: every block's
 self-attention qkv/proj, cross-attention q/kv/proj, MLP fc1/fc2), bf16 (the Trainer's mixed
 precision: bf16 weights, base frozen, fp32 gradient buffer, fp32 main copies and Adam moments of
 the adapters only, fp32 EMA of the adapters), random base weights (the schema's init), one sample
@@ -91,8 +91,8 @@ def run_case(recompute: str, tiny: bool, warmup: int, steps: int, run_dir: str) 
     from mugv.core.flops import H100_BF16_PEAK, step_flops
     from mugv.core.flow import FlowConfig
     from mugv.core.train import OptimizerConfig, TrainConfig
-    from mugv.torch_backend.lora import lora_model_hook
-    from mugv.torch_backend.training.batch import SyntheticLatents
+    from mugv.torch_backend.models.lora import lora_model_hook
+    from mugv.torch_backend.data.batch import SyntheticLatents
     from mugv.torch_backend.training.trainer import Trainer
 
     class BenchTrainer(Trainer):

@@ -1,4 +1,4 @@
-"""Multi-GPU runs of MUG-DiT through torch_backend/parallelize.py (issue 14): sharded parity,
+"""Multi-GPU runs of MUG-DiT through torch_backend/training/parallelize.py (issue 14): sharded parity,
 weak scaling and a checkpoint resharded between layouts. Launched with torchrun; N = the world.
 
     # device machine (N GPUs, NCCL, bf16), repo root, after `source scripts/install_gpu_offline.sh`:
@@ -15,7 +15,7 @@ Parts (`--parts`, default parity,scaling,reshard; each writes into OUT/multi_gpu
     sum(output * w). Reference: the same model computed whole on every rank (layout TP=PP=CP=1;
     every rank takes the whole batch, so the DDP average of identical gradients is the one-GPU
     gradient exactly). Layouts: TP=2 + SP, PP=2 (1F1B, 2 micro-batches), DP=2 with the
-    distributed optimizer, CP=2 (Ulysses, torch_backend/context_parallel.py; recorded "not
+    distributed optimizer, CP=2 (Ulysses, torch_backend/models/context_parallel.py; recorded "not
     available" where `parallelize` refuses it); with N > 2 the rest of the world is data parallel
     (each layout's `sizes` in the JSON; the "dp2_distopt" case is then DP=N). Each layout's loss and every global gradient
     (`gather_full_grads`, DP sums restored) against the reference: per tensor max|a - b| / max|b|
@@ -125,7 +125,7 @@ def loss_and_grads(pm, batch: dict, weights, whole_batch: bool, microbatches: in
     import torch
     import torch.distributed as dist
 
-    from mugv.torch_backend.parallelize import forward_backward, gather_full_grads
+    from mugv.torch_backend.training.parallelize import forward_backward, gather_full_grads
     c = _coords(pm)
     n = batch["x"].shape[0]
     dp = 1 if whole_batch else pm.data_parallel
@@ -225,7 +225,7 @@ def _cp_available() -> bool:
     """Whether this checkout's parallelize accepts context_parallel > 1 (Ulysses)."""
     import inspect
 
-    from mugv.torch_backend import parallelize as par_mod
+    from mugv.torch_backend.training import parallelize as par_mod
     src = inspect.getsource(par_mod.parallelize)
     return "no context-parallel" not in src and "context_parallel" in src
 
@@ -239,7 +239,7 @@ def parity(cpu: bool, world: int) -> dict:
     from mugv.checkpoints.torch_dit import load_canonical
     from mugv.core.dit import dit_config
     from mugv.core.parallel import ParallelConfig
-    from mugv.torch_backend.parallelize import parallelize
+    from mugv.torch_backend.training.parallelize import parallelize
 
     cfg = dit_config("tiny" if cpu else "small")
     thw, text_len = ((3, 8, 12), 10) if cpu else ((4, 16, 16), 24)
@@ -329,7 +329,7 @@ def scaling(cpu: bool, world: int, layers: int | None, warmup: int, steps: int, 
     from mugv.core.flops import H100_BF16_PEAK, step_flops
     from mugv.core.parallel import ParallelConfig
     from mugv.core.train import OptimizerConfig
-    from mugv.torch_backend.parallelize import forward_backward, megatron_optimizer, parallelize
+    from mugv.torch_backend.training.parallelize import forward_backward, megatron_optimizer, parallelize
 
     if cpu:
         def cfg_fn(d):
@@ -423,7 +423,7 @@ def reshard(cpu: bool, world: int, ckpt_root: str) -> dict:
     from mugv.core.dit import dit_config, dit_schema
     from mugv.core.parallel import ParallelConfig
     from mugv.core.train import OptimizerConfig
-    from mugv.torch_backend.parallelize import megatron_optimizer, parallelize
+    from mugv.torch_backend.training.parallelize import megatron_optimizer, parallelize
 
     if world % 2:
         return {"skipped": f"world {world}: needs an even number of processes"}
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch = _env(a.cpu)
     import torch.distributed as dist
 
-    from mugv.torch_backend.launch import init_distributed
+    from mugv.torch_backend.parallel.launch import init_distributed
     if "RANK" not in os.environ:  # plain `python`: a world of one
         import socket
         with socket.socket() as sock:
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> dict:
         with open(os.path.join(a.out, "multi_gpu.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
         print(table(results), flush=True)
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     megatron_compat.destroy_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

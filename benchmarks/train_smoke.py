@@ -28,7 +28,7 @@ def main() -> None:
     from mugv.core.dit import dit_config
     from mugv.core.flow import FlowConfig
     from mugv.core.train import OptimizerConfig, TrainConfig
-    from mugv.torch_backend.training.batch import SyntheticLatents
+    from mugv.torch_backend.data.batch import SyntheticLatents
     from mugv.torch_backend.training.trainer import Trainer
 
     cfg = dit_config("1B", depth=4)

@@ -197,6 +197,17 @@ def load_official_file(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def read_official(path: str) -> tuple[DiTConfig, dict[str, np.ndarray]]:
+    """Official `dit.pt` / .safetensors -> (config read from the shapes, canonical arrays; every
+    key consumed, every shape checked). A goldens bundle (`param.`-prefixed keys next to inputs
+    and outputs) yields its `param.*` entries. The one path from an official DiT file to arrays."""
+    state = load_official_file(str(path))
+    if any(k.startswith("param.") for k in state):
+        state = {k[len("param."):]: a for k, a in state.items() if k.startswith("param.")}
+    cfg = config_from_official(state)
+    return cfg, import_official(state, cfg)
+
+
 def write_dit_checkpoint(cfg: DiTConfig, params: Mapping[str, np.ndarray], root, step: int = 0):
     """Canonical DiT arrays (e.g. from `import_official`) as a mugv checkpoint: group "model",
     stored in the weights' own dtype when they share one. Returns the committed path."""

@@ -169,15 +169,22 @@ def load_official_file(path: str) -> dict[str, np.ndarray]:
     return state
 
 
+def read_official(path: str, size: str | None = None) -> tuple[VAEConfig, dict[str, np.ndarray]]:
+    """Official `vae.pt` / .safetensors -> (config, canonical arrays). `size` names a core/vae.py
+    size; None (or "official") infers widths/depths from the shapes (GroupNorm groups: the
+    official 32). The one path from an official VAE file to arrays."""
+    from mugv.core.vae import vae_config
+    state = load_official_file(str(path))
+    cfg = config_from_official(state) if size in (None, "official") else vae_config(size)
+    return cfg, import_official(state, cfg)
+
+
 def import_to_checkpoint(official_path: str, out_root: str, size: str | None = None, step: int = 0):
     """Official vae.pt -> a mugv checkpoint (group "model") under `out_root`; returns its path.
     `size` None infers widths/depths from the shapes (GroupNorm groups: the official 32)."""
     import torch  # noqa: F401  (torch_io needs it)
     from mugv.checkpoints.torch_io import from_numpy, save_torch
-    from mugv.core.vae import vae_config
-    state = load_official_file(official_path)
-    cfg = config_from_official(state) if size is None else vae_config(size)
-    params = import_official(state, cfg)
+    cfg, params = read_official(official_path, size)
     schema = vae_schema(cfg)
     dtypes = {str(a.dtype) for a in params.values()}
     if len(dtypes) == 1:
@@ -226,5 +233,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["export_from_checkpoint", "import_to_checkpoint", "main", "OfficialLayoutError", "SDXL_LATENT_CHANNELS", "canonical_name_to_official", "config_from_official",
+__all__ = ["export_from_checkpoint", "import_to_checkpoint", "read_official", "main", "OfficialLayoutError", "SDXL_LATENT_CHANNELS", "canonical_name_to_official", "config_from_official",
            "export_official", "import_official", "load_official_file", "name_map"]

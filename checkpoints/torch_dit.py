@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from mugv.core.dit import DiTConfig, dit_schema
-from mugv.checkpoints.official_dit import (config_from_official, import_official, load_official_file,
-                                          write_dit_checkpoint)
+from mugv.checkpoints.official_dit import read_official, write_dit_checkpoint
 
 
 def _tp_coordinates() -> tuple[int, int]:
@@ -64,9 +63,7 @@ def convert_official_dit(src_path: str | os.PathLike, dst_dir: str | os.PathLike
     """Read an official MUG-V `dit.pt` (or .safetensors), import it into the canonical layout
     (every key consumed, every shape checked) and, if `dst_dir` is given, save it as a mugv
     checkpoint (group "model") at `step`. Returns (config, canonical arrays)."""
-    state = load_official_file(str(src_path))
-    cfg = config_from_official(state)
-    params = import_official(state, cfg)
+    cfg, params = read_official(str(src_path))
     if dst_dir is not None:
         write_dit_checkpoint(cfg, params, dst_dir, step)
     return cfg, params

@@ -1,4 +1,4 @@
-"""Data specs: buckets, curriculum stages and recipes, and the bucket arithmetic.
+"""Data specs: buckets, task mixes, and the bucket arithmetic.
 
 A bucket is one homogeneous batch shape (height, width, frames at a frame rate). Its batch size
 is chosen so that every step carries about the same number of DiT tokens (`plan_buckets`), using
@@ -7,9 +7,8 @@ the VAE's 8x8x8 compression (`core/vae.py::latent_shape`) and the DiT patching
 the bucket whose aspect ratio is closest to the video's, then the largest such bucket whose size
 and length the video covers without upscaling or looping.
 
-A recipe is a list of stages (images at low resolution -> short video -> longer, larger video ->
-annealing -> preference optimisation); each stage names its buckets, task mix, steps, learning
-rate schedule and the checkpoint it starts from. Everything here is data: no torch, no jax.
+The curriculum that runs (stages, their steps and learning rates) is `core/recipe.py`. Everything
+here is data: no torch, no jax.
 """
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ from mugv.core.vae import SPATIAL_FACTOR, latent_shape
 # Aspect ratios the anchor serves (`mug_v/utils.py` sizes, notes 2.11), as width:height.
 ASPECT_RATIOS: dict[str, float] = {"16:9": 16 / 9, "4:3": 4 / 3, "1:1": 1.0, "3:4": 3 / 4, "9:16": 9 / 16}
 TASKS = ("t2i", "t2v", "i2v")
-LR_SCHEDULES = ("constant", "cosine", "linear")
 # Height and width are multiples of 16: the VAE divides by 8 and the DiT patch by 2 more.
 SIZE_MULTIPLE = SPATIAL_FACTOR * 2
 
@@ -72,70 +70,6 @@ class TaskMix:
             v.in_range(self, name, 0, 1)
         if abs(self.t2i + self.t2v + self.i2v - 1) > 1e-6:
             v.fail(self, "i2v", f"t2i + t2v + i2v = 1 (got {self.t2i + self.t2v + self.i2v:g})")
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSpec:
-    """One curriculum stage.
-
-    `objective` is "flow" (rectified-flow pre-training / annealing) or "dpo" / "kto" (preference
-    optimisation). `start_from` is a checkpoint path or "previous" (the last stage's final
-    checkpoint) or "" (fresh initialisation).
-    """
-
-    name: str
-    buckets: tuple[BucketSpec, ...]
-    steps: int
-    lr: float = 1e-4
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    task_mix: TaskMix = TaskMix()
-    objective: str = "flow"
-    start_from: str = "previous"
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            v.fail(self, "name", "a non-empty string")
-        if not isinstance(self.buckets, tuple) or not self.buckets or not all(
-                isinstance(b, BucketSpec) for b in self.buckets):
-            v.fail(self, "buckets", "a non-empty tuple of BucketSpec")
-        v.positive_int(self, "steps")
-        v.non_negative_int(self, "warmup_steps")
-        v.in_range(self, "lr", 0, 1, lo_open=True)
-        v.one_of(self, "lr_schedule", LR_SCHEDULES)
-        v.one_of(self, "objective", ("flow", "dpo", "kto"))
-        images = [b for b in self.buckets if b.frames == 1]
-        if self.task_mix.t2i > 0 and not images:
-            v.fail(self, "buckets", "at least one image bucket (frames=1) since task_mix.t2i > 0")
-        if self.task_mix.t2v + self.task_mix.i2v > 0 and len(images) == len(self.buckets):
-            v.fail(self, "buckets", "at least one video bucket (frames>1) since task_mix has t2v/i2v")
-        if len({b.name for b in self.buckets}) != len(self.buckets):
-            v.fail(self, "buckets", "distinct buckets (a (height, width, frames, fps) appears twice)")
-
-
-@dataclasses.dataclass(frozen=True)
-class RecipeSpec:
-    """A curriculum: stages run in order; the first stage cannot start from "previous"."""
-
-    name: str
-    stages: tuple[StageSpec, ...]
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.stages, tuple) or not self.stages:
-            v.fail(self, "stages", "a non-empty tuple of StageSpec")
-        if self.stages[0].start_from == "previous":
-            v.fail(self, "stages", "a first stage that starts from a checkpoint path or '' (fresh), "
-                                   "not 'previous'")
-        if len({s.name for s in self.stages}) != len(self.stages):
-            v.fail(self, "stages", "distinct stage names")
-
-    @property
-    def total_steps(self) -> int:
-        return sum(s.steps for s in self.stages)
-
-
-# ---------------------------------------------------------------------------------------------
-# Bucket arithmetic
 
 
 def aspect_size(base: int, aspect: float, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
@@ -239,23 +173,3 @@ def assign_bucket(buckets: tuple[BucketSpec, ...], height: int, width: int, num_
 
 # ---------------------------------------------------------------------------------------------
 # A default curriculum for the tiny CPU demo (64 px product clips), as data.
-
-
-def demo_recipe(dit: DiTConfig, target_tokens: int = 384, batch_multiple: int = 1) -> RecipeSpec:
-    """Images at 32 px -> 17-frame 32 px video -> 33-frame 64 px video -> anneal -> DPO."""
-    def buckets(base, frames):
-        return plan_buckets(dit, (base,), frames, target_tokens, aspects=("1:1",),
-                            fps=16.0, batch_multiple=batch_multiple)
-
-    return RecipeSpec("demo", (
-        StageSpec("images", buckets(32, (1,)), steps=200, lr=3e-4, lr_schedule="constant",
-                  warmup_steps=20, task_mix=TaskMix(1.0, 0.0, 0.0), start_from=""),
-        StageSpec("short_video", buckets(32, (1, 17)), steps=400, lr=2e-4, lr_schedule="constant",
-                  task_mix=TaskMix(0.2, 0.6, 0.2)),
-        StageSpec("long_video", buckets(64, (1, 17, 33)), steps=400, lr=1e-4, lr_schedule="constant",
-                  task_mix=TaskMix(0.1, 0.6, 0.3)),
-        StageSpec("anneal", buckets(64, (17, 33)), steps=100, lr=5e-5, lr_schedule="cosine",
-                  task_mix=TaskMix(0.0, 0.7, 0.3)),
-        StageSpec("preference", buckets(64, (17,)), steps=100, lr=1e-5, lr_schedule="constant",
-                  task_mix=TaskMix(0.0, 1.0, 0.0), objective="dpo"),
-    ))

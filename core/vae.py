@@ -55,7 +55,7 @@ VAE_SIZES: dict[str, dict] = {
     # ../shared/reference/goldens/vae_tiny_seed0
     "golden": dict(spatial_channels=(8, 16, 32, 32), spatial_layers_per_block=1, spatial_norm_groups=4,
                    temporal_filters=8, temporal_res_blocks=1, temporal_norm_groups=4),
-    # trains for a few minutes on 2 CPU cores at 32x32 (torch_backend/vae_train.py)
+    # trains for a few minutes on 2 CPU cores at 32x32 (torch_backend/jobs/vae_train.py)
     "tiny": dict(spatial_channels=(16, 32, 32, 32), spatial_layers_per_block=1, spatial_norm_groups=8,
                  temporal_filters=8, temporal_res_blocks=1, temporal_norm_groups=4, latent_channels=8),
 }

@@ -24,10 +24,15 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 
+def gated_residual_reference(x, y, gate, index=None):
+    """Plain torch: x + gate * y, the gate row picked per token (the DiT's last residual add)."""
+    return x + gather_rows(gate, _index_or_zeros(x, gate, index)) * y
+
+
 def gated_residual_modulate_reference(x, y, gate, shift, scale, index=None, eps: float = 1e-6):
     """Plain torch, in the inputs' dtype: (x + gate*y, LN(x + gate*y) * (1 + scale) + shift)."""
     index = _index_or_zeros(x, shift, index)
-    x_res = x + gather_rows(gate, index) * y
+    x_res = gated_residual_reference(x, y, gate, index)
     out = F.layer_norm(x_res, (x.shape[-1],), eps=eps) * (1 + gather_rows(scale, index)) + gather_rows(shift, index)
     return x_res, out
 

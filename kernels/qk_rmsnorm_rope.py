@@ -31,11 +31,16 @@ def rope_rotate_reference(x, angles):
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
+def qk_rmsnorm_reference(q, weight, eps: float = 1e-6):
+    """Per-head RMSNorm over head_dim of q (B, L, n, d), as the official code: normalise in fp32,
+    cast back, multiply by the (d,) weight (the DiT's cross-attention q uses it alone)."""
+    qf = q.float()
+    return (qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + eps)).to(q.dtype) * weight
+
+
 def qk_rmsnorm_rope_reference(q, weight, angles, eps: float = 1e-6):
     """Plain torch: RMSNorm over the head dim (fp32, cast back, times weight), then RoPE."""
-    qf = q.float()
-    normed = (qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + eps)).to(q.dtype) * weight
-    return rope_rotate_reference(normed, angles)
+    return rope_rotate_reference(qk_rmsnorm_reference(q, weight, eps), angles)
 
 
 @triton.jit

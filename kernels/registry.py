@@ -97,25 +97,28 @@ def fingerprint(name: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def kernel_status(name: str, device) -> tuple[bool, str]:
-    """(whether the Triton kernel `name` may replace its reference on `device`, why)."""
+def kernel_status(name: str, device, choice: str | None = None) -> tuple[bool, str]:
+    """(whether the Triton kernel `name` may replace its reference on `device`, why). `choice` (a
+    run's `core/recipe.py::KernelConfig.kernels`: "reference", "all" or names) wins over
+    MUGV_KERNELS; None reads MUGV_KERNELS, and without it the verification records decide."""
     _entry(name)
     device_type = getattr(device, "type", str(device).split(":")[0])
     if device_type != "cuda":
         return False, f"reference: {device_type} device (kernels run on CUDA only)"
-    choice = os.environ.get("MUGV_KERNELS", "").strip()
+    source = "MUGV_KERNELS" if choice is None else "the run's kernels setting"
+    choice = (os.environ.get("MUGV_KERNELS", "") if choice is None else choice).strip()
     if choice == "reference":
-        return False, "reference: forced by MUGV_KERNELS=reference"
+        return False, f"reference: forced by {source}=reference"
     if choice == "all":
-        return True, "kernel: forced by MUGV_KERNELS=all (not checked against a verification record)"
+        return True, f"kernel: forced by {source}=all (not checked against a verification record)"
     if choice:
         wanted = {k.strip() for k in choice.split(",") if k.strip()}
         unknown = wanted - set(KERNELS)
         if unknown:
-            raise ValueError(f"MUGV_KERNELS: unknown kernels {sorted(unknown)}; expected names from "
+            raise ValueError(f"{source}: unknown kernels {sorted(unknown)}; expected names from "
                              f"{sorted(KERNELS)}, 'all' or 'reference'")
-        return (True, f"kernel: forced by MUGV_KERNELS={choice}") if name in wanted else \
-            (False, f"reference: not listed in MUGV_KERNELS={choice}")
+        return (True, f"kernel: forced by {source}={choice}") if name in wanted else \
+            (False, f"reference: not listed in {source}={choice}")
     import torch
     gpu = torch.cuda.get_device_name(device)
     record = verified_devices().get(gpu)
@@ -128,22 +131,22 @@ def kernel_status(name: str, device) -> tuple[bool, str]:
     return True, f"kernel: verified on {gpu} ({record.get('date', '?')}, {record.get('command', '?')})"
 
 
-def kernel_enabled(name: str, device) -> bool:
+def kernel_enabled(name: str, device, choice: str | None = None) -> bool:
     """Whether the Triton kernel `name` may replace its reference on `device` (see module doc)."""
-    return kernel_status(name, device)[0]
+    return kernel_status(name, device, choice)[0]
 
 
-def kernel_report(device) -> dict[str, dict]:
+def kernel_report(device, choice: str | None = None) -> dict[str, dict]:
     """{kernel: {"used": bool, "why": str}} for every kernel on `device` (what runs record)."""
-    return {n: dict(zip(("used", "why"), kernel_status(n, device))) for n in KERNELS}
+    return {n: dict(zip(("used", "why"), kernel_status(n, device, choice))) for n in KERNELS}
 
 
-def select(name: str, device):
-    """The function to call for `name` on `device`: the Triton kernel where enabled, else the
-    plain-torch reference (same arguments and results)."""
+def select(name: str, device, choice: str | None = None):
+    """The function to call for `name` on `device`: the Triton kernel where enabled (`choice` as
+    in `kernel_enabled`), else the plain-torch reference (same arguments and results)."""
     entry = _entry(name)
     module = importlib.import_module(f"mugv.kernels.{entry.module}")
-    return getattr(module, entry.function if kernel_enabled(name, device) else entry.reference)
+    return getattr(module, entry.function if kernel_enabled(name, device, choice) else entry.reference)
 
 
 def attention_head_dim(backend: str, version: str, head_dim: int, device) -> tuple[int | None, str]:

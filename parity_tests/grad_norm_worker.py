@@ -1,4 +1,4 @@
-"""Worker of parity_tests/test_grad_norm.py, run through `python -m mugv.torch_backend.launch`.
+"""Worker of parity_tests/test_grad_norm.py, run through `python -m mugv.torch_backend.parallel.launch`.
 
     grad_norm_worker.py OUT_JSON [--lora]
 
@@ -19,11 +19,11 @@ def main(out: str, lora: bool) -> None:
     from megatron.core import parallel_state as ps
 
     from mugv.core.dit import dit_config, dit_schema
-    from mugv.torch_backend.parallelize import finalize_grads
+    from mugv.torch_backend.training.parallelize import finalize_grads
     from mugv.core.train import OptimizerConfig
     from mugv.parity_tests.test_dit import loss_weights, make_inputs
-    from mugv.torch_backend.launch import worker_layout
-    from mugv.torch_backend.parallelize import forward_backward, megatron_optimizer, parallelize
+    from mugv.torch_backend.parallel.launch import worker_layout
+    from mugv.torch_backend.training.parallelize import forward_backward, megatron_optimizer, parallelize
 
     torch.manual_seed(0)
     cfg = dit_config("tiny")
@@ -34,7 +34,7 @@ def main(out: str, lora: bool) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         from mugv.core.lora import LoRAConfig
-        from mugv.torch_backend.lora import apply_lora
+        from mugv.torch_backend.models.lora import apply_lora
         specs.update(apply_lora(pm.stages[0], cfg, LoRAConfig(rank=4, alpha=4.0), seed=5).as_dict())
         tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         with torch.no_grad():   # B = 0 at init gives A no gradient: draw the GLOBAL B, keep our slice

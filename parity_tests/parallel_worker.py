@@ -1,4 +1,4 @@
-"""Worker of parity_tests/test_parallel_layouts.py, run through `python -m mugv.torch_backend.launch`.
+"""Worker of parity_tests/test_parallel_layouts.py, run through `python -m mugv.torch_backend.parallel.launch`.
 
     parallel_worker.py layouts OUT_DIR   every 2-process layout of the tiny DiT (the launcher's
                                          own layout first), results to OUT_DIR/layouts.npz, a TP=2
@@ -21,7 +21,7 @@ def failing(mode: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from mugv.torch_backend.launch import init_distributed, worker_layout
+    from mugv.torch_backend.parallel.launch import init_distributed, worker_layout
     init_distributed(worker_layout().timeout_s)
     x = torch.ones(3) * dist.get_rank()
     dist.barrier()
@@ -73,7 +73,7 @@ def layouts(out_dir: str, mixed: bool = False) -> None:
     from mugv.core.dit import dit_schema
     from mugv.core.parallel import ParallelConfig
     from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs
-    from mugv.torch_backend.launch import worker_layout
+    from mugv.torch_backend.parallel.launch import worker_layout
 
     torch.set_num_threads(1)
     weights = torch.from_numpy(loss_weights())
@@ -124,7 +124,7 @@ def layouts(out_dir: str, mixed: bool = False) -> None:
         results.update(interleaved(batches, weights))
     if dist.get_rank() == 0:
         np.savez(os.path.join(out_dir, "layouts.npz"), **results)
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     megatron_compat.destroy_parallel()
 
 
@@ -139,7 +139,7 @@ def run_layout(tag, par, cfg, batches, weights, **config_overrides):
 
     from mugv.checkpoints.torch_dit import load_canonical
     from mugv.parity_tests.test_dit import random_params
-    from mugv.torch_backend.parallelize import forward_backward, gather_full_grads, parallelize
+    from mugv.torch_backend.training.parallelize import forward_backward, gather_full_grads, parallelize
 
     params = random_params(cfg)
     pm = parallelize(cfg, par, seed=None, bucket_size=4000, **config_overrides)
@@ -177,7 +177,7 @@ def adam_step(pm, grads) -> dict:
     ranks, no clipping) takes one step; Adam's first step is lr * g / (|g| + eps) per element with
     g the DP-averaged gradient. Returns the largest deviation in units of lr."""
     from mugv.core.train import OptimizerConfig
-    from mugv.torch_backend.parallelize import megatron_optimizer
+    from mugv.torch_backend.training.parallelize import megatron_optimizer
 
     lr = 1e-3
     before = {n: p.detach().clone() for n, p in pm.stages[0].named_parameters()}
@@ -203,7 +203,7 @@ def interleaved(batches, weights) -> dict:
     from mugv.checkpoints.torch_dit import load_canonical
     from mugv.core.parallel import ParallelConfig
     from mugv.parity_tests.test_dit import CFG, random_params
-    from mugv.torch_backend.parallelize import forward_backward, gather_full_grads, parallelize
+    from mugv.torch_backend.training.parallelize import forward_backward, gather_full_grads, parallelize
 
     cfg = dataclasses.replace(CFG, depth=4)
     params = random_params(cfg)

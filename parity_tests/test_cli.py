@@ -11,7 +11,7 @@ import pytest
 from mugv.torch_backend.cli import commands, main
 
 SUBCOMMANDS = ("generate-data", "train-vae", "eval-vae", "cache", "train", "sample", "evaluate",
-               "convert-official", "demo")
+               "convert-official", "make-preferences", "train-preference", "finetune", "demo")
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,29 @@ def test_help_of_every_subcommand(name, capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "mugv" in text and "--config" in text
+
+
+def test_every_subcommand_dispatches_to_a_job_or_experiment(parser):
+    """cli/commands.py::RUNNERS names, for every subcommand, a function of torch_backend/jobs/ (or
+    experiments/ for the demo): the CLI parses and dispatches only."""
+    import importlib
+    assert set(commands.RUNNERS) == set(_subparsers(parser)) == set(SUBCOMMANDS)
+    for name, (module, function) in commands.RUNNERS.items():
+        assert module.split(".")[0] in ("jobs", "experiments"), name
+        assert callable(getattr(importlib.import_module(f"mugv.torch_backend.{module}"), function)), name
+
+
+def test_finetune_recipe_parses_into_its_configs(tmp_path, capsys):
+    for name in ("dit.pt", "vae.pt", "clips.jsonl"):
+        (tmp_path / name).write_bytes(b"")
+    paths = ["--base", str(tmp_path / "dit.pt"), "--manifest", str(tmp_path / "clips.jsonl")]
+    command, cfg = commands.parse(["finetune", *paths, "--vae_official", str(tmp_path / "vae.pt"),
+                                   "--finetune.mode", "full", "--train.steps", "7", "--finetune.buckets",
+                                   '[{"height": 32, "width": 48, "frames": 17, "batch_size": 4, "fps": 16}]'])
+    assert command == "finetune" and cfg.finetune.mode == "full" and cfg.train.steps == 7
+    assert [(b.height, b.width, b.frames, b.batch_size) for b in cfg.finetune.buckets] == [(32, 48, 17, 4)]
+    assert main(["finetune", *paths]) == 2     # no VAE: fails before any work, naming the field
+    assert "FinetuneRunConfig.vae_official" in capsys.readouterr().err
 
 
 def test_every_option_has_help(parser):
@@ -148,7 +171,7 @@ def test_cached_batches_resume_exactly(tmp_path):
     import torch
 
     from mugv.core.data import BucketSpec, TaskMix
-    from mugv.torch_backend import demo
+    from mugv.torch_backend.experiments import demo
     from mugv.torch_backend.data.cache import CachedSource, build_cache, pool_encoder
     from mugv.torch_backend.data.dataset import build_index
     from mugv.torch_backend.data.text import EmbeddedTextEncoder

@@ -35,8 +35,8 @@ def test_sequence_shards_pad_and_split(length, cp, tp_sp, padded):
 
 
 def test_ulysses_spec_wraps_self_attention_only():
-    from mugv.torch_backend.attention import DotProductAttention
-    from mugv.torch_backend.context_parallel import UlyssesAttention, ulysses_layer_spec
+    from mugv.torch_backend.models.attention import DotProductAttention
+    from mugv.torch_backend.models.context_parallel import UlyssesAttention, ulysses_layer_spec
     from mugv.torch_backend.models.dit_layers import mugdit_layer_spec
     spec = mugdit_layer_spec(attention_backend="math")
     wrapped = ulysses_layer_spec(spec)
@@ -52,7 +52,7 @@ def test_ulysses_spec_wraps_self_attention_only():
 
 @pytest.fixture()
 def world_of_one():
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     megatron_compat.initialize_parallel(tp=1, timeout_s=120)
     yield
     megatron_compat.destroy_parallel()
@@ -80,7 +80,7 @@ def test_state_dict_loads_strict(world_of_one):
 
 
 def test_initialize_parallel_arguments_named():
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     with pytest.raises(ValueError, match="vpp = 2: .* unless pp > 1"):
         megatron_compat.initialize_parallel(tp=1, vpp=2)
     with pytest.raises(ValueError, match="timeout_s = 0"):

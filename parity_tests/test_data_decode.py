@@ -13,7 +13,7 @@ from mugv.core.data import BucketSpec, assign_bucket, frames_available
 from mugv.torch_backend.data import dataset
 from mugv.torch_backend.data.decode import MediaError, decode_clip, probe, source_indices
 from mugv.torch_backend.data.manifest import ManifestError, read_manifest
-from mugv.torch_backend.data.product_videos import encode_mp4
+from mugv.torch_backend.data.media import write_mp4
 
 # The README of ../shared/data/clips: (height, width, frames, fps)
 SHARED_CLIPS = {
@@ -43,7 +43,7 @@ def test_fps_resampling_picks_the_right_source_frames(tmp_path, src_fps, dst_fps
     rng = np.random.default_rng(src_fps * 100 + dst_fps)
     clip = _coded_clip(37, 32, 48, rng)
     path = tmp_path / "coded.mp4"
-    encode_mp4(clip, src_fps, path)
+    write_mp4(path, clip, src_fps, crf=18)
     info = probe(path)
     assert (info.height, info.width, info.num_frames, info.fps) == (32, 48, 37, src_fps)
     reference = decode_clip(path, 37, 32, 48, src_fps)       # identity: every frame once
@@ -90,7 +90,7 @@ def test_cover_resize_and_centre_crop_keep_the_middle(tmp_path):
     frame[..., 0] = ramp[None, :].round()
     frame[..., 1] = 128
     path = tmp_path / "wide.mp4"
-    encode_mp4(np.stack([frame] * 9), 24, path)
+    write_mp4(path, np.stack([frame] * 9), 24, crf=18)
     out = decode_clip(path, 9, 32, 32, 24).astype(np.float64)
     # cover resize 48x96 -> 32x64, crop columns 16..48 of 64 = source columns 24..72 of 96
     left, right = out[:, :, :2, 0].mean(), out[:, :, -2:, 0].mean()
@@ -175,14 +175,14 @@ def _audio_only(path):
 def test_bad_inputs_are_skipped_and_counted(tmp_path, caplog):
     rng = np.random.default_rng(7)
     good = _coded_clip(33, 64, 64, rng)
-    encode_mp4(good, 16, tmp_path / "good.mp4")
-    encode_mp4(good, 16, tmp_path / "good2.mp4")
+    write_mp4(tmp_path / "good.mp4", good, 16, crf=18)
+    write_mp4(tmp_path / "good2.mp4", good, 16, crf=18)
     data = (tmp_path / "good.mp4").read_bytes()
     (tmp_path / "zero.mp4").write_bytes(b"")
     (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
     (tmp_path / "random.mp4").write_bytes(rng.bytes(4096))
     _audio_only(tmp_path / "audio.mp4")
-    encode_mp4(good[:5], 16, tmp_path / "short.mp4")
+    write_mp4(tmp_path / "short.mp4", good[:5], 16, crf=18)
     rows = ["good", "zero", "truncated", "random", "audio", "short", "missing", "good2"]
     with open(tmp_path / "m.jsonl", "w") as f:
         for name in rows:

@@ -12,6 +12,7 @@ from mugv.core.data import BucketSpec
 from mugv.torch_backend.data import analyzer, dataset
 from mugv.torch_backend.data import product_videos as pv
 from mugv.torch_backend.data.decode import probe
+from mugv.torch_backend.data.media import write_mp4
 
 
 def _scenes(n: int) -> list[pv.Scene]:
@@ -67,7 +68,7 @@ def test_analyzer_on_clean_and_degraded_clips():
         clip = pv.render(scene, seed=1000 + i, size=64, frames=25)
         for condition, video in (("clean", clip), ("degraded", analyzer.degrade(clip, rng))):
             buf = io.BytesIO()
-            pv.encode_mp4(video, 16, buf)
+            write_mp4(buf, video, 16, crf=18)
             buf.seek(0)
             with av.open(buf) as container:
                 decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

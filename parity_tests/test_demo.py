@@ -1,4 +1,4 @@
-"""The end-to-end demo (`mugv demo`, torch_backend/demo.py).
+"""The end-to-end demo (`mugv demo`, torch_backend/experiments/demo.py).
 
 - `test_demo_smoke_report_layout` (CI, ~1-3 min on the shared box): a miniature run (16 clips, a few
   VAE and DiT steps) goes through every step and writes the documented layout: report.md with
@@ -22,8 +22,8 @@ import re
 
 import pytest
 
-from mugv.torch_backend import demo
-from mugv.torch_backend.cli.pipeline import PretrainConfig, StageConfig
+from mugv.torch_backend.experiments import demo
+from mugv.core.recipe import PretrainConfig, StageConfig
 
 MOTION_MARGIN = 0.25   # t2v motion >= chance + 25 points (measured +58: 91.7 % vs 33.3 %, docs/cli.md)
 MARGIN = 0.15          # colour and shape t2v >= chance + 15 points (measured +42 and +67, docs/cli.md)
@@ -102,7 +102,7 @@ def test_foreground_mask_marks_the_product_not_the_background():
     border colour are the product; backgrounds of any plain colour (plus codec-sized noise) are not."""
     import torch
 
-    from mugv.torch_backend.vae_train import foreground_mask
+    from mugv.torch_backend.jobs.vae_train import foreground_mask
     g = torch.Generator().manual_seed(3)
     b, t, h, w = 3, 5, 24, 40
     background = torch.rand(b, 3, 1, 1, 1, generator=g) * 1.6 - 0.8

@@ -16,6 +16,7 @@ import torch
 from mugv.core.dit import dit_config, dit_schema, patch_grid
 from mugv.parity_tests.helpers import random_params  # noqa: F401  (other tests import it from here)
 from mugv.parity_tests.tolerances import assert_close, assert_tree_close
+from mugv.parity_tests.fixtures import megatron_world  # noqa: F401  (a fixture)
 
 CFG = dit_config("tiny")
 B, T, H, W, LT = 2, 3, 5, 7, 6  # odd latent sizes: patch padding and crop on H and W
@@ -52,14 +53,6 @@ def loss_weights(seed: int = 3) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # torch side
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    from mugv.torch_backend import megatron_compat
-    megatron_compat.initialize_parallel(tp=1)
-    yield
-    megatron_compat.destroy_parallel()
 
 
 def torch_model(params, layer_spec=None, **config_overrides):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mugv.parity_tests.tolerances import assert_close
+from mugv.parity_tests.fixtures import megatron_world  # noqa: F401  (a fixture)
 
 CASES = ("t2v", "i2v", "odd_hw", "varied")
 
@@ -41,14 +42,6 @@ def on_device(model, inputs: dict) -> dict:
 def golden(goldens_dir):
     from safetensors.numpy import load_file
     return load_file(str(goldens_dir / "dit_tiny_seed0.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    from mugv.torch_backend import megatron_compat
-    megatron_compat.initialize_parallel(tp=1)
-    yield
-    megatron_compat.destroy_parallel()
 
 
 @pytest.fixture(scope="module")

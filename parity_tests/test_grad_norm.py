@@ -24,7 +24,7 @@ WORKER = str(Path(__file__).with_name("grad_norm_worker.py"))
 def _norms(tmp_path, tp: int, *extra: str) -> dict:
     out = tmp_path / f"norm_tp{tp}{'_'.join(extra)}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE")
-    proc = subprocess.run([sys.executable, "-m", "mugv.torch_backend.launch", "--size", "tiny", "--tp", str(tp),
+    proc = subprocess.run([sys.executable, "-m", "mugv.torch_backend.parallel.launch", "--size", "tiny", "--tp", str(tp),
                            "--nproc-per-node", str(tp), "--timeout-s", "120", WORKER, str(out), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode:

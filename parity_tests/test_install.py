@@ -125,7 +125,7 @@ def test_environment_names_versions_without_importing_frameworks():
 
 
 def test_report_records_the_environment(tmp_path):
-    from mugv.torch_backend import report
+    from mugv.torch_backend.jobs import report
     path = report.markdown_report(tmp_path / "r.md", "t", [("a", "b")], config={})
     text = path.read_text()
     assert "## Environment" in text and f"| torch | {importlib.metadata.version('torch')} |" in text

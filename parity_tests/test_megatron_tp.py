@@ -1,4 +1,4 @@
-"""Megatron-Core on CPU with two gloo processes (torch_backend/megatron_compat.py): tensor parallelism.
+"""Megatron-Core on CPU with two gloo processes (torch_backend/parallel/megatron_compat.py): tensor parallelism.
 
 One torchrun launch (importing megatron.core costs 5-8 s per process) runs every 2-process case:
 - a Column -> Row parallel linear pair at TP=2 equals the full-matrix computation (forward, input and
@@ -43,7 +43,7 @@ def _worker(out_dir: str) -> None:
     from mugv.checkpoints.torch_dit import load_canonical
     from mugv.core.dit import dit_schema
     from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     from mugv.torch_backend.models.dit import build_dit, transformer_config
 
     megatron_compat.initialize_parallel(tp=2)
@@ -190,7 +190,7 @@ def tp_results(tmp_path_factory):
 def test_compat_layer_is_idempotent_and_answers_cuda_with_cpu():
     import torch
 
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     assert megatron_compat.enable() and megatron_compat.enable()  # second call changes nothing
     current = torch.cuda.current_device
     assert megatron_compat.enable() and torch.cuda.current_device is current
@@ -210,7 +210,7 @@ def test_column_row_pair_tp2(tp_results):
 
 @pytest.fixture(scope="module")
 def tp1_reference():
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params, torch_model, torch_run
     megatron_compat.initialize_parallel(tp=1)
     try:

@@ -1,4 +1,4 @@
-"""Parallel layouts through `torch_backend/parallelize.py` and `torch_backend/launch.py` (CPU, gloo,
+"""Parallel layouts through `torch_backend/training/parallelize.py` and `torch_backend/parallel/launch.py` (CPU, gloo,
 real processes).
 
 One launch of 2 "nodes" of 1 process each on loopback, through the launcher's c10d rendezvous,
@@ -10,7 +10,7 @@ I2V batch with padded text. The loss and the gathered global gradients equal thi
 process's run within the ("sharded", "float32") row. It also writes a checkpoint at TP=2
 (`save_torch`), which loads here at TP=1 and gives the TP=2 outputs.
 
-Context parallel (Ulysses, torch_backend/context_parallel.py): CP=2 in the same 2-process launch
+Context parallel (Ulysses, torch_backend/models/context_parallel.py): CP=2 in the same 2-process launch
 (with the distributed optimizer, sharded over DP x CP), TP=2 + SP x CP=2 (a 4-head variant of the
 tiny DiT) and PP=2 x CP=2 in the 4-process launch, each on T2V and I2V batches with padded text
 whose sequence (27 video tokens + start/end = 29) divides neither by 2 nor by 4: the padding is
@@ -36,7 +36,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKER = str(REPO / "parity_tests" / "parallel_worker.py")
-LAUNCH = [sys.executable, "-m", "mugv.torch_backend.launch"]
+LAUNCH = [sys.executable, "-m", "mugv.torch_backend.parallel.launch"]
 KINDS = ("t2v", "i2v")
 LAYOUTS = ("tp2sp", "tp2", "pp2", "dp2")
 
@@ -82,7 +82,7 @@ def two_nodes(tmp_path_factory):
 def reference():
     """Single process (TP=1): output, loss and gradients for each batch kind."""
     from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params, torch_model, torch_run
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     megatron_compat.initialize_parallel(tp=1)
     try:
         model = torch_model(random_params(CFG))
@@ -100,7 +100,7 @@ def reference_odd():
     from mugv.checkpoints.torch_dit import load_canonical
     from mugv.parity_tests.parallel_worker import ODD_W, four_head_config
     from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params, torch_run
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     from mugv.torch_backend.models.dit import build_dit, transformer_config
     weights = np.ascontiguousarray(loss_weights()[..., :ODD_W])
     refs = {}
@@ -186,7 +186,7 @@ def reference_depth4():
 
     from mugv.checkpoints.torch_dit import load_canonical
     from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params, torch_run
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     from mugv.torch_backend.models.dit import build_dit, transformer_config
     cfg = dataclasses.replace(CFG, depth=4)
     megatron_compat.initialize_parallel(tp=1)
@@ -260,7 +260,7 @@ def test_tp2_checkpoint_loads_at_tp1(two_nodes, reference):
     from mugv.core.dit import dit_schema
     from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, random_params, torch_run
     from mugv.parity_tests.tolerances import assert_close
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     from mugv.torch_backend.models.dit import build_dit, transformer_config
     results, out_dir = two_nodes
     megatron_compat.initialize_parallel(tp=1)
@@ -291,7 +291,7 @@ def test_tp2_checkpoint_loads_at_tp1(two_nodes, reference):
     (["--nnodes", "2"], "--rdzv-endpoint"),
 ])
 def test_bad_layout_fails_before_any_process(argv, needle, capsys):
-    from mugv.torch_backend import launch
+    from mugv.torch_backend.parallel import launch
     rc = launch.main(["--size", "tiny", *argv, WORKER, "layouts", "/nonexistent"])
     err = capsys.readouterr().err
     assert rc == 2 and "invalid layout" in err and needle in err, err

@@ -169,11 +169,11 @@ def test_dpo_manifest_reads_pairs_and_rejects_size_mismatch(tmp_path):
 
 def test_dpo_manifest_of_videos_rejects_size_mismatch(tmp_path):
     from mugv.torch_backend.data.preference import PreferenceError, read_dpo_manifest
-    from mugv.torch_backend.data.product_videos import encode_mp4
+    from mugv.torch_backend.data.media import write_mp4
 
     rng = np.random.default_rng(0)
     for name, (t, h, w) in {"v1.mp4": (5, 16, 16), "v2.mp4": (5, 16, 16), "v3.mp4": (5, 16, 32)}.items():
-        encode_mp4(rng.integers(0, 255, (t, h, w, 3), dtype=np.uint8), 8.0, tmp_path / name)
+        write_mp4(tmp_path / name, rng.integers(0, 255, (t, h, w, 3), dtype=np.uint8), 8.0, crf=18)
     ok = _write(tmp_path / "ok.jsonl", [{"caption": "c", "preferred": "v1.mp4", "rejected": "v2.mp4"}])
     assert read_dpo_manifest(ok)[0].shape == (5, 16, 16)
     bad = _write(tmp_path / "bad.jsonl", [{"caption": "c", "preferred": "v1.mp4", "rejected": "v3.mp4"}])
@@ -242,7 +242,7 @@ def _worker(argv: list[str]) -> int:
     from mugv.core.preference import PreferenceConfig, PreferenceStageConfig
     from mugv.core.train import OptimizerConfig, TrainConfig
     from mugv.torch_backend.data.preference import PreferenceSource
-    from mugv.torch_backend.training.batch import SyntheticLatents
+    from mugv.torch_backend.data.batch import SyntheticLatents
     from mugv.torch_backend.training.preference import PreferenceTrainer
     from mugv.torch_backend.training.trainer import Trainer
 

@@ -297,7 +297,7 @@ def test_loss_formulas_match_closed_forms():
 
 
 def test_psnr_ssim_known_values():
-    from mugv.torch_backend import vae_eval
+    from mugv.torch_backend.jobs import vae_eval
     x = torch.from_numpy(rand(3, 4, 16, 16)) * 0.8
     assert vae_eval.psnr(x, x) == float("inf") and vae_eval.ssim(x, x) == pytest.approx(1.0, abs=1e-6)
     # +0.1 in [-1, 1] is +0.05 on [0, 1] pixels: MSE 0.0025 -> 26.02 dB
@@ -305,18 +305,24 @@ def test_psnr_ssim_known_values():
     assert vae_eval.ssim(-x, x) < 0.5
 
 
+def write_gradient_clips(folder, frames: int, count: int = 2, height: int = 24, width: int = 40):
+    """`count` mp4 clips of moving gradients + noise (uint8, 8 fps) in `folder`; returns it."""
+    from mugv.torch_backend.data import media
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        t, yy, xx = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
+        base = 127 + 100 * np.sin(0.3 * xx + 0.2 * yy + 0.5 * t + i)
+        video = np.clip(base[..., None] + rng.integers(-20, 20, (frames, height, width, 3)), 0, 255).astype(np.uint8)
+        media.write_mp4(folder / f"clip{i}.mp4", video, fps=8)
+    return folder
+
+
 def test_train_then_reload_and_evaluate(tmp_path):
     """A few steps with the discriminator switched on at step 3, on clips written with PyAV; the
     saved checkpoint reloads to the same evaluation numbers."""
-    from mugv.torch_backend import vae_eval, vae_train
-    data = tmp_path / "clips"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):   # moving gradients + noise, 12 frames of 24x40
-        t, yy, xx = np.meshgrid(np.arange(12), np.arange(24), np.arange(40), indexing="ij")
-        base = 127 + 100 * np.sin(0.3 * xx + 0.2 * yy + 0.5 * t + i)
-        frames = np.clip(base[..., None] + rng.integers(-20, 20, (12, 24, 40, 3)), 0, 255).astype(np.uint8)
-        vae_eval.write_mp4(data / f"clip{i}.mp4", frames, fps=8)
+    from mugv.torch_backend.jobs import vae_eval, vae_train
+    data = write_gradient_clips(tmp_path / "clips", frames=12)
     cfg = vae_train.VAETrainConfig(data=str(data), size="golden", height=24, width=40, num_frames=9, fps=8,
                                    steps=5, log_every=1, eval_frames=9, out=str(tmp_path / "run"),
                                    loss=spec.VAELossConfig(disc_start=3), disc_channels=8)
@@ -326,7 +332,8 @@ def test_train_then_reload_and_evaluate(tmp_path):
     assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
     assert all("d_loss" in s for s in steps[3:]) and not any("d_loss" in s for s in steps[:3])
     assert all(np.isfinite(s["loss"]) for s in steps)
-    model = vae_eval.load_model("golden", checkpoint=str(result["checkpoint"]))
+    from mugv.torch_backend.jobs.loaders import vae_model
+    model = vae_model("golden", checkpoint=str(result["checkpoint"]))
     again = vae_eval.evaluate(model, data, 24, 40, 9, 8.0, out_dir=tmp_path / "eval")
     assert again["mean_psnr"] == pytest.approx(result["after"]["mean_psnr"], abs=1e-4)
     assert (tmp_path / "eval" / "clip0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Staged VAE training (torch_backend/vae_train.py stages A and B; docs/vae.md).
+"""Staged VAE training (torch_backend/jobs/vae_train.py stages A and B; docs/vae.md).
 
 - Stage B's feature-level forward (`temporal_reconstruction`) is the VAE's own clip forward
   between the 2D encoder and decoder: decode_spatial of it equals `VideoVAE.forward(video,
@@ -15,8 +15,8 @@ import torch
 
 from mugv.core import validate as v
 from mugv.parity_tests.tolerances import assert_close
-from mugv.parity_tests.test_vae import TINY, random_params
-from mugv.torch_backend import vae_train
+from mugv.parity_tests.test_vae import TINY, random_params, write_gradient_clips
+from mugv.torch_backend.jobs import vae_train
 from mugv.torch_backend.models.vae import VideoVAE
 
 
@@ -91,7 +91,7 @@ def test_stage_losses_go_down():
 
 
 def test_stage_settings_are_validated():
-    from mugv.torch_backend.demo import DemoVAE
+    from mugv.torch_backend.experiments.demo import DemoVAE
     with pytest.raises(v.ConfigError, match=r"VAETrainConfig.steps = 0.*nothing would train"):
         _cfg()
     with pytest.raises(v.ConfigError, match=r"VAETrainConfig.temporal_steps = -1"):
@@ -105,3 +105,26 @@ def test_stage_settings_are_validated():
     cfg = vae_train.config_from_args(["--data", "x", "--spatial-steps", "5", "--temporal-steps", "7",
                                       "--temporal-lr", "2e-3", "--steps", "0"])
     assert (cfg.spatial_steps, cfg.temporal_steps, cfg.temporal_lr, cfg.steps) == (5, 7, 2e-3, 0)
+
+
+def test_train_vae_command_sets_the_latent_normalisation(tmp_path):
+    """`mugv train-vae` (the same job the demo trains its VAE with, jobs/vae_train.py::train)
+    saves a VAE whose latent_mean / latent_std are the per-channel statistics of the training
+    clips' posterior means, not the 0 / 1 it starts with: its normalised latents of those clips
+    have channel means 0 and standard deviations 1."""
+    from mugv.torch_backend.cli import main
+    from mugv.torch_backend.data import media
+    from mugv.torch_backend.jobs.loaders import vae_model
+
+    data = write_gradient_clips(tmp_path / "clips", frames=9)
+    assert main(["train-vae", "--data", str(data), "--size", "golden", "--height", "24", "--width", "40",
+                 "--num_frames", "9", "--fps", "8", "--steps", "1", "--spatial_steps", "1", "--eval_frames", "9",
+                 "--evaluate", "false", "--out", str(tmp_path / "run")]) == 0
+    ckpt = sorted((tmp_path / "run" / "ckpt").glob("step_*"))[-1]
+    model = vae_model("golden", checkpoint=str(ckpt)).eval()
+    assert not torch.all(model.latent_mean == 0) and not torch.all(model.latent_std == 1)
+    clips = [media.to_video_tensor(media.load_clip(s, 9, 24, 40, 8.0)) for s in media.list_clips(data)]
+    with torch.no_grad():
+        z = torch.cat([model.encode(c[None], sample=False) for c in clips])
+    torch.testing.assert_close(z.mean(dim=(0, 2, 3, 4)), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(dim=(0, 2, 3, 4)), torch.ones(z.shape[1]), atol=1e-5, rtol=0)

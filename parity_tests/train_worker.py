@@ -75,7 +75,7 @@ def main() -> int:
     from mugv.core.flow import FlowConfig
     from mugv.core.parallel import ParallelConfig
     from mugv.core.train import OptimizerConfig, TrainConfig
-    from mugv.torch_backend.training.batch import SyntheticLatents
+    from mugv.torch_backend.data.batch import SyntheticLatents
     from mugv.torch_backend.training.trainer import StageSettings, Trainer, TrainingStopped
 
     nan_steps = {int(s) for s in a.nan_steps.split(",") if s}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mugv.parity_tests.tolerances import assert_bf16_within_factor
-from mugv.torch_backend.attention import DotProductAttention, fa4_attention, fa4_version
+from mugv.torch_backend.models.attention import DotProductAttention, fa4_attention, fa4_version
 
 # (model head dim, head dim it runs at): unpadded, and the zero-paddings to multiples of 8/16/32
 CASES = [(72, 72), (72, 80), (72, 96), (72, 128), (64, 64), (128, 128)]

@@ -5,8 +5,8 @@ docs/benchmarks.md (issue 13); here only the arithmetic."""
 import pytest
 import torch
 
-from mugv.torch_backend.attention import DotProductAttention
 from mugv.parity_tests.tolerances import assert_close
+from mugv.torch_backend.models.attention import DotProductAttention
 
 
 def _run(attn, q, k, v, mask):

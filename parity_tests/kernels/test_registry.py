@@ -192,7 +192,7 @@ def test_fa4_runs_at_the_smallest_verified_head_dim(fake_gpu, monkeypatch):
 
 
 def test_attention_resolution_on_cpu_and_without_fa4(monkeypatch):
-    from mugv.torch_backend import attention
+    from mugv.torch_backend.models import attention
     assert attention.resolve("auto", torch.device("cpu"), 72)[0] == "auto"
     assert attention.resolve("cudnn", torch.device("cpu"), 72, 80) == ("cudnn", 80, "cudnn: chosen")
     with pytest.raises(ValueError, match="'fa4' needs a CUDA device"):

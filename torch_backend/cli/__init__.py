@@ -1,9 +1,13 @@
 """`mugv`: one command line for what a user does, built on jsonargparse.
 
     mugv generate-data | train-vae | eval-vae | cache | train | sample | evaluate |
-         convert-official | demo   [--config recipe.yaml] [--section.field value ...]
+         convert-official | make-preferences | train-preference | finetune | demo
+         [--config recipe.yaml] [--section.field value ...]
 
-Every subcommand's options come from the config dataclasses (core/ and cli/pipeline.py): a recipe
+The CLI parses and dispatches only: each subcommand runs one job (torch_backend/jobs/) or, for
+`demo`, the experiment composed of them (torch_backend/experiments/); cli/commands.py::RUNNERS
+names which. Every subcommand's options come from the config dataclasses (core/, e.g.
+core/recipe.py, and the jobs' run configs): a recipe
 file (`--config`, YAML or JSON) sets any of them and dotted options override it
 (`--train.optimizer.lr 3e-4`, `--parallel.tensor_parallel 2`). An unknown key or a value of the
 wrong type fails while parsing, naming the key; an out-of-range value fails when the dataclasses

@@ -1,4 +1,6 @@
-"""The `mugv` subcommands: their parsers (jsonargparse over the config dataclasses) and runners."""
+"""The `mugv` subcommands: their parsers (jsonargparse over the config dataclasses), the checks
+that run before any work, and the dispatch to the job (torch_backend/jobs/) or experiment
+(torch_backend/experiments/) each one runs (`RUNNERS`)."""
 from __future__ import annotations
 
 import argparse
@@ -95,16 +97,18 @@ def build_parser():
     from jsonargparse import ArgumentParser
 
     from mugv.core.dit import DiTConfig
+    from mugv.core.recipe import PretrainConfig
     from mugv.core.sampler import FlowSamplerConfig
-    from mugv.torch_backend import demo
-    from mugv.torch_backend.cli import pipeline
-    from mugv.torch_backend.vae_train import VAETrainConfig
+    from mugv.torch_backend.experiments import demo
+    from mugv.torch_backend.jobs.finetune import FinetuneRunConfig
+    from mugv.torch_backend.jobs.generate_data import DemoData
+    from mugv.torch_backend.jobs.vae_train import VAETrainConfig
 
     top = ArgumentParser(prog="mugv", description="mugv: train and sample MUG-V video models",
                          exit_on_error=False)
     sub = top.add_subcommands(dest="command", required=True)
     subs = {
-        "generate-data": _parser("Render the embedded product-video dataset (mp4 + manifests)", demo.DemoData,
+        "generate-data": _parser("Render the embedded product-video dataset (mp4 + manifests)", DemoData,
                                  out=(str, "runs/data", "output folder")),
         "train-vae": _parser("Train the video VAE on a folder or manifest of videos", VAETrainConfig),
         "eval-vae": _parser("VAE reconstruction PSNR/SSIM over clips, with side-by-side PNG/mp4", None,
@@ -116,13 +120,13 @@ def build_parser():
                             frames=(int, 17, "frames per clip"), fps=(float, 16.0, "sampling frame rate"),
                             out=(Optional[str], None, "folder for metrics and side-by-side media")),
         "cache": _parser("Encode a recipe's latents and text into the tensorstore cache",
-                         pipeline.PretrainConfig,
+                         PretrainConfig,
                          stage=(Optional[str], None, "only this stage's bucket (default: every stage)")),
         "train": _parser("Pre-train MUG-DiT: a whole curriculum recipe or one of its stages",
-                         pipeline.PretrainConfig,
+                         PretrainConfig,
                          stage=(Optional[str], None, "train only this stage (it starts from the previous "
                                                      "stage's checkpoint)")),
-        "sample": _sample_parser(pipeline, DiTConfig, FlowSamplerConfig),
+        "sample": _sample_parser(DiTConfig, FlowSamplerConfig),
         "evaluate": _parser("Caption-following accuracy of videos by the analyzer (colour, shape, motion)", None,
                             manifest=(str, None, "manifest of the videos to score with their captions (required)")),
         "convert-official": _parser("Import official MUG-V weights (dit.pt / vae.pt) as mugv checkpoints", None,
@@ -133,6 +137,8 @@ def build_parser():
         "demo": _parser("The end-to-end demo: data -> VAE -> cache -> curriculum -> samples -> report",
                         demo.DemoConfig, quick=(bool, False, "the short CI variant (about 3 minutes)")),
         **_preference_parsers(),
+        "finetune": _parser("Fine-tune MUG-DiT (LoRA or full) on a manifest of clips, from official weights or "
+                            "a mugv checkpoint", FinetuneRunConfig),
     }
     for name, p in subs.items():
         sub.add_subcommand(name, p, help=p.description)
@@ -141,15 +147,15 @@ def build_parser():
 
 def _preference_parsers() -> dict:
     """`make-preferences` and `train-preference` (docs/preference.md)."""
-    from mugv.torch_backend import preference_data
-    from mugv.torch_backend.training import preference
+    from mugv.torch_backend.jobs import preference, preference_data
     return {"make-preferences": _parser("Sample K candidates per prompt, score them with the analyzer, write DPO "
                                         "pairs and KTO labels", preference_data.PreferenceDataConfig),
             "train-preference": _parser("Preference stage: Diffusion-DPO or Diffusion-KTO against a frozen "
                                         "reference checkpoint", preference.PreferenceRunConfig)}
 
 
-def _sample_parser(pipeline, DiTConfig, FlowSamplerConfig):
+def _sample_parser(DiTConfig, FlowSamplerConfig):
+    from mugv.core.recipe import demo_dit
     p = _parser("Sample videos from a checkpoint: text-to-video, or image-to-video from a product image", None,
                 checkpoint=(Optional[str], None, "trainer run folder or step_* checkpoint"),
                 official=(Optional[str], None, "official-layout DiT weights: a file or a local directory"),
@@ -168,7 +174,7 @@ def _sample_parser(pipeline, DiTConfig, FlowSamplerConfig):
     _fill_help(p, DiTConfig, "dit.")
     p.add_class_arguments(FlowSamplerConfig, "sampler", help="sampler")
     _fill_help(p, FlowSamplerConfig, "sampler.")
-    p.set_defaults(dit=dataclasses.asdict(pipeline.demo_dit()))
+    p.set_defaults(dit=dataclasses.asdict(demo_dit()))
     return p
 
 
@@ -201,25 +207,27 @@ def _fields(cls, ns) -> dict:
 
 def _build(command: str, ns):
     """Build the config dataclass and check paths before any work."""
-    from mugv.torch_backend import demo
-    from mugv.torch_backend.cli import pipeline
-    from mugv.torch_backend.vae_train import VAETrainConfig
+    from mugv.core.recipe import PretrainConfig
+    from mugv.torch_backend.experiments import demo
+    from mugv.torch_backend.jobs.generate_data import DemoData
+    from mugv.torch_backend.jobs.loaders import require_path
+    from mugv.torch_backend.jobs.vae_train import VAETrainConfig
 
     if command == "generate-data":
-        return demo.DemoData(**_fields(demo.DemoData, ns)), ns.out
+        return DemoData(**_fields(DemoData, ns)), ns.out
     if command == "train-vae":
         cfg = VAETrainConfig(**_fields(VAETrainConfig, ns))
-        pipeline.require_path("data", cfg.data, "folder or manifest")
+        require_path("data", cfg.data, "folder or manifest")
         return cfg
     if command == "eval-vae":
-        pipeline.require_path("data", ns.data or "", "folder or manifest")
+        require_path("data", ns.data or "", "folder or manifest")
         if ns.checkpoint:
-            pipeline.require_path("checkpoint", ns.checkpoint, "checkpoint")
+            require_path("checkpoint", ns.checkpoint, "checkpoint")
         return ns
     if command in ("cache", "train"):
-        cfg = pipeline.PretrainConfig(**_fields(pipeline.PretrainConfig, ns))
-        pipeline.require_path("manifest", cfg.manifest, "manifest file")
-        pipeline.require_path("vae_checkpoint", cfg.vae_checkpoint, "VAE checkpoint")
+        cfg = PretrainConfig(**_fields(PretrainConfig, ns))
+        require_path("manifest", cfg.manifest, "manifest file")
+        require_path("vae_checkpoint", cfg.vae_checkpoint, "VAE checkpoint")
         if ns.stage is not None and ns.stage not in [s.name for s in cfg.stages]:
             raise ConfigError(f"--stage {ns.stage!r}: expected one of {[s.name for s in cfg.stages]}")
         return cfg, ns.stage
@@ -228,31 +236,40 @@ def _build(command: str, ns):
             raise ConfigError("sample: give exactly one of --checkpoint (mugv) or --official (official layout)")
         for key in ("checkpoint", "official", "vae_checkpoint", "vae_official", "image"):
             if getattr(ns, key):
-                pipeline.require_path(key, getattr(ns, key))
+                require_path(key, getattr(ns, key))
         if not ns.prompt:
             raise ConfigError("sample: --prompt expected at least one caption")
         return ns
     if command == "evaluate":
-        pipeline.require_path("manifest", ns.manifest or "", "manifest file")
+        require_path("manifest", ns.manifest or "", "manifest file")
         return ns
     if command == "convert-official":
         if ns.kind not in ("dit", "vae"):
             raise ConfigError(f"--kind {ns.kind!r}: expected 'dit' or 'vae'")
-        pipeline.require_path("src", ns.src or "", "official weights file")
+        require_path("src", ns.src or "", "official weights file")
         if not ns.dst:
             raise ConfigError("--dst: expected a checkpoint root directory")
         return ns
     if command == "make-preferences":
-        from mugv.torch_backend.preference_data import PreferenceDataConfig
+        from mugv.torch_backend.jobs.preference_data import PreferenceDataConfig
         cfg = PreferenceDataConfig(**_fields(PreferenceDataConfig, ns))
         for key, what in (("checkpoint", "DiT checkpoint"), ("vae_checkpoint", "VAE checkpoint"), ("prompts", "manifest")):
-            pipeline.require_path(key, getattr(cfg, key), what)
+            require_path(key, getattr(cfg, key), what)
         return cfg
     if command == "train-preference":
-        from mugv.torch_backend.training.preference import PreferenceRunConfig, resolve_reference
+        from mugv.torch_backend.jobs.preference import PreferenceRunConfig, resolve_reference
         cfg = PreferenceRunConfig(**_fields(PreferenceRunConfig, ns))
-        pipeline.require_path("manifest", cfg.manifest, "preference manifest")
+        require_path("manifest", cfg.manifest, "preference manifest")
         resolve_reference(cfg.reference)
+        return cfg
+    if command == "finetune":
+        from mugv.torch_backend.jobs.finetune import FinetuneRunConfig
+        cfg = FinetuneRunConfig(**_fields(FinetuneRunConfig, ns))
+        require_path("base", cfg.base, "official weights file or checkpoint")
+        require_path("manifest", cfg.manifest, "manifest file")
+        for key in ("vae_official", "vae_checkpoint"):
+            if getattr(cfg, key):
+                require_path(key, getattr(cfg, key))
         return cfg
     if command == "demo":
         cfg = demo.DemoConfig(**_fields(demo.DemoConfig, ns))
@@ -263,9 +280,25 @@ def _build(command: str, ns):
     raise UsageError(f"unknown subcommand {command!r}")
 
 
+# subcommand -> (module, function) that runs it: a job, or the demo experiment on top of them
+RUNNERS = {
+    "generate-data": ("jobs.generate_data", "generate_data"),
+    "train-vae": ("jobs.vae_train", "train_vae"),
+    "eval-vae": ("jobs.vae_eval", "eval_vae"),
+    "cache": ("jobs.pretrain", "cache"),
+    "train": ("jobs.pretrain", "train"),
+    "sample": ("jobs.sample", "sample"),
+    "evaluate": ("jobs.evaluate", "evaluate"),
+    "convert-official": ("jobs.convert_official", "convert_official"),
+    "make-preferences": ("jobs.preference_data", "make_preferences_command"),
+    "train-preference": ("jobs.preference", "train_preference_command"),
+    "finetune": ("jobs.finetune", "finetune_command"),
+    "demo": ("experiments.demo", "demo"),
+}
+
+
 def run(command: str, cfg) -> int:
-    from mugv.torch_backend.cli import runners
-    if command in ("make-preferences", "train-preference"):
-        from mugv.torch_backend import preference_demo
-        return preference_demo.run_command(command, cfg)
-    return getattr(runners, command.replace("-", "_"))(cfg)
+    """Run the subcommand's job (or experiment) on its built config; returns the exit status."""
+    import importlib
+    module, function = RUNNERS[command]
+    return getattr(importlib.import_module(f"mugv.torch_backend.{module}"), function)(cfg)

@@ -289,11 +289,12 @@ def evaluate_clip(seed: int, i: int, size: int = 64, frames: int = 33) -> dict[s
     """Hits of clip (seed, i) after an H.264 round trip, clean and degraded, per attribute."""
     import io
     import av
-    from mugv.torch_backend.data.product_videos import encode_mp4, random_scene, render
+    from mugv.torch_backend.data.media import write_mp4
+    from mugv.torch_backend.data.product_videos import random_scene, render
 
     def roundtrip(clip):
         buf = io.BytesIO()
-        encode_mp4(clip, 16, buf)
+        write_mp4(buf, clip, 16, crf=18)
         buf.seek(0)
         with av.open(buf) as container:
             return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

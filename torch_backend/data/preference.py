@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mugv.torch_backend.data.manifest import jsonl_rows
-from mugv.torch_backend.training.batch import TrainBatch
+from mugv.torch_backend.data.batch import TrainBatch
 
 DPO_FIELDS = ("id", "caption", "preferred", "rejected", "reference", "fps", "scores")
 KTO_FIELDS = ("id", "caption", "path", "desirable", "reference", "fps", "score")

@@ -22,12 +22,12 @@ anti-aliased edges.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import pathlib
 
-import av
 import numpy as np
+
+from mugv.torch_backend.data.media import write_mp4
 
 SHAPES = ("cube", "sphere", "cylinder", "cone", "torus")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -223,20 +223,6 @@ def _shade(base: np.ndarray, normal: np.ndarray, tex: np.ndarray, material: str)
 # --- files ----------------------------------------------------------------------------------------
 
 
-def encode_mp4(clip: np.ndarray, fps: float, target: str | pathlib.Path | io.BytesIO, crf: int = 18) -> None:
-    """Write uint8 (T, H, W, 3) RGB as H.264 (yuv420p) mp4 to a path or a BytesIO."""
-    container = av.open(target, mode="w", format="mp4")
-    stream = container.add_stream("libx264", rate=int(round(fps)))
-    stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
-    stream.options = {"crf": str(crf), "preset": "medium"}
-    for frame in clip:
-        for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-
-
 def generate_dataset(out_dir: str | pathlib.Path, count: int, seed: int = 0, size: int = 64,
                      frames: int = 33, fps: float = 16.0) -> pathlib.Path:
     """Write `count` clips and `manifest.jsonl` (with the attributes) to `out_dir`; returns the
@@ -251,7 +237,7 @@ def generate_dataset(out_dir: str | pathlib.Path, count: int, seed: int = 0, siz
         name = f"clips/{i:06d}.mp4"
         if not (out_dir / name).exists():
             tmp = out_dir / (name + ".part")
-            encode_mp4(render(scene, render_seed, size, frames), fps, tmp)
+            write_mp4(tmp, render(scene, render_seed, size, frames), fps, crf=18)
             tmp.rename(out_dir / name)  # atomic: a killed run never leaves a half-written clip
         rows.append({"id": f"product_{i:06d}", "path": name, "caption": scene.caption(variant),
                      "fps": fps, "attributes": dataclasses.asdict(scene)})

@@ -19,7 +19,7 @@ groups of `recompute_num_layers`)).
 Pipeline parallelism: `build_dit(..., pre_process, post_process, layers)` builds one stage; stages
 exchange one packed tensor (see `MUGDiT`), which Megatron's schedules send and receive.
 
-Context parallelism (Ulysses, `torch_backend/context_parallel.py`), when Megatron's CP size > 1:
+Context parallelism (Ulysses, `torch_backend/models/context_parallel.py`), when Megatron's CP size > 1:
 every CP rank takes the same whole batch; the sequence [start; video; end] (S = N + 2 tokens) is
 zero-padded at its end to a multiple of CP x TP (TP only under sequence parallelism) and each
 CP rank keeps its contiguous chunk of the hidden states, of the per-token modulation index
@@ -48,7 +48,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mugv.core.dit import DiTConfig, check_forward_inputs, dit_schema, patch_grid
 from mugv.core.schema import Schema
 from mugv.core.rope import rope_angles, sinusoidal_embedding
-from mugv.torch_backend import context_parallel, megatron_compat
+from mugv.torch_backend.models import context_parallel
+from mugv.torch_backend.parallel import megatron_compat
 from mugv.torch_backend.models.dit_layers import mugdit_layer_spec
 
 

@@ -15,7 +15,7 @@ What is configurable, and where:
   in the conventions and signatures of `mugv.kernels`. `REFERENCE_OPS` is plain torch and always
   available; `kernel_ops(device)` takes what `mugv.kernels.registry` selects for the device;
 - `core_attention` (spec submodule): softmax attention, `DotProductAttention(backend=...)`, see
-  `mugv.torch_backend.attention`;
+  `mugv.torch_backend.models.attention`;
 - selective recomputation of the attention core (config.recompute_granularity == "selective").
 
 Module names equal the canonical parameter names of `core/dit.py::dit_schema`.
@@ -33,7 +33,11 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mugv.torch_backend.attention import DotProductAttention
+from mugv.core.recipe import KernelConfig
+from mugv.kernels.adaln_modulate import adaln_modulate_reference
+from mugv.kernels.gated_residual_modulate import gated_residual_modulate_reference, gated_residual_reference
+from mugv.kernels.qk_rmsnorm_rope import qk_rmsnorm_reference, qk_rmsnorm_rope_reference
+from mugv.torch_backend.models.attention import DotProductAttention
 
 # ---------------------------------------------------------------------------------------------
 # Elementwise ops (the kernel slot)
@@ -43,48 +47,13 @@ from mugv.torch_backend.attention import DotProductAttention
 # [t branch, t = 0 branch]; index (B, L) integers picking a row per token (0 = t, 1 = t = 0).
 
 
-def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table (B, K, h), index (B, L) -> (B, L, h): each token's row.
-
-    A chain of `where`s, not `torch.gather`: gather's backward is a scatter-add of L*h values into
-    K*h slots, whose atomic contention made a 4-layer bf16 step on an H100 8x slower (703 vs 95 ms).
-    """
-    rows = table[:, -1:].expand(-1, index.shape[1], -1)
-    for k in range(table.shape[1] - 2, -1, -1):
-        rows = torch.where((index == k)[..., None], table[:, k:k + 1], rows)
-    return rows
-
-
-def reference_adaln_modulate(x, shift, scale, index, eps: float = 1e-6):
-    """AdaLN: LayerNorm(x, no affine) * (1 + scale) + shift (official `t2i_modulate`), per token."""
-    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + _rows(scale, index)) + _rows(shift, index)
-
-
-def reference_gated_residual(x, y, gate, index):
-    """x + gate * y, the gate picked per token."""
-    return x + _rows(gate, index) * y
-
-
-def reference_gated_residual_modulate(x, y, gate, shift, scale, index, eps: float = 1e-6):
-    """(x', AdaLN(x')) with x' = x + gate * y: a residual add fused into the next AdaLN site."""
-    x_res = reference_gated_residual(x, y, gate, index)
-    return x_res, reference_adaln_modulate(x_res, shift, scale, index, eps)
-
-
-def reference_qk_rmsnorm(q, weight, eps: float = 1e-6):
-    """Per-head RMSNorm over head_dim of q (B, L, n, d), as the official code: normalise in fp32,
-    cast back, multiply by the (d,) weight."""
-    qf = q.float()
-    return (qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + eps)).to(q.dtype) * weight
-
-
-def reference_qk_rmsnorm_rope(q, weight, angles, eps: float = 1e-6):
-    """RMSNorm then interleaved-pair RoPE: pair p = features (2p, 2p+1) rotated by angles
-    (B, L, d/2), in fp32 (complex64 in the official code), cast back."""
-    pairs = reference_qk_rmsnorm(q, weight, eps).float().unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    cos, sin = torch.cos(angles.float())[:, :, None], torch.sin(angles.float())[:, :, None]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(q.dtype)
+# The plain-torch references are the kernels' own (mugv.kernels.*_reference): the CPU, the tests
+# and a GPU without verified kernels run the very code each Triton kernel is checked against.
+reference_adaln_modulate = adaln_modulate_reference                    # LN(x) * (1 + scale) + shift
+reference_gated_residual = gated_residual_reference                    # x + gate * y
+reference_gated_residual_modulate = gated_residual_modulate_reference  # (x', AdaLN(x')), x' = x + gate * y
+reference_qk_rmsnorm = qk_rmsnorm_reference                            # per-head RMSNorm, fp32 inside
+reference_qk_rmsnorm_rope = qk_rmsnorm_rope_reference                  # RMSNorm, then interleaved RoPE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,16 +80,36 @@ def _contiguous_args(fn):
     return call
 
 
-def kernel_ops(device) -> DiTOps:
+DIT_KERNELS = ("adaln_modulate", "gated_residual_modulate", "qk_rmsnorm_rope")
+
+
+def kernel_ops(device, choice: str | None = None) -> DiTOps:
     """DiTOps with each slot chosen by `mugv.kernels.registry.select` on `device` (the Triton
-    kernel where verified there, else its plain-torch reference)."""
+    kernel where verified there, else its plain-torch reference; `choice`: a KernelConfig's
+    `kernel_choice`, None = verified.json / MUGV_KERNELS)."""
     from mugv.kernels.registry import select
     return DiTOps(
-        adaln_modulate=_contiguous_args(select("adaln_modulate", device)),
-        gated_residual_modulate=_contiguous_args(select("gated_residual_modulate", device)),
+        adaln_modulate=_contiguous_args(select("adaln_modulate", device, choice)),
+        gated_residual_modulate=_contiguous_args(select("gated_residual_modulate", device, choice)),
         # reads q/k as strided views of the fused qkv output (head stride 3 d): no copy first
-        qk_rmsnorm_rope=select("qk_rmsnorm_rope", device),
+        qk_rmsnorm_rope=select("qk_rmsnorm_rope", device, choice),
     )
+
+
+def kernels_selected(kernels: KernelConfig, device) -> dict[str, str]:
+    """Which code each DiT kernel slot runs under `kernels` on `device`: "triton" or "reference"
+    (what a checkpoint records next to the KernelConfig)."""
+    from mugv.kernels.registry import kernel_enabled
+    return {name: "triton" if kernel_enabled(name, device, kernels.kernel_choice) else "reference"
+            for name in DIT_KERNELS}
+
+
+def layer_spec_for(kernels: KernelConfig, device) -> ModuleSpec:
+    """The layer spec a run's KernelConfig asks for on `device`: the kernel slots (references on a
+    CPU), the attention backend, and head-dim padding of the self-attention."""
+    ops = kernel_ops(device, kernels.kernel_choice) if getattr(device, "type", str(device)) == "cuda" else REFERENCE_OPS
+    return mugdit_layer_spec(ops=ops, attention_backend=kernels.attention_backend,
+                             pad_head_dim=kernels.pad_head_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,17 +382,20 @@ class MUGDiTLayer(torch.nn.Module):
 
 def mugdit_layer_spec(ops: DiTOps = REFERENCE_OPS, attention_backend: str = "auto",
                       column: type = ColumnParallelLinear,
-                      row: type = RowParallelLinear) -> ModuleSpec:
+                      row: type = RowParallelLinear, pad_head_dim: int | None = None) -> ModuleSpec:
     """The MUG-DiT layer spec: Megatron's parallel linears, the kernel slot `ops` and the attention
-    backend (see `mugv.torch_backend.attention.BACKENDS`)."""
+    backend (see `mugv.torch_backend.models.attention.BACKENDS`); `pad_head_dim` zero-pads the
+    self-attention's heads (exact; cross-attention is not padded)."""
     core = ModuleSpec(module=DotProductAttention, params={"backend": attention_backend})
+    self_core = core if pad_head_dim is None else ModuleSpec(
+        module=DotProductAttention, params={"backend": attention_backend, "pad_head_dim": pad_head_dim})
     return ModuleSpec(
         module=MUGDiTLayer,
         params={"ops": ops},
         submodules=MUGDiTLayerSubmodules(
             self_attn=ModuleSpec(module=SelfAttention,
                                  submodules=SelfAttentionSubmodules(qkv=column, proj=row,
-                                                                    core_attention=core)),
+                                                                    core_attention=self_core)),
             cross_attn_norm=AffineLayerNorm,
             cross_attn=ModuleSpec(module=CrossAttention,
                                   submodules=CrossAttentionSubmodules(q=column, kv=column, proj=row,

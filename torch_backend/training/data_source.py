@@ -14,7 +14,7 @@ from mugv.core.data import TaskMix
 from mugv.torch_backend.data import sampler
 from mugv.torch_backend.data.cache import sample_latents
 from mugv.torch_backend.data.dataset import DatasetIndex
-from mugv.torch_backend.training.batch import TrainBatch
+from mugv.torch_backend.data.batch import TrainBatch
 
 
 class CachedBatches:

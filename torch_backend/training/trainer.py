@@ -1,6 +1,6 @@
 """The MUG-DiT training engine on Megatron-Core: step, loop, checkpoint/resume, failure handling.
 
-One `Trainer` runs one stage on any layout `torch_backend/parallelize.py::parallelize` builds
+One `Trainer` runs one stage on any layout `torch_backend/training/parallelize.py::parallelize` builds
 (TP(+SP), PP(+virtual stages), DP with the distributed optimizer). Per step it takes a global
 batch from a resumable source, keeps its data-parallel rank's rows, assigns tasks (text-to-image
 for 1-frame batches, else text-to-video or image-to-video by the stage's mix), drops captions for
@@ -27,7 +27,7 @@ Override points (for other objectives on the same engine, e.g. the DPO/KTO prefe
         The model's keyword arguments (x, timestep, text, text_mask, x_mask, fps, frame_indice).
     loss_fn(out, mb) -> (loss_mean, per_sample)
         On the last pipeline stage: the scalar loss of the micro-batch (mean over its samples)
-        and per-sample values (metrics only). Default: flow matching (`objectives.py`).
+        and per-sample values (metrics only). Default: flow matching (`torch_backend/flow.py`).
     task_masks(mb) -> dict[name, bool tensor]
         Masks over `per_sample` for the per-task metrics ("loss_<name>"). Default: t2i/i2v/t2v
         from is_image/is_i2v when present, else none; masks not matching `per_sample` are ignored.
@@ -70,12 +70,14 @@ from mugv.core.dit import DiTConfig, dit_schema, patch_grid, video_tokens
 from mugv.core.flops import H100_BF16_PEAK, step_flops
 from mugv.core.flow import FlowConfig
 from mugv.core.parallel import ParallelConfig, check_layout
+from mugv.core.recipe import KernelConfig
 from mugv.core.schema import Schema
 from mugv.core.train import TrainConfig, ema_update, learning_rate
 from mugv.core.validate import to_dict
-from mugv.torch_backend import megatron_compat, objectives
+from mugv.torch_backend.parallel import megatron_compat
+from mugv.torch_backend import flow as torch_flow
 from mugv.torch_backend.training import optim_state
-from mugv.torch_backend.training.batch import BatchSource, TrainBatch
+from mugv.torch_backend.data.batch import BatchSource, TrainBatch
 from mugv.torch_backend.training.checkpointing import CheckpointMixin
 from mugv.torch_backend.training.run_lock import RunLock
 from mugv.torch_backend.training.saving import CheckpointSaver
@@ -151,7 +153,8 @@ class Trainer(CheckpointMixin):
                  stage: StageSettings = StageSettings(), grad_hook: Optional[Callable] = None,
                  log: Callable[[str], None] = print, model_hook: Optional[Callable] = None,
                  on_metrics: Optional[Callable[[dict], None]] = None,
-                 async_save: Optional[bool] = None, frozen_from: Optional[str] = None):
+                 async_save: Optional[bool] = None, frozen_from: Optional[str] = None,
+                 kernels: KernelConfig = KernelConfig()):
         """Arguments beyond the configs:
             source: resumable global-batch source (`training/batch.py::BatchSource`).
             grad_hook(step, model): called after backward, before the finiteness check (tests
@@ -166,6 +169,8 @@ class Trainer(CheckpointMixin):
                 hold only the trainable parameters and record this path, and resuming checks it:
                 a 10B LoRA checkpoint is then its adapters and their state, not 40 GB of an fp32
                 copy of the base. None: checkpoints hold every parameter (self-contained).
+            kernels: attention backend, head-dim padding and fused-kernel set of the model (and of
+                its frozen copies); checkpoints record it and which kernels ran (`config_dict`).
         """
         self.dit, self.train, self.flow, self.parallel, self.stage = dit, train, flow, parallel, stage
         self.source = source
@@ -178,6 +183,7 @@ class Trainer(CheckpointMixin):
         self.log = log
         self.async_save = torch.cuda.is_available() if async_save is None else async_save
         self.frozen_from = frozen_from
+        self.kernels = kernels
         self.step = 0                  # iterations done (skipped ones included)
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
@@ -189,10 +195,10 @@ class Trainer(CheckpointMixin):
 
     def _setup(self) -> None:
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.enums import ModelType
 
-        from mugv.torch_backend.parallelize import finalize_grads, megatron_optimizer, parallelize
+        from mugv.torch_backend.training.parallelize import (megatron_optimizer, parallelize, recompute_overrides,
+                                                             wrap_in_ddp)
 
         p = self.parallel
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
@@ -200,10 +206,8 @@ class Trainer(CheckpointMixin):
         bf16 = self.train.precision == "bf16"
         if bf16 and not torch.cuda.is_available():
             raise ValueError("TrainConfig.precision = 'bf16' needs a GPU; use 'fp32' on a CPU")
-        recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
-                     "full": dict(recompute_granularity="full", recompute_method="uniform",
-                                  recompute_num_layers=self.train.recompute_layers or 1)}[self.train.recompute]
-        pm = parallelize(self.dit, p, seed=self.train.seed, wrap_ddp=False,
+        recompute = recompute_overrides(self.train.recompute, self.train.recompute_layers)
+        pm = parallelize(self.dit, p, seed=self.train.seed, wrap_ddp=False, kernels=self.kernels,
                          params_dtype=torch.bfloat16 if bf16 else torch.float32, **recompute)
         self.pm, self.params_dtype = pm, pm.config.params_dtype
         self.rank = dist.get_rank()
@@ -240,14 +244,8 @@ class Trainer(CheckpointMixin):
         if self.rank == 0:
             self._check_output_dir()   # names an unwritable or full directory first
             self.run_lock.acquire()    # then one run per directory, before anything is written
-        cfg = pm.config
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce and self.dp_size > 1,
-            use_distributed_optimizer=p.distributed_optimizer)
-        pm.chunks = [DistributedDataParallel(config=cfg, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
-                     for i, m in enumerate(self.stages)]
-        cfg.no_sync_func = [c.no_sync for c in pm.chunks] if len(pm.chunks) > 1 else pm.chunks[0].no_sync
-        cfg.finalize_model_grads_func = finalize_grads
+        # DDP after the model_hook (LoRA adds and freezes parameters), as parallelize would wrap
+        pm.chunks = wrap_in_ddp(self.stages, pm.config, p, self.dp_size)
         self.chunks = pm.chunks
         self.ddp = self.chunks[0]
         self.optimizer = megatron_optimizer(pm, self.train.optimizer)
@@ -267,8 +265,12 @@ class Trainer(CheckpointMixin):
         return model + 3 * self.trainable.numel
 
     def config_dict(self) -> dict:
+        from mugv.torch_backend.models.dit_layers import kernels_selected
         return {"dit": to_dict(self.dit), "train": to_dict(self.train), "flow": to_dict(self.flow),
-                "parallel": to_dict(self.parallel), "stage": to_dict(self.stage)}
+                "parallel": to_dict(self.parallel), "stage": to_dict(self.stage),
+                # what produced the weights: the run's choice and what it resolved to on this device
+                "kernels": {**to_dict(self.kernels), "selected": kernels_selected(self.kernels, self.device),
+                            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}}
 
     # ------------------------------------------------------------------------------------------
     # Override points (see the module docstring)
@@ -299,9 +301,9 @@ class Trainer(CheckpointMixin):
             frame_mask[:, 0] = ~(d["task"] < self.stage.i2v_probability)
         text_mask = local.text_mask.bool() & (d["caption"] >= self.stage.caption_dropout)[:, None]
         r = core_flow.shift_ratio(self.flow, local.pixel_hw[0], local.pixel_hw[1], t) if self.flow.shift else 1.0
-        sigma = objectives.sample_sigma(self.flow, d["sigma"], float(r))
+        sigma = torch_flow.sample_sigma(self.flow, d["sigma"], float(r))
         x0 = local.latents.float()
-        x_t = objectives.noisy_latents(x0, d["noise"], sigma, frame_mask)
+        x_t = torch_flow.noisy_latents(x0, d["noise"], sigma, frame_mask)
         timestep = core_flow.timestep_from_sigma(self.flow, sigma)
         tp = patch_grid(self.dit, (t, h, w))[0]
         dev = self.device
@@ -324,7 +326,7 @@ class Trainer(CheckpointMixin):
                 "x_mask": mb["frame_mask"], "fps": mb["fps"], "frame_indice": mb["frame_indice"]}
 
     def loss_fn(self, out: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return objectives.flow_matching_loss(self.flow, out, mb["x0"], mb["noise"], mb["frame_mask"], mb["is_image"])
+        return torch_flow.flow_matching_loss(self.flow, out, mb["x0"], mb["noise"], mb["frame_mask"], mb["is_image"])
 
     def task_masks(self, mb: dict) -> dict[str, torch.Tensor]:
         if "is_image" not in mb or "is_i2v" not in mb:
@@ -337,7 +339,7 @@ class Trainer(CheckpointMixin):
     def _schedule(self, chunks, config, mbs: list[dict], loss: Callable, forward_only: bool) -> None:
         """Megatron's schedule for this layout over the micro-batches `mbs`; `loss(out, mb)` on
         the last stage returns what Megatron's loss function returns."""
-        from mugv.torch_backend.parallelize import ParallelDiT, forward_backward
+        from mugv.torch_backend.training.parallelize import ParallelDiT, forward_backward
 
         if self.parallel.pipeline_parallel > 1 and len({self.num_samples(m) for m in mbs}) > 1:
             raise ValueError(f"pipeline parallel needs equal micro-batches: {self.num_samples(mbs[0])} "
@@ -400,7 +402,8 @@ class Trainer(CheckpointMixin):
 
         copies = []
         for m in self.stages:
-            c = build_dit(self.dit, self.pm.config, seed=None, device=self.device, pre_process=m.pre_process,
+            c = build_dit(self.dit, self.pm.config, self.pm.layer_spec, seed=None, device=self.device,
+                          pre_process=m.pre_process,
                           post_process=m.post_process, layers=m.layer_range)
             c.share_embeddings_and_output_weights = False
             copies.append(c)
@@ -528,10 +531,12 @@ class Trainer(CheckpointMixin):
         if self.rank != 0:
             return
         from mugv.kernels.registry import kernel_report
-        from mugv.torch_backend.attention import resolve
+        from mugv.torch_backend.models.attention import resolve
         env = provenance.environment()
-        kernels = kernel_report(self.device)   # what DiT's op slots took on this device, and why
-        backend, pad, why = resolve("auto", self.device, self.dit.head_dim)   # the layer spec's default
+        # what the DiT's op slots and attention took under this run's KernelConfig here, and why
+        kernels = kernel_report(self.device, self.kernels.kernel_choice)
+        backend, pad, why = resolve(self.kernels.attention_backend, self.device, self.dit.head_dim,
+                                    self.kernels.pad_head_dim)
         attention = {"backend": backend, "head_dim": self.dit.head_dim, "runs_at": pad or self.dit.head_dim,
                      "why": why}
         with open(self.out_dir / "environment.jsonl", "a") as f:

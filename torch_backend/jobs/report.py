@@ -1,5 +1,5 @@
-"""What a user sees: a progress bar over the trainer's metrics, a loss-curve PNG, PNG frame grids
-and mp4s of samples, and a markdown report linking all of it with the config and the numbers."""
+"""What a user sees: a progress bar over the trainer's metrics, a loss-curve PNG and a markdown
+report linking it with the config and the numbers (PNG/mp4 writing and frame grids: data/media.py)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,14 @@ import time
 import numpy as np
 
 from mugv.core import provenance
+
+
+def one_thread_on_cpu() -> None:
+    """Small models on a shared CPU: one intra-op thread is faster (spinning OpenMP threads made
+    tiny matmuls 40x slower on a loaded 2-core machine)."""
+    import torch
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
 
 
 class Progress:
@@ -82,37 +90,6 @@ def loss_curve(runs: dict[str, list[dict]], out: str | pathlib.Path, smooth: int
     fig.savefig(out)
     plt.close(fig)
     return out
-
-
-def frame_grid(videos: list[np.ndarray], labels: list[str] | None = None, max_frames: int = 6,
-               scale: int = 3, pad: int = 2) -> np.ndarray:
-    """uint8 (rows, cols, 3) image: one row per clip, `max_frames` evenly spaced frames, each
-    upscaled `scale`x (nearest) so 32 px frames are visible; white gaps between cells."""
-    t = min(len(v) for v in videos)
-    pick = np.linspace(0, t - 1, min(max_frames, t)).round().astype(int)
-    h, w = videos[0].shape[1] * scale, videos[0].shape[2] * scale
-    grid = np.full((len(videos) * (h + pad) + pad, len(pick) * (w + pad) + pad, 3), 255, np.uint8)
-    for r, video in enumerate(videos):
-        for c, k in enumerate(pick):
-            frame = video[k].repeat(scale, axis=0).repeat(scale, axis=1)
-            grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = frame
-    return grid
-
-
-def write_png(path: str | pathlib.Path, rgb: np.ndarray) -> pathlib.Path:
-    from mugv.torch_backend.vae_eval import write_png as _write
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, np.ascontiguousarray(rgb))
-    return path
-
-
-def write_mp4(path: str | pathlib.Path, video: np.ndarray, fps: float) -> pathlib.Path:
-    from mugv.torch_backend.vae_eval import write_mp4 as _write
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, video, fps)
-    return path
 
 
 def markdown_report(path: str | pathlib.Path, title: str, sections: list[tuple[str, str]],

@@ -6,7 +6,7 @@ all-to-alls per self-attention and any softmax attention inside:
 
     q, k, v (S / cp, b, n, d)   each CP rank: its own tokens, every head of its TP rank
       -- all-to-all -->   (S, b, n / cp, d)   the whole sequence, n / cp of those heads
-      -- DotProductAttention (torch_backend/attention.py), optional key mask over the S keys -->
+      -- DotProductAttention (torch_backend/models/attention.py), optional key mask over the S keys -->
     out (S, b, n / cp * d)
       -- all-to-all back --> (S / cp, b, n * d)
 
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from mugv.torch_backend.attention import DotProductAttention
+from mugv.torch_backend.models.attention import DotProductAttention
 
 
 def cp_group():

@@ -1,6 +1,6 @@
 """Launch a mugv script on one or many nodes with a parallel layout: torchrun with the sizes as options.
 
-    python -m mugv.torch_backend.launch --tp 2 --sp --pp 2 --nproc-per-node 8 SCRIPT.py [ARGS...]
+    python -m mugv.torch_backend.parallel.launch --tp 2 --sp --pp 2 --nproc-per-node 8 SCRIPT.py [ARGS...]
 
 The layout (`core/parallel.py::ParallelConfig`) is checked against the model size (`--size`) and
 the world size (nnodes x nproc-per-node) BEFORE any process starts: a bad combination exits with
@@ -52,7 +52,7 @@ class CollectiveError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mugv.torch_backend.launch",
+        prog="python -m mugv.torch_backend.parallel.launch",
         description="Run a mugv training script under torchrun with a parallel layout.")
     lay = p.add_argument_group("layout (core/parallel.py::ParallelConfig)")
     lay.add_argument("--tp", type=int, default=1, help="tensor-parallel size")

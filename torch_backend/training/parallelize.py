@@ -8,7 +8,7 @@ what the model already supports (torch_backend/models/dit.py):
   first chunk of the first stage, `post_process` on the last chunk of the last stage, a contiguous
   layer range each, in Megatron's interleaved order), run by Megatron's schedules (1F1B, or
   interleaved 1F1B when `virtual_pipeline > 1`);
-- context parallel (Ulysses, `torch_backend/context_parallel.py`): the model shards its sequence
+- context parallel (Ulysses, `torch_backend/models/context_parallel.py`): the model shards its sequence
   over Megatron's context-parallel group, self-attention exchanges sequence for heads with two
   all-to-alls, the output is gathered: every CP rank takes the same batch and returns the whole
   output. The loss is computed as without CP; gradients equal the single-process ones because
@@ -37,9 +37,10 @@ import torch.distributed as dist
 
 from mugv.core.dit import DiTConfig, sequence_length
 from mugv.core.parallel import ParallelConfig, check_layout
-from mugv.torch_backend import megatron_compat
-from mugv.torch_backend.context_parallel import padded_length
-from mugv.torch_backend.launch import init_distributed
+from mugv.core.recipe import KernelConfig
+from mugv.torch_backend.parallel import megatron_compat
+from mugv.torch_backend.models.context_parallel import padded_length
+from mugv.torch_backend.parallel.launch import init_distributed
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class ParallelDiT:
         in Megatron's DDP when `wrap_ddp` (then `.module` is the MUGDiT stage).
     config: the Megatron TransformerConfig they share.
     par: the layout; data_parallel: the data-parallel size it left.
+    layer_spec: the layer spec they were built from (kernels, attention), for copies of the model.
     """
 
     chunks: list
@@ -57,6 +59,7 @@ class ParallelDiT:
     par: ParallelConfig
     data_parallel: int
     dit: DiTConfig
+    layer_spec: object = None   # the MUG-DiT layer spec the chunks were built with
 
     @property
     def stages(self) -> list:
@@ -75,15 +78,17 @@ def chunk_layers(depth: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> ran
 
 def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
                 params_dtype: torch.dtype = torch.float32, wrap_ddp: bool = True,
-                bucket_size: Optional[int] = None, layer_spec=None, **config_overrides) -> ParallelDiT:
+                bucket_size: Optional[int] = None, layer_spec=None, kernels: KernelConfig = KernelConfig(),
+                **config_overrides) -> ParallelDiT:
     """Initialise Megatron's parallel state for `par` and build this rank's part of MUG-DiT.
 
     Validates the layout first (`check_layout`, then no work: `LayoutError` names the sizes).
-    Joins the torchrun world if there is one (see `mugv.torch_backend.launch`), else a world of
+    Joins the torchrun world if there is one (see `mugv.torch_backend.parallel.launch`), else a world of
     one process. `seed` draws the same global model at any layout (None: leave undrawn, to load).
     `config_overrides` go to the TransformerConfig (e.g. recompute settings). `layer_spec`: the
-    MUG-DiT layer spec (default `mugdit_layer_spec()` with the verified Triton kernels on a GPU,
-    the plain-torch ops on a CPU); under context parallelism its
+    MUG-DiT layer spec (default: the one `kernels` asks for, `dit_layers.layer_spec_for`: the
+    verified Triton kernels on a GPU, the plain-torch ops on a CPU, the attention backend and
+    head-dim padding); under context parallelism its
     self-attention core is wrapped in Ulysses attention (`context_parallel.ulysses_layer_spec`).
     """
     from megatron.core import parallel_state as ps
@@ -105,11 +110,11 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
     config = transformer_config(dit, params_dtype=params_dtype, **fields)
     pp_rank = ps.get_pipeline_model_parallel_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if layer_spec is None and device.type == "cuda":
+    if layer_spec is None:
         # The Triton kernels wherever kernels/verified.json records their parity on this GPU
-        # (kernels/registry.py), else their plain-torch references: the trainer's default path.
-        from mugv.torch_backend.models.dit_layers import kernel_ops, mugdit_layer_spec
-        layer_spec = mugdit_layer_spec(ops=kernel_ops(device))
+        # (kernels/registry.py; or as `kernels.kernels` says), else their plain-torch references.
+        from mugv.torch_backend.models.dit_layers import layer_spec_for
+        layer_spec = layer_spec_for(kernels, device)
     chunks = []
     for v in range(vpp):
         layers = chunk_layers(dit.depth, pp, vpp, pp_rank, v)
@@ -120,17 +125,36 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
         model.share_embeddings_and_output_weights = False
         chunks.append(model)
     if wrap_ddp:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce and dp > 1,
-            use_distributed_optimizer=par.distributed_optimizer, bucket_size=bucket_size)
-        chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m,
-                                          # only the first chunk's buckets overlap with backward
-                                          disable_bucketing=i > 0)
-                  for i, m in enumerate(chunks)]
-        config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
-        config.finalize_model_grads_func = finalize_grads
-    return ParallelDiT(chunks, config, par, dp, dit)
+        chunks = wrap_in_ddp(chunks, config, par, dp, bucket_size)
+    return ParallelDiT(chunks, config, par, dp, dit, layer_spec)
+
+
+def wrap_in_ddp(stages: Sequence[torch.nn.Module], config, par: ParallelConfig, data_parallel: int,
+                bucket_size: Optional[int] = None) -> list:
+    """Megatron's DDP around each model chunk (fp32 grad buffers, bucketed; the grad reduce
+    overlaps backward only when there is data parallelism, and only the first chunk's buckets),
+    with the distributed optimizer's layout when `par` asks for it, and the TransformerConfig's
+    no-sync and finalize-grads hooks set for Megatron's schedules. The one place that wraps DDP:
+    `parallelize(wrap_ddp=True)`, the Trainer (after its model_hook) and benchmarks/dit_step.py."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce and data_parallel > 1,
+        use_distributed_optimizer=par.distributed_optimizer, bucket_size=bucket_size)
+    chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m,
+                                      # only the first chunk's buckets overlap with backward
+                                      disable_bucketing=i > 0)
+              for i, m in enumerate(stages)]
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    config.finalize_model_grads_func = finalize_grads
+    return chunks
+
+
+def recompute_overrides(recompute: str, recompute_layers: int = 0) -> dict:
+    """TransformerConfig fields for `TrainConfig.recompute` (none | selective | full): full
+    recomputes `recompute_layers` layers per uniform chunk (0 -> 1, every layer's input kept)."""
+    return {"none": {}, "selective": dict(recompute_granularity="selective"),
+            "full": dict(recompute_granularity="full", recompute_method="uniform",
+                         recompute_num_layers=recompute_layers or 1)}[recompute]
 
 
 def finalize_grads(chunks: Sequence, num_tokens=None, pg_collection=None, force_all_reduce: bool = False) -> None:

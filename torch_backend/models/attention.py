@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mugv.core.recipe import ATTENTION_BACKENDS
+
 _BY_NAME = {
     "math": [SDPBackend.MATH],
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -37,7 +39,8 @@ _BY_NAME = {
 #   cross-attention to 300 masked text tokens: cuDNN 27-43, efficient 17-18; flash takes no mask.
 GPU_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-BACKENDS = ("auto", *_BY_NAME, "fa4")
+BACKENDS = ATTENTION_BACKENDS   # the names a run's KernelConfig may give (core/recipe.py)
+assert set(BACKENDS) == {"auto", *_BY_NAME, "fa4"}, (BACKENDS, list(_BY_NAME))
 # "auto" runs cross-attention through FA4's varlen path only from this many video tokens on:
 # measured on an H200 (docs/benchmarks.md, issue 22), 48 heads, 300 text keys (283 real), fwd+bwd:
 # 50,400 queries FA4 varlen 5.8 ms vs cuDNN masked 9.4 ms; 6,272 queries 2.5 ms vs 1.5 ms.
@@ -163,7 +166,7 @@ def benchmark(seq: int = 16384, heads: int = 12, head_dim: int = 72, batch: int 
               text_len: int = 300, dtype=torch.bfloat16, iters: int = 10) -> dict[str, dict]:
     """Forward+backward TFLOP/s of each SDPA backend on this GPU: self-attention (no mask) and
     cross-attention (key padding mask). How the "auto" order was chosen; run
-    `python -m mugv.torch_backend.attention` on the GPU machine."""
+    `python -m mugv.torch_backend.models.attention` on the GPU machine."""
     dev = torch.device("cuda")
     results: dict[str, dict] = {}
     shapes = {"self": (seq, seq, False), "cross": (seq, text_len, True)}

@@ -4,8 +4,8 @@ prompts raise caption following on HELD-OUT prompts, by more than the seed-to-se
     run_preference_demo("runs/demo", "runs/preference_demo")     (after `mugv demo --out runs/demo`)
 
 For each seed s: preference data from the pretrained checkpoint (K candidates per distinct
-training caption, candidate noise seeded by s; `preference_data.py`), a preference stage started
-from the pretrained checkpoint (training seed s; `training/preference.py`), then the analyzer's
+training caption, candidate noise seeded by s; `jobs/preference_data.py`), a preference stage started
+from the pretrained checkpoint (training seed s; `jobs/preference.py`), then the analyzer's
 caption-following accuracy of text-to-video samples of the held-out prompts (`draws` noise draws
 per prompt, sampling seed 10_000 + s), for the pretrained checkpoint ("before") and the tuned one
 ("after") with the SAME sampling noise. Reported: per seed, the mean over seeds and their sample
@@ -23,39 +23,10 @@ import numpy as np
 ATTRIBUTES = ("colour", "shape", "motion")
 
 
-def run_command(command: str, cfg) -> int:
-    """Runner of `mugv make-preferences` / `mugv train-preference` (cli/commands.py). A bad
-    preference manifest is reported like other input errors: one line, exit status 2."""
-    import sys
-
-    import torch
-
-    from mugv.torch_backend.data.preference import PreferenceError
-    try:
-        return _run_command(command, cfg, torch)
-    except PreferenceError as err:
-        sys.stderr.write(f"mugv: error: {err}\n")
-        return 2
-
-
-def _run_command(command: str, cfg, torch) -> int:
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)
-    if command == "make-preferences":
-        from mugv.torch_backend.preference_data import make_preferences
-        summary = make_preferences(cfg, log=lambda s: print(s, flush=True))
-        print(json.dumps(summary, indent=1))
-        return 0
-    from mugv.torch_backend.training.preference import train_preference
-    out = train_preference(cfg, log=lambda s: print(s, flush=True))
-    print(f"preference stage ({cfg.objective}) -> {out / 'checkpoints'}")
-    return 0
-
-
 def demo_paths(base: str | pathlib.Path) -> dict[str, pathlib.Path]:
     """The pieces of a finished `mugv demo --out base` run this experiment needs."""
     from mugv.checkpoints.format import latest_checkpoint
-    from mugv.torch_backend.cli.pipeline import PretrainConfig
+    from mugv.core.recipe import PretrainConfig
 
     base = pathlib.Path(base)
     stage = PretrainConfig().stages[-1].name
@@ -76,25 +47,29 @@ def held_out_accuracy(checkpoint, vae, captions: list[str], seed: int, draws: in
 
     from mugv.core.sampler import FlowSamplerConfig
     from mugv.core.vae import latent_shape
-    from mugv.torch_backend import megatron_compat
-    from mugv.torch_backend.cli import pipeline
+    from mugv.torch_backend.parallel import megatron_compat
+    from mugv.core.recipe import demo_dit
+    from mugv.torch_backend.jobs.evaluate import analyzer_accuracy
+    from mugv.torch_backend.jobs.loaders import load_dit, text_encoder
+    from mugv.torch_backend.data.media import to_uint8
+    from mugv.torch_backend.jobs.sample import sample_latents
 
-    dit = dit or pipeline.demo_dit()
+    dit = dit or demo_dit()
     sampler = sampler or FlowSamplerConfig(num_steps=20, guidance_scale=3.0)
-    text, mask = pipeline.text_encoder("embedded", dit)(captions)
+    text, mask = text_encoder("embedded", dit)(captions)
     thw = latent_shape(frames, size, size)
     videos, caps = [], []
     megatron_compat.initialize_parallel(tp=1, pp=1, cp=1, seed=seed)
     try:
-        _, model = pipeline.load_dit(dit, str(checkpoint))
+        _, model = load_dit(dit, str(checkpoint))
         for d in range(draws):
-            z = pipeline.sample_latents(model, dit, text, mask, thw, fps, sampler, seed=seed * 1000 + d)
+            z = sample_latents(model, dit, text, mask, thw, fps, sampler, seed=seed * 1000 + d)
             with torch.no_grad():
-                videos += [pipeline.to_uint8(x) for x in vae.decode(z, frames)]
+                videos += [to_uint8(x) for x in vae.decode(z, frames)]
             caps += captions
     finally:
         megatron_compat.destroy_parallel()
-    acc, _ = pipeline.analyzer_accuracy(videos, caps)
+    acc, _ = analyzer_accuracy(videos, caps)
     acc["all"] = float(np.mean([acc[a] for a in ATTRIBUTES if a in acc]))
     return acc
 
@@ -118,16 +93,16 @@ def run_preference_demo(base: str | pathlib.Path, out: str | pathlib.Path, objec
     correct samples the unbalanced loss mostly pushes away from everything)."""
     import torch
 
-    from mugv.torch_backend.cli import pipeline
+    from mugv.torch_backend.jobs.loaders import load_vae
     from mugv.torch_backend.data.manifest import read_manifest
-    from mugv.torch_backend.preference_data import PreferenceDataConfig, make_preferences
-    from mugv.torch_backend.training.preference import PreferenceRunConfig, train_preference
+    from mugv.torch_backend.jobs.preference_data import PreferenceDataConfig, make_preferences
+    from mugv.torch_backend.jobs.preference import PreferenceRunConfig, train_preference
 
     torch.set_num_threads(1)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = demo_paths(base)
-    vae = pipeline.load_vae("tiny", str(paths["vae"]))
+    vae = load_vae("tiny", str(paths["vae"]))
     held = [e.caption for e in read_manifest(paths["held_out"])]
     train_captions = {e.caption for e in read_manifest(paths["train"])}
     results = {"config": dict(base=str(base), objectives=list(objectives), seeds=list(seeds), candidates=candidates,

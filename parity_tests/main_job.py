@@ -8,7 +8,7 @@
    batch, and compare.
 Prints what happened at each step; exits non-zero if the two frameworks disagree.
 
-    python -m mugv.torch_backend.main_job [--out runs/main] [--size tiny]
+    python -m mugv.parity_tests.main_job [--out runs/main] [--size tiny]
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from mugv.core.dit import dit_config, dit_schema, patch_grid, video_tokens
     from mugv.core.flops import step_flops
     from mugv.core.validate import to_dict
-    from mugv.torch_backend import megatron_compat
+    from mugv.torch_backend.parallel import megatron_compat
     from mugv.torch_backend.models.dit import build_dit
 
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -8,7 +8,7 @@ left") so that the byte-level embedded text encoder keeps every word within its 
 The analyzer (`data/analyzer.py`) then reads the colour, shape and motion of each sample and the
 report compares its accuracy with chance (1 / number of values of that attribute in the demo).
 
-    mugv demo [--quick] [--out runs/demo]     (or: python -m mugv.torch_backend.demo)
+    mugv demo [--quick] [--out runs/demo]     (or: python -m mugv.torch_backend.experiments.demo)
 """
 from __future__ import annotations
 
@@ -20,87 +20,8 @@ import numpy as np
 
 from mugv.core import validate as v
 from mugv.core.sampler import FlowSamplerConfig
-from mugv.torch_backend.cli.pipeline import PretrainConfig, StageConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoData:
-    """The demo's clips: which attribute values appear, how many clips, their size and length.
-
-    colours / shapes / motions: the vocabulary (names from data/product_videos.py).
-    count: training clips; held_out: extra clips (other seeds) for the VAE's PSNR and as prompts.
-    """
-
-    colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
-    shapes: tuple[str, ...] = ("sphere", "cone", "cylinder")
-    motions: tuple[str, ...] = ("zoom in", "pan left", "pan right")
-    backgrounds: tuple[str, ...] = ("white studio", "light grey")
-    count: int = 192
-    held_out: int = 24
-    size: int = 32
-    frames: int = 17
-    fps: float = 16.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        from mugv.torch_backend.data import product_videos as pv
-        for field, allowed in (("colours", pv.COLOURS), ("shapes", pv.SHAPES), ("motions", pv.MOTIONS),
-                               ("backgrounds", pv.BACKGROUNDS)):
-            values = getattr(self, field)
-            if not isinstance(values, tuple) or not values or any(x not in allowed for x in values):
-                v.fail(self, field, f"a non-empty tuple of names from {sorted(allowed)}")
-        v.positive_int(self, "count", "held_out", "size", "frames")
-        v.non_negative_int(self, "seed")
-        if self.size % 16:
-            v.fail(self, "size", "a multiple of 16 (VAE 8 x DiT patch 2)")
-        v.in_range(self, "fps", 0, 240, lo_open=True)
-
-    @property
-    def chance(self) -> dict[str, float]:
-        return {"colour": 1 / len(self.colours), "shape": 1 / len(self.shapes), "motion": 1 / len(self.motions)}
-
-
-def caption(colour: str, shape: str, motion: str, variant: int = 0) -> str:
-    """A short caption the analyzer parses (data/analyzer.py::parse_caption)."""
-    from mugv.torch_backend.data.product_videos import MOTION_PHRASES
-    phrase = MOTION_PHRASES[motion][variant % len(MOTION_PHRASES[motion])]
-    return f"a {colour} {shape}, {phrase}"
-
-
-def generate(cfg: DemoData, out_dir: str | pathlib.Path, log=print) -> dict[str, pathlib.Path]:
-    """Render the training and held-out clips as mp4 + manifests; clip i of a split depends only
-    on (seed, split, i), and existing clips are kept (a re-run resumes). Returns the manifests."""
-    from mugv.torch_backend.data.product_videos import Scene, encode_mp4, render
-
-    out = pathlib.Path(out_dir)
-    (out / "clips").mkdir(parents=True, exist_ok=True)
-    manifests = {}
-    for split, n, tag in (("train", cfg.count, 0), ("held_out", cfg.held_out, 1)):
-        rows = []
-        for i in range(n):
-            rng = np.random.default_rng([cfg.seed, tag, i])
-            pick = lambda values: values[int(rng.integers(len(values)))]  # noqa: E731
-            scene = Scene(shape=pick(cfg.shapes), colour=pick(cfg.colours), material="matte",
-                          background=pick(cfg.backgrounds), motion=pick(cfg.motions))
-            render_seed, variant = int(rng.integers(2 ** 31)), int(rng.integers(2))
-            name = f"clips/{split}_{i:05d}.mp4"
-            if not (out / name).exists():
-                tmp = out / (name + ".part.mp4")
-                encode_mp4(render(scene, render_seed, cfg.size, cfg.frames), cfg.fps, tmp)
-                tmp.rename(out / name)   # atomic: a killed run never leaves half a clip
-            rows.append({"id": f"{split}_{i:05d}", "path": name, "fps": cfg.fps,
-                         "caption": caption(scene.colour, scene.shape, scene.motion, variant),
-                         "attributes": {"colour": scene.colour, "shape": scene.shape, "motion": scene.motion}})
-        path = out / f"{split}.jsonl"
-        with open(path, "w") as f:   # the manifest (data/manifest.py fields only)
-            for row in rows:
-                f.write(json.dumps({k: x for k, x in row.items() if k != "attributes"}) + "\n")
-        with open(out / f"{split}_attributes.jsonl", "w") as f:
-            for row in rows:
-                f.write(json.dumps({"id": row["id"], **row["attributes"]}) + "\n")
-        manifests[split] = path
-        log(f"[mugv] data: {n} {split} clips ({cfg.size}x{cfg.size}, {cfg.frames} frames) -> {path}")
-    return manifests
+from mugv.core.recipe import PretrainConfig, StageConfig
+from mugv.torch_backend.jobs.generate_data import DemoData, generate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,25 +127,20 @@ VAE_STAGES = {"spatial": "A: 2D VAE, pixel L1", "temporal": "B: temporal stage, 
 
 
 def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
-    """Train the demo VAE on the training clips, set its latent normalisation (per-channel mean
-    and std of the posterior means, as the official `latents_mean/std`), save it. Returns
-    (model, checkpoint path, log rows)."""
-    import time
-
-    import torch
-
-    from mugv.core import vae as spec
-    from mugv.torch_backend import vae_eval, vae_train
-    from mugv.torch_backend.models.vae import init_vae
-
+    """Train the demo VAE on the training clips through the `mugv train-vae` job
+    (jobs/vae_train.py::train: stages, latent normalisation, checkpoint) with the demo's settings.
+    Returns (model, checkpoint path, per-step rows {"stage", "step", "loss"}; loss = pixel L1 for
+    "spatial" and "end_to_end", feature MSE over variance for "temporal")."""
     from mugv.checkpoints.format import latest_checkpoint
-    from mugv.torch_backend.cli.pipeline import load_vae
+    from mugv.torch_backend.jobs import vae_train
+    from mugv.torch_backend.jobs.loaders import load_vae
+    from mugv.torch_backend.jobs.report import Progress
 
     d = cfg.data
     root = pathlib.Path(cfg.out) / "vae"
     done = latest_checkpoint(root / "ckpt")
-    if done is not None and (root / "log.jsonl").is_file():   # a re-run keeps the trained VAE
-        rows = [json.loads(x) for x in (root / "log.jsonl").read_text().splitlines() if x]
+    if done is not None and (root / "steps.jsonl").is_file():   # a re-run keeps the trained VAE
+        rows = [json.loads(x) for x in (root / "steps.jsonl").read_text().splitlines() if x]
         log(f"[mugv] VAE: reusing {done}")
         return load_vae(cfg.vae.size, str(done)), done, rows
     tcfg = vae_train.VAETrainConfig(data=str(manifest), size=cfg.vae.size, height=d.size, width=d.size,
@@ -233,18 +149,9 @@ def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
                                     spatial_batch=cfg.vae.spatial_batch, temporal_steps=cfg.vae.temporal_steps,
                                     temporal_batch=cfg.vae.temporal_batch, temporal_lr=cfg.vae.temporal_lr,
                                     lr=cfg.vae.lr, betas=cfg.vae.betas, sample_posterior=cfg.vae.sample_posterior,
-                                    foreground_weight=cfg.vae.foreground_weight, seed=d.seed, eval_frames=d.frames)
-    torch.manual_seed(d.seed)
-    rng = np.random.default_rng(d.seed)
-    gen = torch.Generator().manual_seed(d.seed)
-    model = init_vae(spec.vae_config(cfg.vae.size), d.seed)
-    with torch.no_grad():
-        model.logvar.fill_(tcfg.logvar_init)
-    clips = vae_train.load_clips(tcfg)
-    # rows: {"stage", "step" (within the stage), "loss"}: pixel L1 for "spatial" and "end_to_end",
-    # feature MSE over variance for "temporal"
-    rows, t0 = [], time.monotonic()
-    from mugv.torch_backend.report import Progress
+                                    foreground_weight=cfg.vae.foreground_weight, seed=d.seed, eval_frames=d.frames,
+                                    minutes=cfg.vae.minutes, evaluate=False, out=str(root))
+    rows = []
     bar = Progress(cfg.vae.total_steps, "VAE")
 
     def on_step(stage: str, logs: dict) -> None:
@@ -252,24 +159,12 @@ def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
         rows.append({"stage": stage, "step": logs["step"], "loss": loss})
         bar({"step": len(rows), "loss": loss})
 
-    deadline = t0 + 60 * cfg.vae.minutes
-    vae_train.pretrain_stages(model, clips, tcfg, rng, on_step=on_step, deadline=deadline)
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=tcfg.betas)
-    step = 0
-    while step < cfg.vae.steps and time.monotonic() < deadline:
-        logs = vae_train.train_step(model, None, opt, None, vae_train.sample_batch(clips, tcfg, rng), step, tcfg, gen)
-        step += 1
-        on_step("end_to_end", {"step": step, **logs})
+    result = vae_train.train(tcfg, log=lambda s: None, on_step=on_step)
     bar.close()
-    model.eval()
-    with torch.no_grad():   # latent normalisation over the training clips' posterior means
-        means = torch.cat([model.posterior(vae_eval.to_video_tensor(c[:d.frames])[None])[0] for _, c in clips])
-        model.latent_mean.copy_(means.mean(dim=(0, 2, 3, 4)))
-        model.latent_std.copy_(means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3))
-    path = vae_train.save(model, None, tcfg, root / "ckpt", len(rows))
-    (root / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, path = result["model"].eval(), result["checkpoint"]
+    (root / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     counts = {k: sum(r["stage"] == k for r in rows) for k in VAE_STAGES}
-    log(f"[mugv] VAE: {counts} steps in {time.monotonic() - t0:.0f} s, final loss {rows[-1]['loss']:.4f} -> {path}")
+    log(f"[mugv] VAE: {counts} steps in {result['seconds']:.0f} s, final loss {rows[-1]['loss']:.4f} -> {path}")
     return model, path, rows
 
 
@@ -280,28 +175,30 @@ def generate_samples(cfg: DemoConfig, run_dir: pathlib.Path, vae, held_out: path
     import torch
 
     from mugv.core.vae import latent_shape
-    from mugv.torch_backend import megatron_compat
-    from mugv.torch_backend.cli import pipeline
+    from mugv.torch_backend.parallel import megatron_compat
+    from mugv.torch_backend.jobs.loaders import load_dit, text_encoder
+    from mugv.torch_backend.data.media import to_uint8
+    from mugv.torch_backend.jobs.sample import sample_latents
     from mugv.torch_backend.data.decode import decode_clip, to_model_range
     from mugv.torch_backend.data.manifest import read_manifest
 
     d, p = cfg.data, cfg.pretrain
     entries = read_manifest(held_out)[:cfg.samples]
     captions = [e.caption for e in entries]
-    text, mask = pipeline.text_encoder(p.text_encoder, p.dit)(captions)
+    text, mask = text_encoder(p.text_encoder, p.dit)(captions)
     thw = latent_shape(frames, d.size, d.size)
     refs = np.stack([to_model_range(decode_clip(e.path, 1, d.size, d.size, d.fps)) for e in entries])
     with torch.no_grad():
         cond = vae.encode(torch.from_numpy(refs), sample=False)
     megatron_compat.initialize_parallel(tp=1, pp=1, cp=1, seed=cfg.sample_seed)
     try:
-        _, model = pipeline.load_dit(p.dit, str(run_dir / "checkpoints"), group=group)
+        _, model = load_dit(p.dit, str(run_dir / "checkpoints"), group=group)
         out = {}
         for task, c in (("t2v", None), ("i2v", cond)):
-            z = pipeline.sample_latents(model, p.dit, text, mask, thw, d.fps, cfg.sampler, cfg.sample_seed, c)
+            z = sample_latents(model, p.dit, text, mask, thw, d.fps, cfg.sampler, cfg.sample_seed, c)
             with torch.no_grad():
                 video = vae.decode(z, frames)
-            out[task] = [pipeline.to_uint8(x) for x in video]
+            out[task] = [to_uint8(x) for x in video]
     finally:
         megatron_compat.destroy_parallel()
     return {"captions": captions, **out}
@@ -313,8 +210,11 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
     import torch
 
-    from mugv.torch_backend import report, vae_eval
-    from mugv.torch_backend.cli import pipeline
+    from mugv.torch_backend.jobs import report, vae_eval
+    from mugv.torch_backend.jobs.evaluate import analyzer_accuracy
+    from mugv.torch_backend.jobs.pretrain import train_stages
+    from mugv.torch_backend.data import media
+    from mugv.torch_backend.data.media import to_uint8
     from mugv.torch_backend.models.vae import init_vae
     from mugv.core import vae as spec
 
@@ -347,7 +247,7 @@ def run(cfg: DemoConfig, log=print) -> dict:
         bars[stage.name] = report.Progress(stage.steps, stage.name)
         return bars[stage.name]
 
-    last = pipeline.train_stages(pre, progress, log=lambda s: None)
+    last = train_stages(pre, progress, log=lambda s: None)
     for bar in bars.values():
         bar.close()
     times["pretrain"] = time.monotonic() - t0
@@ -367,10 +267,10 @@ def run(cfg: DemoConfig, log=print) -> dict:
     from mugv.torch_backend.data.manifest import read_manifest
     real = [decode_clip(e.path, video_frames, d.size, d.size, d.fps) for e in read_manifest(manifests["held_out"])[:cfg.samples]]
     with torch.no_grad():
-        recon = [pipeline.to_uint8(vae.decode(vae.encode(vae_eval.to_video_tensor(c)[None], sample=False), len(c))[0])
+        recon = [to_uint8(vae.decode(vae.encode(media.to_video_tensor(c)[None], sample=False), len(c))[0])
                  for c in real]
     for name, videos in (("real", real), ("vae_recon", recon), ("t2v", samples["t2v"]), ("i2v", samples["i2v"])):
-        results[name], rows = pipeline.analyzer_accuracy(videos, captions)
+        results[name], rows = analyzer_accuracy(videos, captions)
         if name in ("t2v", "i2v"):
             results[name + "_rows"] = rows
     times["evaluate"] = time.monotonic() - t0
@@ -378,23 +278,23 @@ def run(cfg: DemoConfig, log=print) -> dict:
     results["seconds"] = times
 
     # what a user looks at
-    media = out / "media"
+    media_dir = out / "media"
     n = min(8, len(captions))
-    report.write_png(media / "t2v_grid.png", report.frame_grid(samples["t2v"][:n]))
-    report.write_png(media / "i2v_grid.png", report.frame_grid(samples["i2v"][:n]))
-    report.write_png(media / "held_out_grid.png", report.frame_grid(real[:n]))
+    media.write_png(media_dir / "t2v_grid.png", media.frame_grid(samples["t2v"][:n]))
+    media.write_png(media_dir / "i2v_grid.png", media.frame_grid(samples["i2v"][:n]))
+    media.write_png(media_dir / "held_out_grid.png", media.frame_grid(real[:n]))
     for i in range(min(4, n)):
-        report.write_mp4(media / f"t2v_{i}.mp4", np.concatenate([real[i], samples["t2v"][i], samples["i2v"][i]], axis=2), d.fps)
+        media.write_mp4(media_dir / f"t2v_{i}.mp4", np.concatenate([real[i], samples["t2v"][i], samples["i2v"][i]], axis=2), d.fps)
     runs = {s.name: report.read_metrics(pathlib.Path(pre.out) / "stages" / s.name / "metrics.jsonl") for s in pre.stages}
     previews = {s.name: sorted((pathlib.Path(pre.out) / "stages" / s.name / "samples").glob("step_*.png"))
                 for s in pre.stages}
-    report.loss_curve(runs, media / "loss_curve.png", marks={k: [int(p.stem[5:]) for p in x] for k, x in previews.items()})
+    report.loss_curve(runs, media_dir / "loss_curve.png", marks={k: [int(p.stem[5:]) for p in x] for k, x in previews.items()})
     report.loss_curve({label: [r for r in vae_rows if r.get("stage", "end_to_end") == stage]
-                       for stage, label in VAE_STAGES.items()}, media / "vae_loss_curve.png",
+                       for stage, label in VAE_STAGES.items()}, media_dir / "vae_loss_curve.png",
                       ylabel="loss (pixels in [-1, 1] / relative)")
     results["previews"] = {k: [str(p.relative_to(out)) for p in x] for k, x in previews.items()}
     if cfg.preference != "none":
-        from mugv.torch_backend.preference_demo import run_preference_demo
+        from mugv.torch_backend.experiments.preference_demo import run_preference_demo
         t0 = time.monotonic()
         pref = run_preference_demo(out, out / "preference", objectives=tuple(cfg.preference.split(",")),
                                    seeds=tuple(range(cfg.preference_seeds)), log=log)
@@ -421,7 +321,7 @@ def summary(results: dict) -> str:
 
 def write_report(cfg: DemoConfig, results: dict, captions: list[str], n: int, out: pathlib.Path) -> None:
     from mugv.core.validate import to_dict
-    from mugv.torch_backend import report
+    from mugv.torch_backend.jobs import report
 
     rows = [[a, f"{c:.1%}", f"**{results['t2v'].get(a, 0):.1%}**", f"{results['i2v'].get(a, 0):.1%}",
              f"{results['vae_recon'].get(a, 0):.1%}", f"{results['real'].get(a, 0):.1%}"]
@@ -468,7 +368,7 @@ def write_report(cfg: DemoConfig, results: dict, captions: list[str], n: int, ou
 def _preference_section(summary: dict) -> str:
     """Held-out caption following of the pretrained checkpoint and after each preference
     objective, mean ± sd over seeds (details: preference/report.md)."""
-    from mugv.torch_backend import report
+    from mugv.torch_backend.jobs import report
 
     rows = []
     for objective, table in summary.items():
@@ -496,6 +396,12 @@ def _previews_section(previews: dict[str, list[str]], out: pathlib.Path) -> str:
             step = int(pathlib.Path(png).stem[5:])
             lines.append(f"- step {step}: [mp4]({png[:-4]}.mp4)\n\n  ![{stage} step {step}]({png})")
     return "\n".join(lines)
+
+
+def demo(cfg: DemoConfig) -> int:
+    """`mugv demo` (cli/commands.py builds the config, `--quick` included)."""
+    run(cfg)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ Data: every clip is decoded once at (height, width, fps) through the data pipeli
 batches are random windows of `num_frames` frames. Checkpoints go through the mugv format
 (checkpoints/torch_io.py): group "model" (the VAE schema) and, when on, "discriminator".
 
-    python -m mugv.torch_backend.vae_train --data ../shared/data/clips --size tiny \
+    python -m mugv.torch_backend.jobs.vae_train --data ../shared/data/clips --size tiny \
         --height 32 --width 32 --frames 9 --minutes 4 --out runs/vae
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ from torch import nn
 
 from mugv.core import vae as spec
 from mugv.core.schema import ParamSpec, Schema
-from mugv.torch_backend import vae_eval
+from mugv.torch_backend.data import media
+from mugv.torch_backend.jobs import vae_eval
 from mugv.torch_backend.models.vae import VideoVAE, init_vae
 
 
@@ -80,6 +81,8 @@ class VAETrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_frames: int = 17
+    # score PSNR/SSIM on the training clips before and after (off: the demo scores held-out clips)
+    evaluate: bool = True
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -125,8 +128,8 @@ def module_schema(module: nn.Module) -> Schema:
 def load_clips(cfg: VAETrainConfig) -> list[tuple[str, np.ndarray]]:
     """Every clip decoded once, whole, at the training resolution and rate."""
     clips = []
-    for src in vae_eval.list_clips(cfg.data):
-        clip = vae_eval.load_clip(src, None, cfg.height, cfg.width, cfg.fps)
+    for src in media.list_clips(cfg.data):
+        clip = media.load_clip(src, None, cfg.height, cfg.width, cfg.fps)
         if len(clip) >= cfg.num_frames:
             clips.append((src.name, clip))
     if not clips:
@@ -143,7 +146,7 @@ def sample_batch(clips: list[tuple[str, np.ndarray]], cfg: VAETrainConfig, rng: 
         window = clip[start:start + cfg.num_frames]
         if rng.random() < 0.5:
             window = window[:, :, ::-1]
-        out.append(vae_eval.to_video_tensor(np.ascontiguousarray(window)))
+        out.append(media.to_video_tensor(np.ascontiguousarray(window)))
     return torch.stack(out)
 
 
@@ -212,7 +215,7 @@ def sample_frames(clips: list[tuple[str, np.ndarray]], batch: int, rng: np.rando
         frame = clip[rng.integers(len(clip))]
         if rng.random() < 0.5:
             frame = frame[:, ::-1]
-        out.append(vae_eval.to_video_tensor(np.ascontiguousarray(frame[None]))[:, 0])
+        out.append(media.to_video_tensor(np.ascontiguousarray(frame[None]))[:, 0])
     return torch.stack(out)
 
 
@@ -236,7 +239,7 @@ def spatial_step(model: VideoVAE, opt, frames: torch.Tensor, cfg: VAETrainConfig
 def clip_features(model: VideoVAE, clips: list[tuple[str, np.ndarray]], frame_batch: int = 64) -> list[torch.Tensor]:
     """The 2D encoder's features (x spatial_scaling) of every frame of every clip: (C, T, h, w) each."""
     model.eval()
-    return [model.encode_spatial(vae_eval.to_video_tensor(clip).transpose(0, 1), frame_batch).transpose(0, 1)
+    return [model.encode_spatial(media.to_video_tensor(clip).transpose(0, 1), frame_batch).transpose(0, 1)
             for _, clip in clips]
 
 
@@ -303,11 +306,31 @@ def pretrain_stages(model: VideoVAE, clips: list[tuple[str, np.ndarray]], cfg: V
     return done
 
 
-def train(cfg: VAETrainConfig, log=print) -> dict:
-    """Train; returns {"before": eval, "after": eval, "steps", "seconds", "checkpoint"}.
+@torch.no_grad()
+def set_latent_normalisation(model: VideoVAE, clips: list[tuple[str, np.ndarray]], frames: int) -> None:
+    """latent_mean / latent_std := per-channel mean and std of the posterior means of the clips'
+    first `frames` frames (clips shorter than that are left out unless all are), as the official
+    `latents_mean/std`: the DiT then sees unit-scale latents whatever the VAE learned."""
+    model.eval()
+    use = [c[:frames] for _, c in clips if len(c) >= frames] or [c[:min(len(c) for _, c in clips)] for _, c in clips]
+    means = torch.cat([model.posterior(media.to_video_tensor(c)[None])[0] for c in use])
+    model.latent_mean.copy_(means.mean(dim=(0, 2, 3, 4)))
+    model.latent_std.copy_(means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3))
 
-    The evaluation (vae_eval.evaluate: PSNR/SSIM, posterior mean) runs on the first
-    `eval_frames` frames of every clip before and after training."""
+
+def train(cfg: VAETrainConfig, log=print, on_step=None, clips: list[tuple[str, np.ndarray]] | None = None) -> dict:
+    """Train the VAE (stages A and B if set, then `steps` end to end within `minutes`), set its
+    latent normalisation (`set_latent_normalisation` over the first `eval_frames` frames of the
+    training clips) and save it under `out/ckpt`. The one VAE training that `mugv train-vae` and
+    the demo both run.
+
+    on_step(stage, logs): after every step ("spatial", "temporal", "end_to_end"; logs["step"]
+    counts from 1 within the stage). clips: already decoded (name, uint8 clip) pairs instead of
+    decoding `cfg.data`. With `cfg.evaluate` (vae_eval.evaluate: PSNR/SSIM, posterior mean) the
+    first `eval_frames` frames of every clip are scored before and after training.
+    Returns {"before", "after" (None without evaluate), "steps", "stage_steps", "seconds",
+    "checkpoint" (None without `out`), "model"}."""
+    t_start = time.monotonic()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -318,7 +341,7 @@ def train(cfg: VAETrainConfig, log=print) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
 
-    clips = load_clips(cfg)
+    clips = load_clips(cfg) if clips is None else clips
     eval_clips = [(n, c[:cfg.eval_frames]) for n, c in clips if len(c) >= cfg.eval_frames]
     out = pathlib.Path(cfg.out) if cfg.out else None
     if out is not None:
@@ -326,13 +349,18 @@ def train(cfg: VAETrainConfig, log=print) -> dict:
     evaluate = lambda where: vae_eval.evaluate(  # noqa: E731
         model, cfg.data, cfg.height, cfg.width, cfg.eval_frames, cfg.fps,
         out_dir=(out / where) if out is not None else None, clips=eval_clips)
-    before = evaluate("eval_before")
-    log(json.dumps({"eval": "before", "mean_psnr": before["mean_psnr"], "mean_ssim": before["mean_ssim"]}))
+    before = None
+    if cfg.evaluate:
+        before = evaluate("eval_before")
+        log(json.dumps({"eval": "before", "mean_psnr": before["mean_psnr"], "mean_ssim": before["mean_ssim"]}))
 
     logfile = open(out / "log.jsonl", "a") if out is not None else None
-    t0, step = time.monotonic(), 0
+    t0 = time.monotonic() if cfg.evaluate else t_start   # the time budget counts training only
+    step = 0
 
     def log_stage(stage: str, logs: dict) -> None:
+        if on_step is not None:
+            on_step(stage, logs)
         if (logs["step"] - 1) % cfg.log_every == 0:
             line = json.dumps({"stage": stage, **logs, "seconds": round(time.monotonic() - t0, 1)})
             log(line)
@@ -340,10 +368,12 @@ def train(cfg: VAETrainConfig, log=print) -> dict:
                 logfile.write(line + "\n")
                 logfile.flush()
 
-    done = pretrain_stages(model, clips, cfg, rng, on_step=log_stage,
-                           deadline=None if cfg.minutes is None else t0 + 60 * cfg.minutes)
-    while step < cfg.steps and (cfg.minutes is None or time.monotonic() - t0 < 60 * cfg.minutes):
+    deadline = None if cfg.minutes is None else t0 + 60 * cfg.minutes
+    done = pretrain_stages(model, clips, cfg, rng, on_step=log_stage, deadline=deadline)
+    while step < cfg.steps and (deadline is None or time.monotonic() < deadline):
         logs = train_step(model, disc, opt, opt_d, sample_batch(clips, cfg, rng), step, cfg, gen)
+        if on_step is not None:
+            on_step("end_to_end", {**logs, "step": step + 1})
         if step % cfg.log_every == 0:
             logs["seconds"] = round(time.monotonic() - t0, 1)
             log(json.dumps(logs))
@@ -354,13 +384,29 @@ def train(cfg: VAETrainConfig, log=print) -> dict:
     seconds = time.monotonic() - t0
     if logfile:
         logfile.close()
-    after = evaluate("eval_after")
-    log(json.dumps({"eval": "after", "mean_psnr": after["mean_psnr"], "mean_ssim": after["mean_ssim"],
-                    "steps": step, **{f"{k}_steps": n for k, n in done.items()}, "seconds": round(seconds, 1)}))
+    set_latent_normalisation(model, clips, cfg.eval_frames)
+    after = None
+    if cfg.evaluate:
+        after = evaluate("eval_after")
+        log(json.dumps({"eval": "after", "mean_psnr": after["mean_psnr"], "mean_ssim": after["mean_ssim"],
+                        "steps": step, **{f"{k}_steps": n for k, n in done.items()}, "seconds": round(seconds, 1)}))
     total = step + sum(done.values())
     ckpt = save(model, disc, cfg, out / "ckpt", total) if out is not None else None
     return {"before": before, "after": after, "steps": step, "stage_steps": done, "seconds": seconds,
             "checkpoint": ckpt, "model": model}
+
+
+def train_vae(cfg: VAETrainConfig) -> int:
+    """`mugv train-vae`: train, then print the PSNR before and after and the checkpoint."""
+    from mugv.torch_backend.jobs import report
+    report.one_thread_on_cpu()
+    result = train(cfg, log=lambda s: print(s, flush=True))
+    if cfg.evaluate:
+        print(f"PSNR {result['before']['mean_psnr']:.2f} -> {result['after']['mean_psnr']:.2f} dB; "
+              f"checkpoint {result['checkpoint']}")
+    else:
+        print(f"checkpoint {result['checkpoint']}")
+    return 0
 
 
 def save(model: VideoVAE, disc: PatchDiscriminator | None, cfg: VAETrainConfig, root: pathlib.Path, step: int):

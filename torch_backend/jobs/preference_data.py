@@ -26,7 +26,7 @@ import numpy as np
 from mugv.core import validate as v
 from mugv.core.dit import DiTConfig
 from mugv.core.sampler import FlowSamplerConfig
-from mugv.torch_backend.cli.pipeline import demo_dit
+from mugv.core.recipe import demo_dit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,32 +103,35 @@ def sample_candidates(cfg: PreferenceDataConfig, captions: list[str], log=print)
     import torch
 
     from mugv.core.vae import latent_shape
-    from mugv.torch_backend import megatron_compat, report
-    from mugv.torch_backend.cli import pipeline
+    from mugv.torch_backend.parallel import megatron_compat
+    from mugv.torch_backend.data import media
+    from mugv.torch_backend.data.media import to_uint8
+    from mugv.torch_backend.jobs.loaders import load_dit, load_vae, text_encoder
+    from mugv.torch_backend.jobs.sample import sample_latents
 
     out = pathlib.Path(cfg.out)
     (out / "latents").mkdir(parents=True, exist_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)
-    vae = pipeline.load_vae(cfg.vae_size, cfg.vae_checkpoint)
-    text, mask = pipeline.text_encoder(cfg.text_encoder, cfg.dit)(captions)
+    vae = load_vae(cfg.vae_size, cfg.vae_checkpoint)
+    text, mask = text_encoder(cfg.text_encoder, cfg.dit)(captions)
     thw = latent_shape(cfg.frames, cfg.size, cfg.size)
     rows, videos = [], []
     megatron_compat.initialize_parallel(tp=1, pp=1, cp=1, seed=cfg.seed)
     try:
-        _, model = pipeline.load_dit(cfg.dit, cfg.checkpoint, group=cfg.group)
+        _, model = load_dit(cfg.dit, cfg.checkpoint, group=cfg.group)
         # one sampler call per (candidate k, block of prompts): seed (seed, k, block) for the noise
         for k in range(cfg.candidates):
             for start in range(0, len(captions), cfg.batch):
                 sl = slice(start, start + cfg.batch)
-                z = pipeline.sample_latents(model, cfg.dit, text[sl], mask[sl], thw, cfg.fps, cfg.sampler,
+                z = sample_latents(model, cfg.dit, text[sl], mask[sl], thw, cfg.fps, cfg.sampler,
                                             seed=(cfg.seed * 1000 + k) * 1000 + start // cfg.batch)
                 with torch.no_grad():
-                    clips = [pipeline.to_uint8(x) for x in vae.decode(z, cfg.frames)]
+                    clips = [to_uint8(x) for x in vae.decode(z, cfg.frames)]
                 for j, (lat, clip) in enumerate(zip(z, clips)):
                     p = start + j
                     name = f"p{p:04d}_k{k:02d}"
                     np.save(out / "latents" / f"{name}.npy", lat.numpy().astype(np.float32))
-                    report.write_mp4(out / "videos" / f"{name}.mp4", clip, cfg.fps)
+                    media.write_mp4(out / "videos" / f"{name}.mp4", clip, cfg.fps)
                     rows.append({"id": name, "prompt": p, "k": k, "caption": captions[p],
                                  "latent": f"latents/{name}.npy", "video": f"videos/{name}.mp4",
                                  **reward(clip, captions[p])})
@@ -171,7 +174,7 @@ def pairs_and_labels(rows: list[dict], min_gap: float = 0.05,
 
 def make_preferences(cfg: PreferenceDataConfig, log=print) -> dict:
     """Sample, score and write (module docstring). Returns a summary with the manifest paths."""
-    from mugv.torch_backend.cli.pipeline import require_path
+    from mugv.torch_backend.jobs.loaders import require_path
     from mugv.torch_backend.data.preference import write_manifest
 
     for field in ("checkpoint", "vae_checkpoint", "prompts"):
@@ -192,3 +195,15 @@ def make_preferences(cfg: PreferenceDataConfig, log=print) -> dict:
     log(f"[mugv] make-preferences: {summary['prompts']} prompts x {cfg.candidates} -> {summary['pairs']} DPO pairs, "
         f"{summary['desirable']} desirable / {summary['undesirable']} undesirable KTO samples -> {out}")
     return summary
+
+
+def _make_preferences(cfg: PreferenceDataConfig) -> int:
+    summary = make_preferences(cfg, log=lambda s: print(s, flush=True))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def make_preferences_command(cfg: PreferenceDataConfig) -> int:
+    """`mugv make-preferences` (a bad prompt manifest: one line, exit status 2)."""
+    from mugv.torch_backend.jobs.preference import reporting_bad_manifests
+    return reporting_bad_manifests(_make_preferences)(cfg)

@@ -1,0 +1,144 @@
+"""Media helpers, written once: uint8 <-> model-range conversion (one rounding rule), PNG and mp4
+writing, frame grids and side-by-side layouts, and listing the clips of a folder or manifest.
+
+Pixels: the VAE and DiT see float (3, T, H, W) in [-1, 1]; files and the analyzer see uint8
+(T, H, W, 3). uint8 -> float is `x / 127.5 - 1` (data/decode.py::to_model_range); float -> uint8
+clamps to [-1, 1], then `floor((x + 1) / 2 * 255 + 0.5)` (notes 3.1), everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import pathlib
+import struct
+import zlib
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def to_video_tensor(clip: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float32 (3, T, H, W) in [-1, 1] (notes 3.1)."""
+    from mugv.torch_backend.data.decode import to_model_range
+    return torch.from_numpy(to_model_range(clip))
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3): clamp, then (x + 1) / 2 * 255 + 0.5, floored
+    (notes 3.1)."""
+    x = ((video.detach().float().clamp(-1, 1) + 1) / 2 * 255 + 0.5).floor().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def write_png(path: str | pathlib.Path, rgb: np.ndarray) -> pathlib.Path:
+    """uint8 (H, W, 3) as an 8-bit RGB PNG (no filter; no imaging library needed). Creates the
+    parent folder; returns the path."""
+    rgb = np.ascontiguousarray(rgb)
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png)
+    return path
+
+
+def write_mp4(target: str | pathlib.Path | io.BytesIO, video: np.ndarray, fps: float, crf: int = 12):
+    """uint8 (T, H, W, 3) RGB -> H.264 (yuv420p) mp4 at a path (parent folder created) or into a
+    BytesIO. yuv420p needs even sizes: odd ones are padded by one edge pixel. crf 12: samples and
+    reconstructions to look at; the generated datasets use 18. Returns `target`."""
+    import av
+    t, h, w, _ = video.shape
+    video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    if not isinstance(target, io.IOBase):
+        target = pathlib.Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(target if isinstance(target, io.IOBase) else str(target), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        for frame in video:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+
+
+def frame_grid(videos: list[np.ndarray], labels: list[str] | None = None, max_frames: int = 6,
+               scale: int = 3, pad: int = 2) -> np.ndarray:
+    """uint8 (rows, cols, 3) image: one row per clip, `max_frames` evenly spaced frames, each
+    upscaled `scale`x (nearest) so 32 px frames are visible; white gaps between cells."""
+    t = min(len(v) for v in videos)
+    pick = np.linspace(0, t - 1, min(max_frames, t)).round().astype(int)
+    h, w = videos[0].shape[1] * scale, videos[0].shape[2] * scale
+    grid = np.full((len(videos) * (h + pad) + pad, len(pick) * (w + pad) + pad, 3), 255, np.uint8)
+    for r, video in enumerate(videos):
+        for c, k in enumerate(pick):
+            frame = video[k].repeat(scale, axis=0).repeat(scale, axis=1)
+            grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = frame
+    return grid
+
+
+def side_by_side(original: np.ndarray, recon: np.ndarray, max_frames: int = 6) -> np.ndarray:
+    """PNG layout: originals on the top row, reconstructions below, up to `max_frames` frames."""
+    pick = np.linspace(0, len(original) - 1, min(max_frames, len(original))).round().astype(int)
+    return np.concatenate([np.concatenate(list(original[pick]), axis=1),
+                           np.concatenate(list(recon[pick]), axis=1)], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clips
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSource:
+    name: str
+    path: pathlib.Path
+    fps: float | None = None
+
+
+def list_clips(data: str | pathlib.Path) -> list[ClipSource]:
+    """Video files of a folder (sorted), or the entries of a .jsonl/.csv manifest."""
+    data = pathlib.Path(data)
+    if data.is_dir():
+        found = [ClipSource(p.stem, p) for p in sorted(data.iterdir()) if p.suffix.lower() in VIDEO_SUFFIXES]
+    elif data.is_file():
+        from mugv.torch_backend.data.manifest import read_manifest
+        found = [ClipSource(e.sample_id, e.path, e.fps) for e in read_manifest(data)]
+    else:
+        raise FileNotFoundError(f"--data {data}: expected a folder of videos or a manifest file")
+    if not found:
+        raise FileNotFoundError(f"--data {data}: no video files ({', '.join(VIDEO_SUFFIXES)})")
+    return found
+
+
+def load_clip(src: ClipSource, num_frames: int | None, height: int, width: int, fps: float) -> np.ndarray:
+    """uint8 (T, H, W, 3) at `fps`, cover-resized and centre-cropped (data pipeline decode).
+    num_frames None: every frame the clip has at `fps`."""
+    from mugv.core.data import frames_available
+    from mugv.torch_backend.data.decode import decode_clip, probe
+    if num_frames is None:
+        info = probe(src.path, src.fps)
+        num_frames = frames_available(info.num_frames, info.fps, fps)
+    return decode_clip(src.path, num_frames, height, width, target_fps=fps, source_fps=src.fps)

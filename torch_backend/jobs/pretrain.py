@@ -1,0 +1,179 @@
+"""`mugv cache` and `mugv train`: a pre-training curriculum (core/recipe.py `PretrainConfig`) run
+stage by stage. Each stage's bucket is encoded once into the latent/text cache (resumable), then
+trained by the Trainer starting from the previous stage's final weights; with `sample_every`,
+sample grids are written while it trains (`Previewer`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from mugv.core import validate as v
+from mugv.core.recipe import PretrainConfig, StageConfig
+from mugv.core.sampler import FlowSamplerConfig
+from mugv.torch_backend.jobs.loaders import load_vae, require_path, text_encoder
+from mugv.torch_backend.data.media import frame_grid, to_uint8, write_mp4, write_png
+from mugv.torch_backend.jobs.sample import sample_latents
+
+
+# ---------------------------------------------------------------------------------------------
+# Caching and training
+
+
+def stage_index(cfg: PretrainConfig, stage: StageConfig):
+    from mugv.core.data import BucketSpec
+    from mugv.torch_backend.data.dataset import build_index
+    bucket = BucketSpec(cfg.size, cfg.size, stage.frames, stage.batch_size, cfg.fps)
+    return build_index(cfg.manifest, (bucket,))
+
+
+def cache_stage(cfg: PretrainConfig, stage: StageConfig, vae, text, log=print) -> pathlib.Path:
+    """Encode the stage's bucket (latent moments + text states) into out/cache/<bucket>; resumable."""
+    from mugv.torch_backend.data.cache import build_cache, cache_complete, vae_encoder
+    index = stage_index(cfg, stage)
+    folder = pathlib.Path(cfg.out) / "cache" / index.buckets[0].name
+    if not cache_complete(folder):
+        counts = build_cache(index, folder, vae_encoder(vae), text, f"vae:{cfg.vae_checkpoint}",
+                             f"text:{cfg.text_encoder}", batch=16)
+        log(f"[mugv] cache {folder}: {counts['encoded']} clips encoded ({len(index.items)} items, "
+            f"{len(index.skipped)} skipped {index.skip_counts})")
+    return folder
+
+
+def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Optional[Callable]] = lambda s: None,
+                 log=print, only: Optional[str] = None) -> pathlib.Path:
+    """Cache and train every stage (or only the one named), each starting from the previous
+    stage's final weights. Returns the last trained stage's run folder."""
+    from mugv.core.data import TaskMix
+    from mugv.torch_backend.data.cache import CachedSource, cache_complete
+    from mugv.torch_backend.training.data_source import CachedBatches
+    from mugv.torch_backend.training.trainer import StageSettings, Trainer
+
+    require_path("manifest", cfg.manifest, "manifest file")
+    require_path("vae_checkpoint", cfg.vae_checkpoint, "VAE checkpoint")
+    vae = load_vae(cfg.vae_size, cfg.vae_checkpoint)
+    text = text_encoder(cfg.text_encoder, cfg.dit)
+    names = [s.name for s in cfg.stages]
+    if only is not None and only not in names:
+        raise v.ConfigError(f"--stage {only!r}: expected one of the recipe's stages {names}")
+    previous = None
+    run_dir = None
+    for stage in cfg.stages:
+        run_dir = pathlib.Path(cfg.out) / "stages" / stage.name
+        if only is None or stage.name == only:
+            cache = pathlib.Path(cfg.out) / "cache" / stage_index(cfg, stage).buckets[0].name
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cache_complete(cache):
+                # every rank would encode the same rows at once: cache in one process first
+                raise RuntimeError(f"cache {cache} is incomplete; under torchrun run `mugv cache` with the "
+                                   f"same recipe first (one process), then `mugv train`")
+            cache = cache_stage(cfg, stage, vae, text, log)
+            index = stage_index(cfg, stage)
+            mix = TaskMix(1.0, 0.0, 0.0) if stage.frames == 1 else TaskMix(0.0, 1 - stage.i2v, stage.i2v)
+            source = CachedBatches(index, CachedSource(index, cache), mix, seed=cfg.train.seed,
+                                   sample_posterior=cfg.sample_posterior)
+            train = dataclasses.replace(cfg.train, steps=stage.steps, optimizer=dataclasses.replace(
+                cfg.train.optimizer, lr=stage.lr, min_lr=min(cfg.train.optimizer.min_lr, stage.lr),
+                warmup_steps=stage.warmup_steps))
+            settings = StageSettings(task_mix=(("t2v", 1 - stage.i2v), ("i2v", stage.i2v)),
+                                     caption_dropout=stage.caption_dropout,
+                                     init_from=str(previous / "checkpoints") if previous else None)
+            log(f"[mugv] stage {stage.name}: {stage.steps} steps, {stage.frames} frame(s), batch "
+                f"{stage.batch_size}, lr {stage.lr:g}, i2v {stage.i2v:g} -> {run_dir}")
+            holder = {}
+            on_metrics = on_metrics_for(stage)
+            if cfg.sample_every and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                on_metrics = _with_previews(on_metrics, Previewer(cfg, stage, vae, text, run_dir / "samples"),
+                                            holder, cfg.sample_every, stage.steps)
+            trainer = Trainer(cfg.dit, train, cfg.flow, source, run_dir, parallel=cfg.parallel,
+                              stage=settings, log=log, on_metrics=on_metrics, kernels=cfg.kernels)
+            holder["model"] = trainer.model
+            try:
+                trainer.run()
+            finally:
+                trainer.close()
+        previous = run_dir
+    return run_dir
+
+
+class Previewer:
+    """Samples a few of the manifest's captions (text-to-video, fixed seed) with the weights being
+    trained and writes `step_<N>.mp4` (the clips side by side) and `step_<N>.png` (rows = prompts,
+    columns = frames) to `folder`: what the model makes as training goes, not only at the end."""
+
+    def __init__(self, cfg: PretrainConfig, stage: StageConfig, vae, text, folder: pathlib.Path,
+                 sampler: FlowSamplerConfig = FlowSamplerConfig(num_steps=20, guidance_scale=3.0), seed: int = 1234):
+        from mugv.core.vae import latent_shape
+        from mugv.torch_backend.data.manifest import read_manifest
+        self.cfg, self.stage, self.vae, self.folder, self.sampler, self.seed = cfg, stage, vae, folder, sampler, seed
+        self.captions = [e.caption for e in read_manifest(cfg.manifest)[:cfg.sample_prompts]]
+        self.text, self.mask = text(self.captions)
+        self.thw = latent_shape(stage.frames, cfg.size, cfg.size)
+        self.written: list[pathlib.Path] = []
+
+    def __call__(self, model, step: int) -> pathlib.Path:
+        was_training = model.training
+        model.eval()
+        try:
+            z = sample_latents(model, self.cfg.dit, self.text, self.mask, self.thw, self.cfg.fps, self.sampler,
+                               self.seed)
+            with torch.no_grad():
+                videos = [to_uint8(x) for x in self.vae.decode(z, self.stage.frames)]
+        finally:
+            model.train(was_training)
+        png = write_png(self.folder / f"step_{step:06d}.png", frame_grid(videos))
+        write_mp4(self.folder / f"step_{step:06d}.mp4", np.concatenate(videos, axis=2), self.cfg.fps)
+        (self.folder / "prompts.txt").write_text("".join(f"{i}. {c}\n" for i, c in enumerate(self.captions)))
+        self.written.append(png)
+        return png
+
+
+def _with_previews(on_metrics, previewer: Previewer, holder: dict, every: int, last: int):
+    def call(m: dict) -> None:
+        if on_metrics is not None:
+            on_metrics(m)
+        if "model" in holder and (m["step"] % every == 0 or m["step"] == last):
+            previewer(holder["model"], m["step"])
+    return call
+
+
+def cache(cfg) -> int:
+    """`mugv cache`: encode every stage's bucket (or only `--stage`'s) into the cache."""
+    from mugv.torch_backend.jobs import report
+    recipe, only = cfg
+    report.one_thread_on_cpu()
+    vae = load_vae(recipe.vae_size, recipe.vae_checkpoint)
+    text = text_encoder(recipe.text_encoder, recipe.dit)
+    for stage in recipe.stages:
+        if only is None or stage.name == only:
+            print(cache_stage(recipe, stage, vae, text))
+    return 0
+
+
+def train(cfg) -> int:
+    """`mugv train`: the whole curriculum (or only `--stage`) with progress bars on rank 0, then
+    the loss curve of every stage."""
+    from mugv.torch_backend.jobs import report
+    recipe, only = cfg
+    report.one_thread_on_cpu()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    bars = []
+
+    def progress(stage):
+        bars.append(report.Progress(stage.steps, stage.name, disable=not rank0))
+        return bars[-1]
+
+    last = train_stages(recipe, progress, log=lambda s: None, only=only)
+    for bar in bars:
+        bar.close()
+    if rank0:
+        runs = {s.name: report.read_metrics(pathlib.Path(recipe.out) / "stages" / s.name / "metrics.jsonl")
+                for s in recipe.stages}
+        png = report.loss_curve(runs, pathlib.Path(recipe.out) / "loss_curve.png")
+        print(f"trained; last stage {last}; loss curve {png}")
+    return 0
+

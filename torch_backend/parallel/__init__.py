@@ -1,0 +1,1 @@
+"""Launch (torchrun / single process) and the Megatron-Core CPU compatibility layer."""

@@ -170,3 +170,24 @@ def test_process_pool_gives_the_in_process_results(curated, tmp_path):
     pooled = run(embedded_curate_config(str(root / "in"), str(tmp_path), workers=2, batch_size=2))
     assert _rows(tmp_path / "curation.jsonl") == _rows(root / "out" / "curation.jsonl"), "workers=2 changed records"
     assert pooled["kept"] == local["kept"]
+
+
+def test_cli_curates_and_refuses_a_resume_with_other_settings(curated, tmp_path, capsys):
+    """`mugv curate` runs the pipeline and names its outputs; rerun on the same --out_dir with
+    another filter setting is exit 2 naming the setting (records of two settings never mix), and
+    the earlier outputs stay as they were."""
+    from mugv.torch_backend.cli import main
+    root = curated[0]
+    out = tmp_path / "cli"
+    args = ["curate", "--input_dir", str(root / "in"), "--out_dir", str(out), "--shots.min_duration_s", "0.5",
+            "--filters.min_short_side", "32"]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "[mugv] curate:" in said and "manifest.jsonl" in said and "curation.jsonl" in said
+    before = (out / "curation.jsonl").read_bytes()
+    assert main(args + ["--filters.sharpness_min", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "written with other ['filters']" in err and "sharpness_min" in err
+    assert (out / "curation.jsonl").read_bytes() == before
+    assert main(["curate", "--input_dir", str(tmp_path / "nowhere"), "--out_dir", str(out)]) == 2
+    assert "--input_dir" in capsys.readouterr().err

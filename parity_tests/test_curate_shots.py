@@ -10,7 +10,8 @@ import numpy as np
 from mugv.core.curation import ShotConfig, embedded_curate_config
 from mugv.torch_backend.data.curation import dedup, media, shots
 from mugv.torch_backend.data.product_sources import SourcesSpec, generate_sources
-from mugv.torch_backend.data.product_videos import Scene, encode_mp4, render
+from mugv.torch_backend.data.media import write_mp4
+from mugv.torch_backend.data.product_videos import Scene, render
 
 
 def test_shot_detection_recall_on_generated_sources(tmp_path):
@@ -82,7 +83,7 @@ def test_long_shots_split_into_pieces_of_at_most_max_duration():
 
 
 def _roundtrip(clip, tmp_path, name):
-    encode_mp4(clip, 16, tmp_path / name)
+    write_mp4(tmp_path / name, clip, 16, crf=18)
     return media.scan(tmp_path / name, 64).frames
 
 

@@ -1,7 +1,8 @@
 """`mugv`: one command line for what a user does, built on jsonargparse.
 
     mugv generate-data | train-vae | eval-vae | cache | train | sample | evaluate |
-         convert-official | make-preferences | train-preference | finetune | demo
+         convert-official | make-preferences | train-preference | finetune | curate |
+         verify-kernels | demo
          [--config recipe.yaml] [--section.field value ...]
 
 The CLI parses and dispatches only: each subcommand runs one job (torch_backend/jobs/) or, for

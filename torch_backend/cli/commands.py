@@ -96,6 +96,7 @@ def build_parser():
     """The top-level parser with one subparser per subcommand."""
     from jsonargparse import ArgumentParser
 
+    from mugv.core.curation import CurateConfig
     from mugv.core.dit import DiTConfig
     from mugv.core.recipe import PretrainConfig
     from mugv.core.sampler import FlowSamplerConfig
@@ -139,6 +140,14 @@ def build_parser():
         **_preference_parsers(),
         "finetune": _parser("Fine-tune MUG-DiT (LoRA or full) on a manifest of clips, from official weights or "
                             "a mugv checkpoint", FinetuneRunConfig),
+        "curate": _parser("Curate a folder of raw videos into a training manifest: shots, quality filters, "
+                          "dedup, captions, balance weights, report (docs/curation.md)", CurateConfig),
+        "verify-kernels": _parser("Run the GPU parity tests of the Triton kernels and FlashAttention-4 here and "
+                                  "record which may run on this device", None,
+                                  only=(Optional[str], None, "comma-separated kernel names (default: all)"),
+                                  record=(Optional[str], None, "record file (default: the user cache, "
+                                                               "kernels/verify.py user_record_path)"),
+                                  log_dir=(Optional[str], None, "folder for the pytest log and junit XML")),
     }
     for name, p in subs.items():
         sub.add_subcommand(name, p, help=p.description)
@@ -271,6 +280,15 @@ def _build(command: str, ns):
             if getattr(cfg, key):
                 require_path(key, getattr(cfg, key))
         return cfg
+    if command == "curate":
+        from mugv.core.curation import CurateConfig
+        cfg = CurateConfig(**_fields(CurateConfig, ns))
+        require_path("input_dir", cfg.input_dir, "folder of videos")
+        if not cfg.out_dir:
+            raise ConfigError("curate: --out_dir expected an output folder")
+        return cfg
+    if command == "verify-kernels":
+        return ns
     if command == "demo":
         cfg = demo.DemoConfig(**_fields(demo.DemoConfig, ns))
         if ns.quick:
@@ -293,6 +311,8 @@ RUNNERS = {
     "make-preferences": ("jobs.preference_data", "make_preferences_command"),
     "train-preference": ("jobs.preference", "train_preference_command"),
     "finetune": ("jobs.finetune", "finetune_command"),
+    "curate": ("jobs.curate", "curate"),
+    "verify-kernels": ("jobs.verify_kernels", "verify_kernels"),
     "demo": ("experiments.demo", "demo"),
 }
 

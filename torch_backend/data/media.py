@@ -13,6 +13,7 @@ import pathlib
 import struct
 import zlib
 from fractions import Fraction
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -63,22 +64,32 @@ def write_mp4(target: str | pathlib.Path | io.BytesIO, video: np.ndarray, fps: f
     """uint8 (T, H, W, 3) RGB -> H.264 (yuv420p) mp4 at a path (parent folder created) or into a
     BytesIO. yuv420p needs even sizes: odd ones are padded by one edge pixel. crf 12: samples and
     reconstructions to look at; the generated datasets use 18. Returns `target`."""
-    import av
     t, h, w, _ = video.shape
     video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    write_mp4_frames(target, iter(video), fps, video.shape[2], video.shape[1], crf=crf)
+    return target
+
+
+def write_mp4_frames(target: str | pathlib.Path | io.BytesIO, frames: Iterable[np.ndarray], fps: float,
+                     width: int, height: int, crf: int = 12, preset: str = "medium") -> int:
+    """Stream uint8 (H, W, 3) RGB frames (even `width` x `height`) into an H.264 mp4 without holding
+    the clip in memory (re-encoding a range of a long source). Returns the frames written."""
+    import av
     if not isinstance(target, io.IOBase):
         target = pathlib.Path(target)
         target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
     with av.open(target if isinstance(target, io.IOBase) else str(target), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium"}
-        for frame in video:
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": preset}
+        for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
+            written += 1
         for packet in stream.encode():
             container.mux(packet)
-    return target
+    return written
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import pathlib
 import numpy as np
 from scipy import ndimage
 
-from mugv.torch_backend.data.product_videos import MOTIONS, Scene, encode_mp4, random_scene, render
+from mugv.torch_backend.data.media import write_mp4
+from mugv.torch_backend.data.product_videos import MOTIONS, Scene, random_scene, render
 
 TRANSITIONS = ("cut", "fade", "dissolve")
 DEFECTS = ("blur", "static", "shake", "exact_dup", "near_dup")
@@ -142,7 +143,7 @@ def generate_sources(out_dir: str | pathlib.Path, spec: SourcesSpec = SourcesSpe
             shot["end"] = shot.pop("end_frame") / spec.fps
             captions.append({"path": name, "start": shot["start"], "end": shot["end"],
                              "caption": shot["caption"]})
-        encode_mp4(video, spec.fps, out_dir / name)
+        write_mp4(out_dir / name, video, spec.fps, crf=18)
         truth["sources"][name] = {"frames": len(video), "duration": len(video) / spec.fps,
                                   "transitions": transitions, "shots": shots}
     with open(out_dir / "captions.jsonl", "w") as f:
@@ -160,7 +161,7 @@ def write_bad_inputs(out_dir: str | pathlib.Path, good: pathlib.Path | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(11)
     clip = render(random_scene(rng), 5, 32, 12)
-    encode_mp4(clip, 16, out_dir / "bad_short.mp4")           # 0.75 s: below min_duration_s
+    write_mp4(out_dir / "bad_short.mp4", clip, 16, crf=18)           # 0.75 s: below min_duration_s
     data = (good or out_dir / "bad_short.mp4").read_bytes()
     (out_dir / "bad_zero.mp4").write_bytes(b"")
     (out_dir / "bad_truncated.mp4").write_bytes(data[: len(data) // 2])

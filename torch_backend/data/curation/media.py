@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from mugv.torch_backend.data.decode import MediaError
+from mugv.torch_backend.data.media import write_mp4_frames
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
 
@@ -144,26 +145,18 @@ def write_clip(path: pathlib.Path, start_index: int, end_index: int, out: pathli
     source's average rate): what `decode.py` reads. Written to `out.part` then renamed, so a
     killed run never leaves half a clip. Returns the frames written."""
     tmp = out.with_name(out.name + ".part")
-    written = 0
     with _Open(path) as container:
         src = container.streams.video[0]
-        sink = av.open(str(tmp), mode="w", format="mp4")
-        try:
-            stream = sink.add_stream("libx264", rate=max(1, int(round(fps))))
-            stream.width, stream.height, stream.pix_fmt = src.width - src.width % 2, src.height - src.height % 2, "yuv420p"
-            stream.options = {"crf": "18", "preset": "fast"}
+        width, height = src.width - src.width % 2, src.height - src.height % 2   # yuv420p: even sizes
+
+        def frames():
             for index, frame in enumerate(container.decode(src)):
                 if index >= end_index:
                     break
                 if index >= start_index:
-                    rgb = frame.to_ndarray(format="rgb24")[:stream.height, :stream.width]
-                    for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
-                        sink.mux(packet)
-                    written += 1
-            for packet in stream.encode():
-                sink.mux(packet)
-        finally:
-            sink.close()
+                    yield frame.to_ndarray(format="rgb24")[:height, :width]
+        # constant integer rate: what decode.py reads back
+        written = write_mp4_frames(tmp, frames(), max(1, int(round(fps))), width, height, crf=18, preset="fast")
     tmp.rename(out)
     return written
 

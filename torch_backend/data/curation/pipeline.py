@@ -63,6 +63,31 @@ class ResultsLog:
             os.fsync(f.fileno())
 
 
+# Bump when a stage record's fields change: records of another format are never mixed in a resume.
+RECORD_FORMAT = 1
+
+
+def _check_resume_state(out: pathlib.Path, cfg: CurateConfig) -> None:
+    """results.jsonl is resumed only with the record format and stage settings that wrote it (the
+    shot and filter settings decide the stage records); anything else is an error naming what
+    changed, instead of records of two settings mixed in one manifest."""
+    from mugv.core.validate import to_dict
+    state = {"record_format": RECORD_FORMAT, "shots": to_dict(cfg.shots), "filters": to_dict(cfg.filters),
+             "captioner_dir": cfg.captioner_dir}
+    path = out / "results.meta.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(state)):
+            diff = sorted(k for k in state if old.get(k) != json.loads(json.dumps(state[k])))
+            raise ValueError(f"{out}: its results.jsonl was written with other {diff} (this run: "
+                             f"{ {k: state[k] for k in diff} }); use a new --out_dir or the same settings")
+    elif (out / RESULTS).exists():
+        raise ValueError(f"{out / RESULTS}: written by an older mugv curate (no results.meta.json); "
+                         "use a new --out_dir")
+    else:
+        path.write_text(json.dumps(state, indent=1))
+
+
 def done_sources(records: list[dict]) -> set[str]:
     return {r["source"] for r in records if r.get("kind") == "source"}
 
@@ -126,6 +151,7 @@ def run(cfg: CurateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     root = pathlib.Path(cfg.input_dir)
     sources = [str(p.relative_to(root)) for p in media.find_sources(root)]
+    _check_resume_state(out, cfg)
     log = ResultsLog(out / RESULTS)
     finished = done_sources(log.records())
     pending = [s for s in sources if s not in finished]

@@ -185,7 +185,14 @@ def test_override_points_reference_model(tmp_path):
     """A subclass using prepare_inputs / loss_fn / forward_only / frozen_copy (what the preference
     stage does): the frozen copy's per-sample errors, run through the same schedule without
     gradients, equal the policy's before the first update and differ after it; the losses are
-    those of the plain trainer (the extra forward changes nothing)."""
+    those of the plain trainer (the extra forward changes nothing).
+
+    Exactly equal, on every CPU dispatch path (ATEN_CPU_CAPABILITY default/avx2/avx512): the copy
+    runs the same ops on the same values. It once differed by one ulp (1.2e-7) at step 0: torch.matmul
+    multiplied the layers' non-contiguous (s, b, h) linear inputs as one folded mm when the weight
+    required grad (the policy) and as a bmm when it did not (the copy), two summation orders. The
+    DiT now hands its linears contiguous inputs (dit_layers.MUGDiTLayer.forward), so both take the
+    same mm; this test is what catches a new non-contiguous input."""
     out = run(tmp_path, steps=2, extra=("--check-api",))
     assert "API-CHECK step 0 max|ref - policy| 0.000e+00 micro-batches 2" in out, out[-2000:]
     later = [ln for ln in out.splitlines() if ln.startswith("API-CHECK step 1")]

@@ -71,17 +71,22 @@ def reference_gated_residual_modulate(x, y, gate, shift, scale, index, eps: floa
     return x_res, reference_adaln_modulate(x_res, shift, scale, index, eps)
 
 
+def _at_least_fp32(x):
+    """bf16/fp16 -> fp32 (the official code's upcast); fp32 and the float64 reference unchanged."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def reference_qk_rmsnorm(q, weight, eps: float = 1e-6):
-    """Per-head RMSNorm over head_dim of q (B, L, n, d), as the official code: normalise in fp32,
-    cast back, multiply by the (d,) weight."""
-    qf = q.float()
+    """Per-head RMSNorm over head_dim of q (B, L, n, d), as the official code: normalise in fp32
+    (or float64 for the parity tests' float64 reference), cast back, multiply by the (d,) weight."""
+    qf = _at_least_fp32(q)
     return (qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + eps)).to(q.dtype) * weight
 
 
 def reference_qk_rmsnorm_rope(q, weight, angles, eps: float = 1e-6):
     """RMSNorm then interleaved-pair RoPE: pair p = features (2p, 2p+1) rotated by angles
     (B, L, d/2), in fp32 (complex64 in the official code), cast back."""
-    pairs = reference_qk_rmsnorm(q, weight, eps).float().unflatten(-1, (-1, 2))
+    pairs = _at_least_fp32(reference_qk_rmsnorm(q, weight, eps)).unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     cos, sin = torch.cos(angles.float())[:, :, None], torch.sin(angles.float())[:, :, None]
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(q.dtype)

@@ -242,7 +242,7 @@ def test_pp2_checkpoint_resumes_at_pp1(pp2, tmp_path):
 def test_cp2_distributed_optimizer_equals_one_process(reference, tmp_path):
     """Ulysses CP=2 with the distributed optimizer sharded over data x context parallel ranks
     (and the EMA with it): 5 steps equal the single-process run; every rank writes its shard."""
-    from mugv.parity_tests.tolerances import assert_close
+    from mugv.parity_tests.tolerances import assert_close, assert_within
 
     finish(launch(tmp_path, steps=5, world=2, extra=("--cp", "2", "--dp-opt")))
     la, lr = losses(tmp_path), losses(reference)
@@ -251,10 +251,29 @@ def test_cp2_distributed_optimizer_equals_one_process(reference, tmp_path):
     a, b = arrays(tmp_path / "checkpoints" / "step_000000004"), arrays(reference / "checkpoints" / "step_000000004")
     assert a.keys() == b.keys()
     for (group, name), ref in b.items():
-        # near-equal synthetic text keys: see the tolerance row
-        flat = any(f"cross_attn{p}" in name for p in (".q.", ".kv.", "_norm."))
+        # near-equal synthetic text keys: see the tolerance row. The logit path: the LN before
+        # the cross-attention (it feeds only q), q, kv and the per-head q/k norms.
+        flat = any(f"cross_attn{p}" in name for p in (".q.", ".kv.", ".q_norm.", ".k_norm.", "_norm."))
+        if flat and group in ("model", "ema"):
+            # Adam normalises these tensors' rounding-noise gradients into steps of ~lr: the
+            # weights can differ by anything Adam's step bound allows, and no tighter claim holds
+            # on every machine (the margins report prints what this one measures). The
+            # Adam moments below (linear in the gradient) are what catches a missing or doubled sum.
+            assert_within(a[group, name], ref, ADAM_BOUND_4_STEPS, "adam_divergence_bound", name=f"{group}/{name}")
+            continue
         assert_close(a[group, name], ref, "sharded_train_flat_logits" if flat else "sharded_train", "float32",
                      name=f"{group}/{name}")
+
+
+def _adam_bound(steps: int) -> float:
+    """tolerances.adam_divergence_bound for train_worker.py's optimizer over its first `steps` steps."""
+    from mugv.core.train import OptimizerConfig, learning_rate
+    from mugv.parity_tests.tolerances import adam_divergence_bound
+    opt = OptimizerConfig(lr=1e-3, min_lr=0.0, warmup_steps=3, schedule="cosine")  # train_worker.py's
+    return adam_divergence_bound([learning_rate(opt, s, STEPS) for s in range(steps)], opt.betas)
+
+
+ADAM_BOUND_4_STEPS = _adam_bound(4)
 
 
 @pytest.mark.slow  # two more 2-process runs (~2-3 min on a loaded 2-core machine)

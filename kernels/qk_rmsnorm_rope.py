@@ -22,9 +22,16 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 
+def _at_least_fp32(x):
+    """bf16/fp16 -> fp32 (the official code's upcast); fp32 and the parity tests' float64
+    reference model unchanged (.float() would cut a float64 model to fp32 mid-network)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rope_rotate_reference(x, angles):
-    """Rotate interleaved pairs of x (B, L, n_heads, d) by angles (B, L, d/2), in fp32."""
-    xf = x.float().unflatten(-1, (-1, 2))
+    """Rotate interleaved pairs of x (B, L, n_heads, d) by angles (B, L, d/2), in fp32 (float64
+    for a float64 x)."""
+    xf = _at_least_fp32(x).unflatten(-1, (-1, 2))
     a, b = xf[..., 0], xf[..., 1]
     cos = torch.cos(angles.float()).unsqueeze(2)
     sin = torch.sin(angles.float()).unsqueeze(2)
@@ -34,7 +41,7 @@ def rope_rotate_reference(x, angles):
 def qk_rmsnorm_reference(q, weight, eps: float = 1e-6):
     """Per-head RMSNorm over head_dim of q (B, L, n, d), as the official code: normalise in fp32,
     cast back, multiply by the (d,) weight (the DiT's cross-attention q uses it alone)."""
-    qf = q.float()
+    qf = _at_least_fp32(q)
     return (qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + eps)).to(q.dtype) * weight
 
 

@@ -185,7 +185,14 @@ def test_override_points_reference_model(tmp_path):
     """A subclass using prepare_inputs / loss_fn / forward_only / frozen_copy (what the preference
     stage does): the frozen copy's per-sample errors, run through the same schedule without
     gradients, equal the policy's before the first update and differ after it; the losses are
-    those of the plain trainer (the extra forward changes nothing)."""
+    those of the plain trainer (the extra forward changes nothing).
+
+    Exactly equal, on every CPU dispatch path (ATEN_CPU_CAPABILITY default/avx2/avx512): the copy
+    runs the same ops on the same values. It once differed by one ulp (1.2e-7) at step 0: torch.matmul
+    multiplied the layers' non-contiguous (s, b, h) linear inputs as one folded mm when the weight
+    required grad (the policy) and as a bmm when it did not (the copy), two summation orders. The
+    DiT now hands its linears contiguous inputs (dit_layers.MUGDiTLayer.forward), so both take the
+    same mm; this test is what catches a new non-contiguous input."""
     out = run(tmp_path, steps=2, extra=("--check-api",))
     assert "API-CHECK step 0 max|ref - policy| 0.000e+00 micro-batches 2" in out, out[-2000:]
     later = [ln for ln in out.splitlines() if ln.startswith("API-CHECK step 1")]
@@ -235,7 +242,7 @@ def test_pp2_checkpoint_resumes_at_pp1(pp2, tmp_path):
 def test_cp2_distributed_optimizer_equals_one_process(reference, tmp_path):
     """Ulysses CP=2 with the distributed optimizer sharded over data x context parallel ranks
     (and the EMA with it): 5 steps equal the single-process run; every rank writes its shard."""
-    from mugv.parity_tests.tolerances import assert_close
+    from mugv.parity_tests.tolerances import assert_close, assert_within
 
     finish(launch(tmp_path, steps=5, world=2, extra=("--cp", "2", "--dp-opt")))
     la, lr = losses(tmp_path), losses(reference)
@@ -244,10 +251,29 @@ def test_cp2_distributed_optimizer_equals_one_process(reference, tmp_path):
     a, b = arrays(tmp_path / "checkpoints" / "step_000000004"), arrays(reference / "checkpoints" / "step_000000004")
     assert a.keys() == b.keys()
     for (group, name), ref in b.items():
-        # near-equal synthetic text keys: see the tolerance row
-        flat = any(f"cross_attn{p}" in name for p in (".q.", ".kv.", "_norm."))
+        # near-equal synthetic text keys: see the tolerance row. The logit path: the LN before
+        # the cross-attention (it feeds only q), q, kv and the per-head q/k norms.
+        flat = any(f"cross_attn{p}" in name for p in (".q.", ".kv.", ".q_norm.", ".k_norm.", "_norm."))
+        if flat and group in ("model", "ema"):
+            # Adam normalises these tensors' rounding-noise gradients into steps of ~lr: the
+            # weights can differ by anything Adam's step bound allows, and no tighter claim holds
+            # on every machine (the margins report prints what this one measures). The
+            # Adam moments below (linear in the gradient) are what catches a missing or doubled sum.
+            assert_within(a[group, name], ref, ADAM_BOUND_4_STEPS, "adam_divergence_bound", name=f"{group}/{name}")
+            continue
         assert_close(a[group, name], ref, "sharded_train_flat_logits" if flat else "sharded_train", "float32",
                      name=f"{group}/{name}")
+
+
+def _adam_bound(steps: int) -> float:
+    """tolerances.adam_divergence_bound for train_worker.py's optimizer over its first `steps` steps."""
+    from mugv.core.train import OptimizerConfig, learning_rate
+    from mugv.parity_tests.tolerances import adam_divergence_bound
+    opt = OptimizerConfig(lr=1e-3, min_lr=0.0, warmup_steps=3, schedule="cosine")  # train_worker.py's
+    return adam_divergence_bound([learning_rate(opt, s, STEPS) for s in range(steps)], opt.betas)
+
+
+ADAM_BOUND_4_STEPS = _adam_bound(4)
 
 
 @pytest.mark.slow  # two more 2-process runs (~2-3 min on a loaded 2-core machine)

@@ -348,13 +348,14 @@ def _scatter_sequence(hidden):
 
 def unpatchify(cfg: DiTConfig, out, grid, thw):
     """(B, N, prod(patch) * C) with features (pt, ph, pw, C), C fastest -> float32 (B, C, T, H, W),
-    cropped to the input size (notes 1.15)."""
+    cropped to the input size (notes 1.15); float64 stays float64 (the parity tests' reference)."""
     b = out.shape[0]
     (tp_, hp_, wp_), (pt, ph, pw) = grid, cfg.patch_size
     y = out.reshape(b, tp_, hp_, wp_, pt, ph, pw, cfg.out_channels)
     y = y.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_channels, tp_ * pt, hp_ * ph, wp_ * pw)
     t, hh, ww = thw
-    return y[:, :, :t, :hh, :ww].float()
+    y = y[:, :, :t, :hh, :ww]
+    return y if y.dtype == torch.float64 else y.float()
 
 
 def check_inputs(cfg: DiTConfig, x, timestep, text, text_mask, x_mask, fps, frame_indice) -> None:

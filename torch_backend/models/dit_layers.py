@@ -261,7 +261,7 @@ class SelfAttention(_AttentionBase):
         q = self.ops.qk_rmsnorm_rope(q.transpose(0, 1), self.q_norm.weight, angles, self.eps).transpose(0, 1)
         k = self.ops.qk_rmsnorm_rope(k.transpose(0, 1), self.k_norm.weight, angles, self.eps).transpose(0, 1)
         out = self._attend(q, k, v, key_mask)
-        out, _ = self.proj(out)
+        out, _ = self.proj(out.contiguous())  # see MUGDiTLayer.forward: one matmul path
         return out
 
 
@@ -293,7 +293,7 @@ class CrossAttention(_AttentionBase):
         key_mask = text_mask | ~has_text[:, None]
         out = self._attend(q, k, v, key_mask)
         out = out * has_text[None, :, None].to(out.dtype)
-        out, _ = self.proj(out)
+        out, _ = self.proj(out.contiguous())  # see MUGDiTLayer.forward: one matmul path
         return out
 
 
@@ -366,10 +366,12 @@ class MUGDiTLayer(torch.nn.Module):
         ops, eps = self.ops, self.eps
         xb = x.transpose(0, 1)  # batch-first views for the elementwise ops
         u = ops.adaln_modulate(xb, shift_msa, scale_msa, index, eps)
-        # Sequence parallelism all-gathers the linears' inputs, and NCCL takes contiguous tensors
-        # only (gloo copies silently): the batch-first -> sequence-first views are materialised.
-        seq_first = (lambda t: t.transpose(0, 1).contiguous()) if self.sequence_parallel \
-            else (lambda t: t.transpose(0, 1))
+        # The batch-first -> sequence-first views are materialised: sequence parallelism all-gathers
+        # the linears' inputs and NCCL takes contiguous tensors only (gloo copies silently); and
+        # torch.matmul multiplies a non-contiguous (s, b, h) input as one folded mm when a weight
+        # requires grad but as a bmm when none does (a frozen copy, inference), which rounds
+        # differently. Contiguous, both are the same mm (the copy matmul made anyway in training).
+        seq_first = lambda t: t.transpose(0, 1).contiguous()  # noqa: E731
         attn = self.self_attn(seq_first(u), angles, self_attn_mask)
         xb = ops.gated_residual(xb, attn.transpose(0, 1), gate_msa, index)
         cross = self.cross_attn(self.cross_attn_norm(xb.transpose(0, 1)), text, text_mask)

@@ -128,3 +128,24 @@ def test_killed_before_the_first_checkpoint_restarts_without_repeating_steps(tmp
     assert [s["start_step"] for s in starts] == [0, 0]
     assert starts[-1]["versions"]["torch"] and set(starts[-1]["kernels"]) >= {"adaln_modulate"}
     assert all("why" in k for k in starts[-1]["kernels"].values())
+
+
+@pytest.mark.parametrize("clip_id", ["../../escaped", "/tmp/absolute_escape", "a/b/../../../c", "..",
+                                     "caf\u00e9 \u89c6\u9891", "\u202eevil\x00name"])
+def test_output_names_from_ids_stay_inside_out(tmp_path, clip_id):
+    """eval-vae / train-vae name their PNG/mp4 files after manifest ids: a hostile id writes inside
+    --out under a sanitised name, and distinct ids keep distinct names."""
+    import numpy as np
+
+    from mugv.core.vae import vae_config
+    from mugv.torch_backend.data.media import safe_name
+    from mugv.torch_backend.jobs import vae_eval
+    from mugv.torch_backend.models.vae import VideoVAE
+    out = tmp_path / "out" / "eval"
+    clip = np.random.default_rng(0).integers(0, 255, (5, 16, 16, 3), dtype=np.uint8)
+    vae_eval.evaluate(VideoVAE(vae_config("tiny")), "", 16, 16, 5, out_dir=out, clips=[(clip_id, clip)])
+    written = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert written and all(p.parent == out for p in written), written
+    assert len({p.stem for p in written if p.suffix == ".png"}) == 1
+    if "/" in clip_id:   # the separator-free spelling of the same id gets another name
+        assert safe_name(clip_id) != safe_name(clip_id.replace("/", "_"))

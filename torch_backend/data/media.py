@@ -122,6 +122,28 @@ def side_by_side(original: np.ndarray, recon: np.ndarray, max_frames: int = 6) -
 # Clips
 
 
+def safe_name(name: str, limit: int = 120) -> str:
+    """A manifest id or file name as ONE path component that stays inside its output folder:
+    separators, `..`, control and other characters outside letters/digits/'._-' become '_', no
+    leading dot, at most `limit` characters; when anything changed a short hash of the original is
+    appended, so distinct ids stay distinct (`../../x` and `.._.._x` do not collide)."""
+    import hashlib
+    import re
+    clean = re.sub(r"[^\w.\-]", "_", str(name)).lstrip(".")[:limit] or "_"
+    if clean != name:
+        clean += "-" + hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return clean
+
+
+def output_path(folder: str | pathlib.Path, name: str, suffix: str) -> pathlib.Path:
+    """`folder / (safe_name(name) + suffix)`, checked to resolve inside `folder`."""
+    folder = pathlib.Path(folder)
+    path = folder / (safe_name(name) + suffix)
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"output name {name!r} resolves outside {folder}")
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipSource:
     name: str

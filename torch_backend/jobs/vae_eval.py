@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mugv.core import vae as spec
-from mugv.torch_backend.data.media import (list_clips, load_clip, side_by_side, to_uint8, to_video_tensor,
+from mugv.torch_backend.data.media import (list_clips, load_clip, output_path, side_by_side, to_uint8, to_video_tensor,
                                            write_mp4, write_png)
 from mugv.torch_backend.models.vae import VideoVAE
 
@@ -66,8 +66,8 @@ def evaluate(model: VideoVAE, data: str | pathlib.Path, height: int, width: int,
         rows.append({"clip": name, "frames": int(video.shape[1]), "psnr": psnr(recon, video), "ssim": ssim(recon, video)})
         if out is not None:
             orig8, rec8 = clip[:num_frames], to_uint8(recon)
-            write_png(out / f"{name}.png", side_by_side(orig8, rec8))
-            write_mp4(out / f"{name}.mp4", np.concatenate([orig8, rec8], axis=2), fps)
+            write_png(output_path(out, name, ".png"), side_by_side(orig8, rec8))   # ids stay inside out
+            write_mp4(output_path(out, name, ".mp4"), np.concatenate([orig8, rec8], axis=2), fps)
     result = {"clips": rows, "mean_psnr": float(np.mean([r["psnr"] for r in rows])),
               "mean_ssim": float(np.mean([r["ssim"] for r in rows])),
               "height": height, "width": width, "num_frames": num_frames, "fps": fps}

@@ -11,7 +11,7 @@ import pytest
 from mugv.torch_backend.cli import commands, main
 
 SUBCOMMANDS = ("generate-data", "train-vae", "eval-vae", "cache", "train", "sample", "evaluate",
-               "convert-official", "make-preferences", "train-preference", "finetune", "demo")
+               "convert-official", "make-preferences", "train-preference", "finetune", "curate", "verify-kernels", "demo")
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_cached_batches_resume_exactly(tmp_path):
     manifests = demo.generate(demo.DemoData(count=7, held_out=1, frames=9), tmp_path / "data", log=lambda s: None)
     index = build_index(manifests["train"], (BucketSpec(32, 32, 9, 2, 16.0), BucketSpec(32, 32, 1, 3, 16.0)))
     build_cache(index, tmp_path / "cache", pool_encoder, EmbeddedTextEncoder(dim=16, max_len=24), "pool", "emb")
-    make = lambda: CachedBatches(index, CachedSource(index, tmp_path / "cache"), TaskMix(0.4, 0.6, 0.0),  # noqa: E731
+    make = lambda: CachedBatches(index, CachedSource(index, tmp_path / "cache", "pool", "emb"), TaskMix(0.4, 0.6, 0.0),  # noqa: E731
                                  seed=3, sample_posterior=True)
     a = make()
     run = [a.next_batch() for _ in range(9)]

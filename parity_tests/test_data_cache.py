@@ -107,7 +107,7 @@ def test_cached_and_online_sources_give_the_same_batches(tmp_path, clips):
     index = dataset.build_index(clips, BUCKETS)
     encoder = text.EmbeddedTextEncoder(32, 48, seed=3)
     cache.build_cache(index, tmp_path / "c", cache.pool_encoder, encoder, "pool", "e", batch=3)
-    cached = cache.CachedSource(index, tmp_path / "c")
+    cached = cache.CachedSource(index, tmp_path / "c", "pool", "e")
     online = cache.OnlineSource(index, cache.pool_encoder, encoder)
     for positions in index.members().values():
         for chunk in (positions[:2], positions[2:5]):
@@ -117,7 +117,7 @@ def test_cached_and_online_sources_give_the_same_batches(tmp_path, clips):
                 assert x.dtype == y.dtype and x.shape == y.shape, name
                 # per-sample computations: batching must not change a bit
                 assert torch.equal(x, y), (name, (x.float() - y.float()).abs().max())
-    assert isinstance(cache.latent_source(index, tmp_path / "c", cache.pool_encoder, encoder), cache.CachedSource)
+    assert isinstance(cache.latent_source(index, tmp_path / "c", cache.pool_encoder, encoder, "pool", "e"), cache.CachedSource)
     assert isinstance(cache.latent_source(index, tmp_path / "none", cache.pool_encoder, encoder), cache.OnlineSource)
     mean, std, _, _ = cached.get(index.members()[2][:2])
     z1 = cache.sample_latents(mean, std, torch.Generator().manual_seed(1))
@@ -205,3 +205,37 @@ def test_t5_encoder_from_a_local_directory(tmp_path, monkeypatch):
     assert torch.equal(emb, want)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         text.T5TextEncoder(tmp_path / "missing")
+
+
+def test_a_cache_is_checked_on_every_use_naming_what_changed(tmp_path, clips):
+    """Another VAE, another text encoder setting or changed captions on a finished cache used to
+    train on the old latents and text in silence (issue 26); now each is an error that names it."""
+    import dataclasses as dc
+    index = dataset.build_index(clips, (BucketSpec(16, 16, 5, 2, 8.0),))
+    encoder = text.EmbeddedTextEncoder(32, 48, seed=3)
+    cache.build_cache(index, tmp_path / "c", cache.pool_encoder, encoder, "vae:A#1", "text:e:48", batch=3)
+    cache.CachedSource(index, tmp_path / "c", "vae:A#1", "text:e:48")   # same inputs: fine
+    with pytest.raises(cache.CacheMismatch, match=r"video_encoder 'vae:A#1', now 'vae:A#2'"):
+        cache.CachedSource(index, tmp_path / "c", "vae:A#2", "text:e:48")
+    with pytest.raises(cache.CacheMismatch, match=r"text_encoder 'text:e:48', now 'text:e:96'"):
+        cache.latent_source(index, tmp_path / "c", cache.pool_encoder, encoder, "vae:A#1", "text:e:96")
+    edited = dc.replace(index, items=[dc.replace(it, entry=dc.replace(it.entry, caption=it.entry.caption + " again"))
+                                      if i == 1 else it for i, it in enumerate(index.items)])
+    with pytest.raises(cache.CacheMismatch, match=r"captions of 1 items changed"):
+        cache.CachedSource(edited, tmp_path / "c", "vae:A#1", "text:e:48")
+    with pytest.raises(cache.CacheMismatch, match=r"captions of 1 items changed"):   # building too
+        cache.build_cache(edited, tmp_path / "c", cache.pool_encoder, encoder, "vae:A#1", "text:e:48")
+
+
+def test_weights_identity_follows_the_checkpoint_not_its_path(tmp_path):
+    import torch
+
+    from mugv.checkpoints.torch_io import save_torch
+    from mugv.core.schema import ParamSpec, Schema
+    from mugv.torch_backend.jobs.loaders import weights_identity
+    schema = Schema((ParamSpec("w", (2, 3), "float32", None),))
+    save_torch(tmp_path / "vae", 1, {"model": (schema, {"w": torch.zeros(2, 3)})})
+    first = weights_identity(tmp_path / "vae")
+    save_torch(tmp_path / "vae", 2, {"model": (schema, {"w": torch.ones(2, 3)})})
+    assert weights_identity(tmp_path / "vae") != first   # retrained at the same path
+    assert weights_identity(tmp_path / "vae" / "step_000000001") == first

@@ -22,6 +22,7 @@ VAE's 8x8x8 geometry (front padding rule included) for tests.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pathlib
@@ -107,10 +108,16 @@ def _open(path: pathlib.Path, shape=None, dtype=None, create=False) -> ts.Tensor
     return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, open=True).result()
 
 
+def _caption_hash(caption: str) -> str:
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:16]
+
+
 def _meta(index: DatasetIndex, video_name: str, text_name: str) -> dict:
     members = index.members()
     return {
-        "version": 1, "video_encoder": video_name, "text_encoder": text_name,
+        # 2: captions recorded per item (a changed caption must not reuse its old text row)
+        "version": 2, "video_encoder": video_name, "text_encoder": text_name,
+        "captions": [_caption_hash(it.entry.caption) for it in index.items],
         "buckets": [b.name for b in index.buckets],
         "samples": {index.buckets[b].name: [index.items[p].entry.sample_id for p in pos]
                     for b, pos in members.items()},
@@ -132,10 +139,7 @@ def build_cache(index: DatasetIndex, out_dir: str | pathlib.Path, encode_video: 
     meta = _meta(index, video_name, text_name)
     meta_path = out / "meta.json"
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old != meta:
-            diff = sorted(k for k in meta if old.get(k) != meta[k])
-            raise ValueError(f"cache {out}: built from different {diff}; use a new directory")
+        check_cache(out, index, video_name, text_name)
     else:
         tmp = out / "meta.json.tmp"
         tmp.write_text(json.dumps(meta))
@@ -209,6 +213,38 @@ def _build_text(index, out, encode_text, batch, on_row):
                 on_row("text", r)
 
 
+class CacheMismatch(ValueError):
+    """A cache built by other encoders, from other captions or for another index."""
+
+
+def check_cache(out_dir: str | pathlib.Path, index: DatasetIndex, video_name: str, text_name: str) -> None:
+    """Raise CacheMismatch naming what differs between the cache at `out_dir` and what this run
+    would put there: the video encoder (the VAE checkpoint's identity), the text encoder and its
+    settings, the captions (rows by id) or the dataset index. Called on every use of a cache,
+    complete or not: reusing latents of another VAE or text of old captions is a silent wrong result."""
+    out = pathlib.Path(out_dir)
+    old = json.loads((out / "meta.json").read_text())
+    new = _meta(index, video_name, text_name)
+    if old == new:
+        return
+    what = []
+    for key in ("video_encoder", "text_encoder"):
+        if old.get(key) != new[key]:
+            what.append(f"{key} {old.get(key)!r}, now {new[key]!r}")
+    if old.get("items") != new["items"] or old.get("samples") != new["samples"]:
+        what.append("the dataset index (other clips or buckets)")
+    elif old.get("captions") != new["captions"]:
+        if old.get("captions") is None:
+            what.append("captions not recorded (a cache from before 2026-12)")
+        else:
+            changed = [new["items"][i] for i, (a, b) in enumerate(zip(old["captions"], new["captions"])) if a != b]
+            what.append(f"captions of {len(changed)} items changed (e.g. {changed[:3]})")
+    if not what:
+        what.append(f"format version {old.get('version')}, now {new['version']}")
+    raise CacheMismatch(f"cache {out} was built from other inputs: {'; '.join(what)}. Use a new output "
+                        f"folder or delete {out} to re-encode")
+
+
 def cache_complete(out_dir: str | pathlib.Path) -> bool:
     """Whether every latent and text row of the cache is marked done."""
     out = pathlib.Path(out_dir)
@@ -227,13 +263,11 @@ def cache_complete(out_dir: str | pathlib.Path) -> bool:
 class CachedSource:
     """Reads a complete cache: (mean, std, text embedding, text mask) for index positions."""
 
-    def __init__(self, index: DatasetIndex, out_dir: str | pathlib.Path):
+    def __init__(self, index: DatasetIndex, out_dir: str | pathlib.Path, video_name: str, text_name: str):
         self.out = pathlib.Path(out_dir)
         if not cache_complete(self.out):
             raise ValueError(f"cache {self.out}: incomplete; run build_cache to finish it")
-        meta = json.loads((self.out / "meta.json").read_text())
-        if meta["items"] != _meta(index, "", "")["items"]:
-            raise ValueError(f"cache {self.out}: built for another dataset index")
+        check_cache(self.out, index, video_name, text_name)
         self.row = {}
         for b, positions in index.members().items():
             for r, p in enumerate(positions):
@@ -275,10 +309,11 @@ class OnlineSource:
 
 
 def latent_source(index: DatasetIndex, cache_dir: str | pathlib.Path | None, encode_video: VideoEncoder,
-                  encode_text: TextEncoder) -> CachedSource | OnlineSource:
-    """What training reads from: the cache when it is complete, else the files with the encoders."""
+                  encode_text: TextEncoder, video_name: str = "", text_name: str = "") -> CachedSource | OnlineSource:
+    """What training reads from: the cache when it is complete (and built by these encoders from
+    these captions: `check_cache`), else the files with the encoders."""
     if cache_dir is not None and cache_complete(cache_dir):
-        return CachedSource(index, cache_dir)
+        return CachedSource(index, cache_dir, video_name, text_name)
     if cache_dir is not None:
         log.warning("cache %s missing or incomplete: encoding online", cache_dir)
     return OnlineSource(index, encode_video, encode_text)

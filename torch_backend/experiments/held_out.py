@@ -17,6 +17,7 @@ import torch
 from mugv.core import validate as v
 from mugv.core.lora import LoRAConfig
 from mugv.torch_backend.jobs.finetune import FinetuneConfig, finetune, finetuned_model, prepare_data
+from mugv.torch_backend.jobs.loaders import text_identity, weights_identity
 
 
 
@@ -122,7 +123,8 @@ def held_out_experiment(out_dir: str | os.PathLike, attribute: str = "colour", v
     before, got_before = score(None, "before")
     bucket = BucketSpec(d.size, d.size, frames, batch_size=16, fps=d.fps)
     source = prepare_data(out / "data" / f"finetune{tag}.jsonl", (bucket,), vae_encoder(vae), text_enc,
-                          video_name=f"vae:{vae_checkpoint}", text_name=f"text:{pre.text_encoder}",
+                          video_name=f"vae:{weights_identity(vae_checkpoint)}",
+                          text_name=text_identity(pre.text_encoder, pre.dit),
                           cache_dir=out / f"finetune_cache{tag}", log=log, sample_posterior=pre.sample_posterior)
     ft = FinetuneConfig(mode="lora", lora=lora, buckets=(bucket,), i2v=0.0)
     train = dataclasses.replace(pre.train, steps=steps, seed=0,

@@ -131,7 +131,7 @@ def prepare_data(manifest: str | os.PathLike, buckets: tuple[BucketSpec, ...],
     if cache_dir is not None:
         counts = build_cache(index, cache_dir, encode_video, encode_text, video_name, text_name)
         log(f"[mugv] finetune cache {cache_dir}: {counts['encoded']} encoded, {counts['skipped_done']} already done")
-        source = CachedSource(index, cache_dir)
+        source = CachedSource(index, cache_dir, video_name, text_name)
     else:
         source = OnlineSource(index, encode_video, encode_text)
     images = any(b.frames == 1 for b in buckets)
@@ -267,15 +267,15 @@ class FinetuneRunConfig:
 def finetune_command(cfg: FinetuneRunConfig) -> int:
     """`mugv finetune`: index and cache the clips, fine-tune, print the report as JSON."""
     from mugv.torch_backend.data.cache import vae_encoder
-    from mugv.torch_backend.jobs.loaders import load_vae, text_encoder
+    from mugv.torch_backend.jobs.loaders import load_vae, text_encoder, text_identity, weights_identity
     from mugv.torch_backend.jobs.report import one_thread_on_cpu
 
     one_thread_on_cpu()
     dit, _ = load_base(cfg.base)
     vae = load_vae(cfg.vae_size, cfg.vae_checkpoint or None, cfg.vae_official or None)
-    vae_name = f"vae:{cfg.vae_official or cfg.vae_checkpoint}"
+    vae_name = f"vae:{weights_identity(cfg.vae_official or cfg.vae_checkpoint)}"
     source = prepare_data(cfg.manifest, cfg.finetune.buckets, vae_encoder(vae), text_encoder(cfg.text_encoder, dit),
-                          video_name=vae_name, text_name=f"text:{cfg.text_encoder}",
+                          video_name=vae_name, text_name=text_identity(cfg.text_encoder, dit),
                           cache_dir=Path(cfg.out) / "cache" if cfg.cache else None, seed=cfg.finetune.data_seed,
                           log=lambda s: print(s, flush=True), sample_posterior=cfg.sample_posterior)
     result = finetune(cfg.base, source, cfg.out, cfg.finetune, cfg.train, cfg.flow, cfg.parallel,

@@ -58,6 +58,32 @@ def vae_model(size: Optional[str] = "tiny", checkpoint: str | None = None, offic
     return init_vae(cfg, seed)
 
 
+def weights_identity(path: str | os.PathLike) -> str:
+    """What a cache built with these weights records: the resolved path and a digest of the
+    committed checkpoint's manifest (its step, config, checksums and array table), or of an
+    official file's bytes, so other weights at the same path do not pass as the same."""
+    import hashlib
+
+    from mugv.checkpoints.format import latest_checkpoint
+    p = pathlib.Path(path).resolve()
+    if p.is_file():
+        digest = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return f"{p}#sha256:{digest.hexdigest()[:16]}"
+    step = p if (p / "manifest.json").is_file() else latest_checkpoint(p)
+    if step is None:
+        return str(p)
+    return f"{step}#manifest-sha256:{hashlib.sha256((step / 'manifest.json').read_bytes()).hexdigest()[:16]}"
+
+
+def text_identity(spec: str, dit: DiTConfig) -> str:
+    """A text encoder and the settings its states depend on (width, token limit)."""
+    where = spec if spec == "embedded" else str(pathlib.Path(spec).resolve())
+    return f"text:{where}:dim{dit.text_dim}:max_len{dit.text_max_len}"
+
+
 def load_vae(size: Optional[str], checkpoint: str | None = None, official: str | None = None,
              device: str | torch.device = "cpu"):
     """The VideoVAE for encoding/decoding: `vae_model(...)` in eval mode, frozen."""

@@ -16,7 +16,7 @@ import torch
 from mugv.core import validate as v
 from mugv.core.recipe import PretrainConfig, StageConfig
 from mugv.core.sampler import FlowSamplerConfig
-from mugv.torch_backend.jobs.loaders import load_vae, require_path, text_encoder
+from mugv.torch_backend.jobs.loaders import load_vae, require_path, text_encoder, text_identity, weights_identity
 from mugv.torch_backend.data.media import frame_grid, to_uint8, write_mp4, write_png
 from mugv.torch_backend.jobs.sample import sample_latents
 
@@ -32,14 +32,21 @@ def stage_index(cfg: PretrainConfig, stage: StageConfig):
     return build_index(cfg.manifest, (bucket,))
 
 
+def cache_names(cfg: PretrainConfig) -> tuple[str, str]:
+    """The identities a cache records and is checked against (loaders.weights_identity)."""
+    return f"vae:{weights_identity(cfg.vae_checkpoint)}", text_identity(cfg.text_encoder, cfg.dit)
+
+
 def cache_stage(cfg: PretrainConfig, stage: StageConfig, vae, text, log=print) -> pathlib.Path:
     """Encode the stage's bucket (latent moments + text states) into out/cache/<bucket>; resumable."""
-    from mugv.torch_backend.data.cache import build_cache, cache_complete, vae_encoder
+    from mugv.torch_backend.data.cache import build_cache, cache_complete, check_cache, vae_encoder
     index = stage_index(cfg, stage)
     folder = pathlib.Path(cfg.out) / "cache" / index.buckets[0].name
+    video_name, text_name = cache_names(cfg)
+    if (folder / "meta.json").exists():   # complete or not: built by these encoders from these captions?
+        check_cache(folder, index, video_name, text_name)
     if not cache_complete(folder):
-        counts = build_cache(index, folder, vae_encoder(vae), text, f"vae:{cfg.vae_checkpoint}",
-                             f"text:{cfg.text_encoder}", batch=16)
+        counts = build_cache(index, folder, vae_encoder(vae), text, video_name, text_name, batch=16)
         log(f"[mugv] cache {folder}: {counts['encoded']} clips encoded ({len(index.items)} items, "
             f"{len(index.skipped)} skipped {index.skip_counts})")
     return folder
@@ -74,7 +81,7 @@ def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Op
             cache = cache_stage(cfg, stage, vae, text, log)
             index = stage_index(cfg, stage)
             mix = TaskMix(1.0, 0.0, 0.0) if stage.frames == 1 else TaskMix(0.0, 1 - stage.i2v, stage.i2v)
-            source = CachedBatches(index, CachedSource(index, cache), mix, seed=cfg.train.seed,
+            source = CachedBatches(index, CachedSource(index, cache, *cache_names(cfg)), mix, seed=cfg.train.seed,
                                    sample_posterior=cfg.sample_posterior)
             train = dataclasses.replace(cfg.train, steps=stage.steps, optimizer=dataclasses.replace(
                 cfg.train.optimizer, lr=stage.lr, min_lr=min(cfg.train.optimizer.min_lr, stage.lr),

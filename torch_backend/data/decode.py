@@ -46,7 +46,7 @@ def probe(path: str | pathlib.Path, fps: float | None = None) -> MediaInfo:
     """Open `path`, decode every frame once (so truncated files fail here, not mid-training),
     and return its size, frame count and rate (`fps` overrides the stream's rate)."""
     path = pathlib.Path(path)
-    with _open(path) as container:
+    with open_video(path) as container:
         stream = container.streams.video[0]
         count = 0
         try:
@@ -81,7 +81,7 @@ def decode_clip(path: str | pathlib.Path, num_frames: int, height: int, width: i
       start: first source frame (0 = the clip's start).
     """
     path = pathlib.Path(path)
-    with _open(path) as container:
+    with open_video(path) as container:
         stream = container.streams.video[0]
         rate = source_fps if source_fps is not None else _stream_fps(stream)
         if num_frames == 1 or stream.frames == 1:
@@ -129,8 +129,9 @@ def to_model_range(clip: np.ndarray) -> np.ndarray:
     return (clip.astype(np.float32).transpose(3, 0, 1, 2) / 127.5 - 1.0)
 
 
-class _open:
-    """Context manager opening a container with a classified `MediaError` on failure."""
+class open_video:
+    """Context manager opening a video container with a classified `MediaError` on failure
+    (missing, empty, unreadable, no video stream): what every reader of user videos uses."""
 
     def __init__(self, path: pathlib.Path):
         self.path = path

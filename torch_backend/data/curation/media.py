@@ -19,7 +19,7 @@ import av
 import cv2
 import numpy as np
 
-from mugv.torch_backend.data.decode import MediaError
+from mugv.torch_backend.data.decode import MediaError, open_video
 from mugv.torch_backend.data.media import write_mp4_frames
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
@@ -55,33 +55,6 @@ class Scan:
         return float(self.times[-1]) + last
 
 
-class _Open:
-    """A container opened with a classified MediaError (decode.REASONS) on failure."""
-
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-
-    def __enter__(self):
-        if not self.path.exists():
-            raise MediaError(self.path, "missing file")
-        if self.path.stat().st_size == 0:
-            raise MediaError(self.path, "empty file")
-        try:
-            self.container = av.open(str(self.path))
-        except (av.FFmpegError, UnicodeDecodeError) as e:
-            raise MediaError(self.path, "unreadable container", str(e)) from None
-        if not self.container.streams.video:
-            kinds = sorted({s.type for s in self.container.streams}) or ["none"]
-            self.container.close()
-            raise MediaError(self.path, "no video stream", f"streams: {', '.join(kinds)}")
-        self.container.streams.video[0].thread_type = "AUTO"
-        return self.container
-
-    def __exit__(self, *exc):
-        self.container.close()
-        return False
-
-
 def _times(frames_pts: list, time_base, fps: float) -> np.ndarray:
     if any(p is None for p in frames_pts) or time_base is None:
         return np.arange(len(frames_pts)) / fps
@@ -91,7 +64,7 @@ def _times(frames_pts: list, time_base, fps: float) -> np.ndarray:
 
 def scan(path: pathlib.Path, width: int) -> Scan:
     """Decode every frame of `path`, shrunk to `width` (aspect kept, never enlarged)."""
-    with _Open(path) as container:
+    with open_video(path) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 24.0
@@ -123,7 +96,7 @@ def grab(path: pathlib.Path, wanted: dict[int, int | None]) -> dict[int, np.ndar
     if not wanted:
         return out
     last = max(wanted)
-    with _Open(path) as container:
+    with open_video(path) as container:
         stream = container.streams.video[0]
         try:
             for index, frame in enumerate(container.decode(stream)):
@@ -145,7 +118,7 @@ def write_clip(path: pathlib.Path, start_index: int, end_index: int, out: pathli
     source's average rate): what `decode.py` reads. Written to `out.part` then renamed, so a
     killed run never leaves half a clip. Returns the frames written."""
     tmp = out.with_name(out.name + ".part")
-    with _Open(path) as container:
+    with open_video(path) as container:
         src = container.streams.video[0]
         width, height = src.width - src.width % 2, src.height - src.height % 2   # yuv420p: even sizes
 

@@ -158,18 +158,8 @@ def test_shared_clips_probe_decode_and_buckets(shared_dir):
 
 
 def _audio_only(path):
-    container = av.open(str(path), "w", format="mp4")
-    stream = container.add_stream("aac", rate=16000)
-    stream.layout = "mono"
-    tone = np.sin(np.arange(8192) / 7).astype(np.float32)
-    for i in range(8):
-        frame = av.AudioFrame.from_ndarray(tone[None, i * 1024:(i + 1) * 1024], format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, i * 1024
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode(None):
-        container.mux(packet)
-    container.close()
+    from mugv.torch_backend.data.product_sources import write_audio_only
+    write_audio_only(path)
 
 
 def test_bad_inputs_are_skipped_and_counted(tmp_path, caplog):

@@ -166,18 +166,7 @@ def write_bad_inputs(out_dir: str | pathlib.Path, good: pathlib.Path | None = No
     (out_dir / "bad_zero.mp4").write_bytes(b"")
     (out_dir / "bad_truncated.mp4").write_bytes(data[: len(data) // 2])
     (out_dir / "bad_random.mp4").write_bytes(rng.bytes(4096))
-    container = av.open(str(out_dir / "bad_audio.mp4"), "w", format="mp4")
-    stream = container.add_stream("aac", rate=16000)
-    stream.layout = "mono"
-    tone = np.sin(np.arange(8192) / 7).astype(np.float32)
-    for i in range(8):
-        frame = av.AudioFrame.from_ndarray(tone[None, i * 1024:(i + 1) * 1024], format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, i * 1024
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode(None):
-        container.mux(packet)
-    container.close()
+    write_audio_only(out_dir / "bad_audio.mp4")
     return {"bad_zero.mp4": "empty file", "bad_truncated.mp4": "unreadable container",
             "bad_random.mp4": "unreadable container", "bad_audio.mp4": "no video stream",
             "bad_short.mp4": "too short"}
@@ -192,3 +181,21 @@ if __name__ == "__main__":
     a = parser.parse_args()
     generate_sources(a.out_dir, SourcesSpec(sources=a.sources, seed=a.seed))
     print(a.out_dir)
+
+
+def write_audio_only(path: str | pathlib.Path) -> pathlib.Path:
+    """An mp4 with one AAC tone and no video stream (bad input for every video reader)."""
+    import av
+    container = av.open(str(path), "w", format="mp4")
+    stream = container.add_stream("aac", rate=16000)
+    stream.layout = "mono"
+    tone = np.sin(np.arange(8192) / 7).astype(np.float32)
+    for i in range(8):
+        frame = av.AudioFrame.from_ndarray(tone[None, i * 1024:(i + 1) * 1024], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, i * 1024
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+    container.close()
+    return pathlib.Path(path)

@@ -149,6 +149,11 @@ def test_sample_needs_exactly_one_weight_source(tmp_path, capsys):
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["sample", "--official", str(tmp_path / "none"), "--prompt", "x"]) == 2
     assert "--official" in capsys.readouterr().err
+    # no VAE: it used to decode through a random VAE and exit 0 (issue 26); now only when asked
+    (tmp_path / "dit.safetensors").write_bytes(b"")
+    assert main(["sample", "--official", str(tmp_path / "dit.safetensors"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--vae_checkpoint" in err and "--vae_random" in err, err
 
 
 def test_generate_data_then_evaluate(tmp_path, capsys):

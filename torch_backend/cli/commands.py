@@ -171,6 +171,8 @@ def _sample_parser(DiTConfig, FlowSamplerConfig):
                 group=(str, "model", "checkpoint group: model | ema"),
                 vae_checkpoint=(Optional[str], None, "mugv VAE checkpoint"),
                 vae_official=(Optional[str], None, "official-layout VAE weights file instead"),
+                vae_random=(bool, False, "decode through a randomly initialised VAE (smoke tests only: the "
+                                         "videos are noise); without it a VAE checkpoint is required"),
                 vae_size=(str, "tiny", "VAE size (core/vae.py VAE_SIZES; 'official' reads widths from "
                                        "--vae_official weights, norm groups 32)"),
                 prompt=(list, [], "captions, one clip each: --prompt \"a red cone\" \"a blue sphere\""),
@@ -248,6 +250,11 @@ def _build(command: str, ns):
                 require_path(key, getattr(ns, key))
         if not ns.prompt:
             raise ConfigError("sample: --prompt expected at least one caption")
+        if not (ns.vae_checkpoint or ns.vae_official or ns.vae_random):
+            raise ConfigError("sample: give --vae_checkpoint (mugv) or --vae_official to decode the samples "
+                              "(--vae_random decodes through an untrained VAE: noise, for smoke tests only)")
+        if ns.vae_random and (ns.vae_checkpoint or ns.vae_official):
+            raise ConfigError("sample: --vae_random together with a VAE checkpoint: give one")
         return ns
     if command == "evaluate":
         require_path("manifest", ns.manifest or "", "manifest file")

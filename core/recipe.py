@@ -121,7 +121,8 @@ class PretrainConfig:
     sample_prompts: int = 4
     dit: DiTConfig = demo_dit()
     flow: FlowConfig = FlowConfig(shift=False)
-    train: TrainConfig = TrainConfig(precision="fp32", ema_decay=0.99, micro_batch=64, checkpoint_every=100_000,
+    # checkpoint_every: a checkpoint inside each stage too, so a kill mid-stage loses at most 250 steps
+    train: TrainConfig = TrainConfig(precision="fp32", ema_decay=0.99, micro_batch=64, checkpoint_every=250,
                                      log_every=50, keep_last=1, seed=0,
                                      optimizer=OptimizerConfig(lr=1e-3, min_lr=0.0, warmup_steps=10))
     parallel: ParallelConfig = ParallelConfig()
@@ -141,3 +142,14 @@ class PretrainConfig:
         v.in_range(self, "fps", 0, 240, lo_open=True)
         v.non_negative_int(self, "sample_every")
         v.positive_int(self, "sample_prompts")
+        # Each stage sets these (pretrain replaces them per stage): a value given here would be
+        # overwritten in silence (issue 26), so it is refused, naming the stage field to use.
+        base = type(self).__dataclass_fields__["train"].default
+        for path, now, then, field in (("train.steps", self.train.steps, base.steps, "steps"),
+                                       ("train.optimizer.lr", self.train.optimizer.lr, base.optimizer.lr, "lr"),
+                                       ("train.optimizer.warmup_steps", self.train.optimizer.warmup_steps,
+                                        base.optimizer.warmup_steps, "warmup_steps")):
+            if now != then:
+                raise v.ConfigError(f"PretrainConfig.{path} = {now!r}: each stage sets its own `{field}` "
+                                    f"(stages[i].{field}, e.g. --stages '[{{\"name\": ..., \"{field}\": ...}}]' "
+                                    f"or the recipe file), which replaces this one; leave it at {then!r}")

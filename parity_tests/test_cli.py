@@ -104,16 +104,21 @@ def test_recipe_file_then_dotted_overrides(tmp_path):
     (tmp_path / "m.jsonl").write_text("")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"manifest: {tmp_path / 'm.jsonl'}\nvae_checkpoint: {tmp_path}\n"
-                      "train:\n  seed: 11\n  optimizer:\n    lr: 0.002\n"
+                      "train:\n  seed: 11\n  optimizer:\n    weight_decay: 0.02\n"
                       "stages:\n  - name: images\n    frames: 1\n    steps: 7\n"
                       "  - name: clips\n    frames: 9\n    steps: 5\n    i2v: 0.5\n")
-    command, (cfg, stage) = commands.parse(["train", "--config", str(recipe), "--train.optimizer.lr", "3e-4",
-                                            "--parallel.tensor_parallel", "2", "--stage", "clips"])
+    command, (cfg, stage) = commands.parse(["train", "--config", str(recipe), "--train.optimizer.weight_decay",
+                                            "0.05", "--parallel.tensor_parallel", "2", "--stage", "clips"])
     assert command == "train" and stage == "clips"
-    assert cfg.train.seed == 11 and cfg.train.optimizer.lr == 3e-4 and cfg.parallel.tensor_parallel == 2
+    assert cfg.train.seed == 11 and cfg.train.optimizer.weight_decay == 0.05 and cfg.parallel.tensor_parallel == 2
     assert [(s.name, s.frames, s.steps, s.i2v) for s in cfg.stages] == [("images", 1, 7, 0.0), ("clips", 9, 5, 0.5)]
     with pytest.raises(Exception, match="--stage 'video'"):
         commands.parse(["train", "--config", str(recipe), "--stage", "video"])
+    # options each stage replaces were accepted and overwritten in silence (issue 26): refused
+    for option, value, field in (("--train.optimizer.lr", "3e-4", "lr"), ("--train.steps", "3", "steps"),
+                                 ("--train.optimizer.warmup_steps", "3", "warmup_steps")):
+        with pytest.raises(Exception, match=rf"each stage sets its own `{field}` \(stages\[i\].{field}"):
+            commands.parse(["train", "--config", str(recipe), option, value])
 
 
 def test_sample_from_official_layout_weights(goldens_dir, tmp_path):

@@ -238,3 +238,22 @@ def test_manifest_errors_name_the_line(tmp_path):
     c.write_text("path,caption,fps\na.mp4,\"a red cube, turning\",24\n")
     (entry,) = read_manifest(c)
     assert entry.caption == "a red cube, turning" and entry.fps == 24.0 and entry.path == tmp_path / "a.mp4"
+
+
+def test_manifest_with_a_bom_reads_and_latin1_is_named(tmp_path):
+    """A UTF-8 byte-order mark (Windows editors) was rejected and Latin-1 bytes gave a bare
+    UnicodeDecodeError without file or line (issue 26)."""
+    m = tmp_path / "m.jsonl"
+    m.write_bytes(b"\xef\xbb\xbf" + '{"path": "a.mp4", "caption": "caf\u00e9 cube"}\n'.encode())
+    (entry,) = read_manifest(m)
+    assert entry.caption == "caf\u00e9 cube"
+    m.write_bytes('{"path": "a.mp4", "caption": "ok"}\n'.encode() + '{"path": "b.mp4", "caption": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: not UTF-8 \(byte 0xe9 at column 34\)"):
+        read_manifest(m)
+    c = tmp_path / "m.csv"
+    c.write_bytes(b"\xef\xbb\xbfpath,caption\na.mp4,a cube\n")
+    (entry,) = read_manifest(c)
+    assert entry.caption == "a cube"
+    c.write_bytes("path,caption\na.mp4,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"m\.csv: not UTF-8"):
+        read_manifest(c)

@@ -67,8 +67,14 @@ def jsonl_rows(manifest: pathlib.Path, error: "type[Exception] | None" = None):
     """(line number, object) of each non-blank line of a JSONL file; a line that is not a JSON
     object raises `error` (default ManifestError) naming `file:line`."""
     error = error or ManifestError
-    with open(manifest) as f:
-        for line, text in enumerate(f, start=1):
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first row
+    with open(manifest, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{manifest}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                            "save the manifest as UTF-8") from None
             if not text.strip():
                 continue
             try:
@@ -81,7 +87,11 @@ def jsonl_rows(manifest: pathlib.Path, error: "type[Exception] | None" = None):
 
 
 def _csv_rows(manifest: pathlib.Path):
-    with open(manifest, newline="") as f:
+    try:
+        pathlib.Path(manifest).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{manifest}: not UTF-8 (byte offset {e.start}); save the manifest as UTF-8") from None
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = [k for k in ("path", "caption") if k not in (reader.fieldnames or [])]
         if missing:

@@ -206,3 +206,14 @@ def test_cached_batches_resume_exactly(tmp_path):
         torch.testing.assert_close(got.text, want.text, rtol=0, atol=0)
     assert {tuple(x.latents.shape[:3]) for x in run} == {(2, 3, 2), (3, 3, 1)}   # video and image batches
     assert all(x.latents.std() > 0 for x in run)
+
+
+def test_recipe_with_a_duplicate_key_is_refused_naming_both_lines(tmp_path, capsys):
+    """A duplicate YAML key kept the last value in silence (issue 26)."""
+    (tmp_path / "m.jsonl").write_text("")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"manifest: {tmp_path / 'm.jsonl'}\nvae_checkpoint: {tmp_path}\n"
+                      "train:\n  seed: 11\n  seed: 12\n")
+    assert main(["train", "--config", str(recipe)]) == 2
+    assert "recipe.yaml:5: key 'seed' given twice (first on line 4)" in capsys.readouterr().err
+

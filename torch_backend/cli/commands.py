@@ -189,8 +189,43 @@ def _sample_parser(DiTConfig, FlowSamplerConfig):
     return p
 
 
+def _check_recipe_files(argv: list[str]) -> None:
+    """A recipe file given twice the same key kept the last one in silence (issue 26): refuse it,
+    naming the file, the key and both lines. YAML (JSON is YAML) through a safe loader."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UsageError(f"{path}:{key_node.start_mark.line + 1}: key {key!r} given twice (first on line "
+                                 f"{seen[key]}); a recipe names each key once")
+            seen[key] = key_node.start_mark.line + 1
+        return loader.construct_mapping(node, deep)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path is None:
+            continue
+        try:
+            text = open(path, encoding="utf-8-sig").read()
+        except OSError as err:
+            raise UsageError(f"--config {path}: {err.strerror}") from None
+        try:
+            yaml.load(text, Loader=Strict)
+        except yaml.YAMLError as err:
+            raise UsageError(f"--config {path}: not valid YAML/JSON ({err})") from None
+
+
 def parse(argv: list[str]):
     """(subcommand, its config namespace with dataclasses built). Every input error -> UsageError."""
+    _check_recipe_files(argv)
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)

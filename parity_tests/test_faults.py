@@ -149,3 +149,39 @@ def test_output_names_from_ids_stay_inside_out(tmp_path, clip_id):
     assert len({p.stem for p in written if p.suffix == ".png"}) == 1
     if "/" in clip_id:   # the separator-free spelling of the same id gets another name
         assert safe_name(clip_id) != safe_name(clip_id.replace("/", "_"))
+
+
+def test_bad_videos_are_skipped_and_counted_by_eval_vae_train_vae_and_evaluate(tmp_path, capsys):
+    """One bad video stopped eval-vae, train-vae and evaluate with a traceback, and train-vae
+    dropped short clips in silence (issue 26): each now skips, names and counts them."""
+    import json
+
+    import numpy as np
+
+    from mugv.core.vae import vae_config
+    from mugv.torch_backend.cli import main
+    from mugv.torch_backend.data.media import write_mp4
+    from mugv.torch_backend.data.product_sources import write_audio_only
+    from mugv.torch_backend.jobs import vae_eval
+    from mugv.torch_backend.jobs.vae_train import VAETrainConfig, load_clips
+    from mugv.torch_backend.models.vae import VideoVAE
+    data = tmp_path / "videos"
+    rng = np.random.default_rng(0)
+    write_mp4(data / "good.mp4", rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), 8)
+    write_mp4(data / "short.mp4", rng.integers(0, 255, (3, 16, 16, 3), dtype=np.uint8), 8)
+    (data / "empty.mp4").write_bytes(b"")
+    (data / "random.mp4").write_bytes(rng.bytes(4096))
+    write_audio_only(data / "audio.mp4")
+    clips = load_clips(VAETrainConfig(data=str(data), height=16, width=16, num_frames=9, fps=8.0))
+    assert [name for name, _ in clips] == ["good"]
+    said = capsys.readouterr().out
+    assert "4 skipped (empty file 1, no video stream 1, too short 1, unreadable container 1)" in said
+    result = vae_eval.evaluate(VideoVAE(vae_config("tiny")), data, 16, 16, 5)
+    assert [r["clip"] for r in result["clips"]] == ["good"]
+    assert "4 skipped (empty file 1, no video stream 1, too short 1, unreadable container 1)" in capsys.readouterr().out
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": str(data / n), "caption": "a red cube"}) + "\n"
+                                for n in ("good.mp4", "empty.mp4", "random.mp4")))
+    assert main(["evaluate", "--manifest", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert '"clips": 1' in out and "2 skipped (empty file 1, unreadable container 1)" in out

@@ -267,9 +267,8 @@ def score(video: np.ndarray | str | pathlib.Path, caption: str) -> dict[str, flo
 
 
 def _read(path) -> np.ndarray:
-    import av  # local: the analyzer on arrays needs no FFmpeg
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    from mugv.torch_backend.data.decode import read_frames  # local: the analyzer on arrays needs no FFmpeg
+    return read_frames(path)
 
 
 # --- measuring the analyzer on the generator's clips ----------------------------------------------

@@ -64,6 +64,22 @@ def probe(path: str | pathlib.Path, fps: float | None = None) -> MediaInfo:
         return MediaInfo(stream.height, stream.width, count, rate, stream.codec_context.name)
 
 
+def read_frames(path: str | pathlib.Path) -> np.ndarray:
+    """Every frame of `path` as uint8 (T, H, W, 3) RGB at its own size: what the analyzer reads.
+    Failures are the classified MediaError of `probe`."""
+    path = pathlib.Path(path)
+    with open_video(path) as container:
+        frames = []
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                frames.append(frame.to_ndarray(format="rgb24"))
+        except av.FFmpegError as e:
+            raise MediaError(path, "decode error", f"after {len(frames)} frames: {e}") from None
+    if not frames:
+        raise MediaError(path, "no frames")
+    return np.stack(frames)
+
+
 def source_indices(num_frames: int, source_fps: float, target_fps: float, start: int = 0) -> np.ndarray:
     """Source frame indices of `num_frames` output frames at `target_fps`, from `start`."""
     k = np.arange(num_frames, dtype=np.float64)

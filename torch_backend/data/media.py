@@ -175,3 +175,23 @@ def load_clip(src: ClipSource, num_frames: int | None, height: int, width: int, 
         info = probe(src.path, src.fps)
         num_frames = frames_available(info.num_frames, info.fps, fps)
     return decode_clip(src.path, num_frames, height, width, target_fps=fps, source_fps=src.fps)
+
+
+def decode_each(sources: list, load, log=print, what: str = "clips") -> tuple[list, dict[str, int]]:
+    """[(source, frames)] for every source `load(source)` decodes; a file it cannot (decode.py's
+    MediaError: missing, empty, unreadable, no video stream, too short, ...) is skipped, named
+    once in the log and counted by reason, and a summary line ends the pass: one bad video never
+    stops a command, and none is dropped in silence. Returns (decoded, {reason: count})."""
+    from mugv.torch_backend.data.decode import MediaError
+    decoded, skipped = [], {}
+    for src in sources:
+        try:
+            decoded.append((src, load(src)))
+        except MediaError as err:
+            skipped[err.reason] = skipped.get(err.reason, 0) + 1
+            log(f"[mugv] skipped {err}")
+    if skipped:
+        log(f"[mugv] {what}: {len(decoded)} decoded, {sum(skipped.values())} skipped "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})")
+    return decoded, skipped
+

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 
@@ -30,9 +31,14 @@ def analyzer_accuracy(videos: list[np.ndarray], captions: list[str]) -> tuple[di
 
 def evaluate(ns) -> int:
     """`mugv evaluate --manifest M`: accuracy per attribute of M's videos against their captions."""
-    from mugv.torch_backend.data.analyzer import _read
+    from mugv.torch_backend.data.decode import read_frames
     from mugv.torch_backend.data.manifest import read_manifest
-    entries = read_manifest(ns.manifest)
-    acc, rows = analyzer_accuracy([_read(e.path) for e in entries], [e.caption for e in entries])
-    print(json.dumps({"accuracy": acc, "clips": len(entries)}, indent=1))
+    from mugv.torch_backend.data.media import decode_each
+    decoded, skipped = decode_each(read_manifest(ns.manifest), lambda e: read_frames(e.path),
+                                   what=f"evaluate --manifest {ns.manifest}")
+    if not decoded:
+        print(f"mugv evaluate: error: {ns.manifest}: no video could be decoded ({skipped})", file=sys.stderr)
+        return 2
+    acc, rows = analyzer_accuracy([v for _, v in decoded], [e.caption for e, _ in decoded])
+    print(json.dumps({"accuracy": acc, "clips": len(decoded), "skipped": skipped}, indent=1))
     return 0

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mugv.core import vae as spec
-from mugv.torch_backend.data.media import (list_clips, load_clip, output_path, side_by_side, to_uint8, to_video_tensor,
+from mugv.torch_backend.data.media import (decode_each, list_clips, load_clip, output_path, side_by_side, to_uint8, to_video_tensor,
                                            write_mp4, write_png)
 from mugv.torch_backend.models.vae import VideoVAE
 
@@ -55,7 +55,11 @@ def evaluate(model: VideoVAE, data: str | pathlib.Path, height: int, width: int,
     """
     model.eval()
     if clips is None:
-        clips = [(s.name, load_clip(s, num_frames, height, width, fps)) for s in list_clips(data)]
+        decoded, _ = decode_each(list_clips(data), lambda s: load_clip(s, num_frames, height, width, fps),
+                                 what=f"eval-vae --data {data}")
+        clips = [(s.name, clip) for s, clip in decoded]
+        if not clips:
+            raise ValueError(f"--data {data}: no clip could be decoded")
     out = pathlib.Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

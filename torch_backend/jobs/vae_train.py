@@ -125,13 +125,19 @@ def module_schema(module: nn.Module) -> Schema:
     return Schema(tuple(ParamSpec(n, tuple(t.shape)) for n, t in module.state_dict().items()))
 
 
-def load_clips(cfg: VAETrainConfig) -> list[tuple[str, np.ndarray]]:
-    """Every clip decoded once, whole, at the training resolution and rate."""
-    clips = []
-    for src in media.list_clips(cfg.data):
+def load_clips(cfg: VAETrainConfig, log=print) -> list[tuple[str, np.ndarray]]:
+    """Every clip decoded once, whole, at the training resolution and rate; unreadable clips and
+    those shorter than `num_frames` are skipped, named and counted (media.decode_each)."""
+    from mugv.torch_backend.data.decode import MediaError
+
+    def load(src):
         clip = media.load_clip(src, None, cfg.height, cfg.width, cfg.fps)
-        if len(clip) >= cfg.num_frames:
-            clips.append((src.name, clip))
+        if len(clip) < cfg.num_frames:
+            raise MediaError(src.path, "too short", f"{len(clip)} frames at {cfg.fps} fps, "
+                                                    f"num_frames {cfg.num_frames}")
+        return clip
+    decoded, _ = media.decode_each(media.list_clips(cfg.data), load, log, what=f"train-vae --data {cfg.data}")
+    clips = [(src.name, clip) for src, clip in decoded]
     if not clips:
         raise ValueError(f"--data {cfg.data}: no clip has {cfg.num_frames} frames at {cfg.fps} fps")
     return clips

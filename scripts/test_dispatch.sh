@@ -22,7 +22,8 @@ fi
 echo "[dispatch] this CPU's widest torch path is $widest; now ATEN_CPU_CAPABILITY=$ATEN_CPU_CAPABILITY, XLA_FLAGS=$XLA_FLAGS" >&2
 files=(
   parity_tests/test_dit.py parity_tests/test_dit_official_torch.py parity_tests/test_dit_official_jax.py
-  parity_tests/test_vae.py parity_tests/test_vae_official.py parity_tests/test_objectives.py
+  parity_tests/test_vae.py parity_tests/test_vae_official.py
+  parity_tests/test_flow.py parity_tests/test_preference.py parity_tests/test_sampler.py
   parity_tests/test_megatron_tp.py parity_tests/test_parallel_layouts.py parity_tests/test_context_parallel.py
   parity_tests/test_grad_norm.py parity_tests/test_trainer.py parity_tests/kernels
 )

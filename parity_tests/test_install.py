@@ -129,3 +129,13 @@ def test_report_records_the_environment(tmp_path):
     path = report.markdown_report(tmp_path / "r.md", "t", [("a", "b")], config={})
     text = path.read_text()
     assert "## Environment" in text and f"| torch | {importlib.metadata.version('torch')} |" in text
+
+
+def test_the_second_dispatch_pass_names_existing_test_files():
+    """scripts/test_dispatch.sh (CI's second CPU dispatch path) lists parity files by name: a
+    renamed file would make that pass fail with "file not found" only in CI."""
+    text = (REPO / "scripts" / "test_dispatch.sh").read_text()
+    listed = re.findall(r"parity_tests/[\w/]+(?:\.py)?", text.split("files=(", 1)[1].split(")", 1)[0])
+    assert listed, "no files found in scripts/test_dispatch.sh"
+    missing = [f for f in listed if not (REPO / f).exists()]
+    assert not missing, f"scripts/test_dispatch.sh names missing files: {missing}"

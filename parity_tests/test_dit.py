@@ -1,8 +1,18 @@
 """JAX oracle (jax_reference/dit.py) vs torch production (torch_backend/models/dit.py, Megatron-Core)
 at a debug width: the whole block structure ("tiny": hidden 144, 2 heads of 72, 2 layers), the same
 random canonical parameters loaded into both. Outputs AND gradients w.r.t. every parameter, the
-latents and the text agree in fp32 within ("dit", "float32") / ("dit_grad", "float32"), for
-text-to-video, image-to-video and padded text (one sample without any real token), at odd sizes.
+latents and the text agree, for text-to-video, image-to-video and padded text (one sample without
+any real token), at odd sizes.
+
+How "agree" is judged (issue 20, item 3; docs/tolerances.md): both fp32 runs against the torch
+model run in float64 (the same fp32 parameters and inputs; the JAX oracle is fp32-first), per
+tensor by tolerances.assert_sharded_vs_float64 with the ("jax", "float32") row of VS_FLOAT64: JAX
+within 4 x max(torch fp32's error against float64, 16 ulps of max|ref64|), torch within 256 ulps.
+For that the two must compute the same thing: XLA's float32 `exp` puts some sinusoid frequencies
+one ulp from torch's (test_dit_official_jax asserts at most one), and at t ~ 400-900 one ulp of a
+frequency moves cos/sin by ~1e-5..5e-5, a gap no rounding argument covers. So the oracle here takes
+torch's frequency table (the production code's and the official code's own), as the golden gap test
+does; everything else in the oracle stays XLA's.
 
 Also here (torch only): activation recomputation (selective, full block, full uniform) changes
 neither outputs nor gradients, the state dict is canonical, and bad inputs fail naming the argument.
@@ -15,7 +25,7 @@ import torch
 
 from mugv.core.dit import dit_config, dit_schema, patch_grid
 from mugv.parity_tests.helpers import random_params  # noqa: F401  (other tests import it from here)
-from mugv.parity_tests.tolerances import assert_close, assert_tree_close
+from mugv.parity_tests.tolerances import assert_close, assert_sharded_vs_float64, assert_tree_close
 from mugv.parity_tests.fixtures import megatron_world  # noqa: F401  (a fixture)
 
 CFG = dit_config("tiny")
@@ -83,11 +93,24 @@ def torch_run(model, inputs, weights):
 # JAX side (one jit for all cases: they share shapes)
 
 
+def _torch_table_sinusoid(xp, values, dim: int = 256, max_period: float = 10000.0):
+    """core.rope.sinusoidal_embedding with the frequencies from torch's float32 exp (what the torch
+    model uses), the rest in `xp`."""
+    import math
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(max_period) / half)).numpy()
+    args = xp.reshape(values, (-1, 1)) * xp.reshape(xp.asarray(freqs), (1, half))
+    return xp.concatenate([xp.cos(args), xp.sin(args)], axis=-1)
+
+
 @pytest.fixture(scope="module")
 def jax_run():
+    """The JAX oracle's output and gradients, with torch's sinusoid frequency table (module doc)."""
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
     dit = pytest.importorskip("mugv.jax_reference.dit")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(dit, "sinusoidal_embedding", _torch_table_sinusoid)  # read when jit traces
 
     def loss(params, x, text, rest, weights):
         out = dit.dit_apply(CFG, params, x, rest["timestep"], text, rest["text_mask"],
@@ -104,18 +127,25 @@ def jax_run():
         grads = {k: np.asarray(v) for k, v in gp.items()}
         grads["input.x"], grads["input.text"] = np.asarray(gx), np.asarray(gt)
         return np.asarray(out), grads
-    return run
+    yield run
+    patch.undo()
 
 
 @pytest.mark.parametrize("kind", ["t2v", "i2v", "padded_text"])
 def test_torch_equals_jax_oracle(megatron_world, jax_run, kind):
     params, inputs, weights = random_params(CFG), make_inputs(kind), loss_weights()
+    as64 = lambda a: a.astype(np.float64) if a.dtype == np.float32 else a  # noqa: E731
     out_t, grads_t = torch_run(torch_model(params), inputs, weights)
+    out64, grads64 = torch_run(torch_model(params).double(), {k: as64(v) for k, v in inputs.items()},
+                               as64(weights))
     out_j, grads_j = jax_run(params, inputs, weights)
-    rel = assert_close(out_t, out_j, "dit", "float32", name=f"{kind} output")
-    rels = assert_tree_close(grads_t, grads_j, "dit_grad", "float32")
-    worst = max(rels, key=rels.get)
-    print(f"{kind}: output rel {rel:.1e}; worst gradient {worst} rel {rels[worst]:.1e}")
+    assert sorted(grads_j) == sorted(grads64)
+    ratio = {f"{kind} output": assert_sharded_vs_float64(out_j, out_t, out64, "jax", name=f"{kind} output")}
+    for k in grads64:
+        ratio[f"{kind} grad {k}"] = assert_sharded_vs_float64(grads_j[k], grads_t[k], grads64[k], "jax",
+                                                              name=f"{kind} grad {k}")
+    worst = max(ratio, key=ratio.get)
+    print(f"{kind}: worst {worst} at {ratio[worst]:.2f} of its bound")
     # every parameter reaches the output (else its gradient test above would be vacuous)
     dead = [k for k, g in grads_t.items() if not np.any(g)]
     assert not dead, f"parameters without gradient: {dead}"

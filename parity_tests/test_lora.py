@@ -9,7 +9,8 @@ In this process (TP=1):
 One 2-process gloo launch (this file is also the worker) runs:
 - the adapted DiT at TP=2 and at TP=2 with sequence parallelism: outputs and adapter gradients
   (shards gathered, partial gradients summed over TP) equal the TP=1 run of this process; the
-  TP=2 adapters saved alone load at TP=1 and give the TP=2 outputs ("sharded" row);
+  TP=2 adapters saved alone load at TP=1 and give the TP=2 outputs (each judged against a float64
+  run of the TP=1 model, tolerances.assert_sharded_vs_float64);
 - the Trainer at TP=2 with `lora_model_hook` for 3 steps on SyntheticLatents: only the adapters
   require gradients, have main gradients and sit in the optimizer; the checkpoint's optimizer and
   EMA groups hold exactly the adapter arrays and its base weights are the loaded ones, unchanged.
@@ -202,26 +203,38 @@ def test_merged_official_export_round_trip(case, tmp_path):
 
 @pytest.fixture(scope="module")
 def tp1_reference(megatron_world, case):
-    model = adapted_model(case["params"], case["lora"], case["adapters"])
-    out, grads = run_model(model, case["inputs"], case["weights"])
-    return out.numpy(), {n: g.numpy() for n, g in grads.items()}
+    """The adapted DiT in this process (TP=1), in fp32 and in float64 (the same fp32 parameters,
+    adapters and inputs): output and adapter / input gradients."""
+    as64 = lambda a: a.astype(np.float64) if a.dtype == np.float32 else a  # noqa: E731
+    runs = {}
+    for suffix, cast in (("", lambda a: a), ("64", as64)):
+        model = adapted_model(case["params"], case["lora"], case["adapters"])
+        if suffix:
+            model.double()
+        out, grads = run_model(model, {k: cast(v) for k, v in case["inputs"].items()}, cast(case["weights"]))
+        runs[f"out{suffix}"], runs[f"grads{suffix}"] = out.numpy(), {n: g.numpy() for n, g in grads.items()}
+    return runs
 
 
 @pytest.mark.parametrize("tag", ["tp2", "tp2sp"])
 def test_tp2_equals_tp1(worker_out, tp1_reference, tag):
-    from mugv.parity_tests.tolerances import assert_close
+    """TP=2 output and gathered adapter gradients against the TP=1 run, both against float64
+    (tolerances.assert_sharded_vs_float64, docs/tolerances.md)."""
+    from mugv.parity_tests.tolerances import assert_sharded_vs_float64
     res = dict(np.load(worker_out / "lora_results.npz"))
-    out, grads = tp1_reference
-    assert_close(res[f"{tag}.out"], out, "sharded", "float32", name=f"{tag} output")
-    names = [n for n in grads if n != "input.x"]
+    ref = tp1_reference
+    assert_sharded_vs_float64(res[f"{tag}.out"], ref["out"], ref["out64"], name=f"LoRA {tag} output")
+    names = [n for n in ref["grads"] if n != "input.x"]
     assert len(names) == 28
     for n in names:
-        assert_close(res[f"{tag}.{n}"], grads[n], "sharded", "float32", name=f"{tag} grad {n}")
+        assert_sharded_vs_float64(res[f"{tag}.{n}"], ref["grads"][n], ref["grads64"][n], name=f"LoRA {tag} grad {n}")
 
 
-def test_adapter_saved_at_tp2_loads_at_tp1(worker_out, megatron_world, case):
+def test_adapter_saved_at_tp2_loads_at_tp1(worker_out, megatron_world, case, tp1_reference):
+    """The TP=2 adapters saved alone, loaded at TP=1 into a plain base model: the same arrays, and
+    the TP=2 output against this TP=1 output, both against the float64 run."""
     from mugv.checkpoints.format import Checkpoint, latest_checkpoint
-    from mugv.parity_tests.tolerances import assert_close
+    from mugv.parity_tests.tolerances import assert_sharded_vs_float64
     from mugv.torch_backend.models.lora import load_adapters
     ckpt = Checkpoint(latest_checkpoint(worker_out / "adapters_tp2"))
     assert ckpt.groups() == ["lora"] and len(ckpt.names("lora")) == 28 and ckpt.step == 5
@@ -231,7 +244,8 @@ def test_adapter_saved_at_tp2_loads_at_tp1(worker_out, megatron_world, case):
     assert load_adapters(model, case["cfg"], worker_out / "adapters_tp2") == case["lora"]
     out, _ = run_model(model, case["inputs"], case["weights"])
     tp2 = np.load(worker_out / "lora_results.npz")["tp2.out"]
-    assert_close(out, tp2, "sharded", "float32", name="TP=1 with TP=2 adapters vs TP=2 output")
+    assert_sharded_vs_float64(tp2, out.numpy(), tp1_reference["out64"],
+                              name="LoRA TP=2 output vs TP=1 with the TP=2 adapters")
 
 
 def test_trainer_updates_and_stores_only_adapters(worker_out, case):

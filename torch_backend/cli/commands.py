@@ -335,7 +335,8 @@ def _build(command: str, ns):
         cfg = demo.DemoConfig(**_fields(demo.DemoConfig, ns))
         if ns.quick:
             cfg = dataclasses.replace(demo.quick_config(), out=cfg.out if cfg.out != "runs/demo" else "runs/demo_quick",
-                                      preference=cfg.preference, preference_seeds=cfg.preference_seeds)
+                                      preference=cfg.preference, preference_seeds=cfg.preference_seeds,
+                                      seeds=cfg.seeds, score=cfg.score)
         return cfg
     raise UsageError(f"unknown subcommand {command!r}")
 

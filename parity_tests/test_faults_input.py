@@ -1,0 +1,178 @@
+"""Bad input through the real `mugv` entry point (issue 26): exit status 2, ONE line naming the
+option or file:line and what was expected, and no model loaded first. Before, bad manifests,
+`--size 0`, impossible layouts, bf16 on a CPU and a missing T5 folder were tracebacks with exit
+status 1 raised after the VAE had loaded. In-process `main([...])`: fast."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mugv.torch_backend.cli import main
+
+
+@pytest.fixture()
+def no_models(monkeypatch):
+    """Every way a job loads a model raises: a check that runs late fails the test."""
+    from mugv.torch_backend.data import text
+    from mugv.torch_backend.models import dit, vae
+    from mugv.torch_backend.training import preference, trainer
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for owner, name in ((vae.VideoVAE, "__init__"), (dit, "build_dit"), (trainer.Trainer, "__init__"),
+                        (preference.PreferenceTrainer, "__init__"), (text.T5TextEncoder, "__init__"),
+                        (text.EmbeddedTextEncoder, "__init__")):
+        monkeypatch.setattr(owner, name, loaded)
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    """A well-formed clips manifest (media are not read by the checks), a committed checkpoint
+    (its manifest is what the checks read) and a folder that is not a checkpoint."""
+    import numpy as np
+    import torch
+
+    from mugv.checkpoints.torch_io import save_torch
+    from mugv.core.schema import ParamSpec, Schema
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"path": "a.mp4", "caption": "a red cube"}) + "\n")
+    schema = Schema((ParamSpec("w", (2, 3), "float32", None),))
+    ckpt = save_torch(tmp_path / "ckpt", 1, {"model": (schema, {"w": torch.from_numpy(
+        np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32))})}, config={}, meta={})
+    (tmp_path / "not_a_ckpt").mkdir()
+    return {"good": str(good), "ckpt": str(ckpt), "dir": str(tmp_path / "not_a_ckpt"), "tmp": tmp_path}
+
+
+def _manifest(tmp_path, name: str, text: str) -> str:
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+BAD_MANIFESTS = {   # name: (content, what the line must say)
+    "non_json": ('{"path": "a.mp4", "caption": "x"}\nnot json\n', "non_json.jsonl:2: not valid JSON"),
+    "no_caption": ('{"path": "a.mp4"}\n', "no_caption.jsonl:1: field 'caption' is missing"),
+    "fps_text": ('{"path": "a.mp4", "caption": "x", "fps": "fast"}\n',
+                 "fps_text.jsonl:1: field 'fps' = 'fast': expected a number > 0"),
+    "unknown_field": ('{"path": "a.mp4", "caption": "x", "captoin": "y"}\n',
+                      "unknown_field.jsonl:1: unknown field(s) ['captoin']"),
+    "empty": ("\n", "empty.jsonl: no rows"),
+}
+
+
+def _fails(argv, capsys, *names):
+    """exit status 2 and one line on stderr holding every name."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mugv: error: "), err
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+# every kind of bad row through one command; every command that reads a manifest with one kind
+@pytest.mark.parametrize("command, bad", [("cache", bad) for bad in sorted(BAD_MANIFESTS)] + [
+    (command, "non_json") for command in ("train", "finetune", "evaluate", "eval-vae", "train-vae")])
+def test_bad_manifest_names_file_line_before_any_model(command, bad, inputs, capsys, no_models):
+    text, says = BAD_MANIFESTS[bad]
+    m = _manifest(inputs["tmp"], f"{bad}.jsonl", text)
+    option = {"eval-vae": "data", "train-vae": "data"}.get(command, "manifest")
+    argv = {"cache": ["cache", "--manifest", m, "--vae_checkpoint", inputs["ckpt"]],
+            "train": ["train", "--manifest", m, "--vae_checkpoint", inputs["ckpt"]],
+            "finetune": ["finetune", "--base", inputs["ckpt"], "--manifest", m, "--vae_checkpoint", inputs["ckpt"],
+                         "--vae_size", "tiny"],
+            "evaluate": ["evaluate", "--manifest", m],
+            "eval-vae": ["eval-vae", "--data", m],
+            "train-vae": ["train-vae", "--data", m]}[command]
+    _fails(argv, capsys, f"--{option}", says)
+
+
+def test_preference_manifest_names_file_line_before_any_model(inputs, capsys, no_models):
+    m = _manifest(inputs["tmp"], "dpo.jsonl", json.dumps({"caption": "x", "preferred": "a.npy"}) + "\n")
+    _fails(["train-preference", "--manifest", m, "--reference", inputs["ckpt"]], capsys,
+           "--manifest", "dpo.jsonl:1: field 'preferred' = 'a.npy': file not found")
+
+
+def test_missing_manifest_names_the_option(inputs, capsys, no_models):
+    missing = str(inputs["tmp"] / "nope.jsonl")
+    _fails(["cache", "--manifest", missing, "--vae_checkpoint", inputs["ckpt"]], capsys, "--manifest", missing)
+    _fails(["evaluate", "--manifest", missing], capsys, "--manifest", missing)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["train", "--size", "0"], ("PretrainConfig.size = 0", "positive multiple of 16")),
+    (["cache", "--size", "-16"], ("PretrainConfig.size = -16",)),
+    (["sample", "--size", "0"], ("--size = 0", "positive multiple of 16")),
+    (["sample", "--size", "24"], ("--size = 24",)),
+    (["sample", "--frames", "0"], ("--frames = 0",)),
+    (["eval-vae", "--height", "0"], ("--height = 0", "positive multiple of 8")),
+    (["eval-vae", "--size", "huge"], ("--size = 'huge'", "VAE size")),
+])
+def test_bad_sizes_name_the_option(argv, names, inputs, capsys, no_models):
+    command = argv[0]
+    rest = {"train": ["--manifest", inputs["good"], "--vae_checkpoint", inputs["ckpt"]],
+            "cache": ["--manifest", inputs["good"], "--vae_checkpoint", inputs["ckpt"]],
+            "sample": ["--checkpoint", inputs["ckpt"], "--vae_checkpoint", inputs["ckpt"], "--prompt", "x"],
+            "eval-vae": ["--data", inputs["good"]]}[command]
+    _fails(argv + rest, capsys, *names)
+
+
+@pytest.mark.parametrize("world, tp, names", [
+    ("1", "2", ("--parallel.*", "world size 1 is not a multiple of tensor_parallel 2")),
+    ("4", "4", ("--parallel.*", "num_heads 2 is not divisible by tensor_parallel 4")),
+    ("3", "2", ("--parallel.*", "world size 3")),
+])
+def test_impossible_layouts_name_the_sizes(world, tp, names, inputs, capsys, no_models, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", inputs["ckpt"],
+            "--parallel.tensor_parallel", tp], capsys, *names)
+
+
+def test_preference_layout_is_checked_too(inputs, capsys, no_models, monkeypatch):
+    import numpy as np
+    for name in ("a.npy", "b.npy"):
+        np.save(inputs["tmp"] / name, np.zeros((8, 3, 4, 4), np.float32))
+    m = _manifest(inputs["tmp"], "dpo.jsonl", json.dumps({"caption": "x", "preferred": "a.npy",
+                                                          "rejected": "b.npy"}) + "\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _fails(["train-preference", "--manifest", m, "--reference", inputs["ckpt"], "--parallel.pipeline_parallel",
+            "2"], capsys, "--parallel.*", "depth 3 layers do not divide into pipeline_parallel 2")
+
+
+def test_bf16_on_a_cpu_names_the_option(inputs, capsys, no_models):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: bf16 is allowed here")
+    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", inputs["ckpt"], "--train.precision", "bf16"],
+           capsys, "--train.precision = 'bf16'", "fp32")
+
+
+def test_missing_t5_folder_names_the_option(inputs, capsys, no_models):
+    missing = str(inputs["tmp"] / "t5")
+    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", inputs["ckpt"], "--text_encoder", missing],
+           capsys, f"--text_encoder = '{missing}'", "T5")
+    (inputs["tmp"] / "t5").mkdir()
+    _fails(["sample", "--checkpoint", inputs["ckpt"], "--vae_checkpoint", inputs["ckpt"], "--prompt", "x",
+            "--text_encoder", missing], capsys, "--text_encoder", "no config.json")
+
+
+def test_checkpoint_folders_are_checked_before_loading(inputs, capsys, no_models):
+    """A folder that holds no committed checkpoint, a run folder where a step is needed, an edited
+    manifest, and an official-weights folder without a DiT file."""
+    _fails(["cache", "--manifest", inputs["good"], "--vae_checkpoint", inputs["dir"]], capsys,
+           "--vae_checkpoint", "not a committed mugv checkpoint")
+    root = str(inputs["tmp"] / "ckpt")
+    assert Path(inputs["ckpt"]).parent == Path(root)
+    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", root], capsys,
+           "--vae_checkpoint", "a run folder; give one of its step_* checkpoints")
+    manifest = Path(inputs["ckpt"]) / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["step"] = 2
+    manifest.write_text(json.dumps(m))
+    _fails(["sample", "--checkpoint", root, "--vae_random", "--prompt", "x"], capsys,
+           "--checkpoint", "checksum mismatch")
+    _fails(["sample", "--official", inputs["dir"], "--vae_random", "--prompt", "x"], capsys,
+           "--official", "no *dit*.pt or *dit*.safetensors")

@@ -176,3 +176,44 @@ def test_checkpoint_folders_are_checked_before_loading(inputs, capsys, no_models
            "--checkpoint", "checksum mismatch")
     _fails(["sample", "--official", inputs["dir"], "--vae_random", "--prompt", "x"], capsys,
            "--official", "no *dit*.pt or *dit*.safetensors")
+
+
+def _curriculum(tmp_path, rows: list[str]) -> str:
+    """A two-stage recipe (images, then 9-frame clips; one step each) over clips named in `rows`:
+    good (12 frames), short (3 frames: images only) and empty (0 bytes: neither stage)."""
+    from mugv.parity_tests.helpers import random_clips, tiny_vae_checkpoint
+    random_clips(tmp_path / "clips", {"good1.mp4": 12, "good2.mp4": 12, "short.mp4": 3})
+    (tmp_path / "clips" / "empty.mp4").write_bytes(b"")
+    manifest = _manifest(tmp_path, "m.jsonl", "".join(
+        json.dumps({"path": f"clips/{n}.mp4", "caption": f"a red cube, {n}"}) + "\n" for n in rows))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"manifest: {manifest}\nvae_checkpoint: {tiny_vae_checkpoint(tmp_path / 'vae')}\n"
+                      f"out: {tmp_path / 'out'}\nstages:\n"
+                      "  - {name: images, frames: 1, steps: 1, batch_size: 2}\n"
+                      "  - {name: clips, frames: 9, steps: 1, batch_size: 2}\n")
+    return str(recipe)
+
+
+def test_train_names_each_skipped_clip_once_and_sums_up_each_stage(tmp_path):
+    """`mugv train` named each bad or short clip three times per stage (the stage's index was built
+    three times) and gave no summary: now each once per run, and one line per stage."""
+    import sys
+
+    from mugv.parity_tests.helpers import run_child
+    recipe = _curriculum(tmp_path, ["good1", "short", "empty", "good2"])
+    out = run_child([sys.executable, "-m", "mugv.torch_backend.cli", "train", "--config", recipe])
+    empty, short = str(tmp_path / "clips" / "empty.mp4"), str(tmp_path / "clips" / "short.mp4")
+    assert out.count(empty) == 1 and out.count(short) == 1, out
+    assert f"[mugv] skipped {empty} (line 3): empty file" in out
+    assert f"[mugv] skipped {short} (line 2): too short: 3 frames" in out
+    assert "[mugv] stage images: 3 decoded, 1 skipped (empty file 1)" in out
+    assert "[mugv] stage clips: 2 decoded, 2 skipped (empty file 1, too short 1)" in out
+    assert (tmp_path / "out" / "stages" / "clips" / "metrics.jsonl").is_file()   # and it trained
+
+
+def test_a_stage_no_clip_can_fill_is_an_input_error(tmp_path, capsys, request):
+    """It said 'cache incomplete; run build_cache' after the VAE had loaded."""
+    recipe = _curriculum(tmp_path, ["short", "empty"])
+    request.getfixturevalue("no_models")   # from here on (the recipe's VAE checkpoint is written)
+    _fails(["train", "--config", recipe], capsys, "stage 'clips': no clip of --manifest",
+           "9 frame(s) of 32x32 px", "skipped: empty file 1, too short 1")

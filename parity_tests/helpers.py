@@ -50,11 +50,25 @@ def free_port() -> int:
 # Child processes that are killed mid-work (test_faults*.py)
 
 
-def start_child(args: list[str], env: dict | None = None):
-    """A child process with stdout and stderr merged into one text pipe (read it line by line)."""
+def start_child(args: list[str], env: dict | None = None, log=None):
+    """A child process with stdout and stderr merged into one text pipe (read it line by line), or
+    into the file `log` (a child left to run beside the test: `finish_child`)."""
     import subprocess
-    return subprocess.Popen(args, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    out = subprocess.PIPE if log is None else open(log, "w")
+    try:
+        return subprocess.Popen(args, env=env or child_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+    finally:
+        if log is not None:
+            out.close()
+
+
+def finish_child(proc, log, timeout: float = 600.0) -> str:
+    """Wait for a child started with `start_child(..., log=log)`; asserts exit status 0, returns its output."""
+    import pathlib
+    proc.wait(timeout=timeout)
+    said = pathlib.Path(log).read_text()
+    assert proc.returncode == 0, f"{proc.args} exited {proc.returncode}:\n{said[-3000:]}"
+    return said
 
 
 def kill_at(proc, marker: str, timeout: float = 300.0, delay: float = 0.0) -> list[str]:

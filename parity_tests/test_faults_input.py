@@ -39,11 +39,16 @@ def inputs(tmp_path):
     from mugv.core.schema import ParamSpec, Schema
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"path": "a.mp4", "caption": "a red cube"}) + "\n")
+    from mugv.core import validate
+    from mugv.core.recipe import demo_dit
     schema = Schema((ParamSpec("w", (2, 3), "float32", None),))
-    ckpt = save_torch(tmp_path / "ckpt", 1, {"model": (schema, {"w": torch.from_numpy(
-        np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32))})}, config={}, meta={})
+    groups = {"model": (schema, {"w": torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3)).astype(
+        np.float32))})}
+    vae = save_torch(tmp_path / "vae", 1, groups, config={"vae": {"size": "tiny"}})
+    dit = save_torch(tmp_path / "ckpt", 1, groups, config={"dit": validate.to_dict(demo_dit())})
     (tmp_path / "not_a_ckpt").mkdir()
-    return {"good": str(good), "ckpt": str(ckpt), "dir": str(tmp_path / "not_a_ckpt"), "tmp": tmp_path}
+    return {"good": str(good), "vae": str(vae), "ckpt": str(dit), "dir": str(tmp_path / "not_a_ckpt"),
+            "tmp": tmp_path}
 
 
 def _manifest(tmp_path, name: str, text: str) -> str:
@@ -80,9 +85,9 @@ def test_bad_manifest_names_file_line_before_any_model(command, bad, inputs, cap
     text, says = BAD_MANIFESTS[bad]
     m = _manifest(inputs["tmp"], f"{bad}.jsonl", text)
     option = {"eval-vae": "data", "train-vae": "data"}.get(command, "manifest")
-    argv = {"cache": ["cache", "--manifest", m, "--vae_checkpoint", inputs["ckpt"]],
-            "train": ["train", "--manifest", m, "--vae_checkpoint", inputs["ckpt"]],
-            "finetune": ["finetune", "--base", inputs["ckpt"], "--manifest", m, "--vae_checkpoint", inputs["ckpt"],
+    argv = {"cache": ["cache", "--manifest", m, "--vae_checkpoint", inputs["vae"]],
+            "train": ["train", "--manifest", m, "--vae_checkpoint", inputs["vae"]],
+            "finetune": ["finetune", "--base", inputs["ckpt"], "--manifest", m, "--vae_checkpoint", inputs["vae"],
                          "--vae_size", "tiny"],
             "evaluate": ["evaluate", "--manifest", m],
             "eval-vae": ["eval-vae", "--data", m],
@@ -98,7 +103,7 @@ def test_preference_manifest_names_file_line_before_any_model(inputs, capsys, no
 
 def test_missing_manifest_names_the_option(inputs, capsys, no_models):
     missing = str(inputs["tmp"] / "nope.jsonl")
-    _fails(["cache", "--manifest", missing, "--vae_checkpoint", inputs["ckpt"]], capsys, "--manifest", missing)
+    _fails(["cache", "--manifest", missing, "--vae_checkpoint", inputs["vae"]], capsys, "--manifest", missing)
     _fails(["evaluate", "--manifest", missing], capsys, "--manifest", missing)
 
 
@@ -113,9 +118,9 @@ def test_missing_manifest_names_the_option(inputs, capsys, no_models):
 ])
 def test_bad_sizes_name_the_option(argv, names, inputs, capsys, no_models):
     command = argv[0]
-    rest = {"train": ["--manifest", inputs["good"], "--vae_checkpoint", inputs["ckpt"]],
-            "cache": ["--manifest", inputs["good"], "--vae_checkpoint", inputs["ckpt"]],
-            "sample": ["--checkpoint", inputs["ckpt"], "--vae_checkpoint", inputs["ckpt"], "--prompt", "x"],
+    rest = {"train": ["--manifest", inputs["good"], "--vae_checkpoint", inputs["vae"]],
+            "cache": ["--manifest", inputs["good"], "--vae_checkpoint", inputs["vae"]],
+            "sample": ["--checkpoint", inputs["ckpt"], "--vae_checkpoint", inputs["vae"], "--prompt", "x"],
             "eval-vae": ["--data", inputs["good"]]}[command]
     _fails(argv + rest, capsys, *names)
 
@@ -127,7 +132,7 @@ def test_bad_sizes_name_the_option(argv, names, inputs, capsys, no_models):
 ])
 def test_impossible_layouts_name_the_sizes(world, tp, names, inputs, capsys, no_models, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", world)
-    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", inputs["ckpt"],
+    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", inputs["vae"],
             "--parallel.tensor_parallel", tp], capsys, *names)
 
 
@@ -146,28 +151,30 @@ def test_bf16_on_a_cpu_names_the_option(inputs, capsys, no_models):
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: bf16 is allowed here")
-    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", inputs["ckpt"], "--train.precision", "bf16"],
+    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", inputs["vae"], "--train.precision", "bf16"],
            capsys, "--train.precision = 'bf16'", "fp32")
 
 
 def test_missing_t5_folder_names_the_option(inputs, capsys, no_models):
     missing = str(inputs["tmp"] / "t5")
-    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", inputs["ckpt"], "--text_encoder", missing],
+    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", inputs["vae"], "--text_encoder", missing],
            capsys, f"--text_encoder = '{missing}'", "T5")
     (inputs["tmp"] / "t5").mkdir()
-    _fails(["sample", "--checkpoint", inputs["ckpt"], "--vae_checkpoint", inputs["ckpt"], "--prompt", "x",
+    _fails(["sample", "--checkpoint", inputs["ckpt"], "--vae_checkpoint", inputs["vae"], "--prompt", "x",
             "--text_encoder", missing], capsys, "--text_encoder", "no config.json")
 
 
 def test_checkpoint_folders_are_checked_before_loading(inputs, capsys, no_models):
     """A folder that holds no committed checkpoint, a run folder where a step is needed, an edited
-    manifest, and an official-weights folder without a DiT file."""
+    manifest, an official-weights folder without a DiT file, one model's checkpoint for the other."""
     _fails(["cache", "--manifest", inputs["good"], "--vae_checkpoint", inputs["dir"]], capsys,
            "--vae_checkpoint", "not a committed mugv checkpoint")
     root = str(inputs["tmp"] / "ckpt")
     assert Path(inputs["ckpt"]).parent == Path(root)
-    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", root], capsys,
+    _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", str(inputs["tmp"] / "vae")], capsys,
            "--vae_checkpoint", "a run folder; give one of its step_* checkpoints")
+    _fails(["cache", "--manifest", inputs["good"], "--vae_checkpoint", inputs["ckpt"]], capsys,   # a DiT for a VAE
+           "--vae_checkpoint", "holds no VAE")
     manifest = Path(inputs["ckpt"]) / "manifest.json"
     m = json.loads(manifest.read_text())
     m["step"] = 2
@@ -176,6 +183,8 @@ def test_checkpoint_folders_are_checked_before_loading(inputs, capsys, no_models
            "--checkpoint", "checksum mismatch")
     _fails(["sample", "--official", inputs["dir"], "--vae_random", "--prompt", "x"], capsys,
            "--official", "no *dit*.pt or *dit*.safetensors")
+    _fails(["sample", "--checkpoint", inputs["vae"], "--vae_random", "--prompt", "x"], capsys,   # a VAE for a DiT
+           "--checkpoint", "holds no DiT (its config has sections ['vae']")
 
 
 def _curriculum(tmp_path, rows: list[str]) -> str:

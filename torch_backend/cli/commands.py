@@ -359,16 +359,16 @@ def preflight(command: str, cfg) -> None:
     if command in ("cache", "train"):
         recipe, _ = cfg
         check.manifest("manifest", recipe.manifest)
-        check.checkpoint("vae_checkpoint", recipe.vae_checkpoint, step_only=True)
+        check.checkpoint("vae_checkpoint", recipe.vae_checkpoint, step_only=True, holds="vae")
         common(recipe.text_encoder, *((recipe.dit, recipe.parallel, recipe.train) if command == "train" else ()))
     elif command == "sample":
         if cfg.checkpoint:
-            check.checkpoint("checkpoint", cfg.checkpoint)
+            check.checkpoint("checkpoint", cfg.checkpoint, holds="dit")
         if cfg.official and pathlib.Path(cfg.official).is_dir():
             from mugv.torch_backend.jobs.loaders import official_dit_file
             official_dit_file(cfg.official)
         if cfg.vae_checkpoint:
-            check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True)
+            check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True, holds="vae")
         check.pixels("size", cfg.size, 8 * cfg.dit.patch_size[1])
         check.positive("frames", cfg.frames)
         check.positive("fps", cfg.fps)
@@ -377,7 +377,7 @@ def preflight(command: str, cfg) -> None:
         from mugv.core.vae import VAE_SIZES
         check.data("data", cfg.data)
         if cfg.checkpoint:
-            check.checkpoint("checkpoint", cfg.checkpoint, step_only=True)
+            check.checkpoint("checkpoint", cfg.checkpoint, step_only=True, holds="vae")
         if cfg.official:
             check.weights_file("official", cfg.official)
         if cfg.size not in VAE_SIZES and not (cfg.official and cfg.size == "official"):
@@ -393,27 +393,24 @@ def preflight(command: str, cfg) -> None:
     elif command == "finetune":
         check.manifest("manifest", cfg.manifest)
         if cfg.vae_checkpoint:
-            check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True)
+            check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True, holds="vae")
         dit = None
         if pathlib.Path(cfg.base).is_dir():   # an official file's config comes from its weights (loaded later)
             from mugv.core import validate
             from mugv.core.dit import DiTConfig
-            step = check.checkpoint("base", cfg.base)
-            config = json.loads((step / "manifest.json").read_text()).get("config", {})
-            if "dit" not in config:
-                raise check.InputError(f"--base = {cfg.base!r}: {step} holds no DiT (its config has no 'dit' section)")
-            dit = validate.from_dict(DiTConfig, config["dit"])
+            step = check.checkpoint("base", cfg.base, holds="dit")
+            dit = validate.from_dict(DiTConfig, json.loads((step / "manifest.json").read_text())["config"]["dit"])
         common(cfg.text_encoder, dit, cfg.parallel, cfg.train)
     elif command == "train-preference":
         rows = check.manifest("manifest", cfg.manifest, kind=cfg.objective)
-        check.checkpoint("reference", cfg.reference)
+        check.checkpoint("reference", cfg.reference, holds="dit")
         if not rows[0].is_latent:
-            check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True)
+            check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True, holds="vae")
         common(cfg.text_encoder, cfg.dit, cfg.parallel, cfg.train)
     elif command == "make-preferences":
         check.manifest("prompts", cfg.prompts)
-        check.checkpoint("checkpoint", cfg.checkpoint)
-        check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True)
+        check.checkpoint("checkpoint", cfg.checkpoint, holds="dit")
+        check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True, holds="vae")
         check.pixels("size", cfg.size, 8 * cfg.dit.patch_size[1])
         common(cfg.text_encoder)
 

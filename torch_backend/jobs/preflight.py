@@ -14,6 +14,9 @@ import os
 import pathlib
 
 
+MODEL_NAMES = {"vae": "VAE", "dit": "DiT"}   # checkpoint config section -> what the user calls it
+
+
 class InputError(ValueError):
     """Bad user input found before any work; the message is one line naming the option or file:line."""
 
@@ -49,10 +52,11 @@ def data(option: str, path: str) -> None:
         manifest(option, path)
 
 
-def checkpoint(option: str, path: str, step_only: bool = False) -> pathlib.Path:
+def checkpoint(option: str, path: str, step_only: bool = False, holds: str | None = None) -> pathlib.Path:
     """A committed mugv checkpoint: a step_* folder with its manifest.json (format and checksum
     checked, no array read), or with `step_only` False a run folder holding one (itself or under
-    checkpoints/). Returns the step folder."""
+    checkpoints/); with `holds` ("vae" / "dit") its config must describe that model (a VAE
+    checkpoint given where a DiT one belongs). Returns the step folder."""
     from mugv.checkpoints.format import Checkpoint, CheckpointError, latest_checkpoint
     p = pathlib.Path(path) if path else None
     if p is None or not p.exists():
@@ -68,9 +72,12 @@ def checkpoint(option: str, path: str, step_only: bool = False) -> pathlib.Path:
         raise InputError(f"--{option} = {path!r}: not a committed mugv checkpoint (expected a step_* folder "
                          f"with manifest.json{'' if step_only else ', or a run folder holding one'})")
     try:
-        Checkpoint(step)
+        config = Checkpoint(step).manifest.get("config") or {}
     except CheckpointError as err:
         raise InputError(f"--{option}: {_one_line(err)}") from None
+    if holds is not None and holds not in config:
+        raise InputError(f"--{option} = {path!r}: {step} holds no {MODEL_NAMES[holds]} (its config has sections "
+                         f"{sorted(config)}, no {holds!r})")
     return step
 
 

@@ -70,9 +70,11 @@ def cache_names(cfg: PretrainConfig) -> tuple[str, str]:
     return f"vae:{weights_identity(cfg.vae_checkpoint)}", text_identity(cfg.text_encoder, cfg.dit)
 
 
-def cache_stage(cfg: PretrainConfig, stage: StageConfig, vae, text, log=print, index=None) -> pathlib.Path:
+def cache_stage(cfg: PretrainConfig, stage: StageConfig, vae, text, log=print, index=None,
+                on_row=None) -> pathlib.Path:
     """Encode the stage's bucket (latent moments + text states) into out/cache/<bucket>; resumable.
-    `index`: the stage's index when the caller built it (`stage_indices`)."""
+    `index`: the stage's index when the caller built it (`stage_indices`); `on_row(bucket, row)`
+    is told of each committed row (build_cache)."""
     from mugv.torch_backend.data.cache import build_cache, cache_complete, check_cache, vae_encoder
     index = index if index is not None else stage_index(cfg, stage)
     folder = pathlib.Path(cfg.out) / "cache" / index.buckets[0].name
@@ -80,7 +82,7 @@ def cache_stage(cfg: PretrainConfig, stage: StageConfig, vae, text, log=print, i
     if (folder / "meta.json").exists():   # complete or not: built by these encoders from these captions?
         check_cache(folder, index, video_name, text_name)
     if not cache_complete(folder):
-        counts = build_cache(index, folder, vae_encoder(vae), text, video_name, text_name, batch=16)
+        counts = build_cache(index, folder, vae_encoder(vae), text, video_name, text_name, batch=16, on_row=on_row)
         log(f"[mugv] cache {folder}: {counts['encoded']} clips encoded ({len(index.items)} items, "
             f"{len(index.skipped)} skipped {index.skip_counts})")
     return folder
@@ -192,9 +194,16 @@ def cache(cfg) -> int:
     indices = stage_indices(recipe, only)
     vae = load_vae(recipe.vae_size, recipe.vae_checkpoint)
     text = text_encoder(recipe.text_encoder, recipe.dit)
+    committed: dict[str, int] = {}
+
+    def progress(bucket: str, row: int, every: int = 16) -> None:
+        committed[bucket] = committed.get(bucket, 0) + 1
+        if committed[bucket] % every == 0:
+            print(f"[mugv] cache {bucket}: {committed[bucket]} rows committed", flush=True)
+
     for stage in recipe.stages:
         if stage.name in indices:
-            print(cache_stage(recipe, stage, vae, text, index=indices[stage.name]), flush=True)
+            print(cache_stage(recipe, stage, vae, text, index=indices[stage.name], on_row=progress), flush=True)
     return 0
 
 

@@ -136,12 +136,16 @@ def test_impossible_layouts_name_the_sizes(world, tp, names, inputs, capsys, no_
             "--parallel.tensor_parallel", tp], capsys, *names)
 
 
-def test_preference_layout_is_checked_too(inputs, capsys, no_models, monkeypatch):
+def _latent_pairs(tmp_path) -> str:
+    """A well-formed DPO manifest of one latent pair."""
     import numpy as np
     for name in ("a.npy", "b.npy"):
-        np.save(inputs["tmp"] / name, np.zeros((8, 3, 4, 4), np.float32))
-    m = _manifest(inputs["tmp"], "dpo.jsonl", json.dumps({"caption": "x", "preferred": "a.npy",
-                                                          "rejected": "b.npy"}) + "\n")
+        np.save(tmp_path / name, np.zeros((8, 3, 4, 4), np.float32))
+    return _manifest(tmp_path, "dpo.jsonl", json.dumps({"caption": "x", "preferred": "a.npy", "rejected": "b.npy"}) + "\n")
+
+
+def test_preference_layout_is_checked_too(inputs, capsys, no_models, monkeypatch):
+    m = _latent_pairs(inputs["tmp"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     _fails(["train-preference", "--manifest", m, "--reference", inputs["ckpt"], "--parallel.pipeline_parallel",
             "2"], capsys, "--parallel.*", "depth 3 layers do not divide into pipeline_parallel 2")
@@ -153,6 +157,8 @@ def test_bf16_on_a_cpu_names_the_option(inputs, capsys, no_models):
         pytest.skip("a GPU is visible: bf16 is allowed here")
     _fails(["train", "--manifest", inputs["good"], "--vae_checkpoint", inputs["vae"], "--train.precision", "bf16"],
            capsys, "--train.precision = 'bf16'", "fp32")
+    _fails(["train-preference", "--manifest", _latent_pairs(inputs["tmp"]), "--reference", inputs["ckpt"],
+            "--reference_precision", "bf16"], capsys, "--reference_precision = 'bf16'")
 
 
 def test_missing_t5_folder_names_the_option(inputs, capsys, no_models):

@@ -406,6 +406,7 @@ def preflight(command: str, cfg) -> None:
         check.checkpoint("reference", cfg.reference, holds="dit")
         if not rows[0].is_latent:
             check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True, holds="vae")
+        check.precision("reference_precision", cfg.reference_precision)
         common(cfg.text_encoder, cfg.dit, cfg.parallel, cfg.train)
     elif command == "make-preferences":
         check.manifest("prompts", cfg.prompts)

@@ -137,8 +137,8 @@ class PretrainConfig:
             v.fail(self, "stages", "a non-empty list of stages")
         if len({s.name for s in self.stages}) != len(self.stages):
             v.fail(self, "stages", "distinct stage names")
-        if self.size % 16:
-            v.fail(self, "size", "a multiple of 16 (VAE 8 x DiT patch 2)")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0 or self.size % 16:
+            v.fail(self, "size", "a positive multiple of 16 (VAE 8 x DiT patch 2)")
         v.in_range(self, "fps", 0, 240, lo_open=True)
         v.non_negative_int(self, "sample_every")
         v.positive_int(self, "sample_prompts")

@@ -90,9 +90,11 @@ class KernelConfig:
 
 
 def demo_dit(**overrides) -> DiTConfig:
-    """The demo's DiT: 'tiny' width, 3 layers, 8 latent channels (the tiny VAE's), 48 text tokens."""
+    """The demo's DiT: 'tiny' width, 3 layers, 8 latent channels (the tiny VAE's), 64 text tokens:
+    the embedded byte-level encoder's limit, above the longest caption the product generator's
+    vocabulary makes (52 bytes + EOS; test_demo.py checks it), so no demo caption is cut."""
     return DiTConfig(**{**dict(hidden_size=144, num_heads=2, depth=3, in_channels=8, out_channels=16,
-                               text_dim=64, text_max_len=48), **overrides})
+                               text_dim=64, text_max_len=64), **overrides})
 
 
 @dataclasses.dataclass(frozen=True)

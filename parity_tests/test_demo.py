@@ -122,6 +122,23 @@ def test_generated_splits_hold_out_what_they_say(tmp_path):
         assert captions and set(captions) <= train_captions
 
 
+def test_every_demo_caption_fits_the_text_encoder():
+    """Issue 26: a caption longer than the embedded encoder's limit is cut (two motions then
+    encode alike). Every caption the demo's vocabulary can make fits the demo DiT's limit."""
+    import itertools
+
+    from mugv.core.recipe import demo_dit
+    from mugv.torch_backend.data.text import ByteTokenizer
+    from mugv.torch_backend.jobs.generate_data import caption
+    from mugv.torch_backend.data.product_videos import COLOURS, MOTIONS, SHAPES
+    captions = [caption(c, s, m, k) for c, s, m, k in itertools.product(COLOURS, SHAPES, MOTIONS, (0, 1))]
+    tokenizer = ByteTokenizer(demo_dit().text_max_len)
+    tokenizer(captions)
+    assert tokenizer.truncation.cut == 0, max(captions, key=len)
+    longest = max(len(c.encode()) for c in captions)
+    assert longest <= tokenizer.truncation.limit, longest
+
+
 def test_baselines_and_seed_statistics():
     assert demo.majority_accuracy(["a red cone, slow pan left", "a red sphere, slow zoom in",
                                    "a blue sphere, the camera pans left", "a green cube, slow pan left"]) == \

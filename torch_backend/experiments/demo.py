@@ -103,8 +103,9 @@ class DemoConfig:
 
     score: which pair of splits the report scores: "eval" (eval_new + eval_seen, the default; look
         at it once, after settings are chosen) or "val" (val_new + val_seen: for choosing settings).
-    samples: prompts sampled per scored split (at most DemoData.held_out / val clips); each is
-        sampled t2v, i2v (new compositions), without its caption and with a shuffled one.
+    samples: prompts sampled per scored split, the first of its clips (0 = all: DemoData.held_out
+        or val); each is sampled t2v, i2v (new compositions), without its caption and with a
+        shuffled one. Fewer than all leaves the held-out triples unbalanced.
     seeds: > 1 runs the whole demo for data seeds data.seed .. data.seed + seeds - 1 (the DiT's
         training seed follows) under out/seed_<k>/ and reports the mean and spread.
     preference: after pre-training, the preference stage (docs/preference.md): preferences made by
@@ -120,7 +121,7 @@ class DemoConfig:
         StageConfig("short_video", frames=17, steps=1000, lr=1e-3, i2v=0.3)))
     sampler: FlowSamplerConfig = FlowSamplerConfig(num_steps=20, guidance_scale=3.0)
     score: str = "eval"
-    samples: int = 24
+    samples: int = 0
     sample_seed: int = 1234
     seeds: int = 1
     preference: str = "none"
@@ -128,7 +129,8 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         v.one_of(self, "score", SCORED_SPLITS)
-        v.positive_int(self, "samples", "seeds")
+        v.non_negative_int(self, "samples")
+        v.positive_int(self, "seeds")
         v.non_negative_int(self, "sample_seed")
         v.one_of(self, "preference", PREFERENCE_CHOICES)
         v.positive_int(self, "preference_seeds")
@@ -136,11 +138,10 @@ class DemoConfig:
 
 def quick_config(out: str = "runs/demo_quick") -> DemoConfig:
     """The CI variant: fewer clips, a shorter VAE and fewer DiT steps (about 3 minutes)."""
-    return DemoConfig(out=out, data=DemoData(count=96, held_out=16, val=8), vae=DemoVAE(spatial_steps=250, temporal_steps=300, minutes=3.0),
+    return DemoConfig(out=out, data=DemoData(count=96, held_out=18, val=9), vae=DemoVAE(spatial_steps=250, temporal_steps=300, minutes=3.0),
                       pretrain=PretrainConfig(sample_every=110, stages=(
                           StageConfig("images", frames=1, steps=80, lr=1e-3),
-                          StageConfig("short_video", frames=17, steps=220, lr=1e-3, i2v=0.3))),
-                      samples=16)
+                          StageConfig("short_video", frames=17, steps=220, lr=1e-3, i2v=0.3))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +325,8 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
     t0 = time.monotonic()
     video_frames = max(s.frames for s in pre.stages)
-    new = read_manifest(manifests[new_split])[:cfg.samples]
-    seen = read_manifest(manifests[seen_split])[:cfg.samples]
+    new = read_manifest(manifests[new_split])[:cfg.samples or None]
+    seen = read_manifest(manifests[seen_split])[:cfg.samples or None]
     new_caps, seen_caps = [e.caption for e in new], [e.caption for e in seen]
     real = {k: [decode_clip(e.path, video_frames, d.size, d.size, d.fps) for e in entries]
             for k, entries in (("new", new), ("seen", seen))}

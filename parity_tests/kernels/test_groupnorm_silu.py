@@ -75,7 +75,7 @@ def _vae_run(model, video, weights, dtype):
 def test_vae_with_the_kernel_equals_the_reference_vae(device):
     """The whole VAE (2D and temporal stages, encode and decode, forward and every gradient) with
     the kernel at all its GroupNorm + SiLU sites vs the same VAE on the reference, both judged
-    against the reference VAE in float64 (tolerances.py "kernel_model" row). On the CPU the kernel
+    against the reference VAE in float64 (tolerances.py "vae_model" row). On the CPU the kernel
     runs in Triton's interpreter; on a GPU `mugv verify-kernels` runs this file, so the kernel is
     verified for the VAE it serves. One frame at 8x16 (frame rule (a): 8 copies in the temporal
     stage) keeps the interpreter's program count small."""
@@ -104,9 +104,9 @@ def test_vae_with_the_kernel_equals_the_reference_vae(device):
     outk, gradsk = _vae_run(fused, video, weights, torch.float32)
     assert set(gradsk) == set(grads32) == set(grads64)
     for name, a, b, c in zip(("mean", "logvar", "recon"), outk, out32, out64):
-        assert_sharded_vs_float64(a.cpu(), b.cpu(), c.cpu(), op="kernel_model", name=name)
+        assert_sharded_vs_float64(a.cpu(), b.cpu(), c.cpu(), op="vae_model", name=name)
     for name in grads64:
         if name.endswith("attn.k.bias"):   # exactly zero in exact arithmetic (test_vae.py): noise only
             continue
         assert_sharded_vs_float64(gradsk[name].cpu(), grads32[name].cpu(), grads64[name].cpu(),
-                                  op="kernel_model", name=f"d/d {name}")
+                                  op="vae_model", name=f"d/d {name}")

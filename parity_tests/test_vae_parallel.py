@@ -23,14 +23,17 @@ from mugv.parity_tests.tolerances import assert_sharded_vs_float64
 HERE = pathlib.Path(__file__).parent
 
 
-def run_world(script: pathlib.Path, args: list[str], world: int = 2, timeout: float = 240) -> None:
-    """`script args` as `world` gloo processes on localhost; fails naming a rank's output."""
+def run_world(script: pathlib.Path | None, args: list[str], world: int = 2, timeout: float = 240) -> list[str]:
+    """`python -P script args` (script None: `python -P args`, e.g. `-m module ...`) as `world`
+    gloo processes on localhost; fails naming a rank's output."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-P", str(script), *args], env=child_env(r, world, port),
+    cmd = [sys.executable, "-P", *([str(script)] if script is not None else []), *args]
+    procs = [subprocess.Popen(cmd, env=child_env(r, world, port),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     for r, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{out[-3000:]}"
+    return outs
 
 
 def test_data_parallel_vae_step_equals_one_process(tmp_path):
@@ -47,3 +50,40 @@ def test_data_parallel_vae_step_equals_one_process(tmp_path):
         if name.endswith("attn.k.bias"):   # exactly zero in exact arithmetic (test_vae.py): noise only
             continue
         assert_sharded_vs_float64(sharded[name], single[name], ref64[name], op="vae_model", name=name)
+
+
+def _vae_checkpoint(root: pathlib.Path) -> pathlib.Path:
+    from mugv.checkpoints.torch_io import save_torch
+    from mugv.core import vae as spec
+    from mugv.torch_backend.models.vae import init_vae
+    model = init_vae(spec.vae_config("tiny"), seed=4)
+    return save_torch(root, 0, {"model": (spec.vae_schema(model.cfg), model.state_dict())},
+                      config={"vae": {}}, schema_hash=spec.vae_schema(model.cfg).hash())
+
+
+def test_data_parallel_cache_equals_one_process_cache(tmp_path):
+    """`mugv cache` (the real job: tiny VAE, embedded text encoder) over 20 clips = two batches of
+    the job's 16: as 2 gloo processes (each encodes one batch; both write rows of the same shard
+    files) and as one process. Every array of the two caches is bit-equal, and complete."""
+    from mugv.parity_tests.test_data_cache import _arrays
+    from mugv.torch_backend.data.cache import cache_complete
+    from mugv.torch_backend.data.product_videos import generate_dataset
+    manifest = generate_dataset(tmp_path / "data", 20, seed=21, size=32, frames=17)
+    ckpt = _vae_checkpoint(tmp_path / "vae")
+    args = lambda out: ["-m", "mugv.torch_backend.cli", "cache", "--manifest", str(manifest),  # noqa: E731
+                        "--vae_checkpoint", str(ckpt), "--out", str(out), "--size", "32", "--stage", "short_video"]
+    outs = run_world(None, args(tmp_path / "dp"))
+    for rank, n in ((0, 16), (1, 4)):   # each rank encoded its batch
+        assert f"{n} clips encoded by rank {rank} of 2" in outs[rank], outs[rank][-2000:]
+    one = subprocess.run([sys.executable, "-P", *args(tmp_path / "one")], env=child_env(), capture_output=True,
+                         text=True, timeout=240)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    (folder,) = (tmp_path / "one" / "cache").iterdir()
+    dp_folder = tmp_path / "dp" / "cache" / folder.name
+    assert cache_complete(folder) and cache_complete(dp_folder)
+    a, b = _arrays(folder), _arrays(dp_folder)
+    assert sorted(a) == sorted(b) and len(a) == 6, sorted(a)
+    assert a[f"latents/{folder.name}/mean"].shape[0] == 20
+    for key in a:
+        assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), \
+            f"{key}: {int((a[key] != b[key]).sum())} elements differ between the 2-process and 1-process caches"

@@ -36,7 +36,7 @@ def _finish(procs: list[subprocess.Popen]) -> None:
 
 def _arrays(path: pathlib.Path) -> dict:
     ckpt = Checkpoint(path)
-    return {(g, n): ckpt.read(g, n) for g in ckpt.groups for n in ckpt.names(g)}
+    return {(g, n): ckpt.read(g, n) for g in ckpt.groups() for n in ckpt.names(g)}
 
 
 def _log(out: pathlib.Path) -> list[dict]:
@@ -47,7 +47,7 @@ def _log(out: pathlib.Path) -> list[dict]:
 def test_killed_data_parallel_vae_training_resumes_bit_exactly(tmp_path):
     whole = tmp_path / "whole"
     _finish(_start(whole, tmp_path / "p_whole"))
-    kill_at = int(np.random.default_rng(25).integers(3, TOTAL_STEPS))   # after the step-2 checkpoint
+    kill_at = int(np.random.default_rng(25).integers(4, TOTAL_STEPS))   # after the step-3 checkpoint
     killed, progress = tmp_path / "killed", tmp_path / "p_killed"
     procs = _start(killed, progress)
     deadline = time.time() + 300
@@ -61,10 +61,12 @@ def test_killed_data_parallel_vae_training_resumes_bit_exactly(tmp_path):
     for p in procs:
         p.wait()
     stopped_at = latest_checkpoint(killed / "ckpt")
-    assert stopped_at is not None and Checkpoint(stopped_at).step < TOTAL_STEPS, stopped_at
+    assert stopped_at is not None, "killed before the first checkpoint"
+    step = Checkpoint(stopped_at).step
+    assert step < TOTAL_STEPS, stopped_at
     _finish(_start(killed, tmp_path / "p_resumed"))
     resumed_steps = len((tmp_path / "p_resumed").read_text().splitlines()) // 2
-    assert resumed_steps == TOTAL_STEPS - Checkpoint(stopped_at).step, (resumed_steps, stopped_at)
+    assert resumed_steps == TOTAL_STEPS - step, (resumed_steps, stopped_at)
     a, b = _arrays(latest_checkpoint(whole / "ckpt")), _arrays(latest_checkpoint(killed / "ckpt"))
     assert sorted(a) == sorted(b)
     groups = {g for g, _ in a}

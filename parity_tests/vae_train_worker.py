@@ -24,7 +24,7 @@ def main() -> None:
     clips = [(f"c{i}", rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)) for i in range(3)]
     cfg = vae_train.VAETrainConfig(data="unused", height=16, width=16, num_frames=9, batch_size=2, steps=4,
                                    spatial_steps=2, spatial_batch=4, temporal_steps=2, temporal_batch=2, lr=1e-3,
-                                   foreground_weight=2.0, evaluate=False, out=out, checkpoint_every=2,
+                                   foreground_weight=2.0, evaluate=False, out=out, checkpoint_every=3,
                                    log_every=1, loss=spec.VAELossConfig(disc_start=1))
     with open(progress, "a") as f:
         def on_step(stage, logs):

@@ -3,8 +3,8 @@ stage by stage. Each stage's bucket is encoded once into the latent/text cache (
 trained by the Trainer starting from the previous stage's final weights; with `sample_every`,
 sample grids are written while it trains (`Previewer`).
 
-The VAE runs where `models/vae_runtime.py::place_vae` puts it (this rank's GPU, bf16 autocast, or
-the CPU in fp32). Under torchrun both commands cache data parallel: every rank encodes its block
+The VAE runs where `models/vae_runtime.py::place_vae` puts it (this rank's GPU, else the CPU;
+fp32 unless MUGV_VAE_PRECISION=bf16). Under torchrun both commands cache data parallel: every rank encodes its block
 of each bucket's batches into the same cache (`data/cache.py`), bit-equal to one process.
 """
 from __future__ import annotations

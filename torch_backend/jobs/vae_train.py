@@ -16,8 +16,8 @@ batches are random windows of `num_frames` frames. Checkpoints go through the mu
 (checkpoints/torch_io.py): group "model" (the VAE schema) and, when on, "discriminator", plus
 what an exact resume needs (`training/vae_run.py`: Adam moments, position, generators).
 
-Device: `models/vae_runtime.py::place_vae` (the GPU of this rank when there is one, bf16 autocast
-there by default; the CPU in fp32 otherwise). Under torchrun the run is data parallel: each rank
+Device: `models/vae_runtime.py::place_vae` (the GPU of this rank when there is one, else the CPU;
+fp32 by default on both, bf16 autocast with `precision="bf16"`). Under torchrun the run is data parallel: each rank
 takes its rows of every global batch (`batch_size`, `spatial_batch`, `temporal_batch` are global)
 and the gradients are averaged before each step (`training/vae_run.py`); the result is the
 one-process run's up to summation order. A run whose `--out` holds a checkpoint resumes from it
@@ -96,7 +96,7 @@ class VAETrainConfig:
     # exact resume: a checkpoint every this many steps (all stages counted; 0 = only the final one)
     checkpoint_every: int = 0
     keep_last: int = 2
-    precision: str = "auto"       # models/vae_runtime.py: auto (GPU: bf16 autocast; CPU: fp32), fp32, bf16
+    precision: str = "auto"       # models/vae_runtime.py: auto (= GPU_DEFAULT, fp32 today), fp32, bf16 (autocast)
 
     def __post_init__(self) -> None:
         from mugv.core import validate as v
@@ -538,7 +538,7 @@ def config_from_args(argv: list[str] | None) -> VAETrainConfig:
                     help="save every N steps (all stages counted) for exact resume; 0: only at the end")
     ap.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                    help="auto: bf16 autocast on a GPU, fp32 on the CPU (models/vae_runtime.py)")
+                    help="auto: models/vae_runtime.py GPU_DEFAULT on a GPU (fp32 today), fp32 on the CPU; bf16: autocast")
     ap.add_argument("--no-eval", action="store_true", help="skip PSNR/SSIM before and after")
     a = ap.parse_args(argv)
     return VAETrainConfig(data=a.data, size=a.size, height=a.height, width=a.width, num_frames=a.frames, fps=a.fps,

@@ -24,6 +24,7 @@ folder (`run_lock.RunLock`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import pathlib
 
@@ -126,6 +127,7 @@ class VAERun:
         self._pending: dict[str, dict] = {}
         self.np_rng: np.random.Generator | None = None
         self.torch_gen: torch.Generator | None = None
+        self.autocast = contextlib.nullcontext     # the VAE runtime's precision context (train sets it)
         self.param_names = {p: n for n, p in model.named_parameters()}
         if disc is not None:
             self.param_names.update({p: f"discriminator.{n}" for n, p in disc.named_parameters()})

@@ -75,3 +75,22 @@ def test_killed_data_parallel_vae_training_resumes_bit_exactly(tmp_path):
         assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), \
             f"{key}: {int((a[key] != b[key]).sum())} of {a[key].size} elements differ after the resume"
     assert _log(killed) == _log(whole)
+
+
+def test_resume_with_other_math_is_refused_naming_the_field(tmp_path):
+    """A VAE run folder with a checkpoint, rerun with another learning rate: refused, naming it;
+    a longer budget (steps) is a resume, not a refusal."""
+    import pytest
+
+    from mugv.checkpoints.format import CheckpointError
+    from mugv.torch_backend.jobs import vae_train
+    rng = np.random.default_rng(1)
+    clips = [(f"c{i}", rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)) for i in range(2)]
+    cfg = vae_train.VAETrainConfig(data="unused", height=16, width=16, num_frames=9, batch_size=1, steps=1,
+                                   evaluate=False, out=str(tmp_path / "run"))
+    vae_train.train(cfg, log=lambda s: None, clips=clips)
+    with pytest.raises(CheckpointError, match=r"other settings: lr: checkpoint 0.0002, now 0.001"):
+        vae_train.train(vae_train.VAETrainConfig(**{**cfg.__dict__, "lr": 1e-3}), log=lambda s: None, clips=clips)
+    logs = []
+    result = vae_train.train(vae_train.VAETrainConfig(**{**cfg.__dict__, "steps": 2}), log=logs.append, clips=clips)
+    assert result["resumed"] and result["steps"] == 2 and any("resumed from" in x for x in logs), logs

@@ -235,7 +235,8 @@ def cache_job(out_dir: str, clips: int, size: str, px: int, frames: int) -> dict
     barrier()
     t0 = time.perf_counter()
     pretrain.cache_stage(recipe, stage, vae, text, log=lambda s: None, runtime=runtime)
-    wall = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    wall = torch.tensor([time.perf_counter() - t0], dtype=torch.float64,
+                        device=runtime.device if runtime.device.type == "cuda" else "cpu")
     if world > 1:
         dist.all_reduce(wall, op=dist.ReduceOp.MAX)
     if rank != 0:

@@ -71,11 +71,17 @@ class DataParallel:
             t.copy_(flat[i:i + t.numel()].view_as(t))
             i += t.numel()
 
+    def scalar_device(self) -> torch.device:
+        """Where a collective's small tensors live: NCCL takes CUDA tensors only."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def mean(self, value: float) -> float:
         """A Python number averaged over the ranks (logs)."""
         if self.size == 1:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.scalar_device())
         dist.all_reduce(t, group=self.group)
         return float(t[0]) / self.size
 

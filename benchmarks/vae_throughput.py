@@ -214,7 +214,7 @@ def cache_job(out_dir: str, clips: int, size: str, px: int, frames: int) -> dict
     from mugv.torch_backend.models.vae import init_vae
     from mugv.torch_backend.models.vae_runtime import place_vae
 
-    rank, world, barrier = pretrain._world()
+    rank, world, barrier = pretrain.data_parallel_world()
     barrier = barrier or (lambda: None)
     root = pathlib.Path(out_dir) / f"cache_job_world{world}"
     if rank == 0:

@@ -43,11 +43,12 @@ def cache_names(cfg: PretrainConfig, precision: str = "fp32") -> tuple[str, str]
     return video, text_identity(cfg.text_encoder, cfg.dit)
 
 
-def _world():
-    """(rank, world size, barrier) of the torch.distributed group (joined under torchrun)."""
+def data_parallel_world(timeout_s: float = 600.0):
+    """(rank, world size, barrier) of the torch.distributed group, joined under torchrun with the
+    layout's collective timeout (a no-op when joined already)."""
     import torch.distributed as dist
     from mugv.torch_backend.parallel.launch import init_distributed
-    init_distributed(timeout_s=3600.0)
+    init_distributed(timeout_s=timeout_s)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), dist.barrier
     return 0, 1, None
@@ -58,7 +59,7 @@ def cache_stage(cfg: PretrainConfig, stage: StageConfig, vae, text, log=print, r
     Under torch.distributed every rank calls it and encodes its share (data/cache.py). `runtime`:
     `place_vae`'s (the VAE's device and precision); None = fp32 where the VAE is."""
     from mugv.torch_backend.data.cache import build_cache, cache_complete, check_cache, vae_encoder
-    rank, world, barrier = _world()
+    rank, world, barrier = data_parallel_world(cfg.parallel.timeout_s)
     index = stage_index(cfg, stage)
     folder = pathlib.Path(cfg.out) / "cache" / index.buckets[0].name
     video_name, text_name = cache_names(cfg, runtime.precision if runtime is not None else "fp32")
@@ -177,7 +178,7 @@ def cache(cfg) -> int:
     report.one_thread_on_cpu()
     vae = load_vae(recipe.vae_size, recipe.vae_checkpoint)
     runtime = place_vae(vae, kernels=recipe.kernels.kernel_choice)
-    rank = _world()[0]
+    rank = data_parallel_world(recipe.parallel.timeout_s)[0]
     if rank == 0:
         print(f"[mugv] VAE on {runtime.record()}")
     text = text_encoder(recipe.text_encoder, recipe.dit)

@@ -95,6 +95,5 @@ def sample(ns) -> int:
         write_mp4(out / f"sample_{i}.mp4", video, ns.fps)
     write_png(out / "grid.png", frame_grid(videos))
     (out / "prompts.json").write_text(json.dumps(list(ns.prompt), indent=1))
-    (out / "vae_runtime.json").write_text(json.dumps(runtime.record(), indent=1))
     print(f"{len(videos)} clips ({'i2v' if ns.image else 't2v'}) -> {out}")
     return 0

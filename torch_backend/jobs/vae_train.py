@@ -44,6 +44,8 @@ from mugv.core import vae as spec
 from mugv.torch_backend.data import media
 from mugv.torch_backend.jobs import vae_eval
 from mugv.torch_backend.models.vae import VideoVAE, init_vae
+from mugv.torch_backend.training.checkpointing import truncate_metrics
+from mugv.torch_backend.training.run_lock import RunLock
 from mugv.torch_backend.training.vae_run import DataParallel, VAERun
 
 
@@ -377,8 +379,6 @@ def train(cfg: VAETrainConfig, log=print, on_step=None, clips: list[tuple[str, n
     Returns {"before", "after" (None without evaluate), "steps", "stage_steps", "seconds",
     "checkpoint" (None without `out`), "model", "runtime"}."""
     from mugv.torch_backend.models.vae_runtime import place_vae
-    from mugv.torch_backend.training.checkpointing import truncate_metrics
-    from mugv.torch_backend.training.run_lock import RunLock
     t_start = time.monotonic()
     dp = DataParallel()
     torch.manual_seed(cfg.seed)
@@ -400,14 +400,15 @@ def train(cfg: VAETrainConfig, log=print, on_step=None, clips: list[tuple[str, n
                      cfg.checkpoint_every, cfg.keep_last, log, dp)
         run.np_rng, run.torch_gen, run.autocast = rng, gen, runtime.autocast
         log(json.dumps({"vae_runtime": runtime.record(), "rank": dp.rank, "world_size": dp.size}))
-        return _train(cfg, log, on_step, clips, model, disc, run, runtime, t_start, truncate_metrics)
+        return _train(cfg, run, runtime, log, on_step, clips, t_start)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg, log, on_step, clips, model, disc, run, runtime, t_start, truncate_metrics) -> dict:
-    dp, rng, gen, out = run.dp, run.np_rng, run.torch_gen, run.out
+def _train(cfg: VAETrainConfig, run: VAERun, runtime, log, on_step, clips, t_start: float) -> dict:
+    """`train`'s body once the model, its runtime and the run's state exist (and the lock is held)."""
+    model, disc, dp, rng, gen, out = run.model, run.disc, run.dp, run.np_rng, run.torch_gen, run.out
     clips = load_clips(cfg) if clips is None else clips
     eval_clips = [(n, c[:cfg.eval_frames]) for n, c in clips if len(c) >= cfg.eval_frames]
     if out is not None:

@@ -1,5 +1,6 @@
-"""VAE training killed by SIGKILL and restarted (issue 25): the resumed run's final checkpoint
-(weights, discriminator, every Adam moment) and its log are bit-equal to an uninterrupted run's.
+"""VAE training and the data-parallel cache killed by SIGKILL and restarted (issue 25). Training:
+the resumed run's final checkpoint (weights, discriminator, every Adam moment) and its log are
+bit-equal to an uninterrupted run's.
 Data parallel over 2 gloo processes, both killed at once at a random step (drawn from a fixed
 seed) after the first checkpoint, with stages A, B and C (discriminator and adaptive weight on,
 posterior samples) all run; the restart resumes wherever the newest checkpoint stands."""
@@ -129,3 +130,38 @@ def test_resume_inside_each_stage_is_exact(tmp_path):
         for key in final:
             assert np.array_equal(final[key], b[key]), f"resumed at step {step} ({stage}): {key} differs"
         assert _log(run) == _log(tmp_path / "run")
+
+
+def test_killed_data_parallel_cache_resumes_to_the_one_process_cache(tmp_path):
+    """2 processes building one cache, both SIGKILLed after some rows, restarted as 2 processes:
+    complete and bit-equal to a one-shot one-process cache (the row protocol holds with several
+    writers: rows of both ranks share shard files)."""
+    from mugv.parity_tests.test_data_cache import _arrays as cache_arrays
+    from mugv.torch_backend.data.cache import cache_complete
+    from mugv.torch_backend.data.product_videos import generate_dataset
+    worker = pathlib.Path(__file__).with_name("cache_dp_worker.py")
+    manifest = generate_dataset(tmp_path / "data", 10, seed=26, size=32, frames=9)
+
+    def start(out, progress, delay, world):
+        port = free_port()
+        return [subprocess.Popen([sys.executable, "-P", str(worker), str(manifest), str(out), str(progress), str(delay)],
+                                 env=child_env(r, world, port) if world > 1 else child_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    _finish(start(tmp_path / "one", tmp_path / "p_one", 0.0, 1))
+    procs = start(tmp_path / "two", tmp_path / "p_two", 0.5, 2)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if (tmp_path / "p_two").exists() and len((tmp_path / "p_two").read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.01)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    assert not cache_complete(tmp_path / "two")
+    _finish(start(tmp_path / "two", tmp_path / "p_restart", 0.0, 2))
+    assert cache_complete(tmp_path / "two")
+    a, b = cache_arrays(tmp_path / "one"), cache_arrays(tmp_path / "two")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key

@@ -90,9 +90,11 @@ class KernelConfig:
 
 
 def demo_dit(**overrides) -> DiTConfig:
-    """The demo's DiT: 'tiny' width, 3 layers, 8 latent channels (the tiny VAE's), 48 text tokens."""
+    """The demo's DiT: 'tiny' width, 3 layers, 8 latent channels (the tiny VAE's), 64 text tokens:
+    the embedded byte-level encoder's limit, above the longest caption the product generator's
+    vocabulary makes (52 bytes + EOS; test_demo.py checks it), so no demo caption is cut."""
     return DiTConfig(**{**dict(hidden_size=144, num_heads=2, depth=3, in_channels=8, out_channels=16,
-                               text_dim=64, text_max_len=48), **overrides})
+                               text_dim=64, text_max_len=64), **overrides})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +139,8 @@ class PretrainConfig:
             v.fail(self, "stages", "a non-empty list of stages")
         if len({s.name for s in self.stages}) != len(self.stages):
             v.fail(self, "stages", "distinct stage names")
-        if self.size % 16:
-            v.fail(self, "size", "a multiple of 16 (VAE 8 x DiT patch 2)")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0 or self.size % 16:
+            v.fail(self, "size", "a positive multiple of 16 (VAE 8 x DiT patch 2)")
         v.in_range(self, "fps", 0, 240, lo_open=True)
         v.non_negative_int(self, "sample_every")
         v.positive_int(self, "sample_prompts")

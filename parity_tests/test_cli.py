@@ -164,8 +164,9 @@ def test_sample_needs_exactly_one_weight_source(tmp_path, capsys):
 def test_generate_data_then_evaluate(tmp_path, capsys):
     """generate-data writes real mp4 + manifests; evaluate scores them against their captions."""
     out = tmp_path / "data"
-    assert main(["generate-data", "--out", str(out), "--count", "3", "--held_out", "1",
-                 "--frames", "9", "--colours", '["red", "blue"]']) == 0
+    assert main(["generate-data", "--out", str(out), "--count", "3", "--held_out", "1", "--val", "1",
+                 "--frames", "9", "--colours", '["red", "blue"]', "--held_out_pairs", "[]",
+                 "--held_out_triples", "2", "--val_triples", "1"]) == 0
     rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all((out / r["path"]).stat().st_size > 0 for r in rows)
     assert all(r["caption"].split()[1] in ("red", "blue") for r in rows)
@@ -187,7 +188,7 @@ def test_cached_batches_resume_exactly(tmp_path):
     from mugv.torch_backend.data.text import EmbeddedTextEncoder
     from mugv.torch_backend.training.data_source import CachedBatches
 
-    manifests = demo.generate(demo.DemoData(count=7, held_out=1, frames=9), tmp_path / "data", log=lambda s: None)
+    manifests = demo.generate(demo.DemoData(count=7, held_out=1, val=1, frames=9), tmp_path / "data", log=lambda s: None)
     index = build_index(manifests["train"], (BucketSpec(32, 32, 9, 2, 16.0), BucketSpec(32, 32, 1, 3, 16.0)))
     build_cache(index, tmp_path / "cache", pool_encoder, EmbeddedTextEncoder(dim=16, max_len=24), "pool", "emb")
     make = lambda: CachedBatches(index, CachedSource(index, tmp_path / "cache", "pool", "emb"), TaskMix(0.4, 0.6, 0.0),  # noqa: E731

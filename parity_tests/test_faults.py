@@ -8,12 +8,11 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from mugv.checkpoints.format import Checkpoint, CheckpointError
-from mugv.parity_tests.helpers import child_env
+from mugv.parity_tests.helpers import child_env, kill_at, run_child, start_child
 from mugv.torch_backend.training.checkpointing import CheckpointMixin
 from mugv.torch_backend.training.run_lock import RunLock, RunLockError
 
@@ -110,17 +109,9 @@ def test_killed_before_the_first_checkpoint_restarts_without_repeating_steps(tmp
     """--ckpt-every 100: no checkpoint before the kill; the rerun starts at step 0, says so, and
     metrics.jsonl holds each step once."""
     args = [sys.executable, str(WORKER), str(tmp_path), "6", "--ckpt-every", "100"]
-    proc = subprocess.Popen(args, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "step 3/" in line:
-            break
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at(start_child(args), "step 3/", delay=0.2)
     assert (tmp_path / "metrics.jsonl").read_text().strip(), "the killed run wrote no metrics"
-    rerun = subprocess.run(args, env=child_env(), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "no committed checkpoint" in rerun.stdout + rerun.stderr
+    assert "no committed checkpoint" in run_child(args)
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 6, steps
     # each start recorded what produced its steps: versions, device and the kernels with reasons

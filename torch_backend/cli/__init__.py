@@ -31,19 +31,23 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 
 class UsageError(Exception):
-    """Bad command-line input (unknown key, wrong type, out-of-range value, missing path)."""
+    """Bad command-line input (unknown key, wrong type, out-of-range value, missing path). Inputs
+    read from files (manifests, checkpoints, layouts) are checked next, by `commands.preflight`
+    (jobs/preflight.py `InputError`); both end as one line and exit status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mugv` console script. Returns the exit status (2 = bad input)."""
     from mugv.torch_backend.cli import commands
     argv = sys.argv[1:] if argv is None else list(argv)
+    from mugv.torch_backend.jobs.preflight import InputError
     try:
         command, cfg = commands.parse(argv)
-    except UsageError as err:
+        commands.preflight(command, cfg)    # every input read and checked, no model loaded yet
+        return commands.run(command, cfg)
+    except (UsageError, InputError) as err:   # a job's own input error (InputError) ends the same way
         sys.stderr.write(f"mugv: error: {err}\n")
         return 2
-    return commands.run(command, cfg)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import pathlib
 import re
 from typing import Optional
 
@@ -335,9 +337,84 @@ def _build(command: str, ns):
         cfg = demo.DemoConfig(**_fields(demo.DemoConfig, ns))
         if ns.quick:
             cfg = dataclasses.replace(demo.quick_config(), out=cfg.out if cfg.out != "runs/demo" else "runs/demo_quick",
-                                      preference=cfg.preference, preference_seeds=cfg.preference_seeds)
+                                      preference=cfg.preference, preference_seeds=cfg.preference_seeds,
+                                      seeds=cfg.seeds, score=cfg.score)
         return cfg
     raise UsageError(f"unknown subcommand {command!r}")
+
+
+def preflight(command: str, cfg) -> None:
+    """Every input a subcommand reads checked before any model loads (jobs/preflight.py): its
+    manifests (each row parsed and typed), checkpoints (manifest and checksum), weights files,
+    text encoder folder, pixel sizes, parallel layout against the model and the world size, and
+    precision against the device. A failure is `InputError`: one line, exit status 2."""
+    from mugv.torch_backend.jobs import preflight as check
+
+    def common(text_spec, dit=None, parallel=None, train=None):
+        check.text_encoder("text_encoder", text_spec)
+        if parallel is not None and dit is not None:
+            check.layout("parallel", parallel, dit)
+        if train is not None:
+            check.precision("train.precision", train.precision)
+
+    if command in ("cache", "train"):
+        recipe, _ = cfg
+        check.manifest("manifest", recipe.manifest)
+        check.checkpoint("vae_checkpoint", recipe.vae_checkpoint, step_only=True, holds="vae")
+        common(recipe.text_encoder, *((recipe.dit, recipe.parallel, recipe.train) if command == "train" else ()))
+    elif command == "sample":
+        if cfg.checkpoint:
+            check.checkpoint("checkpoint", cfg.checkpoint, holds="dit")
+        if cfg.official and pathlib.Path(cfg.official).is_dir():
+            from mugv.torch_backend.jobs.loaders import official_dit_file
+            official_dit_file(cfg.official)
+        if cfg.vae_checkpoint:
+            check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True, holds="vae")
+        check.pixels("size", cfg.size, 8 * cfg.dit.patch_size[1])
+        check.positive("frames", cfg.frames)
+        check.positive("fps", cfg.fps)
+        common(cfg.text_encoder)
+    elif command == "eval-vae":
+        from mugv.core.vae import VAE_SIZES
+        check.data("data", cfg.data)
+        if cfg.checkpoint:
+            check.checkpoint("checkpoint", cfg.checkpoint, step_only=True, holds="vae")
+        if cfg.official:
+            check.weights_file("official", cfg.official)
+        if cfg.size not in VAE_SIZES and not (cfg.official and cfg.size == "official"):
+            raise check.InputError(f"--size = {cfg.size!r}: expected a VAE size, one of {sorted(VAE_SIZES)}")
+        for key in ("height", "width"):
+            check.pixels(key, getattr(cfg, key), 8)
+        check.positive("frames", cfg.frames)
+        check.positive("fps", cfg.fps)
+    elif command == "train-vae":
+        check.data("data", cfg.data)
+    elif command == "evaluate":
+        check.manifest("manifest", cfg.manifest)
+    elif command == "finetune":
+        check.manifest("manifest", cfg.manifest)
+        if cfg.vae_checkpoint:
+            check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True, holds="vae")
+        dit = None
+        if pathlib.Path(cfg.base).is_dir():   # an official file's config comes from its weights (loaded later)
+            from mugv.core import validate
+            from mugv.core.dit import DiTConfig
+            step = check.checkpoint("base", cfg.base, holds="dit")
+            dit = validate.from_dict(DiTConfig, json.loads((step / "manifest.json").read_text())["config"]["dit"])
+        common(cfg.text_encoder, dit, cfg.parallel, cfg.train)
+    elif command == "train-preference":
+        rows = check.manifest("manifest", cfg.manifest, kind=cfg.objective)
+        check.checkpoint("reference", cfg.reference, holds="dit")
+        if not rows[0].is_latent:
+            check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True, holds="vae")
+        check.precision("reference_precision", cfg.reference_precision)
+        common(cfg.text_encoder, cfg.dit, cfg.parallel, cfg.train)
+    elif command == "make-preferences":
+        check.manifest("prompts", cfg.prompts)
+        check.checkpoint("checkpoint", cfg.checkpoint, holds="dit")
+        check.checkpoint("vae_checkpoint", cfg.vae_checkpoint, step_only=True, holds="vae")
+        check.pixels("size", cfg.size, 8 * cfg.dit.patch_size[1])
+        common(cfg.text_encoder)
 
 
 # subcommand -> (module, function) that runs it: a job, or the demo experiment on top of them

@@ -60,18 +60,32 @@ class DatasetIndex:
 
 
 def build_index(manifest: str | pathlib.Path | list[ManifestEntry],
-                buckets: tuple[BucketSpec, ...]) -> DatasetIndex:
-    """Probe every row, assign buckets, skip and count what cannot be used (logged per file)."""
+                buckets: tuple[BucketSpec, ...], on_skip=None, probed: dict | None = None) -> DatasetIndex:
+    """Probe every row, assign buckets, skip and count what cannot be used.
+
+    on_skip(entry, reason, detail) is told of each skipped row (default: a logged warning per
+    file); `probed` keeps each file's probe result (or its MediaError) so several indexes of one
+    manifest (a curriculum's stages) decode each file once."""
     entries = read_manifest(manifest) if not isinstance(manifest, list) else manifest
     video_buckets = any(b.frames > 1 for b in buckets)
     image_buckets = any(b.frames == 1 for b in buckets)
+    probed = {} if probed is None else probed
+    if on_skip is None:
+        def on_skip(entry, reason, detail):
+            log.warning("skip %s (%s, line %d): %s%s", entry.sample_id, entry.path, entry.line, reason,
+                        f" ({detail})" if detail else "")
     items, skipped = [], []
     for entry in entries:
-        try:
-            info = probe(entry.path, entry.fps)
-        except MediaError as e:
-            skipped.append((entry.sample_id, e.reason, e.detail))
-            log.warning("skip %s (%s, line %d): %s", entry.sample_id, entry.path, entry.line, e)
+        key = (str(entry.path), entry.fps)
+        if key not in probed:
+            try:
+                probed[key] = probe(entry.path, entry.fps)
+            except MediaError as e:
+                probed[key] = e
+        info = probed[key]
+        if isinstance(info, MediaError):
+            skipped.append((entry.sample_id, info.reason, info.detail))
+            on_skip(entry, info.reason, info.detail)
             continue
         placed, reasons = False, []
         if info.num_frames > 1 and video_buckets:
@@ -92,7 +106,7 @@ def build_index(manifest: str | pathlib.Path | list[ManifestEntry],
             why = reasons[0] if reasons else f"{info.num_frames} frame(s), no image bucket in this stage"
             reason = "too small" if why.startswith("too small") else "too short"
             skipped.append((entry.sample_id, reason, why))
-            log.warning("skip %s (%s, line %d): %s", entry.sample_id, entry.path, entry.line, why)
+            on_skip(entry, reason, why)
     index = DatasetIndex(tuple(buckets), items, skipped)
     log.info("dataset index: %s", index.report())
     return index

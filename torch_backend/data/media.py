@@ -92,6 +92,26 @@ def write_mp4_frames(target: str | pathlib.Path | io.BytesIO, frames: Iterable[n
     return written
 
 
+class written_atomically:
+    """`with written_atomically(path) as tmp:` write to `tmp` (a hidden name in the same folder,
+    same suffix), which replaces `path` only when the block ends without an exception: a process
+    killed mid-write leaves the old file or none, never a truncated one under the final name."""
+
+    def __init__(self, path: str | pathlib.Path):
+        self.path = pathlib.Path(path)
+        self.tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+
+    def __enter__(self) -> pathlib.Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Layouts
 

@@ -5,8 +5,12 @@ The vocabulary is cut down from the full product generator (`data/product_videos
 tiny DiT can learn it on a 2-core CPU in minutes: a few colours, shapes and motions, matte objects
 on light backgrounds, 32x32 px, 17 frames. Captions are short ("a red sphere, the camera pans
 left") so that the byte-level embedded text encoder keeps every word within its token budget.
-The analyzer (`data/analyzer.py`) then reads the colour, shape and motion of each sample and the
-report compares its accuracy with chance (1 / number of values of that attribute in the demo).
+Some (colour, shape, motion) combinations never appear in training (`DemoData.compositions`):
+the headline is how often t2v samples of those new compositions show the caption's colour, shape
+and motion as the analyzer (`data/analyzer.py`) reads them, next to the strongest text-blind
+baseline (the same model sampled without its caption, with a shuffled caption, and the
+majority value). Recall of captions seen in training is reported apart. `--seeds N` repeats the
+whole demo over N data/training seeds and reports mean and spread.
 
     mugv demo [--quick] [--out runs/demo]     (or: python -m mugv.torch_backend.experiments.demo)
 """
@@ -41,6 +45,10 @@ class DemoVAE:
         trained on, PretrainConfig.sample_posterior): with the KL weight of 1e-6 the posterior std
         stays near 1 for the whole short run, so decoding samples teaches the decoder to ignore z
     lr / betas: Adam of stages A and C
+    colour_weight: weight of the product's mean-colour error per frame in stages A and C
+        (core/vae.py::foreground_colour_error): without it red products came out orange; the
+        settings (1.0, 1200 + 1500 steps) were chosen on the validation splits by
+        benchmarks/vae_colour.py (docs/vae.md "Every colour")
     foreground_weight: the product's pixels weigh 1 + this in the L1 terms of stages A and C
         (vae_train.foreground_mask): a 6-10 px object on a plain 32 px background is otherwise
         not worth reconstructing early on (30 kept red apart in scratch runs, but the whole demo
@@ -49,9 +57,9 @@ class DemoVAE:
     """
 
     size: str = "tiny"
-    spatial_steps: int = 700
+    spatial_steps: int = 1200
     spatial_batch: int = 16
-    temporal_steps: int = 1000
+    temporal_steps: int = 1500
     temporal_batch: int = 8
     temporal_lr: float = 1e-3
     steps: int = 0
@@ -62,6 +70,7 @@ class DemoVAE:
     betas: tuple[float, float] = (0.9, 0.999)
     sample_posterior: bool = False
     foreground_weight: float = 9.0
+    colour_weight: float = 1.0
 
     def __post_init__(self) -> None:
         from mugv.core.vae import VAE_SIZES
@@ -74,6 +83,7 @@ class DemoVAE:
         v.in_range(self, "lr", 0, 1, lo_open=True)
         v.in_range(self, "temporal_lr", 0, 1, lo_open=True)
         v.in_range(self, "foreground_weight", 0, None)
+        v.in_range(self, "colour_weight", 0, None)
 
     @property
     def total_steps(self) -> int:
@@ -83,27 +93,42 @@ class DemoVAE:
 PREFERENCE_CHOICES = ("none", "dpo", "kto", "dpo,kto")
 
 
+SCORED_SPLITS = ("eval", "val")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """The whole demo. `pretrain.manifest` / `pretrain.vae_checkpoint` are filled in by the demo
-    (the generated data and the VAE it trains); `samples` held-out prompts are sampled t2v and i2v.
+    (the generated data and the VAE it trains).
+
+    score: which pair of splits the report scores: "eval" (eval_new + eval_seen, the default; look
+        at it once, after settings are chosen) or "val" (val_new + val_seen: for choosing settings).
+    samples: prompts sampled per scored split (at most DemoData.held_out / val clips); each is
+        sampled t2v, i2v (new compositions), without its caption and with a shuffled one.
+    seeds: > 1 runs the whole demo for data seeds data.seed .. data.seed + seeds - 1 (the DiT's
+        training seed follows) under out/seed_<k>/ and reports the mean and spread.
     preference: after pre-training, the preference stage (docs/preference.md): preferences made by
-    the analyzer on training prompts, then DPO and/or KTO from the pretrained checkpoint, with
-    held-out caption following before/after over `preference_seeds` seeds ("none": skipped; each
-    seed adds a few minutes on 2 CPU cores)."""
+        the analyzer on training prompts, then DPO and/or KTO from the pretrained checkpoint, with
+        held-out caption following before/after over `preference_seeds` seeds ("none": skipped;
+        each seed adds a few minutes on 2 CPU cores)."""
 
     out: str = "runs/demo"
     data: DemoData = DemoData()
     vae: DemoVAE = DemoVAE()
-    pretrain: PretrainConfig = PretrainConfig(sample_every=150)
+    pretrain: PretrainConfig = PretrainConfig(sample_every=150, stages=(
+        StageConfig("images", frames=1, steps=200, lr=1e-3),
+        StageConfig("short_video", frames=17, steps=1000, lr=1e-3, i2v=0.3)))
     sampler: FlowSamplerConfig = FlowSamplerConfig(num_steps=20, guidance_scale=3.0)
+    score: str = "eval"
     samples: int = 24
     sample_seed: int = 1234
+    seeds: int = 1
     preference: str = "none"
     preference_seeds: int = 3
 
     def __post_init__(self) -> None:
-        v.positive_int(self, "samples")
+        v.one_of(self, "score", SCORED_SPLITS)
+        v.positive_int(self, "samples", "seeds")
         v.non_negative_int(self, "sample_seed")
         v.one_of(self, "preference", PREFERENCE_CHOICES)
         v.positive_int(self, "preference_seeds")
@@ -111,7 +136,7 @@ class DemoConfig:
 
 def quick_config(out: str = "runs/demo_quick") -> DemoConfig:
     """The CI variant: fewer clips, a shorter VAE and fewer DiT steps (about 3 minutes)."""
-    return DemoConfig(out=out, data=DemoData(count=96, held_out=16), vae=DemoVAE(spatial_steps=250, temporal_steps=300, minutes=3.0),
+    return DemoConfig(out=out, data=DemoData(count=96, held_out=16, val=8), vae=DemoVAE(spatial_steps=250, temporal_steps=300, minutes=3.0),
                       pretrain=PretrainConfig(sample_every=110, stages=(
                           StageConfig("images", frames=1, steps=80, lr=1e-3),
                           StageConfig("short_video", frames=17, steps=220, lr=1e-3, i2v=0.3))),
@@ -149,7 +174,8 @@ def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
                                     spatial_batch=cfg.vae.spatial_batch, temporal_steps=cfg.vae.temporal_steps,
                                     temporal_batch=cfg.vae.temporal_batch, temporal_lr=cfg.vae.temporal_lr,
                                     lr=cfg.vae.lr, betas=cfg.vae.betas, sample_posterior=cfg.vae.sample_posterior,
-                                    foreground_weight=cfg.vae.foreground_weight, seed=d.seed, eval_frames=d.frames,
+                                    foreground_weight=cfg.vae.foreground_weight,
+                                    colour_weight=cfg.vae.colour_weight, seed=d.seed, eval_frames=d.frames,
                                     minutes=cfg.vae.minutes, evaluate=False, out=str(root))
     rows = []
     bar = Progress(cfg.vae.total_steps, "VAE")
@@ -168,10 +194,15 @@ def train_vae(cfg: DemoConfig, manifest: pathlib.Path, log=print):
     return model, path, rows
 
 
-def generate_samples(cfg: DemoConfig, run_dir: pathlib.Path, vae, held_out: pathlib.Path, frames: int,
-                     group: str = "model") -> dict:
-    """Sample t2v and i2v clips for the first `cfg.samples` held-out captions (i2v: the held-out
-    clip's first frame as the reference), decode them, and return uint8 videos and captions."""
+def generate_samples(cfg: DemoConfig, run_dir: pathlib.Path, vae, prompts: dict[str, tuple], frames: int,
+                     group: str = "model") -> dict[str, list[np.ndarray]]:
+    """Sample and decode every prompt set with the DiT checkpoint under run_dir, loaded once.
+
+    prompts: name -> (captions, refs, text_blind). refs: None (t2v) or (B, 3, 1, H, W) first
+    frames in [-1, 1] (i2v: latent frame 0 held at their latent). text_blind: every text token
+    masked, the unconditional branch caption dropout trains (cond = uncond, so no guidance).
+    The same sample_seed for every set: prompt i starts from the same noise in each.
+    Returns name -> uint8 (T, H, W, 3) videos."""
     import torch
 
     from mugv.core.vae import latent_shape
@@ -179,33 +210,69 @@ def generate_samples(cfg: DemoConfig, run_dir: pathlib.Path, vae, held_out: path
     from mugv.torch_backend.jobs.loaders import load_dit, text_encoder
     from mugv.torch_backend.data.media import to_uint8
     from mugv.torch_backend.jobs.sample import sample_latents
-    from mugv.torch_backend.data.decode import decode_clip, to_model_range
-    from mugv.torch_backend.data.manifest import read_manifest
 
     d, p = cfg.data, cfg.pretrain
-    entries = read_manifest(held_out)[:cfg.samples]
-    captions = [e.caption for e in entries]
-    text, mask = text_encoder(p.text_encoder, p.dit)(captions)
     thw = latent_shape(frames, d.size, d.size)
-    refs = np.stack([to_model_range(decode_clip(e.path, 1, d.size, d.size, d.fps)) for e in entries])
-    with torch.no_grad():
-        cond = vae.encode(torch.from_numpy(refs), sample=False)
+    encode_text = text_encoder(p.text_encoder, p.dit)
     megatron_compat.initialize_parallel(tp=1, pp=1, cp=1, seed=cfg.sample_seed)
     try:
         _, model = load_dit(p.dit, str(run_dir / "checkpoints"), group=group)
         out = {}
-        for task, c in (("t2v", None), ("i2v", cond)):
-            z = sample_latents(model, p.dit, text, mask, thw, d.fps, cfg.sampler, cfg.sample_seed, c)
+        for name, (captions, refs, blind) in prompts.items():
+            text, mask = encode_text(captions)
+            if blind:
+                mask = torch.zeros_like(mask)
+            cond = None
+            if refs is not None:
+                with torch.no_grad():
+                    cond = vae.encode(torch.as_tensor(refs), sample=False)
+            z = sample_latents(model, p.dit, text, mask, thw, d.fps, cfg.sampler, cfg.sample_seed, cond)
             with torch.no_grad():
-                video = vae.decode(z, frames)
-            out[task] = [to_uint8(x) for x in video]
+                out[name] = [to_uint8(x) for x in vae.decode(z, frames)]
     finally:
         megatron_compat.destroy_parallel()
-    return {"captions": captions, **out}
+    return out
+
+
+ATTRIBUTES = ("colour", "shape", "motion")
+
+
+def majority_accuracy(captions: list[str]) -> dict[str, float]:
+    """Per attribute, what always answering the prompts' most frequent value would score."""
+    from collections import Counter
+
+    from mugv.torch_backend.data.analyzer import parse_caption
+    parsed = [parse_caption(c) for c in captions]
+    return {a: Counter(x[a] for x in parsed).most_common(1)[0][1] / len(parsed) for a in ATTRIBUTES}
+
+
+def per_value(rows: list[dict], captions: list[str], attribute: str = "colour") -> dict[str, list[int]]:
+    """value -> [hits, prompts] of one attribute over analyzer rows (evaluate.analyzer_accuracy)."""
+    from mugv.torch_backend.data.analyzer import parse_caption
+    out: dict[str, list[int]] = {}
+    for row, c in zip(rows, captions):
+        want = parse_caption(c)[attribute]
+        hit = out.setdefault(want, [0, 0])
+        hit[0] += row.get(attribute) == want
+        hit[1] += 1
+    return out
+
+
+def _derangement(n: int, seed: int) -> list[int]:
+    """A permutation of range(n) without fixed points (n >= 2): prompt i is sampled with the
+    caption of prompt perm[i], never its own."""
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        if n < 2 or not np.any(perm == np.arange(n)):
+            return [int(i) for i in perm]
 
 
 def run(cfg: DemoConfig, log=print) -> dict:
-    """Every step of the demo; writes out/report.md and out/results.json, returns the results."""
+    """Every step of the demo; writes out/report.md and out/results.json, returns the results.
+    With cfg.seeds > 1, every seed's demo under out/seed_<k>/, then the summary over seeds."""
+    if cfg.seeds > 1:
+        return run_seeds(cfg, log)
     import time
 
     import torch
@@ -214,6 +281,8 @@ def run(cfg: DemoConfig, log=print) -> dict:
     from mugv.torch_backend.jobs.evaluate import analyzer_accuracy
     from mugv.torch_backend.jobs.pretrain import train_stages
     from mugv.torch_backend.data import media
+    from mugv.torch_backend.data.decode import decode_clip, to_model_range
+    from mugv.torch_backend.data.manifest import read_manifest
     from mugv.torch_backend.data.media import to_uint8
     from mugv.torch_backend.models.vae import init_vae
     from mugv.core import vae as spec
@@ -225,16 +294,17 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
     t0 = time.monotonic()
     manifests = generate(d, out / "data", log)
+    new_split, seen_split = f"{cfg.score}_new", f"{cfg.score}_seen"
     times["data"] = time.monotonic() - t0
 
     t0 = time.monotonic()
     vae, vae_ckpt, vae_rows = train_vae(cfg, manifests["train"], log)
-    psnr_init = vae_eval.evaluate(init_vae(spec.vae_config(cfg.vae.size), d.seed), manifests["held_out"],
+    psnr_init = vae_eval.evaluate(init_vae(spec.vae_config(cfg.vae.size), d.seed), manifests[new_split],
                                   d.size, d.size, d.frames, d.fps)["mean_psnr"]
-    held = vae_eval.evaluate(vae, manifests["held_out"], d.size, d.size, d.frames, d.fps,
-                             out_dir=out / "vae" / "held_out")
+    held = vae_eval.evaluate(vae, manifests[new_split], d.size, d.size, d.frames, d.fps,
+                             out_dir=out / "vae" / new_split)
     times["vae"] = time.monotonic() - t0
-    log(f"[mugv] VAE PSNR on {len(held['clips'])} held-out clips: {held['mean_psnr']:.2f} dB "
+    log(f"[mugv] VAE PSNR on {len(held['clips'])} {new_split} clips: {held['mean_psnr']:.2f} dB "
         f"(untrained {psnr_init:.2f} dB), SSIM {held['mean_ssim']:.3f}")
 
     t0 = time.monotonic()
@@ -254,37 +324,57 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
     t0 = time.monotonic()
     video_frames = max(s.frames for s in pre.stages)
-    samples = generate_samples(cfg, last, vae, manifests["held_out"], video_frames)
+    new = read_manifest(manifests[new_split])[:cfg.samples]
+    seen = read_manifest(manifests[seen_split])[:cfg.samples]
+    new_caps, seen_caps = [e.caption for e in new], [e.caption for e in seen]
+    real = {k: [decode_clip(e.path, video_frames, d.size, d.size, d.fps) for e in entries]
+            for k, entries in (("new", new), ("seen", seen))}
+    refs = np.stack([to_model_range(c[:1]) for c in real["new"]])
+    perm = _derangement(len(new_caps), cfg.sample_seed)
+    samples = generate_samples(cfg, last, vae, {
+        "t2v": (new_caps, None, False), "i2v": (new_caps, refs, False), "no_caption": (new_caps, None, True),
+        "shuffled": ([new_caps[j] for j in perm], None, False), "seen_t2v": (seen_caps, None, False)}, video_frames)
     times["sample"] = time.monotonic() - t0
+
     t0 = time.monotonic()
-    results = {"chance": d.chance, "vae": {"held_out_psnr": held["mean_psnr"], "untrained_psnr": psnr_init,
-                                           "held_out_ssim": held["mean_ssim"], "steps": len(vae_rows),
-                                           "stage_steps": {k: sum(r.get("stage", "end_to_end") == k for r in vae_rows)
-                                                           for k in VAE_STAGES}}}
-    captions = samples["captions"]
-    # the analyzer on the held-out clips themselves and on their VAE reconstructions: the ceilings
-    from mugv.torch_backend.data.decode import decode_clip
-    from mugv.torch_backend.data.manifest import read_manifest
-    real = [decode_clip(e.path, video_frames, d.size, d.size, d.fps) for e in read_manifest(manifests["held_out"])[:cfg.samples]]
     with torch.no_grad():
-        recon = [to_uint8(vae.decode(vae.encode(media.to_video_tensor(c)[None], sample=False), len(c))[0])
-                 for c in real]
-    for name, videos in (("real", real), ("vae_recon", recon), ("t2v", samples["t2v"]), ("i2v", samples["i2v"])):
-        results[name], rows = analyzer_accuracy(videos, captions)
-        if name in ("t2v", "i2v"):
-            results[name + "_rows"] = rows
+        recon = {k: [to_uint8(vae.decode(vae.encode(media.to_video_tensor(c)[None], sample=False), len(c))[0])
+                     for c in clips] for k, clips in real.items()}
+    comps = json.loads((out / "data" / "compositions.json").read_text())
+    results = {"score": cfg.score, "chance": d.chance, "prompts": {"new": len(new_caps), "seen": len(seen_caps)},
+               "compositions": {"train": len(comps["train"]), "new": comps["eval" if cfg.score == "eval" else "val"]},
+               "vae": {"psnr": held["mean_psnr"], "untrained_psnr": psnr_init, "ssim": held["mean_ssim"],
+                       "steps": len(vae_rows), "stage_steps": {k: sum(r.get("stage", "end_to_end") == k for r in vae_rows)
+                                                               for k in VAE_STAGES}}}
+    rows = {}
+    scored = {"new": {"t2v": samples["t2v"], "i2v": samples["i2v"], "no_caption": samples["no_caption"],
+                      "shuffled": samples["shuffled"], "vae_recon": recon["new"], "real": real["new"]},
+              "seen": {"t2v": samples["seen_t2v"], "vae_recon": recon["seen"], "real": real["seen"]}}
+    for group, sets in scored.items():
+        caps = new_caps if group == "new" else seen_caps
+        results[group] = {}
+        for name, videos in sets.items():
+            results[group][name], rows[(group, name)] = analyzer_accuracy(videos, caps)
+        results[group + "_rows"] = {"t2v": rows[(group, "t2v")]}
+    results["new"]["majority"] = majority_accuracy(new_caps)
+    results["new"]["baseline"] = {a: max(results["new"][k][a] for k in ("no_caption", "shuffled", "majority"))
+                                  for a in ATTRIBUTES}
+    both = new_caps + seen_caps
+    results["colours"] = {name: per_value(rows[("new", name)] + rows[("seen", name)], both)
+                          for name in ("t2v", "vae_recon", "real")}
     times["evaluate"] = time.monotonic() - t0
     times["total"] = time.monotonic() - t_all
     results["seconds"] = times
 
     # what a user looks at
     media_dir = out / "media"
-    n = min(8, len(captions))
-    media.write_png(media_dir / "t2v_grid.png", media.frame_grid(samples["t2v"][:n]))
-    media.write_png(media_dir / "i2v_grid.png", media.frame_grid(samples["i2v"][:n]))
-    media.write_png(media_dir / "held_out_grid.png", media.frame_grid(real[:n]))
+    n = min(8, len(new_caps))
+    for name in ("t2v", "i2v", "no_caption", "seen_t2v"):
+        media.write_png(media_dir / f"{name}_grid.png", media.frame_grid(samples[name][:n]))
+    media.write_png(media_dir / "held_out_grid.png", media.frame_grid(real["new"][:n]))
     for i in range(min(4, n)):
-        media.write_mp4(media_dir / f"t2v_{i}.mp4", np.concatenate([real[i], samples["t2v"][i], samples["i2v"][i]], axis=2), d.fps)
+        media.write_mp4(media_dir / f"t2v_{i}.mp4", np.concatenate([real["new"][i], samples["t2v"][i], samples["i2v"][i]],
+                                                                   axis=2), d.fps)
     runs = {s.name: report.read_metrics(pathlib.Path(pre.out) / "stages" / s.name / "metrics.jsonl") for s in pre.stages}
     previews = {s.name: sorted((pathlib.Path(pre.out) / "stages" / s.name / "samples").glob("step_*.png"))
                 for s in pre.stages}
@@ -302,67 +392,158 @@ def run(cfg: DemoConfig, log=print) -> dict:
         results["seconds"]["preference"] = time.monotonic() - t0
         results["seconds"]["total"] = time.monotonic() - t_all
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    write_report(cfg, results, captions, n, out)
+    write_report(cfg, results, new_caps, n, out)
     log(summary(results))
     log(f"[mugv] report: {out / 'report.md'}")
     return results
 
 
+def run_seeds(cfg: DemoConfig, log=print) -> dict:
+    """The demo for data seeds data.seed + k, k < cfg.seeds (the DiT's training seed = k), each
+    under out/seed_<k>/ (a finished seed is reused: its results.json), then out/results.json with
+    every seed's results and out/report.md with the mean and sample standard deviation."""
+    out = pathlib.Path(cfg.out)
+    per_seed = []
+    for k in range(cfg.seeds):
+        seed_dir = out / f"seed_{k}"
+        if (seed_dir / "results.json").is_file():
+            log(f"[mugv] seed {k}: reusing {seed_dir / 'results.json'}")
+            per_seed.append(json.loads((seed_dir / "results.json").read_text()))
+            continue
+        log(f"[mugv] seed {k} of {cfg.seeds}")
+        one = dataclasses.replace(cfg, out=str(seed_dir), seeds=1,
+                                  data=dataclasses.replace(cfg.data, seed=cfg.data.seed + k),
+                                  pretrain=dataclasses.replace(cfg.pretrain, train=dataclasses.replace(
+                                      cfg.pretrain.train, seed=cfg.pretrain.train.seed + k)))
+        per_seed.append(run(one, log))
+    stats = seed_statistics(per_seed)
+    results = {"seeds": cfg.seeds, "score": cfg.score, "statistics": stats, "per_seed": per_seed}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_seeds_report(cfg, stats, out)
+    log(f"[mugv] report over {cfg.seeds} seeds: {out / 'report.md'}")
+    return results
+
+
+HEADLINE = (("new", "t2v"), ("new", "baseline"), ("new", "no_caption"), ("new", "shuffled"), ("new", "majority"),
+            ("new", "i2v"), ("new", "vae_recon"), ("seen", "t2v"), ("seen", "vae_recon"))
+
+
+def seed_statistics(per_seed: list[dict]) -> dict:
+    """{"new.t2v": {attribute: {"mean", "std", "values"}}, ..., "red": {...}}: over seeds, with
+    std the sample standard deviation (ddof 1; 0 for one seed). "gain" = new t2v - baseline."""
+    def stat(values):
+        x = np.asarray(values, dtype=np.float64)
+        return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
+                "values": [float(y) for y in x]}
+    stats = {f"{g}.{k}": {a: stat([r[g][k][a] for r in per_seed]) for a in ATTRIBUTES} for g, k in HEADLINE}
+    stats["gain"] = {a: stat([r["new"]["t2v"][a] - r["new"]["baseline"][a] for r in per_seed]) for a in ATTRIBUTES}
+    stats["red"] = {k: stat([_share(r["colours"][k].get("red", [0, 0])) for r in per_seed])
+                    for k in ("t2v", "vae_recon")}
+    return stats
+
+
+def _share(hits: list[int]) -> float:
+    return hits[0] / hits[1] if hits[1] else float("nan")
+
+
 def summary(results: dict) -> str:
-    lines = ["attribute  chance   t2v     i2v     VAE recon  real clips"]
-    for a, c in results["chance"].items():
-        lines.append(f"{a:<10} {c:6.1%}  {results['t2v'].get(a, 0):6.1%}  {results['i2v'].get(a, 0):6.1%}  "
-                     f"{results['vae_recon'].get(a, 0):8.1%}  {results['real'].get(a, 0):8.1%}")
+    new, seen = results["new"], results["seen"]
+    lines = [f"scored on the {results['score']} splits: {results['prompts']['new']} prompts of compositions never "
+             f"trained, {results['prompts']['seen']} trained captions",
+             "attribute  baseline  t2v new  gain    i2v new  t2v seen  VAE recon"]
+    for a in ATTRIBUTES:
+        lines.append(f"{a:<10} {new['baseline'][a]:7.1%}  {new['t2v'][a]:7.1%}  {100 * (new['t2v'][a] - new['baseline'][a]):+5.1f}  "
+                     f"{new['i2v'][a]:7.1%}  {seen['t2v'][a]:7.1%}  {new['vae_recon'][a]:8.1%}")
+    red = results["colours"]["t2v"].get("red", [0, 0])
     v_ = results["vae"]
-    lines.append(f"VAE PSNR held-out {v_['held_out_psnr']:.2f} dB (untrained {v_['untrained_psnr']:.2f} dB); "
-                 f"wall time {results['seconds']['total']:.0f} s")
+    lines.append(f"red prompts made red: {red[0]} of {red[1]}; VAE PSNR {v_['psnr']:.2f} dB (untrained "
+                 f"{v_['untrained_psnr']:.2f} dB); wall time {results['seconds']['total']:.0f} s")
     return "\n".join(lines)
+
+
+MEANING = {
+    "new": "Share of prompts whose caption value the analyzer reads in the sample, for prompts whose "
+           "colour x shape x motion combination never occurs in training (each value and each other "
+           "pair does).",
+    "baseline": "The strongest text-blind answer: the same model sampled with every text token "
+                "masked (no caption), with another prompt's caption (shuffled), or always the prompts' "
+                "most frequent value (majority); gain = t2v minus the best of the three.",
+    "seen": "Recall: the same measure for new clips' prompts whose captions occur verbatim in training.",
+}
 
 
 def write_report(cfg: DemoConfig, results: dict, captions: list[str], n: int, out: pathlib.Path) -> None:
     from mugv.core.validate import to_dict
     from mugv.torch_backend.jobs import report
 
-    rows = [[a, f"{c:.1%}", f"**{results['t2v'].get(a, 0):.1%}**", f"{results['i2v'].get(a, 0):.1%}",
-             f"{results['vae_recon'].get(a, 0):.1%}", f"{results['real'].get(a, 0):.1%}"]
-            for a, c in results["chance"].items()]
-    acc = report.table(["attribute", "chance", "t2v samples", "i2v samples", "VAE reconstructions",
-                        "held-out clips"], rows)
-    verdict = []
-    for a, c in results["chance"].items():
-        gap = results["t2v"].get(a, 0) - c
-        verdict.append(f"{a}: t2v {'above' if gap > 0 else 'not above'} chance ({100 * gap:+.1f} points)")
-    ceiling = [a for a, c in results["chance"].items() if results["vae_recon"].get(a, 0) <= c + 0.1]
-    if ceiling:
-        verdict.append(f"the VAE's own reconstructions of the held-out clips fail the analyzer on {ceiling} "
-                       "(at or near chance), so no sample can show these attributes through this VAE")
-    acc += "\n\n" + "; ".join(verdict) + "."
+    new, seen = results["new"], results["seen"]
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    rows = [[a, pct(new["majority"][a]), pct(new["no_caption"][a]), pct(new["shuffled"][a]), pct(new["baseline"][a]),
+             f"**{pct(new['t2v'][a])}**", f"{100 * (new['t2v'][a] - new['baseline'][a]):+.1f}", pct(new["i2v"][a]),
+             pct(new["vae_recon"][a]), pct(new["real"][a])] for a in ATTRIBUTES]
+    acc = report.table(["attribute", "majority", "no caption", "shuffled caption", "baseline", "t2v", "gain",
+                        "i2v", "VAE reconstructions", "real clips"], rows)
+    comps = ", ".join(" ".join(t) for t in results["compositions"]["new"])
+    seen_rows = [[a, f"**{pct(seen['t2v'][a])}**", pct(seen["vae_recon"][a]), pct(seen["real"][a])] for a in ATTRIBUTES]
+    colours = results["colours"]
+    colour_rows = [[c, *(f"{colours[k].get(c, [0, 0])[0]} / {colours[k].get(c, [0, 0])[1]}"
+                         for k in ("t2v", "vae_recon", "real"))] for c in cfg.data.colours]
     secs = results["seconds"]
     timing = report.table(["step", "seconds"], [[k, f"{x:.0f}"] for k, x in secs.items()])
     v_ = results["vae"]
     prompts = "\n".join(f"{i}. {c}" for i, c in enumerate(captions[:n]))
+    split = results["score"]
     sections = [
-        ("Caption following", "The analyzer (`torch_backend/data/analyzer.py`) reads colour, shape and motion of "
-         f"each generated clip; accuracy = share of the {len(captions)} held-out prompts whose caption value it finds. "
-         "Chance = 1 / number of values in the demo's vocabulary. i2v samples start from the held-out clip's first "
-         "frame, so their colour and shape are given; their motion is not.\n\n" + acc),
-        ("VAE", f"PSNR on {cfg.data.held_out} held-out generated clips ({cfg.data.frames} frames, {cfg.data.size} px): "
-         f"**{v_['held_out_psnr']:.2f} dB** (untrained: {v_['untrained_psnr']:.2f} dB), SSIM {v_['held_out_ssim']:.3f}, "
-         f"after {v_['steps']} steps ({', '.join(f'{k} {n}' for k, n in v_['stage_steps'].items())}; "
-         "docs/vae.md). Side-by-side originals/reconstructions: [vae/held_out/](vae/held_out/). "
-         "Loss: ![VAE loss](media/vae_loss_curve.png)"),
+        ("New compositions", f"{MEANING['new']} {MEANING['baseline']} Scored on the `{split}_new` split: "
+         f"{results['prompts']['new']} prompts over the compositions {comps} (training had "
+         f"{results['compositions']['train']}). i2v samples start from the real clip's first frame, so their "
+         "colour and shape are given; their motion is not.\n\n" + acc),
+        ("Seen captions", f"{MEANING['seen']} `{split}_seen` split, {results['prompts']['seen']} prompts.\n\n"
+         + report.table(["attribute", "t2v", "VAE reconstructions", "real clips"], seen_rows)),
+        ("Per colour", "Prompts (new and seen) whose colour the analyzer reads in the clip, per colour: "
+         "hits / prompts.\n\n" + report.table(["colour", "t2v", "VAE reconstructions", "real clips"], colour_rows)),
+        ("VAE", f"PSNR on the {cfg.data.held_out if split == 'eval' else cfg.data.val} `{split}_new` clips "
+         f"({cfg.data.frames} frames, {cfg.data.size} px): **{v_['psnr']:.2f} dB** (untrained: "
+         f"{v_['untrained_psnr']:.2f} dB), SSIM {v_['ssim']:.3f}, after {v_['steps']} steps "
+         f"({', '.join(f'{k} {m}' for k, m in v_['stage_steps'].items())}; docs/vae.md). Side-by-side "
+         f"originals/reconstructions: [vae/{split}_new/](vae/{split}_new/). Loss: ![VAE loss](media/vae_loss_curve.png)"),
         ("Training loss", "![loss curve](media/loss_curve.png)\n\nPer-step metrics: `pretrain/stages/*/metrics.jsonl` "
          "(TensorBoard events next to them). Dotted lines: steps where the samples below were written."),
         ("Samples during training", _previews_section(results.get("previews", {}), out)),
-        ("Samples", f"Rows = prompts 0..{n - 1}, columns = frames evenly spaced over the clip.\n\n{prompts}\n\n"
-         "Held-out clips: ![held-out](media/held_out_grid.png)\n\ntext-to-video: ![t2v](media/t2v_grid.png)\n\n"
-         "image-to-video: ![i2v](media/i2v_grid.png)\n\nVideos (held-out | t2v | i2v): "
+        ("Samples", f"Rows = new-composition prompts 0..{n - 1}, columns = frames evenly spaced over the clip.\n\n"
+         f"{prompts}\n\nReal clips: ![real](media/held_out_grid.png)\n\ntext-to-video: ![t2v](media/t2v_grid.png)\n\n"
+         "image-to-video: ![i2v](media/i2v_grid.png)\n\nno caption (text-blind): ![no caption](media/no_caption_grid.png)"
+         "\n\nseen captions (other prompts): ![seen](media/seen_t2v_grid.png)\n\nVideos (real | t2v | i2v): "
          + ", ".join(f"[t2v_{i}.mp4](media/t2v_{i}.mp4)" for i in range(min(4, n)))),
         ("Wall time", timing),
     ]
     if "preference" in results:
-        sections.insert(4, ("Preference stage", _preference_section(results["preference"])))
+        sections.insert(5, ("Preference stage", _preference_section(results["preference"])))
     report.markdown_report(out / "report.md", "mugv demo report", sections, config=to_dict(cfg))
+
+
+def write_seeds_report(cfg: DemoConfig, stats: dict, out: pathlib.Path) -> None:
+    from mugv.core.validate import to_dict
+    from mugv.torch_backend.jobs import report
+
+    f = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
+    names = {"new.t2v": "**t2v, new compositions**", "new.baseline": "text-blind baseline (best of the three)",
+             "gain": "**gain of t2v over the baseline**", "new.no_caption": "no caption", "new.shuffled": "shuffled caption",
+             "new.majority": "majority value", "new.i2v": "i2v, new compositions",
+             "new.vae_recon": "VAE reconstructions, new", "seen.t2v": "**t2v, seen captions (recall)**",
+             "seen.vae_recon": "VAE reconstructions, seen"}
+    rows = [[label, *(f(stats[key][a]) for a in ATTRIBUTES)] for key, label in names.items()]
+    red = [[k, f(stats["red"][k]), ", ".join(f"{100 * x:.0f}" for x in stats["red"][k]["values"])] for k in ("t2v", "vae_recon")]
+    sections = [
+        ("Over seeds", f"{MEANING['new']} {MEANING['baseline']} {MEANING['seen']} Mean ± sample standard deviation "
+         f"over {cfg.seeds} data/training seeds ({cfg.data.seed} .. {cfg.data.seed + cfg.seeds - 1}), in percent, "
+         f"scored on the `{cfg.score}` splits; each seed's report: seed_<k>/report.md.\n\n"
+         + report.table(["", *ATTRIBUTES], rows)),
+        ("Red", "Share of red prompts (new and seen) whose sample / reconstruction the analyzer reads as red.\n\n"
+         + report.table(["", "mean ± sd (%)", "per seed (%)"], red)),
+    ]
+    report.markdown_report(out / "report.md", f"mugv demo over {cfg.seeds} seeds", sections, config=to_dict(cfg))
 
 
 def _preference_section(summary: dict) -> str:

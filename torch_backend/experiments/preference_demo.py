@@ -30,7 +30,7 @@ def demo_paths(base: str | pathlib.Path) -> dict[str, pathlib.Path]:
 
     base = pathlib.Path(base)
     stage = PretrainConfig().stages[-1].name
-    paths = {"train": base / "data" / "train.jsonl", "held_out": base / "data" / "held_out.jsonl",
+    paths = {"train": base / "data" / "train.jsonl", "held_out": base / "data" / "eval_new.jsonl",
              "vae": latest_checkpoint(base / "vae" / "ckpt"),
              "checkpoint": latest_checkpoint(base / "pretrain" / "stages" / stage / "checkpoints")}
     missing = [k for k, p in paths.items() if p is None or not pathlib.Path(p).exists()]

@@ -18,18 +18,33 @@ from mugv.core import validate as v
 
 @dataclasses.dataclass(frozen=True)
 class DemoData:
-    """The demo's clips: which attribute values appear, how many clips, their size and length.
+    """The demo's clips: which attribute values appear, which combinations are kept out of
+    training, how many clips, their size and length.
 
-    colours / shapes / motions: the vocabulary (names from data/product_videos.py).
-    count: training clips; held_out: extra clips (other seeds) for the VAE's PSNR and as prompts.
+    colours / shapes / motions / backgrounds: the vocabulary (names from data/product_videos.py).
+    held_out_pairs: "colour shape" pairs never shown in training with any motion (e.g. no green
+        cone ever, though green things and cones are); their triples are evaluation compositions.
+    held_out_triples: further (colour, shape, motion) triples, drawn with `seed`, kept out of
+        training and evaluated; val_triples: others kept out of training and used only for
+        validation (choosing settings), never evaluated. The draw keeps every value, and every
+        colour x shape, colour x motion and shape x motion pair other than `held_out_pairs`, in
+        training, so an unseen triple is a new composition of seen parts.
+    count: training clips, spread over the training triples.
+    held_out: clips per evaluation split: "eval_new" (the held-out compositions, balanced over
+        them) and "eval_seen" (new clips whose captions occur verbatim in training: recall).
+    val: clips per validation split ("val_new", "val_seen"), the same way.
     """
 
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
     shapes: tuple[str, ...] = ("sphere", "cone", "cylinder")
     motions: tuple[str, ...] = ("zoom in", "pan left", "pan right")
     backgrounds: tuple[str, ...] = ("white studio", "light grey")
+    held_out_pairs: tuple[str, ...] = ("green cone",)
+    held_out_triples: int = 6
+    val_triples: int = 3
     count: int = 192
-    held_out: int = 24
+    held_out: int = 27
+    val: int = 24
     size: int = 32
     frames: int = 17
     fps: float = 16.0
@@ -42,15 +57,74 @@ class DemoData:
             values = getattr(self, field)
             if not isinstance(values, tuple) or not values or any(x not in allowed for x in values):
                 v.fail(self, field, f"a non-empty tuple of names from {sorted(allowed)}")
-        v.positive_int(self, "count", "held_out", "size", "frames")
-        v.non_negative_int(self, "seed")
+        if not isinstance(self.held_out_pairs, tuple):
+            v.fail(self, "held_out_pairs", 'a tuple of "colour shape" strings')
+        for pair in self.held_out_pairs:
+            colour, _, shape = str(pair).partition(" ")
+            if colour not in self.colours or shape not in self.shapes:
+                v.fail(self, "held_out_pairs", f'"colour shape" pairs from colours {list(self.colours)} and '
+                       f"shapes {list(self.shapes)}, or [] for none; got {pair!r}")
+        v.non_negative_int(self, "held_out_triples", "seed")
+        v.positive_int(self, "val_triples")
+        if not self.held_out_pairs and not self.held_out_triples:
+            v.fail(self, "held_out_triples", "> 0 when held_out_pairs is empty (nothing would be evaluated)")
+        v.positive_int(self, "count", "held_out", "val", "size", "frames")
         if self.size % 16:
             v.fail(self, "size", "a multiple of 16 (VAE 8 x DiT patch 2)")
         v.in_range(self, "fps", 0, 240, lo_open=True)
+        self.compositions()   # a split that cannot be drawn is a config error, named here
 
     @property
     def chance(self) -> dict[str, float]:
         return {"colour": 1 / len(self.colours), "shape": 1 / len(self.shapes), "motion": 1 / len(self.motions)}
+
+    def compositions(self) -> dict[str, list[tuple[str, str, str]]]:
+        """{"train", "eval", "val"}: (colour, shape, motion) triples, disjoint, drawn with `seed`
+        (see the class doc). The held-out triples spread each attribute's values as evenly as
+        the counts allow (no value more than ceil(n / values) times among eval's triples, the
+        held_out_pairs' included; val likewise), so that always answering one value scores
+        little; the first such draw that keeps every pair in training is taken. Raises
+        ConfigError when none does."""
+        import itertools
+        vocab = (self.colours, self.shapes, self.motions)
+        triples = list(itertools.product(*vocab))
+        pairs = {tuple(p.split(" ", 1)) for p in self.held_out_pairs}
+        fixed = [t for t in triples if t[:2] in pairs]
+        free = [t for t in triples if t[:2] not in pairs]
+        wanted = {("cs", c, s) for c in self.colours for s in self.shapes if (c, s) not in pairs}
+        wanted |= {("cm", c, m) for c in self.colours for m in self.motions}
+        wanted |= {("sm", s, m) for s in self.shapes for m in self.motions}
+
+        def fill(order, start, k, slack):
+            """Greedy: the first k triples of `order` that keep every value within its cap."""
+            n = len(start) + k
+            caps = [-(-n // len(values)) + slack for values in vocab]
+            group = list(start)
+            for t in order:
+                if len(group) == n:
+                    break
+                if all(sum(g[i] == t[i] for g in group) < caps[i] for i in range(3)):
+                    group.append(t)
+            return group if len(group) == n else None
+
+        rng = np.random.default_rng([self.seed, 7])
+        for slack in range(3 if self.held_out_triples + self.val_triples <= len(free) else 0):
+            for _ in range(500):
+                order = [free[i] for i in rng.permutation(len(free))]
+                held = fill(order, fixed, self.held_out_triples, slack)
+                if held is None:
+                    continue
+                val = fill([t for t in order if t not in held], [], self.val_triples, slack)
+                if val is None:
+                    continue
+                train = [t for t in free if t not in held and t not in val]
+                covered = {(a, t[i], t[j]) for t in train for a, (i, j) in
+                           (("cs", (0, 1)), ("cm", (0, 2)), ("sm", (1, 2)))}
+                if wanted <= covered:
+                    return {"train": train, "eval": sorted(held), "val": sorted(val)}
+        v.fail(self, "held_out_triples", f"fewer held-out triples: with held_out_pairs {list(self.held_out_pairs)}, "
+               f"{self.held_out_triples} held-out and {self.val_triples} validation triples of {len(triples)} "
+               "leave some colour x shape, colour x motion or shape x motion pair out of training")
 
 
 def caption(colour: str, shape: str, motion: str, variant: int = 0) -> str:
@@ -60,31 +134,51 @@ def caption(colour: str, shape: str, motion: str, variant: int = 0) -> str:
     return f"a {colour} {shape}, {phrase}"
 
 
+# split -> (tag in the clips' random streams, which compositions, clip count field)
+SPLITS = {"train": (0, "train", "count"), "eval_new": (3, "eval", "held_out"),
+          "eval_seen": (4, "train", "held_out"), "val_new": (1, "val", "val"), "val_seen": (2, "train", "val")}
+
+
 def generate(cfg: DemoData, out_dir: str | pathlib.Path, log=print) -> dict[str, pathlib.Path]:
-    """Render the training and held-out clips as mp4 + manifests; clip i of a split depends only
-    on (seed, split, i), and existing clips are kept (a re-run resumes). Returns the manifests."""
+    """Render every split (SPLITS) as mp4 + manifest + attributes; clip i of a split depends only
+    on (seed, split, i), and existing clips are kept (a re-run resumes). Training clips draw their
+    triple at random from the training compositions; the "_new" splits go round their held-out
+    compositions in turn (balanced); the "_seen" splits draw training triples and use a caption
+    that occurs in the training manifest. Writes compositions.json (which triple is where).
+    Returns the manifests by split."""
     from mugv.torch_backend.data.media import write_mp4
     from mugv.torch_backend.data.product_videos import Scene, render
 
     out = pathlib.Path(out_dir)
     (out / "clips").mkdir(parents=True, exist_ok=True)
-    manifests = {}
-    for split, n, tag in (("train", cfg.count, 0), ("held_out", cfg.held_out, 1)):
-        rows = []
+    comps = cfg.compositions()
+    (out / "compositions.json").write_text(json.dumps({k: [list(t) for t in x] for k, x in comps.items()}, indent=1))
+    manifests, trained, train_captions = {}, {}, []
+    for split, (tag, which, count_field) in SPLITS.items():
+        rows, n = [], getattr(cfg, count_field)
         for i in range(n):
             rng = np.random.default_rng([cfg.seed, tag, i])
-            pick = lambda values: values[int(rng.integers(len(values)))]  # noqa: E731
-            scene = Scene(shape=pick(cfg.shapes), colour=pick(cfg.colours), material="matte",
-                          background=pick(cfg.backgrounds), motion=pick(cfg.motions))
+            if split.endswith("_seen"):        # a caption of the training manifest, a new clip of it
+                text = train_captions[int(rng.integers(len(train_captions)))]
+                colour, shape, motion = trained[text]
+            else:
+                pool = comps[which]
+                colour, shape, motion = pool[int(rng.integers(len(pool)))] if split == "train" else pool[i % len(pool)]
+            scene = Scene(shape=shape, colour=colour, material="matte",
+                          background=cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))], motion=motion)
             render_seed, variant = int(rng.integers(2 ** 31)), int(rng.integers(2))
+            if not split.endswith("_seen"):
+                text = caption(colour, shape, motion, variant)
             name = f"clips/{split}_{i:05d}.mp4"
             if not (out / name).exists():
                 tmp = out / (name + ".part.mp4")
                 write_mp4(tmp, render(scene, render_seed, cfg.size, cfg.frames), cfg.fps, crf=18)
                 tmp.rename(out / name)   # atomic: a killed run never leaves half a clip
-            rows.append({"id": f"{split}_{i:05d}", "path": name, "fps": cfg.fps,
-                         "caption": caption(scene.colour, scene.shape, scene.motion, variant),
+            rows.append({"id": f"{split}_{i:05d}", "path": name, "fps": cfg.fps, "caption": text,
                          "attributes": {"colour": scene.colour, "shape": scene.shape, "motion": scene.motion}})
+        if split == "train":
+            trained = {r["caption"]: tuple(r["attributes"].values()) for r in rows}
+            train_captions = sorted(trained)
         path = out / f"{split}.jsonl"
         with open(path, "w") as f:   # the manifest (data/manifest.py fields only)
             for row in rows:

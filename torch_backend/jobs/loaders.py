@@ -112,6 +112,19 @@ def read_official_dit(path: str | pathlib.Path) -> tuple[DiTConfig, dict[str, np
     return read_official(str(path))
 
 
+def official_dit_file(official: str | os.PathLike) -> pathlib.Path:
+    """`--official`: the file itself, or the first *dit*.pt / *dit*.safetensors in a folder."""
+    from mugv.torch_backend.jobs.preflight import InputError
+    path = pathlib.Path(official)
+    if not path.is_dir():
+        return path
+    found = sorted(f for f in [*path.glob("*dit*.pt"), *path.glob("*dit*.safetensors")]
+                   if ".extra." not in f.name)   # goldens keep fp64 outputs in *.extra.*
+    if not found:
+        raise InputError(f"--official = {str(official)!r}: no *dit*.pt or *dit*.safetensors in this folder")
+    return found[0]
+
+
 def load_dit(cfg: DiTConfig, checkpoint: str | None = None, official: str | None = None,
              group: str = "model"):
     """MUG-DiT for sampling on one process: from a mugv checkpoint (trainer output: group
@@ -125,14 +138,7 @@ def load_dit(cfg: DiTConfig, checkpoint: str | None = None, official: str | None
     from mugv.torch_backend.models.dit import build_dit
 
     if official is not None:
-        path = pathlib.Path(official)
-        if path.is_dir():
-            found = sorted(f for f in [*path.glob("*dit*.pt"), *path.glob("*dit*.safetensors")]
-                           if ".extra." not in f.name)   # goldens keep fp64 outputs in *.extra.*
-            if not found:
-                raise FileNotFoundError(f"--official {official}: no *dit*.pt or *dit*.safetensors in it")
-            path = found[0]
-        cfg, params = read_official_dit(path)
+        cfg, params = read_official_dit(official_dit_file(official))
         model = build_dit(cfg, seed=None)
         load_canonical(model, cfg, params)
         return cfg, model.eval()

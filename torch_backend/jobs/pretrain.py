@@ -29,11 +29,44 @@ from mugv.torch_backend.jobs.sample import decode_videos, sample_latents
 # Caching and training
 
 
-def stage_index(cfg: PretrainConfig, stage: StageConfig):
+def stage_index(cfg: PretrainConfig, stage: StageConfig, **build):
     from mugv.core.data import BucketSpec
     from mugv.torch_backend.data.dataset import build_index
     bucket = BucketSpec(cfg.size, cfg.size, stage.frames, stage.batch_size, cfg.fps)
-    return build_index(cfg.manifest, (bucket,))
+    return build_index(cfg.manifest, (bucket,), **build)
+
+
+def stage_indices(cfg: PretrainConfig, only: Optional[str] = None, say=print) -> dict:
+    """{stage name: its bucket index} for the stages this run trains (all, or `only`), built once
+    per run: each file probed once, each skipped clip named once (at the first stage that skips
+    it; `mugv train` named it three times per stage), then one line per stage that skipped any:
+    `N decoded, M skipped (reason counts)`. A stage no clip can fill is an InputError naming it,
+    raised before any model loads."""
+    from mugv.torch_backend.data.manifest import read_manifest
+    from mugv.torch_backend.jobs.preflight import InputError
+    entries = read_manifest(cfg.manifest)
+    probed: dict = {}
+    named: set[str] = set()
+
+    def on_skip(entry, reason, detail):
+        if entry.sample_id not in named:
+            named.add(entry.sample_id)
+            why = detail if detail.startswith(reason) else f"{reason} ({detail})" if detail else reason
+            say(f"[mugv] skipped {entry.path} (line {entry.line}): {why}")
+
+    indices = {}
+    for stage in cfg.stages:
+        if only is not None and stage.name != only:
+            continue
+        index = indices[stage.name] = stage_index(cfg, stage, on_skip=on_skip, probed=probed)
+        counts = ", ".join(f"{k} {n}" for k, n in sorted(index.skip_counts.items()))
+        if index.skipped:
+            say(f"[mugv] stage {stage.name}: {len(entries) - len(index.skipped)} decoded, "
+                f"{len(index.skipped)} skipped ({counts})")
+        if not index.items:
+            raise InputError(f"stage {stage.name!r}: no clip of --manifest {cfg.manifest} is usable at {stage.frames} "
+                             f"frame(s) of {cfg.size}x{cfg.size} px ({len(entries)} rows; skipped: {counts or 'none'})")
+    return indices
 
 
 def cache_names(cfg: PretrainConfig, precision: str = "fp32") -> tuple[str, str]:
@@ -54,20 +87,23 @@ def data_parallel_world(timeout_s: float = 600.0):
     return 0, 1, None
 
 
-def cache_stage(cfg: PretrainConfig, stage: StageConfig, vae, text, log=print, runtime=None) -> pathlib.Path:
+def cache_stage(cfg: PretrainConfig, stage: StageConfig, vae, text, log=print, index=None,
+                on_row=None, runtime=None) -> pathlib.Path:
     """Encode the stage's bucket (latent moments + text states) into out/cache/<bucket>; resumable.
-    Under torch.distributed every rank calls it and encodes its share (data/cache.py). `runtime`:
-    `place_vae`'s (the VAE's device and precision); None = fp32 where the VAE is."""
+    `index`: the stage's index when the caller built it (`stage_indices`); `on_row(bucket, row)`
+    is told of each committed row (build_cache). Under torch.distributed every rank calls it and
+    encodes its share (data/cache.py). `runtime`: `place_vae`'s (the VAE's device and precision);
+    None = fp32 where the VAE is."""
     from mugv.torch_backend.data.cache import build_cache, cache_complete, check_cache, vae_encoder
     rank, world, barrier = data_parallel_world(cfg.parallel.timeout_s)
-    index = stage_index(cfg, stage)
+    index = index if index is not None else stage_index(cfg, stage)
     folder = pathlib.Path(cfg.out) / "cache" / index.buckets[0].name
     video_name, text_name = cache_names(cfg, runtime.precision if runtime is not None else "fp32")
     if (folder / "meta.json").exists():   # complete or not: built by these encoders from these captions?
         check_cache(folder, index, video_name, text_name)
     if not cache_complete(folder):
         encode = vae_encoder(vae, runtime.autocast if runtime is not None else None)
-        counts = build_cache(index, folder, encode, text, video_name, text_name, batch=16,
+        counts = build_cache(index, folder, encode, text, video_name, text_name, batch=16, on_row=on_row,
                              rank=rank, world=world, barrier=barrier)
         log(f"[mugv] cache {folder}: {counts['encoded']} clips encoded by rank {rank} of {world} "
             f"({len(index.items)} items, {len(index.skipped)} skipped {index.skip_counts})")
@@ -75,9 +111,10 @@ def cache_stage(cfg: PretrainConfig, stage: StageConfig, vae, text, log=print, r
 
 
 def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Optional[Callable]] = lambda s: None,
-                 log=print, only: Optional[str] = None) -> pathlib.Path:
+                 log=print, only: Optional[str] = None, say=print) -> pathlib.Path:
     """Cache and train every stage (or only the one named), each starting from the previous
-    stage's final weights. Returns the last trained stage's run folder."""
+    stage's final weights. Returns the last trained stage's run folder. `say` gets the data lines
+    (skipped clips, one summary per stage) even where `log` is silenced for progress bars."""
     from mugv.core.data import TaskMix
     from mugv.torch_backend.data.cache import CachedSource
     from mugv.torch_backend.training.data_source import CachedBatches
@@ -85,21 +122,22 @@ def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Op
 
     require_path("manifest", cfg.manifest, "manifest file")
     require_path("vae_checkpoint", cfg.vae_checkpoint, "VAE checkpoint")
+    names = [s.name for s in cfg.stages]
+    if only is not None and only not in names:
+        raise v.ConfigError(f"--stage {only!r}: expected one of the recipe's stages {names}")
+    indices = stage_indices(cfg, only, say)
     from mugv.torch_backend.models.vae_runtime import place_vae
     vae = load_vae(cfg.vae_size, cfg.vae_checkpoint)
     runtime = place_vae(vae, kernels=cfg.kernels.kernel_choice)
     log(f"[mugv] VAE on {runtime.record()}")
     text = text_encoder(cfg.text_encoder, cfg.dit)
-    names = [s.name for s in cfg.stages]
-    if only is not None and only not in names:
-        raise v.ConfigError(f"--stage {only!r}: expected one of the recipe's stages {names}")
     previous = None
     run_dir = None
     for stage in cfg.stages:
         run_dir = pathlib.Path(cfg.out) / "stages" / stage.name
         if only is None or stage.name == only:
-            cache = cache_stage(cfg, stage, vae, text, log, runtime)   # every rank its share
-            index = stage_index(cfg, stage)
+            index = indices[stage.name]
+            cache = cache_stage(cfg, stage, vae, text, log, index, runtime=runtime)   # every rank its share
             mix = TaskMix(1.0, 0.0, 0.0) if stage.frames == 1 else TaskMix(0.0, 1 - stage.i2v, stage.i2v)
             source = CachedBatches(index, CachedSource(index, cache, *cache_names(cfg, runtime.precision)), mix,
                                    seed=cfg.train.seed, sample_posterior=cfg.sample_posterior)
@@ -176,17 +214,26 @@ def cache(cfg) -> int:
     from mugv.torch_backend.models.vae_runtime import place_vae
     recipe, only = cfg
     report.one_thread_on_cpu()
+    indices = stage_indices(recipe, only)
     vae = load_vae(recipe.vae_size, recipe.vae_checkpoint)
     runtime = place_vae(vae, kernels=recipe.kernels.kernel_choice)
     rank = data_parallel_world(recipe.parallel.timeout_s)[0]
     if rank == 0:
         print(f"[mugv] VAE on {runtime.record()}")
     text = text_encoder(recipe.text_encoder, recipe.dit)
+    committed: dict[str, int] = {}
+
+    def progress(bucket: str, row: int, every: int = 16) -> None:
+        committed[bucket] = committed.get(bucket, 0) + 1
+        if committed[bucket] % every == 0:
+            print(f"[mugv] cache {bucket}: {committed[bucket]} rows committed", flush=True)
+
     for stage in recipe.stages:
-        if only is None or stage.name == only:
-            folder = cache_stage(recipe, stage, vae, text, runtime=runtime)
+        if stage.name in indices:
+            folder = cache_stage(recipe, stage, vae, text, index=indices[stage.name], on_row=progress,
+                                 runtime=runtime)
             if rank == 0:
-                print(folder)
+                print(folder, flush=True)
     return 0
 
 

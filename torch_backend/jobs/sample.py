@@ -13,16 +13,17 @@ import torch
 
 from mugv.core.dit import DiTConfig, patch_grid
 from mugv.core.sampler import FlowSamplerConfig
-from mugv.torch_backend.data.media import frame_grid, to_uint8, write_mp4, write_png
+from mugv.torch_backend.data.media import frame_grid, to_uint8, write_mp4, write_png, written_atomically
 
 
 @torch.no_grad()
 def sample_latents(model, dit: DiTConfig, text: torch.Tensor, text_mask: torch.Tensor,
                    latent_thw: tuple[int, int, int], fps: float, sampler_cfg: FlowSamplerConfig,
-                   seed: int, cond_latent: torch.Tensor | None = None) -> torch.Tensor:
+                   seed: int, cond_latent: torch.Tensor | None = None, on_step=None) -> torch.Tensor:
     """Euler + CFG sampling (sampler.sample) of B clips; the negative prompt is the empty
     caption (all text masked, as caption dropout trains it). cond_latent (B, C, 1, h, w) makes it
-    image-to-video: latent frame 0 is held at the reference image's latent."""
+    image-to-video: latent frame 0 is held at the reference image's latent. on_step(i) is told
+    after each model evaluation (progress)."""
     from mugv.torch_backend import sampler
     b = text.shape[0]
     t, h, w = latent_thw
@@ -42,10 +43,16 @@ def sample_latents(model, dit: DiTConfig, text: torch.Tensor, text_mask: torch.T
     frame_indice = torch.arange(tp + 2).repeat(2 * b, 1)
     device = next(model.parameters()).device
 
+    calls = [0]
+
     def call(x, timestep, x_mask):
         x_mask = torch.ones(x.shape[0], t, dtype=torch.bool) if x_mask is None else x_mask
-        return model(x.to(device), timestep.to(device), text2.to(device), mask2.to(device),
-                     x_mask.to(device), fps2.to(device), frame_indice.to(device)).float().cpu()
+        out = model(x.to(device), timestep.to(device), text2.to(device), mask2.to(device),
+                    x_mask.to(device), fps2.to(device), frame_indice.to(device)).float().cpu()
+        calls[0] += 1
+        if on_step is not None:
+            on_step(calls[0])
+        return out
 
     return sampler.sample(call, sampler_cfg, noise, 1.0, cond, frame_mask)
 
@@ -86,14 +93,20 @@ def sample(ns) -> int:
                 cond = vae.encode(torch.from_numpy(ref)[None].to(runtime.device), sample=False).float().cpu()
             cond = cond.repeat(len(ns.prompt), 1, 1, 1, 1)
         z = sample_latents(model, dit, text, mask, latent_shape(ns.frames, ns.size, ns.size), ns.fps,
-                           ns.sampler, ns.seed, cond)
+                           ns.sampler, ns.seed, cond,
+                           on_step=lambda i: print(f"[mugv] sampling: step {i}/{ns.sampler.num_steps}", flush=True))
     finally:
         megatron_compat.destroy_parallel()
     videos = decode_videos(vae, z, ns.frames, runtime)
+    # Each file appears whole or not at all (a kill mid-write left a truncated mp4 under its
+    # final name); sampling is deterministic, so a rerun after a kill writes the same files.
     out = pathlib.Path(ns.out)
     for i, video in enumerate(videos):
-        write_mp4(out / f"sample_{i}.mp4", video, ns.fps)
-    write_png(out / "grid.png", frame_grid(videos))
-    (out / "prompts.json").write_text(json.dumps(list(ns.prompt), indent=1))
+        with written_atomically(out / f"sample_{i}.mp4") as tmp:
+            write_mp4(tmp, video, ns.fps)
+    with written_atomically(out / "grid.png") as tmp:
+        write_png(tmp, frame_grid(videos))
+    with written_atomically(out / "prompts.json") as tmp:
+        tmp.write_text(json.dumps(list(ns.prompt), indent=1))
     print(f"{len(videos)} clips ({'i2v' if ns.image else 't2v'}) -> {out}")
     return 0

@@ -87,6 +87,10 @@ class VAETrainConfig:
     # 1 + foreground_weight in the reconstruction term. A small product on a plain background
     # is a few % of the pixels; unweighted, the best early answer is the background alone.
     foreground_weight: float = 0.0
+    # > 0: adds colour_weight x the error of the product's mean colour per frame
+    # (core/vae.py::foreground_colour_error) to stages A and C; the foreground is
+    # `foreground_mask`'s. Pixel L1 alone reconstructed red products orange (docs/vae.md "Red").
+    colour_weight: float = 0.0
     loss: spec.VAELossConfig = spec.VAELossConfig()
     disc_channels: int = 32
     seed: int = 0
@@ -112,6 +116,7 @@ class VAETrainConfig:
         v.in_range(self, "lr", 0, None, lo_open=True)
         v.in_range(self, "temporal_lr", 0, None, lo_open=True)
         v.in_range(self, "foreground_weight", 0, None)
+        v.in_range(self, "colour_weight", 0, None)
         v.in_range(self, "fps", 0, None, lo_open=True)
         for f in ("height", "width"):
             if getattr(self, f) % spec.SPATIAL_FACTOR:
@@ -208,6 +213,8 @@ def train_step(model: VideoVAE, disc: PatchDiscriminator | None, opt, opt_d, vid
         nll = spec.reconstruction_nll(video, recon, model.logvar, torch)
     kl = spec.gaussian_kl(mean, logvar, torch)
     loss = nll + cfg.loss.kl_weight * kl
+    if cfg.colour_weight:
+        loss = loss + cfg.colour_weight * spec.foreground_colour_error(video, recon, foreground_mask(video), torch)
     logs = {"step": step, "nll": nll.item(), "kl": kl.item(), "l1": (video - recon).abs().mean().item(),
             "logvar": model.logvar.item()}
     disc_on = disc is not None and step >= cfg.loss.disc_start
@@ -256,14 +263,18 @@ def sample_frames(clips: list[tuple[str, np.ndarray]], batch: int, rng: np.rando
 
 def spatial_step(model: VideoVAE, opt, frames: torch.Tensor, cfg: VAETrainConfig) -> dict:
     """Stage A: one step of the 2D VAE alone (encode_spatial -> decode_spatial) on (B, 3, H, W)
-    frames; mean L1 with the product's pixels weighted 1 + foreground_weight."""
+    frames; mean L1 with the product's pixels weighted 1 + foreground_weight, plus colour_weight x
+    the error of the product's mean colour."""
     model.train()
     recon = model.decode_spatial(model.encode_spatial(frames))
     err = (frames - recon).abs()
     l1 = err.mean().item()
+    mask = foreground_mask(frames[:, :, None])[:, :, 0] if cfg.foreground_weight or cfg.colour_weight else None
     if cfg.foreground_weight:
-        err = err * (1.0 + cfg.foreground_weight * foreground_mask(frames[:, :, None])[:, :, 0])
+        err = err * (1.0 + cfg.foreground_weight * mask)
     loss = err.mean()
+    if cfg.colour_weight:
+        loss = loss + cfg.colour_weight * spec.foreground_colour_error(frames, recon, mask, torch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -529,6 +540,8 @@ def config_from_args(argv: list[str] | None) -> VAETrainConfig:
     ap.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.9), help="Adam betas")
     ap.add_argument("--foreground-weight", type=float, default=0.0,
                     help="extra weight of pixels away from the frame's border colour (the product)")
+    ap.add_argument("--colour-weight", type=float, default=0.0,
+                    help="weight of the product's mean-colour error per frame (stages A and C)")
     ap.add_argument("--disc-start", type=int, default=None, help="step switching the discriminator on (off if unset)")
     ap.add_argument("--disc-weight", type=float, default=0.5)
     ap.add_argument("--eval-frames", type=int, default=17)
@@ -548,7 +561,7 @@ def config_from_args(argv: list[str] | None) -> VAETrainConfig:
                           temporal_steps=a.temporal_steps, temporal_batch=a.temporal_batch,
                           temporal_lr=a.temporal_lr,
                           logvar_init=a.logvar_init, sample_posterior=not a.posterior_mean, betas=tuple(a.betas),
-                          foreground_weight=a.foreground_weight,
+                          foreground_weight=a.foreground_weight, colour_weight=a.colour_weight,
                           loss=spec.VAELossConfig(kl_weight=a.kl_weight, disc_start=a.disc_start,
                                                   disc_weight=a.disc_weight),
                           eval_frames=a.eval_frames, log_every=a.log_every, seed=a.seed, out=a.out,

@@ -388,7 +388,7 @@ def train(cfg: VAETrainConfig, log=print, on_step=None, clips: list[tuple[str, n
     decoding `cfg.data`. With `cfg.evaluate` (vae_eval.evaluate: PSNR/SSIM, posterior mean) the
     first `eval_frames` frames of every clip are scored before and after training (rank 0).
     Returns {"before", "after" (None without evaluate), "steps", "stage_steps", "seconds",
-    "checkpoint" (None without `out`), "model", "runtime"}."""
+    "checkpoint" (None without `out`), "model" (on the CPU), "runtime", "resumed"}."""
     from mugv.torch_backend.models.vae_runtime import place_vae
     t_start = time.monotonic()
     dp = DataParallel()
@@ -480,8 +480,10 @@ def _train(cfg: VAETrainConfig, run: VAERun, runtime, log, on_step, clips, t_sta
         log(json.dumps({"eval": "after", "mean_psnr": after["mean_psnr"], "mean_ssim": after["mean_ssim"],
                         "steps": step, **{f"{k}_steps": n for k, n in done.items()}, "seconds": round(seconds, 1)}))
     ckpt = run.save(live, final=True) if out is not None else None
+    # The model is returned on the CPU, as `loaders.load_vae` gives it: callers (the demo) feed it
+    # host tensors; one that wants the GPU calls `place_vae` on it.
     return {"before": before, "after": after, "steps": step, "stage_steps": done, "seconds": seconds,
-            "checkpoint": ckpt, "model": model, "runtime": runtime.record(), "resumed": resumed}
+            "checkpoint": ckpt, "model": model.cpu(), "runtime": runtime.record(), "resumed": resumed}
 
 
 def run_config(model: VideoVAE, cfg: VAETrainConfig) -> dict:

@@ -576,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(argv)
     init_distributed(timeout_s=600.0)
     result = train(cfg, log=lambda s: print(s, flush=True))
-    if DataParallel().rank != 0 or not cfg.evaluate:
+    if DataParallel().rank != 0:
+        return 0
+    if not cfg.evaluate:
         sys.stdout.write(f"checkpoint {result['checkpoint']}\n")
         return 0
     b, a = result["before"], result["after"]

@@ -200,6 +200,7 @@ def cache_job(out_dir: str, clips: int, size: str, px: int, frames: int) -> dict
     """The `mugv cache` stage on `clips` generated clips, this process doing its share (under
     torchrun every rank calls it); rank 0 returns the summary (clips/s over the slowest rank's
     wall time), the others None."""
+    import dataclasses
     import pathlib
 
     import torch
@@ -221,7 +222,8 @@ def cache_job(out_dir: str, clips: int, size: str, px: int, frames: int) -> dict
         manifest = generate_dataset(root / "data", clips, seed=25, size=px, frames=frames)
         model = init_vae(spec.vae_config(size), seed=0)
         save_torch(root / "vae", 0, {"model": (spec.vae_schema(model.cfg), model.state_dict())},
-                   schema_hash=spec.vae_schema(model.cfg).hash(), rank=0, barrier=lambda: None)
+                   config={"vae": dataclasses.asdict(model.cfg)}, schema_hash=spec.vae_schema(model.cfg).hash(),
+                   rank=0, barrier=lambda: None)
     barrier()
     manifest = root / "data" / "manifest.jsonl"
     stage = StageConfig("clips", frames=frames, steps=1, batch_size=1)

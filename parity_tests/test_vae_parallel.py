@@ -56,9 +56,10 @@ def _vae_checkpoint(root: pathlib.Path) -> pathlib.Path:
     from mugv.checkpoints.torch_io import save_torch
     from mugv.core import vae as spec
     from mugv.torch_backend.models.vae import init_vae
+    import dataclasses
     model = init_vae(spec.vae_config("tiny"), seed=4)
     return save_torch(root, 0, {"model": (spec.vae_schema(model.cfg), model.state_dict())},
-                      config={"vae": {}}, schema_hash=spec.vae_schema(model.cfg).hash())
+                      config={"vae": dataclasses.asdict(model.cfg)}, schema_hash=spec.vae_schema(model.cfg).hash())
 
 
 def test_data_parallel_cache_equals_one_process_cache(tmp_path):
@@ -87,3 +88,21 @@ def test_data_parallel_cache_equals_one_process_cache(tmp_path):
     for key in a:
         assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), \
             f"{key}: {int((a[key] != b[key]).sum())} elements differ between the 2-process and 1-process caches"
+
+
+def test_train_under_torchrun_caches_first_then_trains(tmp_path):
+    """`mugv train` as 2 gloo processes with no cache yet (it used to refuse: "run mugv cache in
+    one process first"): every rank caches its share, then the stage trains data parallel."""
+    from mugv.checkpoints.format import latest_checkpoint
+    from mugv.torch_backend.data.cache import cache_complete
+    from mugv.torch_backend.data.product_videos import generate_dataset
+    manifest = generate_dataset(tmp_path / "data", 20, seed=22, size=32, frames=9)
+    ckpt = _vae_checkpoint(tmp_path / "vae")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"manifest: {manifest}\nvae_checkpoint: {ckpt}\nout: {tmp_path / 'run'}\nsize: 32\n"
+                      "stages:\n  - name: clips\n    frames: 9\n    steps: 2\n    batch_size: 4\n    warmup_steps: 1\n")
+    outs = run_world(None, ["-m", "mugv.torch_backend.cli", "train", "--config", str(recipe)])
+    assert "trained; last stage" in outs[0], outs[0][-2000:]
+    (folder,) = (tmp_path / "run" / "cache").iterdir()
+    assert cache_complete(folder)
+    assert latest_checkpoint(tmp_path / "run" / "stages" / "clips" / "checkpoints") is not None

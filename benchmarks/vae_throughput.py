@@ -22,6 +22,18 @@ What it measures (writes OUT/vae_throughput.json, prints a table):
   bf16; the posterior mean and the decoded video (of the fp32 latent), each as max|bf16 - fp32|
   / max|fp32| and the relative L2 error.
 
+- paths (issue 25): encode through the cache job's encoder (`data/cache.py::vae_encoder`: host
+  pixels -> device -> moments back as numpy) and decode through `mugv sample`'s
+  (`jobs/sample.py::decode_videos`: latent -> device -> uint8 clips on the host), under the
+  runtime `models/vae_runtime.py::place_vae` gives (fp32; bf16 autocast too on a GPU), with the
+  GroupNorm + SiLU slot on its reference and, on a GPU, on the Triton kernel: frames/s and peak
+  memory per (precision, kernel).
+- cache job (`--cache-job`, any number of processes, e.g. under
+  `torchrun --nproc-per-node N benchmarks/vae_throughput.py --cache-job --out DIR`): the real
+  `mugv cache` stage (`jobs/pretrain.py::cache_stage`: decode, encode, tensorstore rows) over
+  `--cache-clips` generated clips, clips/s = clips / the slowest rank's wall time; writes
+  DIR/vae_cache_job_world<N>.json.
+
 How to read it: 720p decode dominates (the 2D decoder runs ~6 TFLOP per 720p frame at 128-512
 channels on full-resolution maps); a `working` that is the same for 105 and 417 frames means the
 chunking bounds the activation memory, so any clip length fits the GPU that fits the 5 s clip
@@ -150,6 +162,91 @@ def precision_error(fp32_model, bf16_model, frames, h, w, device) -> dict:
             "posterior_mean": rel(m16.float(), m32), "decode": rel(d16.float(), d32)}
 
 
+def paths(model, frames, h, w, device, repeats, kernel_ops: dict) -> dict:
+    """Frames/s and peak memory of the cache job's encode and `mugv sample`'s decode, per
+    precision and GroupNorm + SiLU implementation (see the module doc)."""
+    import numpy as np
+    import torch
+
+    from mugv.torch_backend.data.cache import vae_encoder
+    from mugv.torch_backend.jobs.sample import decode_videos
+    from mugv.torch_backend.models.vae import use_kernels
+    from mugv.torch_backend.models.vae_runtime import VAERuntime
+    pixels = _clip(frames, h, w, torch.device("cpu"), torch.float32).numpy()
+    out = {"frames": frames, "height": h, "width": w}
+    for kernel, op in kernel_ops.items():
+        use_kernels(model, device, op=op)
+        for precision in (("fp32", "bf16") if device.type == "cuda" else ("fp32",)):
+            runtime = VAERuntime(device, precision)
+            encode = vae_encoder(model, runtime.autocast)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            (mean, _), enc_t = _timed(lambda: encode(pixels), device, repeats)
+            enc_peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+            z = torch.from_numpy(np.ascontiguousarray(mean))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            _, dec_t = _timed(lambda: decode_videos(model, z, frames, runtime), device, repeats)
+            dec_peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+            enc, dec = statistics.median(enc_t), statistics.median(dec_t)
+            out[f"{precision}_{kernel}"] = {"encode_fps": frames / enc, "decode_fps": frames / dec,
+                                            "encode_peak_gib": enc_peak, "decode_peak_gib": dec_peak,
+                                            "encode_times": enc_t, "decode_times": dec_t}
+    use_kernels(model, device, op=kernel_ops["reference"])
+    return out
+
+
+def cache_job(out_dir: str, clips: int, size: str, px: int, frames: int) -> dict:
+    """The `mugv cache` stage on `clips` generated clips, this process doing its share (under
+    torchrun every rank calls it); rank 0 returns the summary (clips/s over the slowest rank's
+    wall time), the others None."""
+    import dataclasses
+    import pathlib
+
+    import torch
+    import torch.distributed as dist
+
+    from mugv.checkpoints.torch_io import save_torch
+    from mugv.core import vae as spec
+    from mugv.core.recipe import PretrainConfig, StageConfig
+    from mugv.torch_backend.data.product_videos import generate_dataset
+    from mugv.torch_backend.jobs import pretrain
+    from mugv.torch_backend.jobs.loaders import load_vae, text_encoder
+    from mugv.torch_backend.models.vae import init_vae
+    from mugv.torch_backend.models.vae_runtime import place_vae
+
+    rank, world, barrier = pretrain.data_parallel_world()
+    barrier = barrier or (lambda: None)
+    root = pathlib.Path(out_dir) / f"cache_job_world{world}"
+    if rank == 0:
+        manifest = generate_dataset(root / "data", clips, seed=25, size=px, frames=frames)
+        model = init_vae(spec.vae_config(size), seed=0)
+        save_torch(root / "vae", 0, {"model": (spec.vae_schema(model.cfg), model.state_dict())},
+                   config={"vae": dataclasses.asdict(model.cfg)}, schema_hash=spec.vae_schema(model.cfg).hash(),
+                   rank=0, barrier=lambda: None)
+    barrier()
+    manifest = root / "data" / "manifest.jsonl"
+    stage = StageConfig("clips", frames=frames, steps=1, batch_size=1)
+    from mugv.checkpoints.format import latest_checkpoint
+    recipe = PretrainConfig(manifest=str(manifest), vae_checkpoint=str(latest_checkpoint(root / "vae")),
+                            out=str(root / "run"),
+                            vae_size=size, size=px, stages=(stage,))
+    vae = load_vae(size, recipe.vae_checkpoint)
+    runtime = place_vae(vae)
+    text = text_encoder(recipe.text_encoder, recipe.dit)
+    barrier()
+    t0 = time.perf_counter()
+    pretrain.cache_stage(recipe, stage, vae, text, log=lambda s: None, runtime=runtime)
+    wall = torch.tensor([time.perf_counter() - t0], dtype=torch.float64,
+                        device=runtime.device if runtime.device.type == "cuda" else "cpu")
+    if world > 1:
+        dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+    if rank != 0:
+        return None
+    return {"world_size": world, "clips": clips, "vae_size": size, "height": px, "width": px, "frames": frames,
+            "runtime": runtime.record(), "wall_s": float(wall[0]), "clips_per_s": clips / float(wall[0])}
+
+
 def _case(results: dict, key: str, fn) -> None:
     """Run one case; a failure (e.g. out of memory) is recorded and the script goes on."""
     try:
@@ -173,8 +270,26 @@ def main(argv: list[str] | None = None) -> dict:
                     help="tiny VAE, fp32, tiny frames, on the CPU: tests the script")
     ap.add_argument("--frame-batch", type=int, default=8, help="2D encoder/decoder frames per call")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--cases", default="throughput,memory,precision")
+    ap.add_argument("--cases", default="throughput,memory,precision,paths")
+    ap.add_argument("--cache-job", action="store_true",
+                    help="time the `mugv cache` stage instead (run it under torchrun for N processes)")
+    ap.add_argument("--cache-clips", type=int, default=0, help="clips for --cache-job (default: 64 GPU, 8 CPU)")
     a = ap.parse_args(argv)
+    if a.cache_job:
+        import torch
+        cuda = torch.cuda.is_available() and not a.tiny
+        if not cuda:
+            torch.set_num_threads(1)
+        r = cache_job(a.out, a.cache_clips or (64 if cuda else 8), "official" if cuda else "tiny",
+                      256 if cuda else 32, 49 if cuda else 17)
+        if r is not None:
+            os.makedirs(a.out, exist_ok=True)
+            with open(os.path.join(a.out, f"vae_cache_job_world{r['world_size']}.json"), "w") as f:
+                json.dump(r, f, indent=1)
+            print(f"cache job: {r['clips']} clips of {r['frames']}x{r['height']}x{r['width']}, VAE {r['vae_size']} on "
+                  f"{r['runtime']['device_name']} ({r['runtime']['precision']}), {r['world_size']} process(es): "
+                  f"{r['wall_s']:.1f} s, {r['clips_per_s']:.2f} clips/s")
+        return r or {}
 
     import torch
 
@@ -206,6 +321,11 @@ def main(argv: list[str] | None = None) -> dict:
                      "frame_batch": a.frame_batch, "chunk_latents": 6, "torch": torch.__version__}
     cases = set(a.cases.split(","))
     t_start = time.perf_counter()
+    if "paths" in cases:   # fp32 weights, the runtime's precision (before the bf16 cast below)
+        from mugv.kernels.groupnorm_silu import groupnorm_silu, groupnorm_silu_reference
+        ops = {"reference": groupnorm_silu_reference, **({"triton": groupnorm_silu} if cuda else {})}
+        t, h, w = thr[0][1:]
+        _case(results, "paths_256p", lambda: paths(model32, t, h, w, device, a.repeats, ops))
     if "precision" in cases:
         model16 = copy.deepcopy(model32).to(torch.bfloat16)  # the same weights, rounded to bf16
         _case(results, "bf16_vs_fp32", lambda: precision_error(model32, model16, *prec, device))
@@ -256,6 +376,16 @@ def table(r: dict) -> str:
         g = r["working_growth"]
         lines.append(f"working set 20 s / 5 s: encode {g['encode_working_gib']:.3f}x, "
                      f"decode {g['decode_working_gib']:.3f}x")
+    for k, v in r.items():
+        if k.startswith("paths_") and "error" not in v:
+            lines += ["", f"real paths ({k[6:]}: {v['frames']}x{v['height']}x{v['width']}): cache encode / sample decode",
+                      "| precision_groupnorm | encode frames/s | decode frames/s | encode / decode peak GiB |",
+                      "|---|---|---|---|"]
+            for name, x in v.items():
+                if isinstance(x, dict):
+                    peaks = (f"{x['encode_peak_gib']:.2f} / {x['decode_peak_gib']:.2f}"
+                             if x["encode_peak_gib"] is not None else "-")
+                    lines.append(f"| {name} | {x['encode_fps']:.2f} | {x['decode_fps']:.2f} | {peaks} |")
     p = r.get("bf16_vs_fp32", {})
     if "posterior_mean" in p:
         lines.append(f"bf16 vs fp32 ({p['frames']}x{p['height']}x{p['width']}): posterior mean max_rel "

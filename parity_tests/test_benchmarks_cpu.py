@@ -56,6 +56,19 @@ def test_vae_throughput_tiny(tmp_path):
     for part in ("posterior_mean", "decode"):
         e = r["bf16_vs_fp32"][part]
         assert 0 < e["l2_rel"] < 0.3, (part, e)
+    # the cache job's encode and the sample job's decode ran (fp32, reference GroupNorm on the CPU)
+    assert r["paths_256p"]["fp32_reference"]["encode_fps"] > 0 and r["paths_256p"]["fp32_reference"]["decode_fps"] > 0
+
+
+def test_vae_cache_job_benchmark_tiny(tmp_path):
+    """`--cache-job` (the real `mugv cache` stage) in one process: every clip cached, clips/s > 0."""
+    _run([sys.executable, "benchmarks/vae_throughput.py", "--cache-job", "--tiny", "--cache-clips", "4",
+          "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "vae_cache_job_world1.json").read_text())
+    assert r["world_size"] == 1 and r["clips"] == 4 and r["clips_per_s"] > 0, r
+    from mugv.torch_backend.data.cache import cache_complete
+    (folder,) = (tmp_path / "cache_job_world1" / "run" / "cache").iterdir()
+    assert cache_complete(folder)
 
 
 def test_lora_step_tiny(tmp_path):

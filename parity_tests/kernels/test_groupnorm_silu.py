@@ -53,3 +53,60 @@ def test_groupnorm_silu_rejects_bad_input(device):
         groupnorm_silu(x, w, b, 4)
     with pytest.raises(ValueError, match="weight"):
         groupnorm_silu(x, w[:5], b, 3)
+
+
+# ------------------------------------------------------------------- the kernel inside the VAE
+def _vae_run(model, video, weights, dtype):
+    """encode (posterior mean and logvar) + decode of `video` in `dtype`; outputs and the
+    gradients of sum_i <out_i, weights_i> with respect to every parameter and the input."""
+    model = model.to(dtype)
+    model.zero_grad(set_to_none=True)
+    x = video.detach().to(dtype, copy=True).requires_grad_()
+    mean, logvar = model.posterior(x)
+    recon = model.decode(mean, x.shape[2], normalized=False)
+    outs = [mean, logvar, recon]
+    loss = sum((o * w.to(o)).sum() for o, w in zip(outs, weights))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad.detach().clone()
+    return [o.detach() for o in outs], grads
+
+
+def test_vae_with_the_kernel_equals_the_reference_vae(device):
+    """The whole VAE (2D and temporal stages, encode and decode, forward and every gradient) with
+    the kernel at all its GroupNorm + SiLU sites vs the same VAE on the reference, both judged
+    against the reference VAE in float64 (tolerances.py "vae_model" row). On the CPU the kernel
+    runs in Triton's interpreter; on a GPU `mugv verify-kernels` runs this file, so the kernel is
+    verified for the VAE it serves. One frame at 8x16 (frame rule (a): 8 copies in the temporal
+    stage) keeps the interpreter's program count small."""
+    import copy
+
+    from mugv.kernels.groupnorm_silu import groupnorm_silu
+    from mugv.parity_tests.test_vae import TINY, random_params
+    from mugv.parity_tests.tolerances import assert_sharded_vs_float64
+    from mugv.torch_backend.models.vae import GroupNormSiLU, VideoVAE, use_kernels
+
+    ref = VideoVAE(TINY)
+    ref.load_state_dict({k: torch.from_numpy(a) for k, a in random_params(TINY, 3).items()}, strict=True)
+    ref = ref.to(device)
+    fused = copy.deepcopy(ref)
+    chosen = use_kernels(fused, device, op=groupnorm_silu)
+    assert chosen["groupnorm_silu"] == "triton"
+    sites = [m for m in fused.modules() if isinstance(m, GroupNormSiLU)]
+    assert sites and all(m.op is groupnorm_silu for m in sites)
+    g = torch.Generator().manual_seed(5)
+    video = (torch.rand(1, 3, 1, 8, 16, generator=g) * 2 - 1).to(device)
+    with torch.no_grad():
+        shapes = [o.shape for o in ref.posterior(video)] + [video.shape]
+    weights = [torch.randn(s, generator=g).to(device) for s in shapes]
+    out64, grads64 = _vae_run(copy.deepcopy(ref), video, weights, torch.float64)
+    out32, grads32 = _vae_run(ref, video, weights, torch.float32)
+    outk, gradsk = _vae_run(fused, video, weights, torch.float32)
+    assert set(gradsk) == set(grads32) == set(grads64)
+    for name, a, b, c in zip(("mean", "logvar", "recon"), outk, out32, out64):
+        assert_sharded_vs_float64(a.cpu(), b.cpu(), c.cpu(), op="vae_model", name=name)
+    for name in grads64:
+        if name.endswith("attn.k.bias"):   # exactly zero in exact arithmetic (test_vae.py): noise only
+            continue
+        assert_sharded_vs_float64(gradsk[name].cpu(), grads32[name].cpu(), grads64[name].cpu(),
+                                  op="vae_model", name=f"d/d {name}")

@@ -11,6 +11,13 @@ row). The job writes a row's data, waits for it, and only then its `done` flag; 
 store replaces a shard file atomically (temp file + rename), so a kill at any instant leaves each
 row either marked done with its data or not marked - a restart redoes exactly the unmarked rows.
 
+Data parallel (`rank`, `world`, `barrier` of `build_cache`; `mugv cache` under torchrun): each
+bucket's rows are cut into the same batches as on one process, and each rank encodes a contiguous
+block of those batches, so every row is computed by the same arithmetic (the same batch) at any
+world size and the arrays are bit-equal to the one-process cache. Rank 0 writes `meta.json` and
+creates the arrays; ranks writing rows of the same shard file are serialised by tensorstore's file
+locking (optimistic concurrency: a shard's read-modify-write is retried, never lost).
+
 Latents are cached as the VAE posterior's mean and std (the official encoder samples
 z = mean + std * eps, notes 3.5); training draws eps itself (`sample_latents`), so one cache
 serves every epoch with fresh noise, and the cached and online paths agree exactly.
@@ -59,19 +66,24 @@ def pool_encoder(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return blocks.mean(axis=(3, 5, 7)), blocks.std(axis=(3, 5, 7))
 
 
-def vae_encoder(vae: torch.nn.Module, **chunking) -> VideoEncoder:
+def vae_encoder(vae: torch.nn.Module, autocast=None, **chunking) -> VideoEncoder:
     """The VAE posterior as cached moments in the DiT's normalised latent space.
 
     The official encode samples z = mean + exp(logvar / 2) * eps and normalises per channel,
     (z - mu_c) / sigma_c (notes 3.5). That equals mean_n + std_n * eps with mean_n =
     (mean - mu_c) / sigma_c and std_n = exp(logvar / 2) / sigma_c, which is what is cached.
+    The pixels go to the VAE's device; `autocast` (a context factory, e.g. `VAERuntime.autocast`)
+    wraps the encode; the moments come back as float32 numpy.
     """
+    import contextlib
     param = next(vae.parameters())
 
     @torch.no_grad()
     def encode(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         video = torch.as_tensor(pixels, dtype=param.dtype, device=param.device)
-        mean, logvar = vae.posterior(video, **chunking)
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            mean, logvar = vae.posterior(video, **chunking)
+        mean, logvar = mean.float(), logvar.float()
         mu = vae.latent_mean[:, None, None, None]
         sigma = vae.latent_std[:, None, None, None]
         return (((mean - mu) / sigma).float().cpu().numpy(),
@@ -125,35 +137,49 @@ def _meta(index: DatasetIndex, video_name: str, text_name: str) -> dict:
     }
 
 
+def my_batches(n: int, batch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The row batches of n rows (the one-process batches [0, batch), [batch, 2 batch), ...) that
+    rank `rank` of `world` encodes: a contiguous block of them, sizes differing by at most one."""
+    batches = [list(range(s, min(s + batch, n))) for s in range(0, n, batch)]
+    lo, hi = (len(batches) * rank) // world, (len(batches) * (rank + 1)) // world
+    return batches[lo:hi]
+
+
 def build_cache(index: DatasetIndex, out_dir: str | pathlib.Path, encode_video: VideoEncoder,
                 encode_text: TextEncoder, video_name: str, text_name: str, batch: int = 4,
-                on_row: Callable[[str, int], None] | None = None) -> dict[str, int]:
-    """Encode every item not yet done; returns {"encoded": n, "skipped_done": m}.
+                on_row: Callable[[str, int], None] | None = None, rank: int = 0, world: int = 1,
+                barrier: Callable[[], None] | None = None) -> dict[str, int]:
+    """Encode every item not yet done; returns this process's {"encoded": n, "skipped_done": m}.
 
     `video_name` / `text_name` identify the encoders (with their weights' version): a directory
     built with other encoders or another index is an error, not silently mixed. `on_row` is called
-    after each row is committed (progress reporting, tests).
+    after each row is committed (progress reporting, tests). Data parallel: every one of `world`
+    processes calls it with its `rank` and a `barrier` over them (e.g. torch.distributed.barrier);
+    each encodes its block of batches (`my_batches`), and all return once every row is written.
     """
+    if world > 1 and barrier is None:
+        raise ValueError(f"build_cache: world {world} needs a barrier over the processes")
+    barrier = barrier or (lambda: None)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = _meta(index, video_name, text_name)
     meta_path = out / "meta.json"
-    if meta_path.exists():
-        check_cache(out, index, video_name, text_name)
-    else:
+    if rank == 0 and not meta_path.exists():
         tmp = out / "meta.json.tmp"
         tmp.write_text(json.dumps(meta))
         tmp.rename(meta_path)
+    barrier()
+    check_cache(out, index, video_name, text_name)
     counts = {"encoded": 0, "skipped_done": 0}
-    for b, positions in index.members().items():
-        if not positions:
-            continue
+    members = {b: positions for b, positions in index.members().items() if positions}
+    if rank == 0:   # rank 0 creates the arrays (one probe encode each); the others open them
+        for b, positions in members.items():
+            _bucket_arrays(out, index, b, encode_video, positions)
+    barrier()
+    for b, positions in members.items():
         spec = index.buckets[b]
-        done = None
-        for start in range(0, len(positions), batch):
-            rows = list(range(start, min(start + batch, len(positions))))
-            if done is None:
-                done, mean_ts, std_ts = _bucket_arrays(out, index, b, encode_video, positions)
+        done, mean_ts, std_ts = _bucket_arrays(out, index, b, encode_video, positions)
+        for rows in my_batches(len(positions), batch, rank, world):
             flags = done[rows[0]:rows[-1] + 1].read().result()
             todo = [r for r, f in zip(rows, flags) if not f]
             counts["skipped_done"] += len(rows) - len(todo)
@@ -168,7 +194,8 @@ def build_cache(index: DatasetIndex, out_dir: str | pathlib.Path, encode_video: 
                 counts["encoded"] += 1
                 if on_row:
                     on_row(spec.name, r)
-    _build_text(index, out, encode_text, batch, on_row)
+    _build_text(index, out, encode_text, batch, on_row, rank, world, barrier)
+    barrier()
     return counts
 
 
@@ -186,25 +213,26 @@ def _bucket_arrays(out, index, b, encode_video, positions):
     return done, mean_ts, std_ts
 
 
-def _build_text(index, out, encode_text, batch, on_row):
+def _build_text(index, out, encode_text, batch, on_row, rank=0, world=1, barrier=lambda: None):
     n = len(index.items)
     folder = out / "text"
-    arrays = None
-    if (folder / "done" / "zarr.json").exists():
-        arrays = [_open(folder / k) for k in ("embedding", "mask", "done")]
-    for start in range(0, n, batch):
-        rows = list(range(start, min(start + batch, n)))
-        if arrays is not None:
-            flags = arrays[2][rows[0]:rows[-1] + 1].read().result()
-            rows = [r for r, f in zip(rows, flags) if not f]
-            if not rows:
-                continue
+    if rank == 0 and not (folder / "done" / "zarr.json").exists() and n:
+        # the first batch gives the width; it is encoded again below (text encoders are deterministic)
+        emb, _ = encode_text([index.items[r].entry.caption for r in range(min(batch, n))])
+        _open(folder / "embedding", (n, *emb.shape[1:]), "float32", create=True)
+        _open(folder / "mask", (n, emb.shape[1]), "uint8", create=True)
+        _open(folder / "done", (n,), "uint8", create=True)
+    barrier()
+    if not n:
+        return
+    arrays = [_open(folder / k) for k in ("embedding", "mask", "done")]
+    for rows in my_batches(n, batch, rank, world):
+        flags = arrays[2][rows[0]:rows[-1] + 1].read().result()
+        rows = [r for r, f in zip(rows, flags) if not f]
+        if not rows:
+            continue
         emb, mask = encode_text([index.items[r].entry.caption for r in rows])
         emb, mask = emb.float().numpy(), mask.numpy().astype(np.uint8)
-        if arrays is None:
-            arrays = [_open(folder / "embedding", (n, *emb.shape[1:]), "float32", create=True),
-                      _open(folder / "mask", (n, emb.shape[1]), "uint8", create=True),
-                      _open(folder / "done", (n,), "uint8", create=True)]
         for i, r in enumerate(rows):
             arrays[0][r].write(emb[i]).result()
             arrays[1][r].write(mask[i]).result()

@@ -2,6 +2,10 @@
 stage by stage. Each stage's bucket is encoded once into the latent/text cache (resumable), then
 trained by the Trainer starting from the previous stage's final weights; with `sample_every`,
 sample grids are written while it trains (`Previewer`).
+
+The VAE runs where `models/vae_runtime.py::place_vae` puts it (this rank's GPU, else the CPU;
+fp32 unless MUGV_VAE_PRECISION=bf16). Under torchrun both commands cache data parallel: every rank encodes its block
+of each bucket's batches into the same cache (`data/cache.py`), bit-equal to one process.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from mugv.core.recipe import PretrainConfig, StageConfig
 from mugv.core.sampler import FlowSamplerConfig
 from mugv.torch_backend.jobs.loaders import load_vae, require_path, text_encoder, text_identity, weights_identity
 from mugv.torch_backend.data.media import frame_grid, to_uint8, write_mp4, write_png
-from mugv.torch_backend.jobs.sample import sample_latents
+from mugv.torch_backend.jobs.sample import decode_videos, sample_latents
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,26 +69,44 @@ def stage_indices(cfg: PretrainConfig, only: Optional[str] = None, say=print) ->
     return indices
 
 
-def cache_names(cfg: PretrainConfig) -> tuple[str, str]:
-    """The identities a cache records and is checked against (loaders.weights_identity)."""
-    return f"vae:{weights_identity(cfg.vae_checkpoint)}", text_identity(cfg.text_encoder, cfg.dit)
+def cache_names(cfg: PretrainConfig, precision: str = "fp32") -> tuple[str, str]:
+    """The identities a cache records and is checked against (loaders.weights_identity); a cache
+    encoded in bf16 says so (its rows differ from fp32 ones, so the two are never mixed)."""
+    video = f"vae:{weights_identity(cfg.vae_checkpoint)}" + ("" if precision == "fp32" else f":{precision}")
+    return video, text_identity(cfg.text_encoder, cfg.dit)
+
+
+def data_parallel_world(timeout_s: float = 600.0):
+    """(rank, world size, barrier) of the torch.distributed group, joined under torchrun with the
+    layout's collective timeout (a no-op when joined already)."""
+    import torch.distributed as dist
+    from mugv.torch_backend.parallel.launch import init_distributed
+    init_distributed(timeout_s=timeout_s)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist.barrier
+    return 0, 1, None
 
 
 def cache_stage(cfg: PretrainConfig, stage: StageConfig, vae, text, log=print, index=None,
-                on_row=None) -> pathlib.Path:
+                on_row=None, runtime=None) -> pathlib.Path:
     """Encode the stage's bucket (latent moments + text states) into out/cache/<bucket>; resumable.
     `index`: the stage's index when the caller built it (`stage_indices`); `on_row(bucket, row)`
-    is told of each committed row (build_cache)."""
+    is told of each committed row (build_cache). Under torch.distributed every rank calls it and
+    encodes its share (data/cache.py). `runtime`: `place_vae`'s (the VAE's device and precision);
+    None = fp32 where the VAE is."""
     from mugv.torch_backend.data.cache import build_cache, cache_complete, check_cache, vae_encoder
+    rank, world, barrier = data_parallel_world(cfg.parallel.timeout_s)
     index = index if index is not None else stage_index(cfg, stage)
     folder = pathlib.Path(cfg.out) / "cache" / index.buckets[0].name
-    video_name, text_name = cache_names(cfg)
+    video_name, text_name = cache_names(cfg, runtime.precision if runtime is not None else "fp32")
     if (folder / "meta.json").exists():   # complete or not: built by these encoders from these captions?
         check_cache(folder, index, video_name, text_name)
     if not cache_complete(folder):
-        counts = build_cache(index, folder, vae_encoder(vae), text, video_name, text_name, batch=16, on_row=on_row)
-        log(f"[mugv] cache {folder}: {counts['encoded']} clips encoded ({len(index.items)} items, "
-            f"{len(index.skipped)} skipped {index.skip_counts})")
+        encode = vae_encoder(vae, runtime.autocast if runtime is not None else None)
+        counts = build_cache(index, folder, encode, text, video_name, text_name, batch=16, on_row=on_row,
+                             rank=rank, world=world, barrier=barrier)
+        log(f"[mugv] cache {folder}: {counts['encoded']} clips encoded by rank {rank} of {world} "
+            f"({len(index.items)} items, {len(index.skipped)} skipped {index.skip_counts})")
     return folder
 
 
@@ -94,7 +116,7 @@ def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Op
     stage's final weights. Returns the last trained stage's run folder. `say` gets the data lines
     (skipped clips, one summary per stage) even where `log` is silenced for progress bars."""
     from mugv.core.data import TaskMix
-    from mugv.torch_backend.data.cache import CachedSource, cache_complete
+    from mugv.torch_backend.data.cache import CachedSource
     from mugv.torch_backend.training.data_source import CachedBatches
     from mugv.torch_backend.training.trainer import StageSettings, Trainer
 
@@ -104,7 +126,10 @@ def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Op
     if only is not None and only not in names:
         raise v.ConfigError(f"--stage {only!r}: expected one of the recipe's stages {names}")
     indices = stage_indices(cfg, only, say)
+    from mugv.torch_backend.models.vae_runtime import place_vae
     vae = load_vae(cfg.vae_size, cfg.vae_checkpoint)
+    runtime = place_vae(vae, kernels=cfg.kernels.kernel_choice)
+    log(f"[mugv] VAE on {runtime.record()}")
     text = text_encoder(cfg.text_encoder, cfg.dit)
     previous = None
     run_dir = None
@@ -112,15 +137,10 @@ def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Op
         run_dir = pathlib.Path(cfg.out) / "stages" / stage.name
         if only is None or stage.name == only:
             index = indices[stage.name]
-            cache = pathlib.Path(cfg.out) / "cache" / index.buckets[0].name
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cache_complete(cache):
-                # every rank would encode the same rows at once: cache in one process first
-                raise RuntimeError(f"cache {cache} is incomplete; under torchrun run `mugv cache` with the "
-                                   f"same recipe first (one process), then `mugv train`")
-            cache = cache_stage(cfg, stage, vae, text, log, index)
+            cache = cache_stage(cfg, stage, vae, text, log, index, runtime=runtime)   # every rank its share
             mix = TaskMix(1.0, 0.0, 0.0) if stage.frames == 1 else TaskMix(0.0, 1 - stage.i2v, stage.i2v)
-            source = CachedBatches(index, CachedSource(index, cache, *cache_names(cfg)), mix, seed=cfg.train.seed,
-                                   sample_posterior=cfg.sample_posterior)
+            source = CachedBatches(index, CachedSource(index, cache, *cache_names(cfg, runtime.precision)), mix,
+                                   seed=cfg.train.seed, sample_posterior=cfg.sample_posterior)
             train = dataclasses.replace(cfg.train, steps=stage.steps, optimizer=dataclasses.replace(
                 cfg.train.optimizer, lr=stage.lr, min_lr=min(cfg.train.optimizer.min_lr, stage.lr),
                 warmup_steps=stage.warmup_steps))
@@ -132,7 +152,8 @@ def train_stages(cfg: PretrainConfig, on_metrics_for: Callable[[StageConfig], Op
             holder = {}
             on_metrics = on_metrics_for(stage)
             if cfg.sample_every and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-                on_metrics = _with_previews(on_metrics, Previewer(cfg, stage, vae, text, run_dir / "samples"),
+                on_metrics = _with_previews(on_metrics, Previewer(cfg, stage, vae, text, run_dir / "samples",
+                                                                  runtime=runtime),
                                             holder, cfg.sample_every, stage.steps)
             trainer = Trainer(cfg.dit, train, cfg.flow, source, run_dir, parallel=cfg.parallel,
                               stage=settings, log=log, on_metrics=on_metrics, kernels=cfg.kernels)
@@ -151,10 +172,12 @@ class Previewer:
     columns = frames) to `folder`: what the model makes as training goes, not only at the end."""
 
     def __init__(self, cfg: PretrainConfig, stage: StageConfig, vae, text, folder: pathlib.Path,
-                 sampler: FlowSamplerConfig = FlowSamplerConfig(num_steps=20, guidance_scale=3.0), seed: int = 1234):
+                 sampler: FlowSamplerConfig = FlowSamplerConfig(num_steps=20, guidance_scale=3.0), seed: int = 1234,
+                 runtime=None):
         from mugv.core.vae import latent_shape
         from mugv.torch_backend.data.manifest import read_manifest
         self.cfg, self.stage, self.vae, self.folder, self.sampler, self.seed = cfg, stage, vae, folder, sampler, seed
+        self.runtime = runtime
         self.captions = [e.caption for e in read_manifest(cfg.manifest)[:cfg.sample_prompts]]
         self.text, self.mask = text(self.captions)
         self.thw = latent_shape(stage.frames, cfg.size, cfg.size)
@@ -166,8 +189,7 @@ class Previewer:
         try:
             z = sample_latents(model, self.cfg.dit, self.text, self.mask, self.thw, self.cfg.fps, self.sampler,
                                self.seed)
-            with torch.no_grad():
-                videos = [to_uint8(x) for x in self.vae.decode(z, self.stage.frames)]
+            videos = decode_videos(self.vae, z, self.stage.frames, self.runtime)
         finally:
             model.train(was_training)
         png = write_png(self.folder / f"step_{step:06d}.png", frame_grid(videos))
@@ -189,10 +211,15 @@ def _with_previews(on_metrics, previewer: Previewer, holder: dict, every: int, l
 def cache(cfg) -> int:
     """`mugv cache`: encode every stage's bucket (or only `--stage`'s) into the cache."""
     from mugv.torch_backend.jobs import report
+    from mugv.torch_backend.models.vae_runtime import place_vae
     recipe, only = cfg
     report.one_thread_on_cpu()
     indices = stage_indices(recipe, only)
     vae = load_vae(recipe.vae_size, recipe.vae_checkpoint)
+    runtime = place_vae(vae, kernels=recipe.kernels.kernel_choice)
+    rank = data_parallel_world(recipe.parallel.timeout_s)[0]
+    if rank == 0:
+        print(f"[mugv] VAE on {runtime.record()}")
     text = text_encoder(recipe.text_encoder, recipe.dit)
     committed: dict[str, int] = {}
 
@@ -203,7 +230,10 @@ def cache(cfg) -> int:
 
     for stage in recipe.stages:
         if stage.name in indices:
-            print(cache_stage(recipe, stage, vae, text, index=indices[stage.name], on_row=progress), flush=True)
+            folder = cache_stage(recipe, stage, vae, text, index=indices[stage.name], on_row=progress,
+                                 runtime=runtime)
+            if rank == 0:
+                print(folder, flush=True)
     return 0
 
 

@@ -57,6 +57,17 @@ def sample_latents(model, dit: DiTConfig, text: torch.Tensor, text_mask: torch.T
     return sampler.sample(call, sampler_cfg, noise, 1.0, cond, frame_mask)
 
 
+@torch.no_grad()
+def decode_videos(vae, latent: torch.Tensor, num_frames: int, runtime=None) -> list:
+    """uint8 (T, H, W, 3) clips of a (B, C, t, h, w) latent, decoded on the VAE's device under
+    `runtime`'s precision (models/vae_runtime.py; None: fp32 where the VAE is)."""
+    import contextlib
+    device = next(vae.parameters()).device
+    with runtime.autocast() if runtime is not None else contextlib.nullcontext():
+        video = vae.decode(latent.to(device), num_frames)
+    return [to_uint8(x) for x in video.float().cpu()]
+
+
 def sample(ns) -> int:
     """`mugv sample` (cli/commands.py builds `ns`): decode, write sample_<i>.mp4, grid.png and
     prompts.json under `ns.out`."""
@@ -65,7 +76,10 @@ def sample(ns) -> int:
     from mugv.torch_backend.jobs import loaders, report
     from mugv.torch_backend.parallel import megatron_compat
     report.one_thread_on_cpu()
+    from mugv.torch_backend.models.vae_runtime import place_vae
     vae = loaders.load_vae(ns.vae_size, ns.vae_checkpoint, ns.vae_official)
+    runtime = place_vae(vae)
+    print(f"[mugv] VAE on {runtime.record()}")
     megatron_compat.initialize_parallel(tp=1, pp=1, cp=1, seed=ns.seed)
     try:
         dit, model = loaders.load_dit(ns.dit, ns.checkpoint, ns.official, ns.group)
@@ -75,15 +89,15 @@ def sample(ns) -> int:
         cond = None
         if ns.image:
             ref = to_model_range(decode_clip(ns.image, 1, ns.size, ns.size, ns.fps))
-            with torch.no_grad():
-                cond = vae.encode(torch.from_numpy(ref)[None], sample=False).repeat(len(ns.prompt), 1, 1, 1, 1)
+            with torch.no_grad(), runtime.autocast():
+                cond = vae.encode(torch.from_numpy(ref)[None].to(runtime.device), sample=False).float().cpu()
+            cond = cond.repeat(len(ns.prompt), 1, 1, 1, 1)
         z = sample_latents(model, dit, text, mask, latent_shape(ns.frames, ns.size, ns.size), ns.fps,
                            ns.sampler, ns.seed, cond,
                            on_step=lambda i: print(f"[mugv] sampling: step {i}/{ns.sampler.num_steps}", flush=True))
     finally:
         megatron_compat.destroy_parallel()
-    with torch.no_grad():
-        videos = [to_uint8(x) for x in vae.decode(z, ns.frames)]
+    videos = decode_videos(vae, z, ns.frames, runtime)
     # Each file appears whole or not at all (a kill mid-write left a truncated mp4 under its
     # final name); sampling is deterministic, so a rerun after a kill writes the same files.
     out = pathlib.Path(ns.out)

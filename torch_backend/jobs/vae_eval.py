@@ -38,20 +38,27 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reconstruct(model: VideoVAE, video: torch.Tensor, frame_batch: int | None = 8) -> torch.Tensor:
-    """Posterior mean -> decode: the deterministic reconstruction of one (3, T, H, W) clip."""
-    latent = model.encode(video[None], sample=False, frame_batch=frame_batch)
-    return model.decode(latent, video.shape[1], frame_batch=frame_batch)[0]
+def reconstruct(model: VideoVAE, video: torch.Tensor, frame_batch: int | None = 8, runtime=None) -> torch.Tensor:
+    """Posterior mean -> decode: the deterministic reconstruction of one (3, T, H, W) clip, on the
+    model's device under `runtime`'s precision (models/vae_runtime.py; None: as the model is);
+    returned as fp32 on the CPU."""
+    import contextlib
+    device = next(model.parameters()).device
+    with runtime.autocast() if runtime is not None else contextlib.nullcontext():
+        latent = model.encode(video[None].to(device), sample=False, frame_batch=frame_batch)
+        recon = model.decode(latent, video.shape[1], frame_batch=frame_batch)[0]
+    return recon.float().cpu()
 
 
 def evaluate(model: VideoVAE, data: str | pathlib.Path, height: int, width: int, num_frames: int,
              fps: float = 8.0, out_dir: str | pathlib.Path | None = None,
-             clips: list[tuple[str, np.ndarray]] | None = None) -> dict:
+             clips: list[tuple[str, np.ndarray]] | None = None, runtime=None) -> dict:
     """PSNR/SSIM of the model's reconstructions of every clip's first `num_frames` frames.
 
     Returns {"clips": [{"clip", "frames", "psnr", "ssim"}...], "mean_psnr", "mean_ssim"}; with
     `out_dir`, also writes metrics.json, metrics.md, <clip>.png and <clip>.mp4 (original | recon).
     `clips` (name, uint8 array) skips decoding (the trainer passes its already-decoded clips).
+    `runtime` (models/vae_runtime.py::place_vae's): the precision to run in; recorded in the result.
     """
     model.eval()
     if clips is None:
@@ -66,7 +73,7 @@ def evaluate(model: VideoVAE, data: str | pathlib.Path, height: int, width: int,
     rows = []
     for name, clip in clips:
         video = to_video_tensor(clip[:num_frames])
-        recon = reconstruct(model, video)
+        recon = reconstruct(model, video, runtime=runtime)
         rows.append({"clip": name, "frames": int(video.shape[1]), "psnr": psnr(recon, video), "ssim": ssim(recon, video)})
         if out is not None:
             orig8, rec8 = clip[:num_frames], to_uint8(recon)
@@ -74,7 +81,8 @@ def evaluate(model: VideoVAE, data: str | pathlib.Path, height: int, width: int,
             write_mp4(output_path(out, name, ".mp4"), np.concatenate([orig8, rec8], axis=2), fps)
     result = {"clips": rows, "mean_psnr": float(np.mean([r["psnr"] for r in rows])),
               "mean_ssim": float(np.mean([r["ssim"] for r in rows])),
-              "height": height, "width": width, "num_frames": num_frames, "fps": fps}
+              "height": height, "width": width, "num_frames": num_frames, "fps": fps,
+              **({"runtime": runtime.record()} if runtime is not None else {})}
     if out is not None:
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         (out / "metrics.md").write_text(format_table(result))
@@ -92,8 +100,11 @@ def eval_vae(ns) -> int:
     """`mugv eval-vae` (cli/commands.py builds `ns`): the table to stdout, media under `ns.out`."""
     from mugv.torch_backend.jobs import loaders, report
     report.one_thread_on_cpu()
+    from mugv.torch_backend.models.vae_runtime import place_vae
     model = loaders.load_vae(ns.size, ns.checkpoint, ns.official)
-    result = evaluate(model, ns.data, ns.height, ns.width, ns.frames, ns.fps, ns.out)
+    runtime = place_vae(model)
+    print(f"[mugv] VAE on {runtime.record()}", file=sys.stderr)
+    result = evaluate(model, ns.data, ns.height, ns.width, ns.frames, ns.fps, ns.out, runtime=runtime)
     sys.stdout.write(format_table(result))
     return 0
 
@@ -113,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="init seed when no weights are given")
     a = ap.parse_args(argv)
     from mugv.torch_backend.jobs.loaders import vae_model
+    from mugv.torch_backend.models.vae_runtime import place_vae
     model = vae_model(a.size, a.checkpoint, a.official, a.seed)
-    result = evaluate(model, a.data, a.height, a.width, a.frames, a.fps, a.out)
+    result = evaluate(model, a.data, a.height, a.width, a.frames, a.fps, a.out, runtime=place_vae(model))
     sys.stdout.write(format_table(result))
     return 0
 

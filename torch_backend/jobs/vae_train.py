@@ -13,10 +13,19 @@ divided by that channel's variance), then the `steps` end-to-end steps above (C)
 
 Data: every clip is decoded once at (height, width, fps) through the data pipeline's PyAV decode;
 batches are random windows of `num_frames` frames. Checkpoints go through the mugv format
-(checkpoints/torch_io.py): group "model" (the VAE schema) and, when on, "discriminator".
+(checkpoints/torch_io.py): group "model" (the VAE schema) and, when on, "discriminator", plus
+what an exact resume needs (`training/vae_run.py`: Adam moments, position, generators).
+
+Device: `models/vae_runtime.py::place_vae` (the GPU of this rank when there is one, else the CPU;
+fp32 by default on both, bf16 autocast with `precision="bf16"`). Under torchrun the run is data parallel: each rank
+takes its rows of every global batch (`batch_size`, `spatial_batch`, `temporal_batch` are global)
+and the gradients are averaged before each step (`training/vae_run.py`); the result is the
+one-process run's up to summation order. A run whose `--out` holds a checkpoint resumes from it
+bit-exactly (step budgets; a `minutes` budget stops where the clock says).
 
     python -m mugv.torch_backend.jobs.vae_train --data ../shared/data/clips --size tiny \
         --height 32 --width 32 --frames 9 --minutes 4 --out runs/vae
+    torchrun --nproc-per-node 2 -m mugv.torch_backend.jobs.vae_train ... (the same options)
 """
 from __future__ import annotations
 
@@ -32,10 +41,12 @@ import torch
 from torch import nn
 
 from mugv.core import vae as spec
-from mugv.core.schema import ParamSpec, Schema
 from mugv.torch_backend.data import media
 from mugv.torch_backend.jobs import vae_eval
 from mugv.torch_backend.models.vae import VideoVAE, init_vae
+from mugv.torch_backend.training.checkpointing import truncate_metrics
+from mugv.torch_backend.training.run_lock import RunLock
+from mugv.torch_backend.training.vae_run import DataParallel, VAERun
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +99,18 @@ class VAETrainConfig:
     # score PSNR/SSIM on the training clips before and after (off: the demo scores held-out clips)
     evaluate: bool = True
     out: str | None = None
+    # exact resume: a checkpoint every this many steps (all stages counted; 0 = only the final one)
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    precision: str = "auto"       # models/vae_runtime.py: auto (= GPU_DEFAULT, fp32 today), fp32, bf16 (autocast)
 
     def __post_init__(self) -> None:
         from mugv.core import validate as v
         v.positive_int(self, "height", "width", "num_frames", "batch_size", "log_every", "eval_frames",
                        "disc_channels", "spatial_batch", "temporal_batch")
-        v.non_negative_int(self, "steps", "spatial_steps", "temporal_steps")
+        v.non_negative_int(self, "steps", "spatial_steps", "temporal_steps", "checkpoint_every")
+        v.positive_int(self, "keep_last")
+        v.one_of(self, "precision", ("auto", "fp32", "bf16"))
         if self.steps + self.spatial_steps + self.temporal_steps == 0:
             v.fail(self, "steps", "> 0 when spatial_steps and temporal_steps are 0 (nothing would train)")
         v.in_range(self, "lr", 0, None, lo_open=True)
@@ -123,11 +140,6 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.net(video.transpose(1, 2).flatten(0, 1))     # (B T, 1, h, w)
-
-
-def module_schema(module: nn.Module) -> Schema:
-    """A schema for a module without one in core (the discriminator): its state_dict as is."""
-    return Schema(tuple(ParamSpec(n, tuple(t.shape)) for n, t in module.state_dict().items()))
 
 
 def load_clips(cfg: VAETrainConfig, log=print) -> list[tuple[str, np.ndarray]]:
@@ -173,10 +185,26 @@ def foreground_mask(video: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model: VideoVAE, disc: PatchDiscriminator | None, opt, opt_d, video: torch.Tensor, step: int,
-               cfg: VAETrainConfig, generator: torch.Generator) -> dict:
-    """One generator (VAE) update and, when the discriminator is on, one discriminator update."""
+               cfg: VAETrainConfig, generator: torch.Generator, dp: DataParallel | None = None,
+               global_batch: int | None = None) -> dict:
+    """One generator (VAE) update and, when the discriminator is on, one discriminator update.
+
+    Data parallel (`dp` over several ranks): `video` is this rank's rows of a global batch of
+    `global_batch` clips; the posterior noise is drawn for the global batch and sliced, the
+    adaptive weight uses the gradients averaged over the ranks (the global batch's), and `opt` /
+    `opt_d` average the parameter gradients (`training/vae_run.py::GradientAveraging`). Logged
+    values are rank averages."""
     model.train()
-    recon, mean, logvar = model(video, sample=cfg.sample_posterior, generator=generator)
+    dp = dp or DataParallel()
+    rows = dp.rows(global_batch or video.shape[0]) if dp.size > 1 else slice(0, video.shape[0])
+    # = VideoVAE.forward, with the noise drawn on the generator's device (the CPU) in fp32 for the
+    # global batch: the same draws at any data-parallel size, any device and any dtype.
+    mean, logvar = model.posterior(video)
+    z = mean
+    if cfg.sample_posterior:
+        noise = torch.randn(((global_batch or video.shape[0]),) + tuple(mean.shape[1:]), generator=generator)
+        z = mean + torch.exp(0.5 * logvar) * noise[rows].to(mean)
+    recon = model.decode(z, video.shape[2], normalized=False)
     if cfg.foreground_weight:
         # LDM's nll_loss with its per-pixel `weights` (core/vae.py::reconstruction_nll unweighted)
         weight = 1.0 + cfg.foreground_weight * foreground_mask(video)
@@ -195,6 +223,7 @@ def train_step(model: VideoVAE, disc: PatchDiscriminator | None, opt, opt_d, vid
         last = model.spatial.decoder.conv_out.weight
         g_nll = torch.autograd.grad(nll, last, retain_graph=True)[0]
         g_gen = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        dp.average_([g_nll, g_gen])   # the global batch's gradients, so every rank weighs alike
         weight = spec.adaptive_weight(float(g_nll.norm()), float(g_gen.norm()), cfg.loss.disc_weight)
         loss = loss + weight * cfg.loss.disc_factor * g_loss
         logs.update(g_loss=g_loss.item(), d_weight=weight)
@@ -208,7 +237,7 @@ def train_step(model: VideoVAE, disc: PatchDiscriminator | None, opt, opt_d, vid
         opt_d.step()
         logs["d_loss"] = d_loss.item()
     logs["loss"] = loss.item()
-    return logs
+    return {k: (dp.mean(x) if isinstance(x, float) and k != "d_weight" else x) for k, x in logs.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +285,8 @@ def spatial_step(model: VideoVAE, opt, frames: torch.Tensor, cfg: VAETrainConfig
 def clip_features(model: VideoVAE, clips: list[tuple[str, np.ndarray]], frame_batch: int = 64) -> list[torch.Tensor]:
     """The 2D encoder's features (x spatial_scaling) of every frame of every clip: (C, T, h, w) each."""
     model.eval()
-    return [model.encode_spatial(media.to_video_tensor(clip).transpose(0, 1), frame_batch).transpose(0, 1)
+    device = next(model.parameters()).device
+    return [model.encode_spatial(media.to_video_tensor(clip).transpose(0, 1).to(device), frame_batch).transpose(0, 1)
             for _, clip in clips]
 
 
@@ -291,35 +321,45 @@ def temporal_step(model: VideoVAE, opt, feats: torch.Tensor, inv_var: torch.Tens
 
 
 def pretrain_stages(model: VideoVAE, clips: list[tuple[str, np.ndarray]], cfg: VAETrainConfig,
-                    rng: np.random.Generator, on_step=None, deadline: float | None = None) -> dict[str, int]:
+                    rng: np.random.Generator, on_step=None, deadline: float | None = None, *,
+                    run: VAERun | None = None) -> dict[str, int]:
     """Stages A (`spatial_steps`) and B (`temporal_steps`), each with its own Adam over its own
     parameters. `on_step(stage, logs)` after every step ("spatial" / "temporal"; logs["step"]
     counts from 1 within the stage); `deadline` (time.monotonic()) stops either stage early.
-    Returns the steps done per stage."""
+    `run` (training/vae_run.py): data parallel rows and gradient averaging, checkpoints, and the
+    position a resumed run starts at. Returns the steps done per stage."""
     in_time = lambda: deadline is None or time.monotonic() < deadline  # noqa: E731
-    done = {"spatial": 0, "temporal": 0}
+    run = run or VAERun(model, None, None, {}, spec.vae_schema(model.cfg))
+    device = next(model.parameters()).device
+    local = lambda batch, what: batch[run.dp.rows(batch.shape[0], what)].to(device)  # noqa: E731
+    done = {"spatial": run.position["spatial"], "temporal": run.position["temporal"]}
     if cfg.spatial_steps:
-        opt = torch.optim.Adam(model.spatial.parameters(), lr=cfg.lr, betas=cfg.betas)
+        opt = run.optimizer("spatial", model.spatial.parameters(), lr=cfg.lr, betas=cfg.betas)
         while done["spatial"] < cfg.spatial_steps and in_time():
-            logs = spatial_step(model, opt, sample_frames(clips, cfg.spatial_batch, rng), cfg)
+            frames = local(sample_frames(clips, cfg.spatial_batch, rng), "spatial_batch")
+            with run.autocast():
+                logs = spatial_step(model, opt, frames, cfg)
             done["spatial"] += 1
+            run.done("spatial", ("spatial",))
             if on_step:
-                on_step("spatial", {"step": done["spatial"], **logs})
-    if cfg.temporal_steps:
+                on_step("spatial", {"step": done["spatial"], **{k: run.dp.mean(x) for k, x in logs.items()}})
+    if cfg.temporal_steps and done["temporal"] < cfg.temporal_steps:
         feats = clip_features(model, clips)
         var = torch.cat([f.flatten(1) for f in feats], dim=1).var(dim=1)
         inv_var = (1.0 / var.clamp_min(1e-12))[None, :, None, None, None]
-        opt = torch.optim.Adam(model.temporal.parameters(), lr=cfg.temporal_lr, betas=cfg.betas)
+        opt = run.optimizer("temporal", model.temporal.parameters(), lr=cfg.temporal_lr, betas=cfg.betas)
         while done["temporal"] < cfg.temporal_steps and in_time():
             windows = []
             for _ in range(cfg.temporal_batch):
                 f = feats[rng.integers(len(feats))]
                 start = rng.integers(f.shape[1] - cfg.num_frames + 1)
                 windows.append(f[:, start:start + cfg.num_frames])
-            logs = temporal_step(model, opt, torch.stack(windows), inv_var)
+            with run.autocast():
+                logs = temporal_step(model, opt, local(torch.stack(windows), "temporal_batch"), inv_var)
             done["temporal"] += 1
+            run.done("temporal", ("temporal",))
             if on_step:
-                on_step("temporal", {"step": done["temporal"], **logs})
+                on_step("temporal", {"step": done["temporal"], **{k: run.dp.mean(x) for k, x in logs.items()}})
     return done
 
 
@@ -330,7 +370,8 @@ def set_latent_normalisation(model: VideoVAE, clips: list[tuple[str, np.ndarray]
     `latents_mean/std`: the DiT then sees unit-scale latents whatever the VAE learned."""
     model.eval()
     use = [c[:frames] for _, c in clips if len(c) >= frames] or [c[:min(len(c) for _, c in clips)] for _, c in clips]
-    means = torch.cat([model.posterior(media.to_video_tensor(c)[None])[0] for c in use])
+    device = next(model.parameters()).device
+    means = torch.cat([model.posterior(media.to_video_tensor(c)[None].to(device))[0].float() for c in use])
     model.latent_mean.copy_(means.mean(dim=(0, 2, 3, 4)))
     model.latent_std.copy_(means.std(dim=(0, 2, 3, 4)).clamp_min(1e-3))
 
@@ -339,15 +380,18 @@ def train(cfg: VAETrainConfig, log=print, on_step=None, clips: list[tuple[str, n
     """Train the VAE (stages A and B if set, then `steps` end to end within `minutes`), set its
     latent normalisation (`set_latent_normalisation` over the first `eval_frames` frames of the
     training clips) and save it under `out/ckpt`. The one VAE training that `mugv train-vae` and
-    the demo both run.
+    the demo both run. Under torch.distributed (torchrun) it is data parallel; with `out` and
+    `checkpoint_every` it checkpoints, and a run in a folder with a checkpoint resumes from it.
 
     on_step(stage, logs): after every step ("spatial", "temporal", "end_to_end"; logs["step"]
     counts from 1 within the stage). clips: already decoded (name, uint8 clip) pairs instead of
     decoding `cfg.data`. With `cfg.evaluate` (vae_eval.evaluate: PSNR/SSIM, posterior mean) the
-    first `eval_frames` frames of every clip are scored before and after training.
+    first `eval_frames` frames of every clip are scored before and after training (rank 0).
     Returns {"before", "after" (None without evaluate), "steps", "stage_steps", "seconds",
-    "checkpoint" (None without `out`), "model"}."""
+    "checkpoint" (None without `out`), "model" (on the CPU), "runtime", "resumed"}."""
+    from mugv.torch_backend.models.vae_runtime import place_vae
     t_start = time.monotonic()
+    dp = DataParallel()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -355,86 +399,122 @@ def train(cfg: VAETrainConfig, log=print, on_step=None, clips: list[tuple[str, n
     with torch.no_grad():
         model.logvar.fill_(cfg.logvar_init)
     disc = PatchDiscriminator(cfg.disc_channels) if cfg.loss.disc_start is not None else None
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
+    runtime = place_vae(model, cfg.precision)
+    if disc is not None:
+        disc.to(runtime.device)
+    out = pathlib.Path(cfg.out) if cfg.out else None
+    lock = RunLock(out) if out is not None and dp.rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        run = VAERun(model, disc, out, run_config(model, cfg), spec.vae_schema(model.cfg),
+                     cfg.checkpoint_every, cfg.keep_last, log, dp)
+        run.np_rng, run.torch_gen, run.autocast = rng, gen, runtime.autocast
+        log(json.dumps({"vae_runtime": runtime.record(), "rank": dp.rank, "world_size": dp.size}))
+        return _train(cfg, run, runtime, log, on_step, clips, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(cfg: VAETrainConfig, run: VAERun, runtime, log, on_step, clips, t_start: float) -> dict:
+    """`train`'s body once the model, its runtime and the run's state exist (and the lock is held)."""
+    model, disc, dp, rng, gen, out = run.model, run.disc, run.dp, run.np_rng, run.torch_gen, run.out
     clips = load_clips(cfg) if clips is None else clips
     eval_clips = [(n, c[:cfg.eval_frames]) for n, c in clips if len(c) >= cfg.eval_frames]
-    out = pathlib.Path(cfg.out) if cfg.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     evaluate = lambda where: vae_eval.evaluate(  # noqa: E731
         model, cfg.data, cfg.height, cfg.width, cfg.eval_frames, cfg.fps,
-        out_dir=(out / where) if out is not None else None, clips=eval_clips)
+        out_dir=(out / where) if out is not None else None, clips=eval_clips, runtime=runtime)
     before = None
-    if cfg.evaluate:
+    if cfg.evaluate and dp.rank == 0:   # of the seeded init, also when resuming
         before = evaluate("eval_before")
         log(json.dumps({"eval": "before", "mean_psnr": before["mean_psnr"], "mean_ssim": before["mean_ssim"]}))
-
-    logfile = open(out / "log.jsonl", "a") if out is not None else None
+    resumed = run.resume()
+    logpath = out / "log.jsonl" if out is not None else None
+    if logpath is not None and dp.rank == 0:
+        truncate_metrics(logpath, run.global_step, log, key="global_step")
+    logfile = open(logpath, "a") if logpath is not None and dp.rank == 0 else None
     t0 = time.monotonic() if cfg.evaluate else t_start   # the time budget counts training only
-    step = 0
 
-    def log_stage(stage: str, logs: dict) -> None:
-        if on_step is not None:
-            on_step(stage, logs)
-        if (logs["step"] - 1) % cfg.log_every == 0:
-            line = json.dumps({"stage": stage, **logs, "seconds": round(time.monotonic() - t0, 1)})
+    def write(line: str) -> None:
+        if dp.rank == 0:
             log(line)
             if logfile:
                 logfile.write(line + "\n")
                 logfile.flush()
 
+    def log_stage(stage: str, logs: dict) -> None:
+        if on_step is not None:
+            on_step(stage, logs)
+        if (logs["step"] - 1) % cfg.log_every == 0:
+            write(json.dumps({"stage": stage, **logs, "global_step": run.global_step,
+                              "seconds": round(time.monotonic() - t0, 1)}))
+
     deadline = None if cfg.minutes is None else t0 + 60 * cfg.minutes
-    done = pretrain_stages(model, clips, cfg, rng, on_step=log_stage, deadline=deadline)
+    done = pretrain_stages(model, clips, cfg, rng, on_step=log_stage, deadline=deadline, run=run)
+    opt = run.optimizer("end_to_end", model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    opt_d = run.optimizer("discriminator", disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
+    live = ("end_to_end", "discriminator")
+    step = run.position["end_to_end"]
     while step < cfg.steps and (deadline is None or time.monotonic() < deadline):
-        logs = train_step(model, disc, opt, opt_d, sample_batch(clips, cfg, rng), step, cfg, gen)
+        batch = sample_batch(clips, cfg, rng)
+        video = batch[dp.rows(batch.shape[0], "batch_size")].to(runtime.device)
+        with runtime.autocast():
+            logs = train_step(model, disc, opt, opt_d, video, step, cfg, gen, dp, batch.shape[0])
+        run.done("end_to_end", live)
         if on_step is not None:
             on_step("end_to_end", {**logs, "step": step + 1})
         if step % cfg.log_every == 0:
-            logs["seconds"] = round(time.monotonic() - t0, 1)
-            log(json.dumps(logs))
-            if logfile:
-                logfile.write(json.dumps(logs) + "\n")
-                logfile.flush()
+            write(json.dumps({**logs, "global_step": run.global_step, "seconds": round(time.monotonic() - t0, 1)}))
         step += 1
     seconds = time.monotonic() - t0
     if logfile:
         logfile.close()
-    set_latent_normalisation(model, clips, cfg.eval_frames)
+    with runtime.autocast():
+        set_latent_normalisation(model, clips, cfg.eval_frames)
     after = None
-    if cfg.evaluate:
+    if cfg.evaluate and dp.rank == 0:
         after = evaluate("eval_after")
         log(json.dumps({"eval": "after", "mean_psnr": after["mean_psnr"], "mean_ssim": after["mean_ssim"],
                         "steps": step, **{f"{k}_steps": n for k, n in done.items()}, "seconds": round(seconds, 1)}))
-    total = step + sum(done.values())
-    ckpt = save(model, disc, cfg, out / "ckpt", total) if out is not None else None
+    ckpt = run.save(live, final=True) if out is not None else None
+    # The model is returned on the CPU, as `loaders.load_vae` gives it: callers (the demo) feed it
+    # host tensors; one that wants the GPU calls `place_vae` on it.
     return {"before": before, "after": after, "steps": step, "stage_steps": done, "seconds": seconds,
-            "checkpoint": ckpt, "model": model}
+            "checkpoint": ckpt, "model": model.cpu(), "runtime": runtime.record(), "resumed": resumed}
+
+
+def run_config(model: VideoVAE, cfg: VAETrainConfig) -> dict:
+    """The checkpoint's config: the VAE's and the run's; `resume_check` is what a resumed run must
+    share with it (everything that changes the math; not the budgets, intervals or output)."""
+    train_cfg = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    fixed = {k: x for k, x in train_cfg.items() if k not in RESUMABLE_CHANGES}
+    return {"vae": dataclasses.asdict(model.cfg), "train": train_cfg, "resume_check": fixed}
+
+
+# VAETrainConfig fields a resumed run may change (budgets, intervals, logging, evaluation, paths).
+RESUMABLE_CHANGES = ("steps", "minutes", "checkpoint_every", "keep_last", "log_every", "evaluate", "out",
+                     "data", "eval_frames", "precision")
 
 
 def train_vae(cfg: VAETrainConfig) -> int:
-    """`mugv train-vae`: train, then print the PSNR before and after and the checkpoint."""
+    """`mugv train-vae` (also under torchrun: data parallel): train, then print the PSNR before
+    and after and the checkpoint (rank 0)."""
     from mugv.torch_backend.jobs import report
+    from mugv.torch_backend.parallel.launch import init_distributed
     report.one_thread_on_cpu()
+    init_distributed(timeout_s=600.0)
     result = train(cfg, log=lambda s: print(s, flush=True))
+    if DataParallel().rank != 0:
+        return 0
     if cfg.evaluate:
         print(f"PSNR {result['before']['mean_psnr']:.2f} -> {result['after']['mean_psnr']:.2f} dB; "
               f"checkpoint {result['checkpoint']}")
     else:
         print(f"checkpoint {result['checkpoint']}")
     return 0
-
-
-def save(model: VideoVAE, disc: PatchDiscriminator | None, cfg: VAETrainConfig, root: pathlib.Path, step: int):
-    """Through the mugv checkpoint format: group "model" = the VAE schema, "discriminator" if on."""
-    from mugv.checkpoints.torch_io import save_torch
-    groups = {"model": (spec.vae_schema(model.cfg), model.state_dict())}
-    if disc is not None:
-        groups["discriminator"] = (module_schema(disc), disc.state_dict())
-    config = {"vae": dataclasses.asdict(model.cfg), "train": {k: v for k, v in dataclasses.asdict(cfg).items()}}
-    return save_torch(root, step, groups, config=json.loads(json.dumps(config, default=str)),
-                      schema_hash=spec.vae_schema(model.cfg).hash())
 
 
 def config_from_args(argv: list[str] | None) -> VAETrainConfig:
@@ -470,6 +550,12 @@ def config_from_args(argv: list[str] | None) -> VAETrainConfig:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="run folder: log.jsonl, eval_before/, eval_after/, ckpt/")
+    ap.add_argument("--checkpoint-every", type=int, default=0,
+                    help="save every N steps (all stages counted) for exact resume; 0: only at the end")
+    ap.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="auto: models/vae_runtime.py GPU_DEFAULT on a GPU (fp32 today), fp32 on the CPU; bf16: autocast")
+    ap.add_argument("--no-eval", action="store_true", help="skip PSNR/SSIM before and after")
     a = ap.parse_args(argv)
     return VAETrainConfig(data=a.data, size=a.size, height=a.height, width=a.width, num_frames=a.frames, fps=a.fps,
                           batch_size=a.batch_size, steps=a.steps, minutes=a.minutes, lr=a.lr,
@@ -480,11 +566,21 @@ def config_from_args(argv: list[str] | None) -> VAETrainConfig:
                           foreground_weight=a.foreground_weight, colour_weight=a.colour_weight,
                           loss=spec.VAELossConfig(kl_weight=a.kl_weight, disc_start=a.disc_start,
                                                   disc_weight=a.disc_weight),
-                          eval_frames=a.eval_frames, log_every=a.log_every, seed=a.seed, out=a.out)
+                          eval_frames=a.eval_frames, log_every=a.log_every, seed=a.seed, out=a.out,
+                          checkpoint_every=a.checkpoint_every, keep_last=a.keep_last, precision=a.precision,
+                          evaluate=not a.no_eval)
 
 
 def main(argv: list[str] | None = None) -> int:
-    result = train(config_from_args(argv), log=lambda s: print(s, flush=True))
+    from mugv.torch_backend.parallel.launch import init_distributed
+    cfg = config_from_args(argv)
+    init_distributed(timeout_s=600.0)
+    result = train(cfg, log=lambda s: print(s, flush=True))
+    if DataParallel().rank != 0:
+        return 0
+    if not cfg.evaluate:
+        sys.stdout.write(f"checkpoint {result['checkpoint']}\n")
+        return 0
     b, a = result["before"], result["after"]
     sys.stdout.write(f"PSNR {b['mean_psnr']:.2f} -> {a['mean_psnr']:.2f} dB, SSIM {b['mean_ssim']:.4f} -> "
                      f"{a['mean_ssim']:.4f} after {result['steps'] + sum(result['stage_steps'].values())} steps "

@@ -8,6 +8,11 @@ encoder maps each group of 8 feature frames to one latent frame; mean/logvar -> 
 Decode: z * std + mean -> temporal decoder over chunks of 6 latents -> 2D decoder per frame.
 Memory: `encode`/`decode` stream over latent chunks and frame micro-batches, so peak activation
 memory depends on `chunk_latents`/`frame_batch`, not on the clip length.
+
+Kernel slot: every GroupNorm followed by SiLU (the ResBlocks' two pre-conv pairs and the three
+`norm_out` + SiLU before a `conv_out`) is one `GroupNormSiLU` module whose op is chosen once,
+by `use_kernels` (the Triton `kernels/groupnorm_silu.py` where verified on the GPU, else its
+plain-torch reference, which computes exactly what `F.silu(nn.GroupNorm(x))` did before).
 """
 from __future__ import annotations
 
@@ -19,10 +24,48 @@ from torch import nn
 
 from mugv.core import vae as spec
 from mugv.core.vae import VAEConfig
+from mugv.kernels.groupnorm_silu import groupnorm_silu_reference
 
 SPATIAL_NORM_EPS = 1e-6   # diffusers' AutoencoderKL GroupNorms
 TEMPORAL_NORM_EPS = 1e-5  # nn.GroupNorm default, used by the temporal VAE (notes 3.4)
 LOGVAR_CLAMP = (-30.0, 20.0)
+
+
+# --------------------------------------------------------------------------------- kernel slot
+class GroupNormSiLU(nn.GroupNorm):
+    """SiLU(GroupNorm(x)) as one op (the slot of `kernels/groupnorm_silu.py`). Its parameters are
+    nn.GroupNorm's (`weight`, `bias`), so canonical names and checkpoints are unchanged; `op` has
+    the kernels' signature op(x, weight, bias, groups, eps) and is set by `use_kernels`."""
+
+    def __init__(self, groups: int, channels: int, eps: float):
+        super().__init__(groups, channels, eps=eps)
+        self.op = groupnorm_silu_reference
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.weight, self.bias, self.num_groups, self.eps)
+
+
+def use_kernels(model: nn.Module, device, choice: str | None = None, op=None) -> dict[str, str]:
+    """Set the op of every `GroupNormSiLU` in `model`, once: the Triton kernel where
+    `kernels/registry.py::select` enables it on `device` (verified there, or forced by `choice` =
+    a KernelConfig's `kernel_choice` / MUGV_KERNELS), else the reference. `op` overrides the
+    choice (tests run the kernel in Triton's CPU interpreter this way). Returns
+    {"groupnorm_silu": "triton" | "reference", "why": ...} for the run's record."""
+    from mugv.kernels import registry
+    if op is None:
+        on_gpu = getattr(device, "type", str(device).split(":")[0]) == "cuda"
+        used, why = registry.kernel_status("groupnorm_silu", device, choice) if on_gpu else \
+            (False, f"reference: {device} device (kernels run on CUDA only)")
+        if used:
+            from mugv.kernels.groupnorm_silu import groupnorm_silu as op
+        else:
+            op = groupnorm_silu_reference
+    else:
+        why = f"given: {getattr(op, '__name__', op)}"
+    for m in model.modules():
+        if isinstance(m, GroupNormSiLU):
+            m.op = op
+    return {"groupnorm_silu": "reference" if op is groupnorm_silu_reference else "triton", "why": why}
 
 
 # ------------------------------------------------------------------------------------ 2D stage
@@ -31,15 +74,15 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, c_in, eps=SPATIAL_NORM_EPS)
+        self.norm1 = GroupNormSiLU(groups, c_in, SPATIAL_NORM_EPS)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, c_out, eps=SPATIAL_NORM_EPS)
+        self.norm2 = GroupNormSiLU(groups, c_out, SPATIAL_NORM_EPS)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.norm2(h))
         return (x if self.shortcut is None else self.shortcut(x)) + h
 
 
@@ -127,14 +170,14 @@ class SpatialDecoder(nn.Module):
         self.up = nn.ModuleList([
             UpBlock2D(rev[max(i - 1, 0)], c, cfg.spatial_layers_per_block + 1, g, i < len(rev) - 1)
             for i, c in enumerate(rev)])
-        self.norm_out = nn.GroupNorm(g, rev[-1], eps=SPATIAL_NORM_EPS)
+        self.norm_out = GroupNormSiLU(g, rev[-1], SPATIAL_NORM_EPS)
         self.conv_out = nn.Conv2d(rev[-1], cfg.image_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mid(x)
         for block in self.up:
             x = block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(self.norm_out(x))
 
 
 class SpatialVAE(nn.Module):
@@ -163,15 +206,15 @@ class TimeConv3d(nn.Conv3d):
 class ResBlock3D(nn.Module):
     def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, c_in, eps=TEMPORAL_NORM_EPS)
+        self.norm1 = GroupNormSiLU(groups, c_in, TEMPORAL_NORM_EPS)
         self.conv1 = TimeConv3d(c_in, c_out, 3, bias=False)
-        self.norm2 = nn.GroupNorm(groups, c_out, eps=TEMPORAL_NORM_EPS)
+        self.norm2 = GroupNormSiLU(groups, c_out, TEMPORAL_NORM_EPS)
         self.conv2 = TimeConv3d(c_out, c_out, 3, bias=False)
         self.shortcut = TimeConv3d(c_in, c_out, 1, bias=False) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.norm2(h))
         return (x if self.shortcut is None else self.shortcut(x)) + h
 
 
@@ -215,7 +258,7 @@ class TemporalEncoder(nn.Module):
         self.levels = nn.ModuleList([
             Level3D(tc[max(i - 1, 0)], c, n, g, down=i < len(tc) - 1) for i, c in enumerate(tc)])
         self.mid = ResStack3D(tc[-1], n, g)
-        self.norm_out = nn.GroupNorm(g, tc[-1], eps=TEMPORAL_NORM_EPS)
+        self.norm_out = GroupNormSiLU(g, tc[-1], TEMPORAL_NORM_EPS)
         self.conv_out = TimeConv3d(tc[-1], 2 * cfg.latent_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,7 +269,7 @@ class TemporalEncoder(nn.Module):
             if hasattr(level, "down"):
                 x = level.down(x)
         x = self.mid(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(self.norm_out(x))
 
 
 class TemporalDecoder(nn.Module):
@@ -242,7 +285,7 @@ class TemporalDecoder(nn.Module):
         ins = {i: (tc[i + 1] if i + 1 < len(tc) else tc[-1]) for i in range(len(tc))}
         self.levels = nn.ModuleList([
             Level3D(ins[i], tc[i], n, g, up=i in spec.DEPTH_TO_SPACE_LEVELS) for i in range(len(tc))])
-        self.norm_out = nn.GroupNorm(g, tc[0], eps=TEMPORAL_NORM_EPS)
+        self.norm_out = GroupNormSiLU(g, tc[0], TEMPORAL_NORM_EPS)
         self.conv_out = TimeConv3d(tc[0], cfg.spatial_channels[-1], 3)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -253,7 +296,7 @@ class TemporalDecoder(nn.Module):
                 x = r(x)
             if hasattr(level, "up"):
                 x = depth_to_space_time(level.up(x))
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(self.norm_out(x))
 
 
 class TemporalVAE(nn.Module):

@@ -169,31 +169,37 @@ class CheckpointMixin:
         self.log(f"[mugv] stage starts from {ckpt.path} ({'weights only' if weights_only else 'weights, EMA and optimizer'})")
 
     def _truncate_metrics(self, step: int) -> int:
-        """Drop metric lines written after the checkpoint we resume from (they will be redone), and a
-        torn last line (a crash or a full disk mid-write). Returns how many lines were dropped;
-        a damaged line before the last is an error naming file:line (it was not a torn write)."""
-        if not self._metrics_path.is_file():
-            return 0
-        lines = self._metrics_path.read_text(errors="replace").splitlines()
-        keep, dropped = [], 0
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                row_step = int(row["step"])
-            except (ValueError, KeyError, TypeError):
-                if i == len(lines) - 1:
-                    self.log(f"[mugv] warning: {self._metrics_path}:{i + 1}: torn last line dropped")
-                    dropped += 1
-                    continue
-                raise CheckpointError(f"{self._metrics_path}:{i + 1}: not a metrics line (JSON with a "
-                                      f"'step'): {line[:80]!r}") from None
-            if row_step <= step:
-                keep.append(line)
-            else:
-                dropped += 1
-        if dropped:
-            self._metrics_path.write_text("".join(ln + "\n" for ln in keep))
-        return dropped
+        """Drop metric lines written after the checkpoint we resume from (`truncate_metrics`)."""
+        return truncate_metrics(self._metrics_path, step, self.log)
 
+
+def truncate_metrics(path: Path, step: int, log=print, key: str = "step") -> int:
+    """Drop the metric lines of `path` whose `key` is after `step` (the checkpoint a run resumes
+    from: they will be redone), and a torn last line (a crash or a full disk mid-write). Returns
+    how many lines were dropped; a damaged line before the last is an error naming file:line (it
+    was not a torn write)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text(errors="replace").splitlines()
+    keep, dropped = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row_step = int(row[key])
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                log(f"[mugv] warning: {path}:{i + 1}: torn last line dropped")
+                dropped += 1
+                continue
+            raise CheckpointError(f"{path}:{i + 1}: not a metrics line (JSON with a "
+                                  f"{key!r}): {line[:80]!r}") from None
+        if row_step <= step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        path.write_text("".join(ln + "\n" for ln in keep))
+    return dropped

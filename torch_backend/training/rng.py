@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import sys
 
 import numpy as np
 import torch
@@ -39,11 +40,14 @@ def capture() -> bytes:
                        if torch.cuda.is_available() else None),
         "megatron_tracker": None,
     }
-    try:
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-        state["megatron_tracker"] = {k: _b64(v) for k, v in get_cuda_rng_tracker().get_states().items()}
-    except Exception:  # tracker not initialised (no Megatron parallel state)
-        pass
+    # Only where Megatron is loaded (its tracker cannot hold states otherwise): importing it costs
+    # 5-8 s, which a process that never used it (the VAE trainer) need not pay at every save.
+    if "megatron.core" in sys.modules:
+        try:
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+            state["megatron_tracker"] = {k: _b64(v) for k, v in get_cuda_rng_tracker().get_states().items()}
+        except Exception:  # tracker not initialised (no Megatron parallel state)
+            pass
     return json.dumps(state).encode()
 
 

@@ -21,7 +21,8 @@ import re
 import numpy as np
 import pytest
 
-from mugv.torch_backend.experiments import demo
+from mugv.torch_backend.experiments import demo, demo_report
+from mugv.torch_backend.jobs import evaluate
 from mugv.torch_backend.jobs.generate_data import DemoData, generate
 from mugv.core.recipe import PretrainConfig, StageConfig
 
@@ -145,7 +146,7 @@ def test_every_demo_caption_fits_the_text_encoder():
 
 
 def test_baselines_and_seed_statistics():
-    assert demo.majority_accuracy(["a red cone, slow pan left", "a red sphere, slow zoom in",
+    assert evaluate.majority_accuracy(["a red cone, slow pan left", "a red sphere, slow zoom in",
                                    "a blue sphere, the camera pans left", "a green cube, slow pan left"]) == \
         {"colour": 0.5, "shape": 0.5, "motion": 0.75}
     for n in (2, 3, 10):
@@ -158,7 +159,7 @@ def test_baselines_and_seed_statistics():
              "colours": {"t2v": {"red": [r, 4]}, "vae_recon": {"red": [4, 4]}}} for x, r in ((0.5, 1), (0.7, 3))]
     for r in runs:
         r["new"]["baseline"] = fake(0.3)
-    stats = demo.seed_statistics(runs)
+    stats = demo_report.seed_statistics(runs)
     assert stats["new.t2v"]["colour"]["mean"] == pytest.approx(0.6)
     assert stats["new.t2v"]["colour"]["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     assert stats["gain"]["motion"]["values"] == pytest.approx([0.2, 0.4])

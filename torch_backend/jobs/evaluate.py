@@ -1,6 +1,8 @@
 """`mugv evaluate`: caption following of videos, read by the analyzer (colour, shape, motion).
 
-`analyzer_accuracy` is the one scoring rule the demo, the preference data and the experiments use.
+`analyzer_accuracy` is the one scoring rule the demo, the preference data and the experiments use;
+`majority_accuracy` (the always-the-most-frequent-value baseline) and `per_value` (hits per value
+of one attribute) read the same rows.
 """
 from __future__ import annotations
 
@@ -27,6 +29,30 @@ def analyzer_accuracy(videos: list[np.ndarray], captions: list[str]) -> tuple[di
             row[attribute] = got
         rows.append(row)
     return {k: float(np.mean(h)) for k, h in hits.items()}, rows
+
+
+ATTRIBUTES = ("colour", "shape", "motion")
+
+
+def majority_accuracy(captions: list[str]) -> dict[str, float]:
+    """Per attribute, what always answering the prompts' most frequent value would score."""
+    from collections import Counter
+
+    from mugv.torch_backend.data.analyzer import parse_caption
+    parsed = [parse_caption(c) for c in captions]
+    return {a: Counter(x[a] for x in parsed).most_common(1)[0][1] / len(parsed) for a in ATTRIBUTES}
+
+
+def per_value(rows: list[dict], captions: list[str], attribute: str = "colour") -> dict[str, list[int]]:
+    """value -> [hits, prompts] of one attribute over analyzer rows (evaluate.analyzer_accuracy)."""
+    from mugv.torch_backend.data.analyzer import parse_caption
+    out: dict[str, list[int]] = {}
+    for row, c in zip(rows, captions):
+        want = parse_caption(c)[attribute]
+        hit = out.setdefault(want, [0, 0])
+        hit[0] += row.get(attribute) == want
+        hit[1] += 1
+    return out
 
 
 def evaluate(ns) -> int:

@@ -14,8 +14,9 @@ cast). Reported per (size, precision), worst clip and mean over clips:
 - decode: the decode of the fp32 latent, PSNR of it against the fp32 decode on [0, 1] pixels,
   and the share of uint8 pixels that differ after rounding (what a written sample shows);
 - roundtrip: encode + decode in that precision, the same two numbers.
-The weights are random (no trained VAE is available here), so the numbers measure rounding
-through this architecture, not a trained VAE's; the GPU run with trained weights is pending.
+Sizes are seeded random weights (rounding through the architecture) unless given as `ckpt:DIR`,
+a trained mugv VAE checkpoint (e.g. the demo's `runs/demo/vae/ckpt`: trained weights, but a tiny
+VAE trained on the generated product clips, at its own 32 px resolution via --size 32).
 Prints a table and writes OUT/vae_bf16_error.json.
 """
 from __future__ import annotations
@@ -40,17 +41,34 @@ def uint8_changed(a, b) -> float:
     return float((q(a) != q(b)).float().mean())
 
 
+def build(size: str, seed: int = 0):
+    """A VAE in fp32 eval mode: a core/vae.py size with seeded init, or `ckpt:DIR`, a trained mugv
+    VAE checkpoint (its config read from the checkpoint's manifest, weights loaded strictly)."""
+    from mugv.core import vae as spec
+    from mugv.torch_backend.models.vae import VideoVAE, init_vae
+    if not size.startswith("ckpt:"):
+        return init_vae(spec.vae_config(size), seed).eval()
+    from mugv.checkpoints.format import latest_checkpoint
+    from mugv.checkpoints.torch_io import load_torch
+    root = pathlib.Path(size[5:])
+    step = root if (root / "manifest.json").is_file() else latest_checkpoint(root)
+    if step is None:
+        raise SystemExit(f"--sizes {size}: no committed checkpoint (step_*/manifest.json) under {root}")
+    cfg = spec.VAEConfig(**{k: tuple(x) if isinstance(x, list) else x
+                            for k, x in json.loads((step / "manifest.json").read_text())["config"]["vae"].items()})
+    model = VideoVAE(cfg)
+    model.load_state_dict(load_torch(step, spec.vae_schema(cfg), "model"), strict=True)
+    return model.eval()
+
+
 def measure(size: str, clips, device, seed: int = 0) -> dict:
     import torch
 
-    from mugv.core import vae as spec
-    from mugv.torch_backend.models.vae import init_vae
     from mugv.torch_backend.models.vae_runtime import VAERuntime
 
-    model = init_vae(spec.vae_config(size), seed).to(device).eval()
+    model = build(size, seed).to(device)
     runs = {"fp32": (model, VAERuntime(device, "fp32")), "bf16_autocast": (model, VAERuntime(device, "bf16"))}
-    runs["bf16_weights"] = (init_vae(spec.vae_config(size), seed).to(device).eval().bfloat16(),
-                            VAERuntime(device, "fp32"))
+    runs["bf16_weights"] = (build(size, seed).to(device).bfloat16(), VAERuntime(device, "fp32"))
     out = {name: [] for name in runs}
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -100,7 +118,8 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "clips"))
-    ap.add_argument("--sizes", default="tiny,golden,official")
+    ap.add_argument("--sizes", default="tiny,golden,official",
+                    help="core/vae.py sizes (seeded init) and/or ckpt:DIR (a trained mugv VAE checkpoint)")
     ap.add_argument("--size", type=int, default=64, help="frame height = width (multiple of 8)")
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--official-frames", type=int, default=9, help="frames for the official-size VAE (CPU time)")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Collects, into .whl/, what the GPU machine (Python 3.12, torch/JAX/triton preinstalled, no
-# network) lacks: mugv itself as a wheel and megatron-core's cp312 wheel. Run here, then on the
+# network) lacks: mugv itself as a wheel and the cp312 wheels of megatron-core and PyAV. Run here, then on the
 # device machine run scripts/install_gpu_offline.sh with `.whl` carried.
 #
 # --hopper also collects the `mugv[hopper]` extra (FlashAttention-4 and its CuTe DSL, the versions
@@ -17,6 +17,8 @@ python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl . 2>/dev/null || 
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 python3 -m pip download -q --no-deps "${PLAT[@]}" -d .whl "megatron-core==0.16.1"
+# PyAV (video decode/encode: data, cache, samples), the lock's version, cp312 wheel with FFmpeg inside
+python3 -m pip download -q --no-deps "${PLAT[@]}" -d .whl "$(grep -o '^av==[0-9.]*' locks/cpu-py311.txt)"
 if [ "${1:-}" = "--hopper" ]; then
   rm -rf .whl/hopper .whl/hopper-libs && mkdir -p .whl/hopper .whl/hopper-libs
   # the extra's pins, from pyproject.toml (one place); the cu12 libs are not needed beside cu13

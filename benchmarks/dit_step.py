@@ -9,7 +9,7 @@ What runs, per resolution (256p: latent (14, 32, 56) = 6,272 video tokens; 720p:
    and flash, forward+backward, useful TFLOP/s (FLOPs at head dim 72).
 2. Baseline: one plain-PyTorch MUG-DiT block written below (`RefBlock`: nn.Linear, F.layer_norm,
    SDPA with torch's default backend choice, per-sample modulation), forward+backward, eager and
-   torch.compile. MFU = 3 x the block's forward FLOPs (core/flops.py) / time / 989 TFLOP/s.
+   torch.compile. MFU = 3 x the block's forward FLOPs (core/flops.py) / time / the GPU's bf16 peak (BF16_PEAKS).
 3. The production model (torch_backend/models/dit.py: `build_dit` with a layer spec, Megatron DDP
    with fp32 gradient buffers and Megatron's mixed-precision Adam with fp32 main weights, exactly
    as the trainer builds them) at full width with `--layers` blocks, one full training step:
@@ -19,7 +19,7 @@ What runs, per resolution (256p: latent (14, 32, 56) = 6,272 video tokens; 720p:
    fused; attention head dim padded; recompute none / selective / full.
    MFU = model FLOPs of the step (core/flops.py::step_flops: every matmul, attention as
    4 * Lq * Lk * hidden per attention, backward = 2 x forward, the embedders included, recompute
-   NOT counted) / step time / 989e12. HFU adds the recomputed forward FLOPs.
+   NOT counted) / step time / the GPU's bf16 peak. HFU adds the recomputed forward FLOPs.
 4. A torch.profiler trace of one step of chosen variants: GPU time by kernel class and the top
    kernels (DIR/profile_<res>_<variant>.txt).
 Prints a table last and writes DIR/dit_step.json. `--attention cross|none` limits the SDPA
@@ -46,7 +46,11 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-PEAK = 989e12
+from mugv.core.flops import benchmark_peak  # noqa: E402
+
+# MFU's denominator: this GPU's dense bf16 peak (core/flops.py BF16_PEAKS; MUGV_PEAK_TFLOPS overrides)
+PEAK, PEAK_SOURCE = benchmark_peak(torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                                   os.environ.get("MUGV_PEAK_TFLOPS"))
 RES = {"256p": (14, 32, 56), "720p": (14, 90, 160),
        # longer 720p clips for the memory limit (item 3 of issue 13): 3,600 tokens per latent frame
        "720p-18f": (18, 90, 160), "720p-23f": (23, 90, 160), "720p-40f": (40, 90, 160)}
@@ -505,7 +509,7 @@ def main() -> None:
     from mugv.torch_backend.parallel import megatron_compat
     megatron_compat.initialize_parallel(tp=1, pp=1, cp=1, seed=0)
     results = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu",
-               "torch": torch.__version__, "peak_tflops": PEAK / 1e12, "text_tokens": TEXT,
+               "torch": torch.__version__, "peak_tflops": PEAK / 1e12, "peak_source": PEAK_SOURCE, "text_tokens": TEXT,
                "hidden": cfg.hidden_size, "heads": cfg.num_heads, "head_dim": cfg.head_dim,
                "layers": a.layers, "command": " ".join(sys.argv), "runs": {}}
     t_start = time.time()

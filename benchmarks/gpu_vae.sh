@@ -8,8 +8,9 @@
 # trained-weights bf16 row, a trained VAE checkpoint into runs/demo/vae/ckpt (`bash scripts/main.sh`
 # makes one); the call carries .whl, .gpu_data and runs/demo/vae/ckpt.
 # Parts (each under its own time limit, logs in $OUT/<part>.log, table last):
-#   verify   `mugv verify-kernels --only groupnorm_silu`: the kernel's and the whole VAE's parity on
-#            this device, forward and gradients; writes the record the VAE's slot reads
+#   verify   `mugv verify-kernels` (MUGV_VERIFY_ONLY=names for some): every kernel's parity on this
+#            device, alone and in the whole VAE / DiT, forward and gradients; writes the record the
+#            slots read (the first call of 2026-12-05 failed the whole-VAE test: kernels/groupnorm_silu.py)
 #   paths    encode through the cache job's encoder, decode through `mugv sample`'s, fp32 / bf16
 #            autocast x reference / Triton GroupNorm+SiLU (benchmarks/vae_throughput.py --cases paths)
 #   cache    the real `mugv cache` stage under torchrun on every GPU of the machine (clips/s)
@@ -44,10 +45,10 @@ run() {  # run NAME LIMIT CMD...
   tail -n 15 "$OUT/$name.log"
 }
 data=.gpu_data
-run verify 150 python3 -P -m mugv.kernels.verify --only groupnorm_silu --log-dir "$OUT/verify"
-# the whole-VAE comparison's smallest margin (bound / measured; < 1 fails), kernel vs torch on this GPU
+run verify 240 python3 -P -m mugv.kernels.verify ${MUGV_VERIFY_ONLY:+--only "$MUGV_VERIFY_ONLY"} --log-dir "$OUT/verify"
+# the whole-model comparisons' smallest margins (bound / measured; < 1 fails), kernels vs torch on this GPU
 run margins 90 python3 -P -m mugv.parity_tests.margins /tmp/site/mugv/parity_tests/kernels/test_groupnorm_silu.py \
-  -k vae_with_the_kernel
+  /tmp/site/mugv/parity_tests/kernels/test_dit_kernels.py -k "vae_with_the_kernel or dit_with_the_kernels"
 cp "$MUGV_VERIFIED_KERNELS" "$OUT/verified_kernels.json" 2>/dev/null
 run paths 150 python3 -P benchmarks/vae_throughput.py --cases paths --out "$OUT/vae_paths"
 run cache 120 python3 -P -m torch.distributed.run --nproc-per-node "$ngpu" benchmarks/vae_throughput.py \

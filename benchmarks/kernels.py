@@ -243,7 +243,7 @@ def main():
         from mugv.kernels import verify
         from mugv.kernels.registry import KERNELS, verified_devices
         t0 = time.time()
-        parity = verify.run_parity_tests(sorted(KERNELS[k].test for k in only) if only else None, out)
+        parity = verify.run_parity_tests(verify.test_files(only), out)
         print(parity["tail"], f"\nparity tests: {time.time() - t0:.0f} s, rc {parity['returncode']}", flush=True)
         result["parity"] = {k: parity[k] for k in ("returncode", "files")}
         record = verify.device_record(device, parity, only or None, verified_devices().get(device, {}))

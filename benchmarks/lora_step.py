@@ -88,7 +88,9 @@ def run_case(recompute: str, tiny: bool, warmup: int, steps: int, run_dir: str) 
     import torch
 
     from mugv.core.dit import video_tokens
-    from mugv.core.flops import H100_BF16_PEAK, step_flops
+    from mugv.core.flops import benchmark_peak, step_flops
+    peak, _ = benchmark_peak(torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                             os.environ.get("MUGV_PEAK_TFLOPS"))
     from mugv.core.flow import FlowConfig
     from mugv.core.train import OptimizerConfig, TrainConfig
     from mugv.torch_backend.models.lora import lora_model_hook
@@ -131,8 +133,8 @@ def run_case(recompute: str, tiny: bool, warmup: int, steps: int, run_dir: str) 
     tokens = video_tokens(cfg, thw)
     fl = step_flops(cfg, thw, s["text"])
     out["tokens_per_s"] = tokens / out["step_time_s"]
-    out["mfu"] = fl.model / out["step_time_s"] / H100_BF16_PEAK
-    out["mfu_lora_work"] = 2 * fl.forward / out["step_time_s"] / H100_BF16_PEAK
+    out["mfu"] = fl.model / out["step_time_s"] / peak
+    out["mfu_lora_work"] = 2 * fl.forward / out["step_time_s"] / peak
     if cuda:
         torch.cuda.synchronize()
         out["static_gib"] = static / GIB

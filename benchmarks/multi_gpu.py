@@ -30,7 +30,7 @@ Parts (`--parts`, default parity,scaling,reshard; each writes into OUT/multi_gpu
     parallel with the distributed optimizer (the layout docs/parallelism.md recommends when the
     model fits one GPU; `--scaling-layout cp` for Ulysses CP when available). `--warmup` + `--steps`
     Adam steps; per GPU: median step time, tokens/s, MFU (core/flops.py model FLOPs over the H100
-    bf16 peak 989 TFLOP/s), peak memory. Weak-scaling efficiency = tokens/s per GPU at N / at 1
+    bf16 peak of the GPU, core/flops.py BF16_PEAKS), peak memory. Weak-scaling efficiency = tokens/s per GPU at N / at 1
     GPU, the 1-GPU number from `--baseline` (the JSON of a 1-process run; the launch with N = 1
     is the baseline).
 (c) reshard: at TP=2 (+SP), one Adam step on batch 1, the weights saved with
@@ -326,7 +326,9 @@ def scaling(cpu: bool, world: int, layers: int | None, warmup: int, steps: int, 
     import torch.distributed as dist
 
     from mugv.core.dit import dit_config, video_tokens
-    from mugv.core.flops import H100_BF16_PEAK, step_flops
+    from mugv.core.flops import benchmark_peak, step_flops
+    peak_flops, _ = benchmark_peak(torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                             os.environ.get("MUGV_PEAK_TFLOPS"))
     from mugv.core.parallel import ParallelConfig
     from mugv.core.train import OptimizerConfig
     from mugv.torch_backend.training.parallelize import forward_backward, megatron_optimizer, parallelize
@@ -388,8 +390,8 @@ def scaling(cpu: bool, world: int, layers: int | None, warmup: int, steps: int, 
            "latent": list(thw), "tokens_per_sample": tokens, "text": text, "dtype": str(dtype),
            "step_times": times, "step_time_s": step, "losses": losses,
            "tokens_per_s_per_gpu": per_gpu,
-           "mfu": fl.model * replicas / world / step / H100_BF16_PEAK,
-           "hfu": fl.hardware * replicas / world / step / H100_BF16_PEAK}
+           "mfu": fl.model * replicas / world / step / peak_flops,
+           "hfu": fl.hardware * replicas / world / step / peak_flops}
     if torch.cuda.is_available():
         peak = torch.tensor([torch.cuda.max_memory_allocated() / GIB], device=_device())
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)

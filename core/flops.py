@@ -71,4 +71,38 @@ def mfu(flops: StepFlops, seconds: float, peak_flops: float) -> float:
     return flops.model / seconds / peak_flops
 
 
-H100_BF16_PEAK = 989e12  # dense bf16 datasheet peak, the denominator mugv's MFU uses
+H100_BF16_PEAK = 989e12  # dense bf16 datasheet peak of the H100 SXM (and the H200, same tensor cores)
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s, matched in order
+# against the CUDA device name (`torch.cuda.get_device_name()`): the more specific names first.
+BF16_PEAKS: tuple[tuple[str, float], ...] = (
+    ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+    ("H200 NVL", 835e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12),
+)
+
+
+def bf16_peak(device_name: str, override: str | None = None) -> tuple[float | None, str]:
+    """(dense bf16 peak FLOP/s of the named device, where it came from). `override` (the value of
+    MUGV_PEAK_TFLOPS, TFLOP/s) wins; a device missing from BF16_PEAKS gives (None, why) and MFU is
+    not reported rather than divided by another device's peak."""
+    if override:
+        try:
+            value = float(override)
+        except ValueError:
+            raise ValueError(f"MUGV_PEAK_TFLOPS={override!r}: expected a number of TFLOP/s") from None
+        if not value > 0:
+            raise ValueError(f"MUGV_PEAK_TFLOPS={override!r}: expected a positive number of TFLOP/s")
+        return value * 1e12, f"MUGV_PEAK_TFLOPS={override}"
+    for key, peak in BF16_PEAKS:
+        if key in device_name.replace("-", " "):
+            return peak, f"datasheet dense bf16 of {key}"
+    return None, (f"no bf16 peak known for {device_name!r} (core/flops.py BF16_PEAKS): MFU not reported; "
+                  "set MUGV_PEAK_TFLOPS")
+
+
+def benchmark_peak(device_name: str | None, override: str | None = None) -> tuple[float, str]:
+    """The MFU denominator of a benchmark: `bf16_peak`, or the H100's where the device is unknown
+    (or a CPU smoke run), saying so in the source string the benchmark records."""
+    peak, source = bf16_peak(device_name or "cpu", override)
+    return (peak, source) if peak else (H100_BF16_PEAK, f"{device_name or 'cpu'} unknown: the H100's peak")

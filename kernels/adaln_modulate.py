@@ -57,7 +57,7 @@ def _adaln_fwd_kernel(x_ptr, shift_ptr, scale_ptr, index_ptr, y_ptr, mean_ptr, r
     x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=0) / H
     xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / H + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(xc * xc, axis=0) / H + eps))  # not sqrt.approx / div.full
     mod = (b * K + k) * H + cols
     shift = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)

@@ -54,7 +54,7 @@ def _gated_fwd_kernel(x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, index_ptr, x
     tl.store(xres_ptr + row * H + cols, xr.to(xres_ptr.dtype.element_ty), mask=mask)
     mean = tl.sum(xr, axis=0) / H
     xc = tl.where(mask, xr - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / H + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(xc * xc, axis=0) / H + eps))  # not sqrt.approx / div.full
     shift = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
     out = xc * rstd * (1.0 + scale) + shift

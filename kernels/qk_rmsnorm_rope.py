@@ -105,7 +105,7 @@ def _qk_fwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
         NH, ALIGN_Q, ALIGN_A, TOK, HB, 2 * BLOCK_P, D)
     cols = tl.arange(0, 2 * BLOCK_P)
     x = tl.load(q_ptr + qoff, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=2) / D + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=2) / D + eps))  # not sqrt.approx / div.full
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     u = x * rstd[:, :, None] * w[None, None, :]
     ua, ub = tl.split(tl.reshape(u, (TOK, HB, BLOCK_P, 2)))

@@ -36,21 +36,25 @@ class KernelEntry:
     module: str  # under mugv.kernels
     function: str
     reference: str
-    test: str  # the parity test that must pass on a device before the kernel is used there
+    tests: tuple[str, ...]  # the parity tests that must all pass on a device before it is used there
     used_by: str
 
 
+# The DiT's kernels are verified alone and together in the whole DiT (forward and every gradient);
+# the VAE's kernel file has its whole-VAE test inside.
+_WHOLE_DIT = "parity_tests/kernels/test_dit_kernels.py"
 KERNELS: dict[str, KernelEntry] = {e.name: e for e in [
     KernelEntry("adaln_modulate", "adaln_modulate", "adaln_modulate", "adaln_modulate_reference",
-                "parity_tests/kernels/test_adaln_modulate.py", "DiT block AdaLN sites"),
+                ("parity_tests/kernels/test_adaln_modulate.py", _WHOLE_DIT), "DiT block AdaLN sites"),
     KernelEntry("gated_residual_modulate", "gated_residual_modulate", "gated_residual_modulate",
                 "gated_residual_modulate_reference",
-                "parity_tests/kernels/test_gated_residual_modulate.py",
+                ("parity_tests/kernels/test_gated_residual_modulate.py", _WHOLE_DIT),
                 "DiT block: gated residual into the next AdaLN site"),
     KernelEntry("qk_rmsnorm_rope", "qk_rmsnorm_rope", "qk_rmsnorm_rope", "qk_rmsnorm_rope_reference",
-                "parity_tests/kernels/test_qk_rmsnorm_rope.py", "DiT self-attention q and k"),
+                ("parity_tests/kernels/test_qk_rmsnorm_rope.py", _WHOLE_DIT),
+                "DiT self-attention q and k (RMSNorm + RoPE); cross-attention q and k (RMSNorm, zero angles)"),
     KernelEntry("groupnorm_silu", "groupnorm_silu", "groupnorm_silu", "groupnorm_silu_reference",
-                "parity_tests/kernels/test_groupnorm_silu.py", "VAE ResBlocks"),
+                ("parity_tests/kernels/test_groupnorm_silu.py",), "VAE ResBlocks"),
 ]}
 
 
@@ -78,7 +82,8 @@ def verified_devices() -> dict:
 
 def fingerprint(name: str) -> str:
     """sha256 over what decides a kernel's numerics and launch: the source of its Triton kernels
-    (decorators included), its autograd Function, its public wrapper, and kernels/_launch.py.
+    (decorators included), its autograd Function, its public wrapper, kernels/_launch.py and the
+    names of the parity files it must pass.
     References and docs are left out, so editing them keeps a GPU verification valid."""
     entry = _entry(name)
     module = importlib.import_module(f"mugv.kernels.{entry.module}")
@@ -94,6 +99,7 @@ def fingerprint(name: str) -> str:
         if (is_kernel or is_function) and getattr(fn, "__module__", None) == module.__name__:
             parts.append(inspect.getsource(fn))
     parts.append(inspect.getsource(getattr(module, entry.function)))
+    parts.append(repr(entry.tests))  # a new required test voids earlier verifications
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -141,12 +147,17 @@ def kernel_report(device, choice: str | None = None) -> dict[str, dict]:
     return {n: dict(zip(("used", "why"), kernel_status(n, device, choice))) for n in KERNELS}
 
 
+def kernel_function(name: str, reference: bool = False):
+    """The Triton function of kernel `name` (or its plain-torch reference), without any check."""
+    entry = _entry(name)
+    module = importlib.import_module(f"mugv.kernels.{entry.module}")
+    return getattr(module, entry.reference if reference else entry.function)
+
+
 def select(name: str, device, choice: str | None = None):
     """The function to call for `name` on `device`: the Triton kernel where enabled (`choice` as
     in `kernel_enabled`), else the plain-torch reference (same arguments and results)."""
-    entry = _entry(name)
-    module = importlib.import_module(f"mugv.kernels.{entry.module}")
-    return getattr(module, entry.function if kernel_enabled(name, device, choice) else entry.reference)
+    return kernel_function(name, reference=not kernel_enabled(name, device, choice))
 
 
 def attention_head_dim(backend: str, version: str, head_dim: int, device) -> tuple[int | None, str]:

@@ -97,6 +97,17 @@ def attention_record(parity: dict) -> dict:
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
 
 
+def tests_passed(parity: dict, entry) -> bool:
+    """Every parity file of a kernel entry passed (a file that did not run counts as failed)."""
+    return all(parity["files"].get(pathlib.Path(t).stem) for t in entry.tests)
+
+
+def test_files(only: set[str] | None) -> list[str] | None:
+    """The parity files of the kernels in `only` (None: every file of the kernel test folder)."""
+    from mugv.kernels.registry import KERNELS
+    return sorted({t for k in only for t in KERNELS[k].tests}) if only else None
+
+
 def device_record(device: str, parity: dict, only: set[str] | None, previous: dict) -> dict:
     """This device's record: the kernels whose test file passed now, plus (with `only`) the
     previously verified others whose fingerprints still match."""
@@ -104,8 +115,7 @@ def device_record(device: str, parity: dict, only: set[str] | None, previous: di
     import triton
 
     from mugv.kernels.registry import KERNELS, fingerprint
-    passed = [k for k, e in KERNELS.items() if parity["files"].get(pathlib.Path(e.test).stem)
-              and (not only or k in only)]
+    passed = [k for k, e in KERNELS.items() if tests_passed(parity, e) and (not only or k in only)]
     kept = [k for k in previous.get("kernels", []) if only and k not in only and k in KERNELS
             and previous.get("fingerprints", {}).get(k) == fingerprint(k)]
     names = kept + passed
@@ -114,7 +124,7 @@ def device_record(device: str, parity: dict, only: set[str] | None, previous: di
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": "mugv verify-kernels",
             "kernels": names, "fingerprints": {k: fingerprint(k) for k in names},
             "failed": sorted(k for k, e in KERNELS.items() if (not only or k in only)
-                             and not parity["files"].get(pathlib.Path(e.test).stem)),
+                             and not tests_passed(parity, e)),
             "tests": TESTS_NOTE + (f"; tested {sorted(only)}, kept {kept} (fingerprints unchanged)" if only else "")}
 
 
@@ -142,7 +152,7 @@ def verify(only: set[str] | None = None, record_path: pathlib.Path | None = None
     if unknown:
         raise ValueError(f"--only: unknown kernels {sorted(unknown)}; expected names from {sorted(KERNELS)}")
     device = torch.cuda.get_device_name()
-    parity = run_parity_tests(sorted(KERNELS[k].test for k in only) if only else None, log_dir)
+    parity = run_parity_tests(test_files(only), log_dir)
     record = device_record(device, parity, only, verified_devices().get(device, {}))
     path = write_record(device, record, record_path)
     verified_devices.cache_clear()

@@ -81,6 +81,26 @@ def test_flops_count():
     assert g.recompute == 4 * per_layer and g.hardware == g.model + g.recompute
 
 
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA B200", 2250e12)])
+def test_mfu_divides_by_the_running_devices_peak(name, peak):
+    from mugv.core.flops import bf16_peak
+    assert bf16_peak(name)[0] == peak
+    assert bf16_peak(name, "500")[0] == 500e12            # MUGV_PEAK_TFLOPS wins
+
+
+def test_unknown_device_gets_no_peak_and_bad_override_is_named():
+    from mugv.core.flops import benchmark_peak, bf16_peak
+    peak, why = bf16_peak("NVIDIA GeForce RTX 3060")
+    assert peak is None and "MUGV_PEAK_TFLOPS" in why and "RTX 3060" in why
+    assert "unknown" in benchmark_peak("NVIDIA GeForce RTX 3060")[1]
+    for bad in ("fast", "0", "-3"):
+        with pytest.raises(ValueError, match="MUGV_PEAK_TFLOPS"):
+            bf16_peak("NVIDIA H100", bad)
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(hidden_size=100, num_heads=3), "num_heads"),     # not a divisor
     (dict(hidden_size=100, num_heads=4), "num_heads"),     # head dim 25: not divisible by 6

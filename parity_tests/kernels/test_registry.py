@@ -12,7 +12,7 @@ def test_every_registered_kernel_has_function_reference_and_test():
     for entry in registry.KERNELS.values():
         module = importlib.import_module(f"mugv.kernels.{entry.module}")
         assert callable(getattr(module, entry.function)) and callable(getattr(module, entry.reference))
-        assert (repo / entry.test).is_file(), entry.test
+        assert entry.tests and all((repo / t).is_file() for t in entry.tests), entry.tests
 
 
 def test_reference_on_cpu_even_when_forced(monkeypatch):
@@ -113,7 +113,8 @@ def test_user_record_switches_a_kernel_on_for_its_device_and_says_why(fake_gpu):
     from mugv.kernels import registry, verify
     used, why = registry.kernel_status("adaln_modulate", "cuda")
     assert not used and "not verified on Fake GPU 9000" in why and "mugv verify-kernels" in why
-    parity = {"files": {"test_adaln_modulate": True, "test_gated_residual_modulate": False}}
+    parity = {"files": {"test_adaln_modulate": True, "test_gated_residual_modulate": False,
+                        "test_qk_rmsnorm_rope": True, "test_dit_kernels": True}}
     record = verify.device_record("Fake GPU 9000", parity, None, {})
     verify.write_record("Fake GPU 9000", record)
     registry.verified_devices.cache_clear()
@@ -122,6 +123,10 @@ def test_user_record_switches_a_kernel_on_for_its_device_and_says_why(fake_gpu):
     used, why = registry.kernel_status("gated_residual_modulate", "cuda")
     assert not used and "did not pass" in why
     assert "gated_residual_modulate" in record["failed"]
+    # a DiT kernel counts only when the whole DiT with the kernels passed too
+    alone = verify.device_record("Fake GPU 9000", {"files": {"test_qk_rmsnorm_rope": True,
+                                                            "test_dit_kernels": False}}, None, {})
+    assert "qk_rmsnorm_rope" in alone["failed"] and "qk_rmsnorm_rope" not in alone["kernels"]
     assert set(registry.verified_devices()) >= {"Fake GPU 9000"}   # the packaged devices stay too
     report = registry.kernel_report("cpu")
     assert set(report) == set(registry.KERNELS) and not any(r["used"] for r in report.values())
@@ -129,7 +134,8 @@ def test_user_record_switches_a_kernel_on_for_its_device_and_says_why(fake_gpu):
 
 def test_edited_kernel_falls_back_until_verified_again(fake_gpu):
     from mugv.kernels import registry, verify
-    record = verify.device_record("Fake GPU 9000", {"files": {"test_qk_rmsnorm_rope": True}}, None, {})
+    record = verify.device_record("Fake GPU 9000", {"files": {"test_qk_rmsnorm_rope": True,
+                                                             "test_dit_kernels": True}}, None, {})
     record["fingerprints"]["qk_rmsnorm_rope"] = "0" * 64    # verified with other source
     verify.write_record("Fake GPU 9000", record)
     registry.verified_devices.cache_clear()
@@ -139,7 +145,7 @@ def test_edited_kernel_falls_back_until_verified_again(fake_gpu):
 
 def test_only_keeps_the_other_verified_kernels(fake_gpu):
     from mugv.kernels import verify
-    first = verify.device_record("Fake GPU 9000", {"files": {"test_adaln_modulate": True,
+    first = verify.device_record("Fake GPU 9000", {"files": {"test_adaln_modulate": True, "test_dit_kernels": True,
                                                             "test_groupnorm_silu": True}}, None, {})
     again = verify.device_record("Fake GPU 9000", {"files": {"test_groupnorm_silu": False}},
                                  {"groupnorm_silu"}, first)

@@ -83,17 +83,48 @@ def _contiguous_args(fn):
 DIT_KERNELS = ("adaln_modulate", "gated_residual_modulate", "qk_rmsnorm_rope")
 
 
+def _rmsnorm_through_rope(kernel):
+    """The cross-attention's q/k RMSNorm (no RoPE) through the QK-RMSNorm+RoPE kernel with zero
+    angles: cos 0 = 1 and sin 0 = 0 exactly, so the rotation is the identity in every rounding (and
+    its transpose in the backward). q/k arrive sequence-first (L, B, heads, d); the kernel takes
+    any token/batch/head strides. The zero table, (1, L, d/2) fp32, is ~1/(4 heads) of q's bytes."""
+    if kernel is reference_qk_rmsnorm_rope:
+        return reference_qk_rmsnorm
+
+    def call(q, weight, eps: float = 1e-6):
+        qb = q.transpose(0, 1)
+        zeros = torch.zeros((1, qb.shape[1], q.shape[-1] // 2), dtype=torch.float32, device=q.device)
+        return kernel(qb, weight, zeros, eps).transpose(0, 1)
+    call.__name__ = "qk_rmsnorm_via_rope_kernel"
+    return call
+
+
+def _ops(pick) -> DiTOps:
+    """DiTOps with each kernel slot filled by pick(kernel name) (a Triton function or its reference)."""
+    qk = pick("qk_rmsnorm_rope")
+    return DiTOps(
+        adaln_modulate=_contiguous_args(pick("adaln_modulate")),
+        gated_residual_modulate=_contiguous_args(pick("gated_residual_modulate")),
+        # reads q/k as strided views of the fused qkv output (head stride 3 d): no copy first
+        qk_rmsnorm_rope=qk,
+        qk_rmsnorm=_rmsnorm_through_rope(qk),
+    )
+
+
 def kernel_ops(device, choice: str | None = None) -> DiTOps:
     """DiTOps with each slot chosen by `mugv.kernels.registry.select` on `device` (the Triton
     kernel where verified there, else its plain-torch reference; `choice`: a KernelConfig's
     `kernel_choice`, None = verified.json / MUGV_KERNELS)."""
     from mugv.kernels.registry import select
-    return DiTOps(
-        adaln_modulate=_contiguous_args(select("adaln_modulate", device, choice)),
-        gated_residual_modulate=_contiguous_args(select("gated_residual_modulate", device, choice)),
-        # reads q/k as strided views of the fused qkv output (head stride 3 d): no copy first
-        qk_rmsnorm_rope=select("qk_rmsnorm_rope", device, choice),
-    )
+    return _ops(lambda name: select(name, device, choice))
+
+
+def triton_ops() -> DiTOps:
+    """Every kernel slot on its Triton kernel, whatever the device and records say: for the parity
+    test that verifies them in the whole model (parity_tests/kernels/test_dit_kernels.py; on the
+    CPU they run in Triton's interpreter)."""
+    from mugv.kernels.registry import kernel_function
+    return _ops(kernel_function)
 
 
 def kernels_selected(kernels: KernelConfig, device) -> dict[str, str]:

@@ -67,7 +67,7 @@ from mugv.checkpoints.torch_io import load_torch
 from mugv.core import flow as core_flow
 from mugv.core import provenance
 from mugv.core.dit import DiTConfig, dit_schema, patch_grid, video_tokens
-from mugv.core.flops import H100_BF16_PEAK, step_flops
+from mugv.core.flops import bf16_peak, step_flops
 from mugv.core.flow import FlowConfig
 from mugv.core.parallel import ParallelConfig, check_layout
 from mugv.core.recipe import KernelConfig
@@ -470,10 +470,22 @@ class Trainer(CheckpointMixin):
         tokens = batch.size * video_tokens(self.dit, (t, h, w))
         self.tokens_seen += tokens
         metrics.update(step_time=dt, tokens_per_s=tokens / dt, samples=batch.ids[:4])
-        if torch.cuda.is_available():
+        peak = self._peak_flops()
+        if peak is not None:
             fl = step_flops(self.dit, (t, h, w), batch.text.shape[1], batch=batch.size)
-            metrics["mfu"] = fl.model / dt / dist.get_world_size() / H100_BF16_PEAK
+            metrics["mfu"] = fl.model / dt / dist.get_world_size() / peak
         return metrics
+
+    def _peak_flops(self) -> float | None:
+        """The running GPU's dense bf16 peak (core/flops.py BF16_PEAKS or MUGV_PEAK_TFLOPS), said
+        once in the log; None on a CPU or an unknown GPU (no MFU then)."""
+        if not hasattr(self, "_peak"):
+            self._peak = None
+            if torch.cuda.is_available():
+                name = torch.cuda.get_device_name()
+                self._peak, source = bf16_peak(name, os.environ.get("MUGV_PEAK_TFLOPS"))
+                self.log(f"[mugv] MFU over {self._peak / 1e12:.0f} TFLOP/s ({source})" if self._peak else f"[mugv] {source}")
+        return self._peak
 
     def _reduce_losses(self, loss, per_sample, masks) -> dict:
         """Loss and per-task losses averaged over the ranks that hold them (last pipeline stage).

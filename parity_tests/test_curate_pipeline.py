@@ -64,6 +64,8 @@ def test_manifest_is_read_by_the_training_data_path(curated):
     weights = _rows(root / "out" / "weights.jsonl")
     assert {w["id"] for w in weights} == {e.sample_id for e in entries}
     assert abs(sum(w["weight"] for w in weights) / len(weights) - 1) < 1e-9, "weights have mean 1"
+    # the manifest rows carry the same weights, which the sampler reads through the index
+    assert {e.sample_id: e.weight for e in entries} == {w["id"]: w["weight"] for w in weights}
 
 
 def test_every_clip_has_scores_and_a_decision_with_reasons(curated):

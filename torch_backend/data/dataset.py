@@ -51,6 +51,13 @@ class DatasetIndex:
             out[item.bucket].append(pos)
         return out
 
+    def weights(self) -> list[float] | None:
+        """Per position, the manifest's sampling weight (rows without one count 1); None when no
+        row has a weight, so an unweighted manifest keeps the unweighted sampler."""
+        if all(item.entry.weight is None for item in self.items):
+            return None
+        return [1.0 if item.entry.weight is None else item.entry.weight for item in self.items]
+
     def report(self) -> str:
         counts = collections.Counter(item.bucket for item in self.items)
         lines = [f"{len(self.items)} items, {len(self.skipped)} skipped {self.skip_counts}"]

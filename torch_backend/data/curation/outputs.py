@@ -10,6 +10,8 @@ clip's middle frame; a clip without one cannot be a manifest row). Kept clips be
   of a source cannot be a row, because `decode.py` reads a file from its first frame and the
   manifest has no time-range field. Those go to `manifest_ranges.jsonl` (path + start_s/end_s)
   and the report counts them. docs/curation.md says what decode would need.
+Every row carries the clip's balance weight (`weight`, mean 1 over kept clips), which the
+training sampler honours (`data/sampler.py`); `weights.jsonl` keeps the attributes behind it.
 """
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ def finalize(cfg: CurateConfig, source_names: list[str], records: list[dict]) ->
         c["decision"] = "rejected" if c["reasons"] else "kept"
     kept = [c for c in order if c["decision"] == "kept"]
     weights = captions_mod.balance_weights({c["id"]: c["caption"] for c in kept})
+    for c in kept:
+        c["weight"] = weights[c["id"]]["weight"]
     rows, ranged = _manifest_rows(cfg, kept, sources)
     _write_jsonl(out / "manifest.jsonl", rows)
     _write_jsonl(out / "manifest_ranges.jsonl", ranged)
@@ -102,12 +106,14 @@ def _manifest_rows(cfg: CurateConfig, kept: list[dict], sources: dict[str, dict]
             target = out / "clips" / f"{c['id']}.mp4"
             if not target.exists():   # resumable: clips are renamed into place when complete
                 media.write_clip(src, c["start_frame"], c["end_frame"], target, c["fps"])
-            rows.append({"id": c["id"], "path": f"clips/{c['id']}.mp4", "caption": c["caption"]})
+            rows.append({"id": c["id"], "path": f"clips/{c['id']}.mp4", "caption": c["caption"],
+                         "weight": c["weight"]})
         elif whole:
-            rows.append({"id": c["id"], "path": os.path.relpath(src, out), "caption": c["caption"]})
+            rows.append({"id": c["id"], "path": os.path.relpath(src, out), "caption": c["caption"],
+                         "weight": c["weight"]})
         else:
             ranged.append({"id": c["id"], "path": str(src), "caption": c["caption"],
-                           "start_s": c["start_s"], "end_s": c["end_s"]})
+                           "start_s": c["start_s"], "end_s": c["end_s"], "weight": c["weight"]})
     return rows, ranged
 
 

@@ -151,8 +151,16 @@ def test_real_clips_through_the_whole_pipeline(shared_dir, tmp_path):
         assert c["caption"], f"{c['key']}: captions.jsonl gives every real clip a caption"
     horse = next(c for c in rows if c["source"] == "horse.mp4")
     assert horse["scores"]["motion"] > 1.0, f"a galloping horse moves: motion {horse['scores']['motion']}"
-    # whole-source clips go into the manifest as the source itself; parts need reencode
-    assert report["manifest_rows"] + report["range_only_rows"] == report["kept"]
+    # whole-source clips go into the manifest as the source itself, parts as its time range;
+    # decode's count of a range's frames (by timestamp) equals curation's frame range
+    assert report["manifest_rows"] == report["kept"] and report["range_rows"] > 0, report
+    kept = {c["id"]: c for c in rows if c["decision"] == "kept"}
+    for entry in read_manifest(tmp_path / "manifest.jsonl"):
+        c = kept[entry.sample_id]
+        if entry.start_s is not None:
+            n = probe(entry.path).clip(entry.start_s, entry.end_s).num_frames
+            assert n == c["end_frame"] - c["start_frame"], (entry.sample_id, n, c["start_frame"], c["end_frame"])
+            assert decode_clip(entry.path, 5, 32, 32, 8.0, start_s=entry.start_s, end_s=entry.end_s).shape == (5, 32, 32, 3)
     assert (tmp_path / "report.md").is_file()
 
 

@@ -18,7 +18,7 @@ import json
 import math
 import pathlib
 
-FIELDS = ("path", "caption", "reference", "fps", "id", "weight")
+FIELDS = ("path", "caption", "reference", "fps", "id", "weight", "start_s", "end_s")
 
 
 class ManifestError(ValueError):
@@ -36,6 +36,9 @@ class ManifestEntry:
     fps: float | None = None
     line: int = 0
     weight: float | None = None
+    start_s: float | None = None
+    end_s: float | None = None
+    manifest: pathlib.Path | None = None   # the file the row came from (for messages)
 
 
 def read_manifest(manifest: str | pathlib.Path) -> list[ManifestEntry]:
@@ -131,6 +134,10 @@ def _entry(manifest: pathlib.Path, line: int, index: int, row: dict) -> Manifest
         if not fps > 0:
             raise ManifestError(f"{where}: field 'fps' = {fps!r}: expected a number > 0")
     weight = _weight(where, row.get("weight"))
+    start_s, end_s = _seconds(where, row, "start_s"), _seconds(where, row, "end_s")
+    if start_s is not None and end_s is not None and not end_s > start_s:
+        raise ManifestError(f"{where}: field 'end_s' = {row['end_s']!r} is not after 'start_s' = "
+                            f"{row['start_s']!r}: expected start_s < end_s")
     root = manifest.parent
     reference = row.get("reference")
     return ManifestEntry(
@@ -141,7 +148,27 @@ def _entry(manifest: pathlib.Path, line: int, index: int, row: dict) -> Manifest
         fps=fps,
         line=line,
         weight=weight,
+        start_s=start_s,
+        end_s=end_s,
+        manifest=manifest,
     )
+
+
+def _seconds(where: str, row: dict, field: str) -> float | None:
+    """A range edge: None when absent, else a finite number of seconds >= 0."""
+    value = row.get(field)
+    if value is None:
+        return None
+    expected = "expected a finite number of seconds >= 0 from the file's first frame"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ManifestError(f"{where}: field '{field}' = {value!r}: {expected}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ManifestError(f"{where}: field '{field}' = {value!r}: {expected}")
+    return seconds
 
 
 def _weight(where: str, value) -> float | None:

@@ -7,9 +7,9 @@ clip's middle frame; a clip without one cannot be a manifest row). Kept clips be
 
 - reencode=True: `clips/<id>.mp4` (H.264, constant rate), any time range.
 - reencode=False: a clip that spans its whole source is the source itself; a clip that is part
-  of a source cannot be a row, because `decode.py` reads a file from its first frame and the
-  manifest has no time-range field. Those go to `manifest_ranges.jsonl` (path + start_s/end_s)
-  and the report counts them. docs/curation.md says what decode would need.
+  of a source is the source with its time range (`start_s`, `end_s`), which `decode.py` reads by
+  seeking (no re-encode). Those rows are also written alone to `manifest_ranges.jsonl`, itself a
+  manifest, and the report counts them.
 Every row carries the clip's balance weight (`weight`, mean 1 over kept clips), which the
 training sampler honours (`data/sampler.py`); `weights.jsonl` keeps the attributes behind it.
 """
@@ -112,8 +112,9 @@ def _manifest_rows(cfg: CurateConfig, kept: list[dict], sources: dict[str, dict]
             rows.append({"id": c["id"], "path": os.path.relpath(src, out), "caption": c["caption"],
                          "weight": c["weight"]})
         else:
-            ranged.append({"id": c["id"], "path": str(src), "caption": c["caption"],
-                           "start_s": c["start_s"], "end_s": c["end_s"], "weight": c["weight"]})
+            rows.append({"id": c["id"], "path": os.path.relpath(src, out), "caption": c["caption"],
+                         "start_s": c["start_s"], "end_s": c["end_s"], "weight": c["weight"]})
+            ranged.append(rows[-1])
     return rows, ranged
 
 
@@ -148,7 +149,7 @@ def _summary(cfg, source_names, order, sources, rows, ranged, groups) -> dict:
         "bad_inputs": bad, "clips": len(order), "kept": sum(c["decision"] == "kept" for c in order),
         "rejected_by_filter": per_filter, "rejected_by_first_reason": first_reason,
         "duplicate_groups": len(set(groups.values())), "manifest_rows": len(rows),
-        "range_only_rows": len(ranged), "skipped_scorers": skipped,
+        "range_rows": len(ranged), "skipped_scorers": skipped,
         "ranges": {k: list(v) for k, v in scorers.ranges(cfg.filters, cfg.shots.min_duration_s).items()},
         "timing": {"stage_cpu_s": seconds, "clips_per_core_s": len(order) / seconds if seconds else None,
                    "video_s": video_s, "video_s_per_core_s": video_s / seconds if seconds else None},

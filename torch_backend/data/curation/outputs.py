@@ -51,7 +51,7 @@ def finalize(cfg: CurateConfig, source_names: list[str], records: list[dict]) ->
     if cfg.dedup.enabled:
         sigs = {c["key"]: [int(h, 16) for h in c["phash"]] for c in passed}
         groups = dedup.group(sigs, cfg.dedup.max_distance, {c["key"]: c["chroma"] for c in passed},
-                             cfg.dedup.max_chroma)
+                             cfg.dedup.max_chroma, cfg.dedup.bands)
         rank = {c["key"]: (c["scores"]["sharpness"] or 0.0, c["end_s"] - c["start_s"]) for c in passed}
         drop = dedup.keep_one(groups, rank)
         for c in passed:

@@ -117,15 +117,24 @@ class DedupConfig:
     max_chroma: and their 8x8 Cr/Cb layouts differ by at most this (largest cell difference,
       0-255; ours: 12. Generated sources, seed 100: copies 2.8-7.0, distinct shots whose pHash is
       within 10 bits 19.6-107).
+    bands: 0 compares all pairs of clips (O(n^2)); k > 0 splits each 64-bit hash into k bands and
+      compares only clips with a key frame sharing a band value (LSH). With k > max_distance the
+      groups equal all pairs' (a pair within max_distance has a key-frame pair differing in at most
+      max_distance bits, which leave a band untouched); fewer, wider bands are faster at scale and
+      can miss pairs whose nearest key frames differ in >= k bits (dedup.band_miss_probability).
     """
 
     enabled: bool = True
     key_frames: int = 5
     max_distance: float = 8.0
     max_chroma: float = 12.0
+    bands: int = 0
 
     def __post_init__(self) -> None:
         validate.positive_int(self, "key_frames")
+        validate.non_negative_int(self, "bands")
+        if self.bands > 64:
+            validate.fail(self, "bands", "0 (all pairs) or 1-64 bands of the 64-bit hash")
         validate.in_range(self, "max_distance", 0.0, 64.0)
         validate.in_range(self, "max_chroma", 0.0, 255.0)
 

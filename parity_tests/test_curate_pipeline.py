@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from mugv.core.curation import CurateConfig, embedded_curate_config
@@ -64,6 +65,8 @@ def test_manifest_is_read_by_the_training_data_path(curated):
     weights = _rows(root / "out" / "weights.jsonl")
     assert {w["id"] for w in weights} == {e.sample_id for e in entries}
     assert abs(sum(w["weight"] for w in weights) / len(weights) - 1) < 1e-9, "weights have mean 1"
+    # the manifest rows carry the same weights, which the sampler reads through the index
+    assert {e.sample_id: e.weight for e in entries} == {w["id"]: w["weight"] for w in weights}
 
 
 def test_every_clip_has_scores_and_a_decision_with_reasons(curated):
@@ -149,8 +152,16 @@ def test_real_clips_through_the_whole_pipeline(shared_dir, tmp_path):
         assert c["caption"], f"{c['key']}: captions.jsonl gives every real clip a caption"
     horse = next(c for c in rows if c["source"] == "horse.mp4")
     assert horse["scores"]["motion"] > 1.0, f"a galloping horse moves: motion {horse['scores']['motion']}"
-    # whole-source clips go into the manifest as the source itself; parts need reencode
-    assert report["manifest_rows"] + report["range_only_rows"] == report["kept"]
+    # whole-source clips go into the manifest as the source itself, parts as its time range;
+    # decode's count of a range's frames (by timestamp) equals curation's frame range
+    assert report["manifest_rows"] == report["kept"] and report["range_rows"] > 0, report
+    kept = {c["id"]: c for c in rows if c["decision"] == "kept"}
+    for entry in read_manifest(tmp_path / "manifest.jsonl"):
+        c = kept[entry.sample_id]
+        if entry.start_s is not None:
+            n = probe(entry.path).clip(entry.start_s, entry.end_s).num_frames
+            assert n == c["end_frame"] - c["start_frame"], (entry.sample_id, n, c["start_frame"], c["end_frame"])
+            assert decode_clip(entry.path, 5, 32, 32, 8.0, start_s=entry.start_s, end_s=entry.end_s).shape == (5, 32, 32, 3)
     assert (tmp_path / "report.md").is_file()
 
 
@@ -191,3 +202,43 @@ def test_cli_curates_and_refuses_a_resume_with_other_settings(curated, tmp_path,
     assert (out / "curation.jsonl").read_bytes() == before
     assert main(["curate", "--input_dir", str(tmp_path / "nowhere"), "--out_dir", str(out)]) == 2
     assert "--input_dir" in capsys.readouterr().err
+
+
+def test_banded_dedup_finds_the_all_pairs_groups(curated):
+    """LSH banding against all pairs on the generated sources (every clip's key-frame hashes,
+    pHash alone so more pairs come near the radius): with 9 bands > max_distance 8 the groups are
+    equal by the pigeonhole argument; with 4 bands of 16 bits they are equal here too, and what
+    4 bands may miss is bounded by band_miss_probability (checked below)."""
+    from mugv.torch_backend.data.curation import dedup
+    root, _, _, _ = curated
+    sigs = {c["key"]: [int(h, 16) for h in c["phash"]] for c in _rows(root / "out" / "curation.jsonl") if "key" in c}
+    full = dedup.group(sigs, 8.0)
+    assert len(set(full.values())) >= 2, f"too few near-duplicate groups to compare: {full}"
+    for bands in (9, 4):
+        assert dedup.group(sigs, 8.0, bands=bands) == full, f"{bands} bands"
+    n = len(sigs)
+    assert len(dedup.candidate_pairs(sigs, 4)) < n * (n - 1) // 2, "banding compared every pair"
+
+
+def test_band_guarantee_and_miss_probability():
+    from mugv.torch_backend.data.curation import dedup
+    rng = np.random.default_rng(0)
+    edges = dedup.band_edges(4)
+    for d in range(4):                                   # fewer flipped bits than bands: always found
+        for _ in range(200):
+            a = int(rng.integers(0, 2 ** 63))
+            b = a ^ sum(1 << int(i) for i in rng.choice(64, size=d, replace=False))
+            assert dedup.candidate_pairs({"a": [a], "b": [b]}, 4) == {("a", "b")}
+    # tight: one flipped bit in every band hides the pair
+    a = int(rng.integers(0, 2 ** 63))
+    assert dedup.candidate_pairs({"a": [a], "b": [a ^ sum(1 << lo for lo, _ in edges)]}, 4) == set()
+    assert dedup.band_miss_probability(3, 4) == 0.0
+    # the inclusion-exclusion formula against random placements: within 5 binomial standard deviations
+    trials = 20000
+    for d in (4, 8):
+        p = dedup.band_miss_probability(d, 4)
+        hits = 0
+        for _ in range(trials):
+            bits = rng.choice(64, size=d, replace=False)
+            hits += all(any(lo <= b < lo + w for b in bits) for lo, w in edges)
+        assert abs(hits / trials - p) <= 5 * np.sqrt(p * (1 - p) / trials), (d, hits / trials, p)

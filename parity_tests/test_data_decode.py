@@ -257,3 +257,93 @@ def test_manifest_with_a_bom_reads_and_latin1_is_named(tmp_path):
     c.write_bytes("path,caption\na.mp4,caf\u00e9\n".encode("latin-1"))
     with pytest.raises(ManifestError, match=r"m\.csv: not UTF-8"):
         read_manifest(c)
+
+
+# --- time ranges (manifest start_s / end_s: curated clips of a long source, no re-encode) --------
+
+def _small_gop_source(path, frames=70, fps=16, gop=6):
+    """Coded frames in an H.264 mp4 with a keyframe every `gop` frames and B-frames, so a seek
+    lands on a keyframe well before most starts and decoding must skip forward from it."""
+    clip = _coded_clip(frames, 32, 32, np.random.default_rng(5))
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        s.codec_context.gop_size = gop
+        s.options = {"crf": "10", "bf": "2", "sc_threshold": "0"}
+        for f in clip:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+    return clip
+
+
+def _range_equals_whole(path, start_s, end_s, fps):
+    info = probe(path)
+    times = np.array(info.times)
+    k = int(np.searchsorted(times, start_s - 1e-6))                # first frame at or after start_s
+    n = info.clip(start_s, end_s).num_frames
+    assert n == int(((times >= start_s - 1e-6) & (times < end_s - 1e-6)).sum())
+    out = frames_available(n, info.fps, fps)
+    whole = decode_clip(path, out, 32, 32, fps, start=k)
+    ranged = decode_clip(path, out, 32, 32, fps, start_s=start_s, end_s=end_s)
+    assert np.array_equal(ranged, whole), f"range [{start_s}, {end_s}) at {fps} fps differs from the whole-file decode"
+    with pytest.raises(MediaError, match="too short"):               # the range ends the clip
+        decode_clip(path, out + 1, 32, 32, fps, start_s=start_s, end_s=end_s)
+    return k, n
+
+
+def test_a_range_decodes_the_same_frames_as_the_whole_file(tmp_path):
+    path = tmp_path / "gop6.mp4"
+    clip = _small_gop_source(path)
+    with av.open(str(path)) as c:
+        keys = sum(p.is_keyframe for p in c.demux(c.streams.video[0]) if p.size)
+    assert keys >= 10, f"only {keys} keyframes: the seek path would not be exercised"
+    for start_s, end_s, fps in ((0.0, 1.0, 16.0), (1.3, 2.7, 16.0), (2.0625, 4.375, 8.0), (3.0, 70 / 16, 16.0)):
+        k, n = _range_equals_whole(path, start_s, end_s, fps)
+        got = _which_frames(decode_clip(path, n, 32, 32, 16.0, start_s=start_s, end_s=end_s), clip)
+        assert got == list(range(k, k + n)), (start_s, end_s, got)
+
+
+def test_ranges_of_generated_shots_equal_the_whole_file_and_fill_buckets(tmp_path):
+    from mugv.torch_backend.data.product_sources import SourcesSpec, generate_sources
+    truth = generate_sources(tmp_path / "src", SourcesSpec(sources=1, shots=4, shot_frames=(36, 44), defect_rate=0.0, seed=3))
+    name, source = next(iter(truth["sources"].items()))
+    path = tmp_path / "src" / name
+    rows = []
+    for i, shot in enumerate(source["shots"]):
+        k, n = _range_equals_whole(path, shot["start"], shot["end"], 16.0)
+        assert n == round((shot["end"] - shot["start"]) * 16), (shot, n)       # the generator's truth
+        rows.append({"id": f"shot{i}", "path": name, "caption": shot["caption"],
+                     "start_s": shot["start"], "end_s": shot["end"]})
+    manifest = tmp_path / "src" / "ranges.jsonl"
+    # a range shorter than the bucket (9 frames at 16 fps) is "too short"; one past the file's end
+    # is skipped with the line and field named; the others are placed
+    end = source["duration"]
+    rows += [{"id": "short", "path": name, "caption": "x", "start_s": 0.0, "end_s": 0.25},
+             {"id": "late", "path": name, "caption": "x", "start_s": end - 0.5, "end_s": end + 1.0},
+             {"id": "after", "path": name, "caption": "x", "start_s": end + 0.5}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    index = dataset.build_index(manifest, (BucketSpec(32, 32, 9, 2, 16.0),))
+    assert [it.entry.sample_id for it in index.items] == [f"shot{i}" for i in range(4)]
+    skipped = {sid: (reason, detail) for sid, reason, detail in index.skipped}
+    assert skipped["short"][0] == "too short"
+    assert skipped["late"][0] == "range outside file" and "ranges.jsonl:6: field 'end_s'" in skipped["late"][1]
+    assert skipped["after"][0] == "range outside file" and "ranges.jsonl:7: field 'start_s'" in skipped["after"][1]
+    assert index.skip_counts == {"too short": 1, "range outside file": 2}
+    batch = dataset.load_batch(index, [0, 1], 0, "t2v")
+    first = decode_clip(path, 9, 32, 32, 16.0, start=int(round(source["shots"][0]["start"] * 16)))
+    assert np.array_equal(batch.pixels[0].numpy(), dataset.to_model_range(first))
+
+
+def test_bad_ranges_name_the_line_and_field(tmp_path):
+    m = tmp_path / "m.jsonl"
+    for fields, match in (('"start_s": 2.0, "end_s": 2.0', r":1: field 'end_s' = 2.0 is not after 'start_s' = 2.0"),
+                          ('"start_s": 3, "end_s": 1.5', r":1: field 'end_s' = 1.5 is not after 'start_s' = 3"),
+                          ('"start_s": -0.5', r":1: field 'start_s' = -0.5: expected a finite number of seconds >= 0"),
+                          ('"end_s": "soon"', r":1: field 'end_s' = 'soon': expected a finite number"),
+                          ('"end_s": NaN', r":1: field 'end_s' = nan: expected a finite number")):
+        m.write_text('{"path": "a.mp4", "caption": "ok", ' + fields + '}\n')
+        with pytest.raises(ManifestError, match=match):
+            read_manifest(m)
+    m.write_text('{"path": "a.mp4", "caption": "ok", "start_s": 1, "end_s": "2.5"}\n')
+    (entry,) = read_manifest(m)
+    assert (entry.start_s, entry.end_s) == (1.0, 2.5)

@@ -51,6 +51,13 @@ class DatasetIndex:
             out[item.bucket].append(pos)
         return out
 
+    def weights(self) -> list[float] | None:
+        """Per position, the manifest's sampling weight (rows without one count 1); None when no
+        row has a weight, so an unweighted manifest keeps the unweighted sampler."""
+        if all(item.entry.weight is None for item in self.items):
+            return None
+        return [1.0 if item.entry.weight is None else item.entry.weight for item in self.items]
+
     def report(self) -> str:
         counts = collections.Counter(item.bucket for item in self.items)
         lines = [f"{len(self.items)} items, {len(self.skipped)} skipped {self.skip_counts}"]
@@ -83,6 +90,11 @@ def build_index(manifest: str | pathlib.Path | list[ManifestEntry],
             except MediaError as e:
                 probed[key] = e
         info = probed[key]
+        if not isinstance(info, MediaError) and (entry.start_s is not None or entry.end_s is not None):
+            try:   # a time range of the file: its own frame count, checked against the file
+                info = info.clip(entry.start_s, entry.end_s, f"{entry.manifest or entry.path}:{entry.line}")
+            except MediaError as e:
+                info = e
         if isinstance(info, MediaError):
             skipped.append((entry.sample_id, info.reason, info.detail))
             on_skip(entry, info.reason, info.detail)
@@ -115,15 +127,18 @@ def build_index(manifest: str | pathlib.Path | list[ManifestEntry],
 def load_item(item: IndexItem, bucket: BucketSpec) -> np.ndarray:
     """float32 (3, T, H, W) in [-1, 1] for one indexed item."""
     clip = decode_clip(item.entry.path, bucket.frames, bucket.height, bucket.width, bucket.fps,
-                       source_fps=item.source_fps)
+                       source_fps=item.source_fps, start_s=item.entry.start_s, end_s=item.entry.end_s)
     return to_model_range(clip)
 
 
 def load_reference(item: IndexItem, bucket: BucketSpec) -> np.ndarray:
     """float32 (3, 1, H, W) in [-1, 1]: the i2v reference image of an item (its manifest
     `reference`, else the clip's first frame), resized and cropped like the clip."""
-    path = item.entry.reference or item.entry.path
-    frame = decode_clip(path, 1, bucket.height, bucket.width, bucket.fps, source_fps=item.source_fps)
+    if item.entry.reference:
+        frame = decode_clip(item.entry.reference, 1, bucket.height, bucket.width, bucket.fps)
+    else:
+        frame = decode_clip(item.entry.path, 1, bucket.height, bucket.width, bucket.fps, source_fps=item.source_fps,
+                            start_s=item.entry.start_s, end_s=item.entry.end_s)
     return to_model_range(frame)
 
 

@@ -6,12 +6,20 @@ counts with), so 30 -> 15 fps keeps every second frame and 8 -> 16 fps shows eac
 The source rate is the manifest's `fps` when given, else the stream's average rate. Images (PNG,
 JPEG) open as one-frame streams, so images and videos share this path.
 
+Time ranges (manifest `start_s` / `end_s`, seconds from the first shown frame, as `mugv curate`
+writes them): a clip is the frames whose presentation time t satisfies start_s <= t < end_s.
+`probe` keeps every frame's time so `MediaInfo.clip` counts a range's frames without decoding
+again; `decode_clip` seeks to the keyframe before start_s, decodes forward, treats the first frame
+at or after start_s as index 0 of the resampling grid and stops at end_s, so a source's range
+trains without being re-encoded.
+
 Every failure is a `MediaError` whose `reason` is one short, countable category (see REASONS);
 `detail` keeps FFmpeg's message.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import pathlib
 
@@ -19,7 +27,12 @@ import av
 import numpy as np
 
 REASONS = ("missing file", "empty file", "unreadable container", "no video stream",
-           "decode error", "no frames", "too short", "too small")
+           "decode error", "no frames", "too short", "too small", "range outside file")
+
+# Frame times are compared with this slack: they are multiples of the stream's time base (1/90000 s
+# at the finest we meet, 1.1e-5 s), and curate writes them as the same float products, so 1e-6 s
+# absorbs float rounding and can never move a frame across a range edge.
+TIME_EPS = 1e-6
 
 
 class MediaError(Exception):
@@ -33,13 +46,44 @@ class MediaError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class MediaInfo:
-    """What probing found: frame size, decodable frame count and frame rate."""
+    """What probing found: frame size, decodable frame count and frame rate; `times` (each
+    frame's presentation time from the first frame, seconds) when probed from a file."""
 
     height: int
     width: int
     num_frames: int
     fps: float
     codec: str
+    times: tuple[float, ...] = dataclasses.field(default=(), repr=False, compare=False)
+
+    @property
+    def end_time(self) -> float:
+        """When the last frame stops showing: its time plus the interval before it (the same
+        rule curation's clips end by)."""
+        t = self.times
+        return t[-1] + ((t[-1] - t[-2]) if len(t) > 1 else 1.0 / self.fps)
+
+    def clip(self, start_s: float | None, end_s: float | None, where: str = "") -> "MediaInfo":
+        """The info of the range [start_s, end_s) (None = the file's start / end). A range that
+        starts at or after the file's end, or ends more than half a frame after it, is a
+        MediaError "range outside file" naming `where` (the manifest line) and the field."""
+        if start_s is None and end_s is None:
+            return self
+        end = self.end_time
+        half_frame = 0.5 * (end - self.times[0]) / len(self.times)
+        path = pathlib.Path(where or "?")
+        if start_s is not None and start_s >= end - TIME_EPS:
+            raise MediaError(path, "range outside file", f"{where}: field 'start_s' = {start_s} is at or "
+                                                         f"after the file's end ({end:.3f} s)")
+        if end_s is not None and end_s > end + half_frame:
+            raise MediaError(path, "range outside file", f"{where}: field 'end_s' = {end_s} is after the "
+                                                         f"file's end ({end:.3f} s)")
+        lo = -math.inf if start_s is None else start_s - TIME_EPS
+        hi = math.inf if end_s is None else end_s - TIME_EPS
+        times = tuple(t for t in self.times if lo <= t < hi)
+        if not times:
+            raise MediaError(path, "no frames", f"{where}: no frame in [{start_s}, {end_s}) s")
+        return dataclasses.replace(self, num_frames=len(times), times=times)
 
 
 def probe(path: str | pathlib.Path, fps: float | None = None) -> MediaInfo:
@@ -48,10 +92,11 @@ def probe(path: str | pathlib.Path, fps: float | None = None) -> MediaInfo:
     path = pathlib.Path(path)
     with open_video(path) as container:
         stream = container.streams.video[0]
-        count = 0
+        count, times = 0, []
         try:
-            for _ in container.decode(stream):
+            for frame in container.decode(stream):
                 count += 1
+                times.append(frame.time)
         except av.FFmpegError as e:
             raise MediaError(path, "decode error", f"after {count} frames: {e}") from None
         if count == 0:
@@ -61,7 +106,11 @@ def probe(path: str | pathlib.Path, fps: float | None = None) -> MediaInfo:
             raise MediaError(path, "decode error", f"container lists {stream.frames} frames, "
                                                    f"only {count} decode (truncated?)")
         rate = fps if fps is not None else _stream_fps(stream)
-        return MediaInfo(stream.height, stream.width, count, rate, stream.codec_context.name)
+        if any(t is None for t in times):          # no timestamps: the constant-rate grid
+            times = [i / rate for i in range(count)]
+        times = sorted(times)
+        return MediaInfo(stream.height, stream.width, count, rate, stream.codec_context.name,
+                         tuple(t - times[0] for t in times))
 
 
 def read_frames(path: str | pathlib.Path) -> np.ndarray:
@@ -88,13 +137,17 @@ def source_indices(num_frames: int, source_fps: float, target_fps: float, start:
 
 
 def decode_clip(path: str | pathlib.Path, num_frames: int, height: int, width: int,
-                target_fps: float, source_fps: float | None = None, start: int = 0) -> np.ndarray:
+                target_fps: float, source_fps: float | None = None, start: int = 0,
+                start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
     """uint8 array (num_frames, height, width, 3), RGB: fps-resampled, cover-resized, centre-cropped.
 
     Arguments:
       num_frames, height, width, target_fps: the bucket's shape and rate.
       source_fps: the clip's rate (manifest override); the stream's average rate when None.
-      start: first source frame (0 = the clip's start).
+      start: first source frame counted from the clip's first frame (0 = the clip's start).
+      start_s, end_s: the clip's time range in the file (seconds from its first frame; None = the
+        file's start / end): frames before start_s are skipped after a seek, frames from end_s on
+        are not part of the clip.
     """
     path = pathlib.Path(path)
     with open_video(path) as container:
@@ -110,7 +163,7 @@ def decode_clip(path: str | pathlib.Path, num_frames: int, height: int, width: i
         needed = set(wanted.tolist())
         index = -1
         try:
-            for index, frame in enumerate(container.decode(stream)):
+            for index, frame in enumerate(_frames_in_range(container, stream, start_s, end_s)):
                 if index in needed:
                     # AREA averages the source pixels under each output pixel: downscaling without
                     # aliasing; it equals bilinear when upscaling.
@@ -124,6 +177,43 @@ def decode_clip(path: str | pathlib.Path, num_frames: int, height: int, width: i
         if last not in picked:
             raise MediaError(path, "too short", f"needs source frame {last}, has {index + 1} frames")
         return np.stack([picked[int(i)] for i in wanted])
+
+
+def _frames_in_range(container, stream, start_s: float | None, end_s: float | None):
+    """Decoded frames with start_s <= t < end_s (t from the file's first frame), in order.
+
+    The first frame's time is read by decoding it (an mp4 edit list may start the stream at a
+    non-zero time), then the container seeks to the keyframe at or before start_s and decodes
+    forward. A demuxer that lands after start_s (it must not, but a broken index can) is caught
+    by the first frame's time, and decoding restarts at the file's first frame."""
+    frames = container.decode(stream)
+    if start_s is None and end_s is None:
+        yield from frames
+        return
+    first = next(frames, None)
+    if first is None:
+        return
+    t0 = first.time or 0.0
+    lo = -math.inf if start_s is None else start_s - TIME_EPS
+    hi = math.inf if end_s is None else end_s - TIME_EPS
+    if start_s and start_s > TIME_EPS and stream.time_base:
+        container.seek(first.pts + int(start_s / stream.time_base), stream=stream, backward=True)
+        frames = container.decode(stream)
+        frame = next(frames, None)
+        if frame is not None and (frame.time or 0.0) - t0 > start_s + TIME_EPS:   # landed past it
+            container.seek(first.pts, stream=stream, backward=True)
+            frames = container.decode(stream)
+        elif frame is not None:
+            frames = itertools.chain([frame], frames)
+    else:
+        frames = itertools.chain([first], frames)
+    for frame in frames:
+        t = (frame.time or 0.0) - t0
+        if t < lo:
+            continue
+        if t >= hi:
+            return
+        yield frame
 
 
 def cover_size(src_h: int, src_w: int, height: int, width: int) -> tuple[int, int]:

@@ -1,4 +1,9 @@
-"""Dataset manifests: JSONL or CSV rows of (path, caption, optional reference image, fps).
+"""Dataset manifests: JSONL or CSV rows of (path, caption, optional reference image, fps, weight).
+
+`weight` (optional, a number >= 0) is the row's sampling weight: when any row carries one, the
+training sampler draws clips in proportion to it (`data/sampler.py`), rows without one count as
+1 (`mugv curate` writes mean-1 balance weights). A manifest without weights is sampled uniformly,
+epoch by epoch, as before.
 
 A row's `path` is relative to the manifest's folder unless absolute. A row without a caption is
 an error naming the file and line, raised before any work: a silent empty caption would train the
@@ -10,9 +15,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import pathlib
 
-FIELDS = ("path", "caption", "reference", "fps", "id")
+FIELDS = ("path", "caption", "reference", "fps", "id", "weight", "start_s", "end_s")
 
 
 class ManifestError(ValueError):
@@ -29,6 +35,10 @@ class ManifestEntry:
     reference: pathlib.Path | None = None
     fps: float | None = None
     line: int = 0
+    weight: float | None = None
+    start_s: float | None = None
+    end_s: float | None = None
+    manifest: pathlib.Path | None = None   # the file the row came from (for messages)
 
 
 def read_manifest(manifest: str | pathlib.Path) -> list[ManifestEntry]:
@@ -51,6 +61,10 @@ def read_manifest(manifest: str | pathlib.Path) -> list[ManifestEntry]:
                                 f"{seen[entry.sample_id]}")
         seen[entry.sample_id] = line
         entries.append(entry)
+    weighted = [e for e in entries if e.weight is not None]
+    if weighted and not any(e.weight > 0 for e in weighted) and len(weighted) == len(entries):
+        raise ManifestError(f"{manifest}: field 'weight' is 0 on every row (lines {weighted[0].line}-"
+                            f"{weighted[-1].line}); at least one row needs a weight > 0 to be drawn")
     return entries
 
 
@@ -119,6 +133,11 @@ def _entry(manifest: pathlib.Path, line: int, index: int, row: dict) -> Manifest
             raise ManifestError(f"{where}: field 'fps' = {fps!r}: expected a number > 0") from None
         if not fps > 0:
             raise ManifestError(f"{where}: field 'fps' = {fps!r}: expected a number > 0")
+    weight = _weight(where, row.get("weight"))
+    start_s, end_s = _seconds(where, row, "start_s"), _seconds(where, row, "end_s")
+    if start_s is not None and end_s is not None and not end_s > start_s:
+        raise ManifestError(f"{where}: field 'end_s' = {row['end_s']!r} is not after 'start_s' = "
+                            f"{row['start_s']!r}: expected start_s < end_s")
     root = manifest.parent
     reference = row.get("reference")
     return ManifestEntry(
@@ -128,7 +147,44 @@ def _entry(manifest: pathlib.Path, line: int, index: int, row: dict) -> Manifest
         reference=_resolve(root, reference) if reference else None,
         fps=fps,
         line=line,
+        weight=weight,
+        start_s=start_s,
+        end_s=end_s,
+        manifest=manifest,
     )
+
+
+def _seconds(where: str, row: dict, field: str) -> float | None:
+    """A range edge: None when absent, else a finite number of seconds >= 0."""
+    value = row.get(field)
+    if value is None:
+        return None
+    expected = "expected a finite number of seconds >= 0 from the file's first frame"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ManifestError(f"{where}: field '{field}' = {value!r}: {expected}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ManifestError(f"{where}: field '{field}' = {value!r}: {expected}")
+    return seconds
+
+
+def _weight(where: str, value) -> float | None:
+    """A row's sampling weight: None when absent, else a finite number >= 0 (CSV gives text)."""
+    if value is None:
+        return None
+    expected = "expected a finite number >= 0 (the row's sampling weight)"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ManifestError(f"{where}: field 'weight' = {value!r}: {expected}")
+    try:
+        weight = float(value)
+    except ValueError:
+        raise ManifestError(f"{where}: field 'weight' = {value!r}: {expected}") from None
+    if not math.isfinite(weight) or weight < 0:
+        raise ManifestError(f"{where}: field 'weight' = {value!r}: {expected}")
+    return weight
 
 
 def _resolve(root: pathlib.Path, path: str) -> pathlib.Path:

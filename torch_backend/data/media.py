@@ -169,6 +169,8 @@ class ClipSource:
     name: str
     path: pathlib.Path
     fps: float | None = None
+    start_s: float | None = None   # a time range of the file (manifest rows from `mugv curate`)
+    end_s: float | None = None
 
 
 def list_clips(data: str | pathlib.Path) -> list[ClipSource]:
@@ -178,7 +180,7 @@ def list_clips(data: str | pathlib.Path) -> list[ClipSource]:
         found = [ClipSource(p.stem, p) for p in sorted(data.iterdir()) if p.suffix.lower() in VIDEO_SUFFIXES]
     elif data.is_file():
         from mugv.torch_backend.data.manifest import read_manifest
-        found = [ClipSource(e.sample_id, e.path, e.fps) for e in read_manifest(data)]
+        found = [ClipSource(e.sample_id, e.path, e.fps, e.start_s, e.end_s) for e in read_manifest(data)]
     else:
         raise FileNotFoundError(f"--data {data}: expected a folder of videos or a manifest file")
     if not found:
@@ -192,9 +194,10 @@ def load_clip(src: ClipSource, num_frames: int | None, height: int, width: int, 
     from mugv.core.data import frames_available
     from mugv.torch_backend.data.decode import decode_clip, probe
     if num_frames is None:
-        info = probe(src.path, src.fps)
+        info = probe(src.path, src.fps).clip(src.start_s, src.end_s, str(src.path))
         num_frames = frames_available(info.num_frames, info.fps, fps)
-    return decode_clip(src.path, num_frames, height, width, target_fps=fps, source_fps=src.fps)
+    return decode_clip(src.path, num_frames, height, width, target_fps=fps, source_fps=src.fps,
+                       start_s=src.start_s, end_s=src.end_s)
 
 
 def decode_each(sources: list, load, log=print, what: str = "clips") -> tuple[list, dict[str, int]]:

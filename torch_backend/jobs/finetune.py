@@ -90,7 +90,7 @@ class CachedLatents:
         from mugv.torch_backend.data import sampler
         self.index, self.source, self.seed = index, source, seed
         self.sample_posterior = sample_posterior   # False: train on the posterior means (demo VAE)
-        self.plan = sampler.SamplerPlan(index.buckets, index.members(), task_mix, seed)
+        self.plan = sampler.SamplerPlan(index.buckets, index.members(), task_mix, seed, weights=index.weights())
         self.state = sampler.init(seed)
 
     def next_batch(self) -> TrainBatch:

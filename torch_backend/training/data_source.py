@@ -33,7 +33,7 @@ class CachedBatches:
                  sample_posterior: bool = True):
         self.index, self.source, self.seed = index, source, seed
         self.sample_posterior = sample_posterior
-        self.plan = sampler.SamplerPlan(index.buckets, index.members(), task_mix, seed, world)
+        self.plan = sampler.SamplerPlan(index.buckets, index.members(), task_mix, seed, world, index.weights())
         self.state = sampler.init(seed)
 
     def next_batch(self) -> TrainBatch:
@@ -54,3 +54,5 @@ class CachedBatches:
             raise ValueError(f"data state seed {state['seed']} != this source's seed {self.seed}")
         self.state = {"seed": int(state["seed"]), "step": int(state["step"]),
                       "image": list(state["image"]), "video": list(state["video"])}
+        if "drawn" in state:   # a weighted plan's batches per bucket (data/sampler.py)
+            self.state["drawn"] = [int(n) for n in state["drawn"]]

@@ -69,16 +69,61 @@ def signature_distance(a: list[int], b: list[int]) -> float:
     return float((d.min(axis=1).mean() + d.min(axis=0).mean()) / 2)
 
 
+def band_edges(bands: int) -> list[tuple[int, int]]:
+    """(low bit, width) of each band: 64 bits split as evenly as possible."""
+    widths = [64 // bands + (i < 64 % bands) for i in range(bands)]
+    return [(sum(widths[:i]), w) for i, w in enumerate(widths)]
+
+
+def candidate_pairs(signatures: dict[str, list[int]], bands: int) -> set[tuple[str, str]]:
+    """(a, b), a < b, of clips with some key frame of a and some key frame of b equal on a band.
+
+    Completeness: if two clips' signature distance is <= D, some key-frame pair of theirs is
+    within D bits (the symmetric mean of nearest distances is at least the smallest one), and
+    D < bands flipped bits leave at least one band equal (pigeonhole), so the pair is here."""
+    buckets: dict[tuple[int, int], set[str]] = {}
+    for key, hashes in signatures.items():
+        for h in hashes:
+            for i, (lo, width) in enumerate(band_edges(bands)):
+                buckets.setdefault((i, (h >> lo) & ((1 << width) - 1)), set()).add(key)
+    pairs = set()
+    for members in buckets.values():
+        ordered = sorted(members)
+        pairs.update((a, b) for i, a in enumerate(ordered) for b in ordered[i + 1:])
+    return pairs
+
+
+def band_miss_probability(distance: int, bands: int) -> float:
+    """Probability that two hashes `distance` bits apart, the bits uniformly placed, share no
+    band (every band has a flipped bit): inclusion-exclusion over the bands left untouched.
+    0 for distance < bands. A clip pair is missed only if every key-frame pair is missed."""
+    from itertools import combinations
+    from math import comb
+    widths = [w for _, w in band_edges(bands)]
+    missed = 0   # integer counts: exact, so "never" comes out as 0, not a rounding residue
+    for j in range(bands + 1):
+        for clean in combinations(range(bands), j):   # these bands untouched
+            missed += (-1) ** j * comb(64 - sum(widths[i] for i in clean), distance)
+    return missed / comb(64, distance)
+
+
 def group(signatures: dict[str, list[int]], max_distance: float,
-          chroma: dict[str, list[str]] | None = None, max_chroma: float = 255.0) -> dict[str, str]:
+          chroma: dict[str, list[str]] | None = None, max_chroma: float = 255.0,
+          bands: int = 0) -> dict[str, str]:
     """Key -> group id (the smallest key of its group) for every key in a group of >= 2.
     Near duplicates: pHash distance <= max_distance and (when `chroma` is given) chroma layout
     distance <= max_chroma.
 
-    All pairs are compared: O(n^2) popcounts, a few seconds for 10^4 clips. A cluster run of
-    10^6 clips needs banding (LSH over hash bits) first; docs/curation.md says so.
+    bands = 0 compares all pairs: O(n^2) popcounts, a few seconds for 10^4 clips. bands = k
+    compares only `candidate_pairs` (LSH banding): the same groups whenever k > max_distance, and
+    at 10^6 clips (too many pairs) 4 bands of 16 bits with the miss rate of
+    `band_miss_probability` for key-frame pairs 4-8 bits apart (docs/curation.md).
     """
     keys = sorted(signatures)
+    if bands:
+        pairs = sorted(candidate_pairs(signatures, bands))
+    else:
+        pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]]
     parent = {k: k for k in keys}
 
     def find(k: str) -> str:
@@ -87,13 +132,12 @@ def group(signatures: dict[str, list[int]], max_distance: float,
             k = parent[k]
         return k
 
-    for i, a in enumerate(keys):
-        for b in keys[i + 1:]:
-            if signature_distance(signatures[a], signatures[b]) <= max_distance and (
-                    chroma is None or chroma_distance(chroma[a], chroma[b]) <= max_chroma):
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
+    for a, b in pairs:
+        if signature_distance(signatures[a], signatures[b]) <= max_distance and (
+                chroma is None or chroma_distance(chroma[a], chroma[b]) <= max_chroma):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
     roots = {k: find(k) for k in keys}
     sizes: dict[str, int] = {}
     for r in roots.values():

@@ -7,9 +7,11 @@ clip's middle frame; a clip without one cannot be a manifest row). Kept clips be
 
 - reencode=True: `clips/<id>.mp4` (H.264, constant rate), any time range.
 - reencode=False: a clip that spans its whole source is the source itself; a clip that is part
-  of a source cannot be a row, because `decode.py` reads a file from its first frame and the
-  manifest has no time-range field. Those go to `manifest_ranges.jsonl` (path + start_s/end_s)
-  and the report counts them. docs/curation.md says what decode would need.
+  of a source is the source with its time range (`start_s`, `end_s`), which `decode.py` reads by
+  seeking (no re-encode). Those rows are also written alone to `manifest_ranges.jsonl`, itself a
+  manifest, and the report counts them.
+Every row carries the clip's balance weight (`weight`, mean 1 over kept clips), which the
+training sampler honours (`data/sampler.py`); `weights.jsonl` keeps the attributes behind it.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def finalize(cfg: CurateConfig, source_names: list[str], records: list[dict]) ->
     if cfg.dedup.enabled:
         sigs = {c["key"]: [int(h, 16) for h in c["phash"]] for c in passed}
         groups = dedup.group(sigs, cfg.dedup.max_distance, {c["key"]: c["chroma"] for c in passed},
-                             cfg.dedup.max_chroma)
+                             cfg.dedup.max_chroma, cfg.dedup.bands)
         rank = {c["key"]: (c["scores"]["sharpness"] or 0.0, c["end_s"] - c["start_s"]) for c in passed}
         drop = dedup.keep_one(groups, rank)
         for c in passed:
@@ -75,6 +77,8 @@ def finalize(cfg: CurateConfig, source_names: list[str], records: list[dict]) ->
         c["decision"] = "rejected" if c["reasons"] else "kept"
     kept = [c for c in order if c["decision"] == "kept"]
     weights = captions_mod.balance_weights({c["id"]: c["caption"] for c in kept})
+    for c in kept:
+        c["weight"] = weights[c["id"]]["weight"]
     rows, ranged = _manifest_rows(cfg, kept, sources)
     _write_jsonl(out / "manifest.jsonl", rows)
     _write_jsonl(out / "manifest_ranges.jsonl", ranged)
@@ -102,12 +106,15 @@ def _manifest_rows(cfg: CurateConfig, kept: list[dict], sources: dict[str, dict]
             target = out / "clips" / f"{c['id']}.mp4"
             if not target.exists():   # resumable: clips are renamed into place when complete
                 media.write_clip(src, c["start_frame"], c["end_frame"], target, c["fps"])
-            rows.append({"id": c["id"], "path": f"clips/{c['id']}.mp4", "caption": c["caption"]})
+            rows.append({"id": c["id"], "path": f"clips/{c['id']}.mp4", "caption": c["caption"],
+                         "weight": c["weight"]})
         elif whole:
-            rows.append({"id": c["id"], "path": os.path.relpath(src, out), "caption": c["caption"]})
+            rows.append({"id": c["id"], "path": os.path.relpath(src, out), "caption": c["caption"],
+                         "weight": c["weight"]})
         else:
-            ranged.append({"id": c["id"], "path": str(src), "caption": c["caption"],
-                           "start_s": c["start_s"], "end_s": c["end_s"]})
+            rows.append({"id": c["id"], "path": os.path.relpath(src, out), "caption": c["caption"],
+                         "start_s": c["start_s"], "end_s": c["end_s"], "weight": c["weight"]})
+            ranged.append(rows[-1])
     return rows, ranged
 
 
@@ -142,7 +149,7 @@ def _summary(cfg, source_names, order, sources, rows, ranged, groups) -> dict:
         "bad_inputs": bad, "clips": len(order), "kept": sum(c["decision"] == "kept" for c in order),
         "rejected_by_filter": per_filter, "rejected_by_first_reason": first_reason,
         "duplicate_groups": len(set(groups.values())), "manifest_rows": len(rows),
-        "range_only_rows": len(ranged), "skipped_scorers": skipped,
+        "range_rows": len(ranged), "skipped_scorers": skipped,
         "ranges": {k: list(v) for k, v in scorers.ranges(cfg.filters, cfg.shots.min_duration_s).items()},
         "timing": {"stage_cpu_s": seconds, "clips_per_core_s": len(order) / seconds if seconds else None,
                    "video_s": video_s, "video_s_per_core_s": video_s / seconds if seconds else None},

@@ -79,7 +79,7 @@ def write(out: pathlib.Path, cfg, clips: list[dict], summary: dict) -> pathlib.P
     lines = ["# Curation report", "", f"Input: `{cfg.input_dir}`", "",
              f"Sources: {summary['sources']} ({summary['sources_ok']} readable); clips: "
              f"{summary['clips']}; kept: {summary['kept']}; manifest rows: {summary['manifest_rows']}"
-             + (f"; range-only rows (need reencode): {summary['range_only_rows']}" if summary["range_only_rows"] else ""),
+             + (f" ({summary['range_rows']} of them time ranges of a source, decoded by seeking)" if summary["range_rows"] else ""),
              "", "## Bad inputs", ""]
     lines += [f"- {reason}: {n}" for reason, n in sorted(summary["bad_inputs"].items())] or ["- none"]
     lines += ["", "## Filters", "", "| filter | kept range | rejected (any reason) | rejected (first reason) |",

@@ -15,6 +15,7 @@
 #            autocast x reference / Triton GroupNorm+SiLU (benchmarks/vae_throughput.py --cases paths)
 #   cache    the real `mugv cache` stage under torchrun on every GPU of the machine (clips/s)
 #   bf16     bf16 vs fp32 on the real clips: seeded official/golden/tiny VAEs and the trained one
+#   step     (issue 22) benchmarks/dit_step.py eager vs kernels+fadam at 256p and 720p, if time is left
 #   train    `train-vae` under torchrun (NCCL) on every GPU, 40 steps with checkpoints every 20, killed
 #            by nothing, then resumed to 60: the resumed run's step 41-60 losses and the device it ran on
 set -uo pipefail
@@ -64,6 +65,10 @@ rm -rf /tmp/vae_dp
 run train 90 "${vt[@]}" --steps 40
 run train_resume 90 "${vt[@]}" --steps 60
 cp /tmp/vae_dp/log.jsonl "$OUT/vae_dp_log.jsonl" 2>/dev/null
+# issue 22 item 5 (if time is left): the DiT step with the kernels now at the cross-attention's q/k
+# norms too, against eager, the kernels as this run's `verify` recorded them (cuDNN attention)
+run step 170 python3 -P benchmarks/dit_step.py --res 256p 720p --variants eager kernels+fadam --profile \
+  --attention none --skip-ref --out "$OUT/step"
 
 echo
 echo "==================== issue 25 on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) ($(( $(date +%s) - t0 )) s) ===================="
@@ -90,4 +95,5 @@ for name in ("vae_bf16/vae_bf16_error.json", "vae_bf16_trained/vae_bf16_error.js
             print(f"bf16 {r['size']} {prec}: latent rel L2 {s['worst_latent_l2_rel']:.2e}, decode PSNR "
                   f"{s['worst_decode_psnr_db']:.1f} dB, uint8 changed {100 * s['mean_decode_uint8_changed']:.2f} %")
 EOF
+tail -n 16 "$OUT/step.log" 2>/dev/null
 grep -h "device\|resumed\|rank\|step 4[05]\|step 60" "$OUT/train.log" "$OUT/train_resume.log" 2>/dev/null | head -12

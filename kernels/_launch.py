@@ -7,6 +7,7 @@ only way a kernel can run, so TRITON_INTERPRET=1 is set here when no GPU is visi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -85,13 +86,34 @@ def tuned(key: list[str], family: str = "row"):
     return wrap
 
 
+# family -> index into its autotune configs, set by `forced_config` (the parity run over every config)
+_FORCED: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def forced_config(family: str, index: int):
+    """Launch the kernels of `family` with its autotune config `index` (GPU, MUGV_KERNEL_AUTOTUNE=0):
+    `mugv verify-kernels` checks every config the autotuner may pick, not only the fixed one."""
+    if interpreting() or autotuning():
+        raise RuntimeError("forced_config needs a GPU and MUGV_KERNEL_AUTOTUNE=0 (kernels not autotuned)")
+    if not 0 <= index < len(FAMILIES[family][0]):
+        raise ValueError(f"forced_config: {family} has {len(FAMILIES[family][0])} configs, got index {index}")
+    _FORCED[family] = index
+    try:
+        yield FAMILIES[family][0][index]
+    finally:
+        _FORCED.pop(family, None)
+
+
 def launch_config(family: str = "row") -> dict:
     """Launch keywords of a `tuned` kernel: none when autotuning (the autotuner's choice), else the
-    family's fixed config (GPU) or its interpreter config (CPU)."""
+    family's fixed config (GPU; or the one `forced_config` sets) or its interpreter config (CPU)."""
     if interpreting():
         meta, w = FAMILIES[family][2]
     elif autotuning():
         return {}
+    elif family in _FORCED:
+        meta, w = FAMILIES[family][0][_FORCED[family]]
     else:
         meta, w = FAMILIES[family][1]
     return {**meta, "num_warps": w}

@@ -25,8 +25,9 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 
-TESTS_NOTE = ("parity_tests/kernels (fp32, fp16, bf16 within 2x torch bf16; forward and gradients), "
-              "fixed launch config (MUGV_KERNEL_AUTOTUNE=0)")
+TESTS_NOTE = ("parity_tests/kernels (fp32, fp16, bf16 within 2x torch bf16; forward and gradients) at the "
+              "fixed launch config (MUGV_KERNEL_AUTOTUNE=0), fp32 at every autotune config, and the whole "
+              "DiT / VAE with the kernels against float64")
 
 
 def user_record_path() -> pathlib.Path:

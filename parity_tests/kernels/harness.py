@@ -91,3 +91,27 @@ def check_against_jax(kernel, jax_fn, inputs, names, device, constants=(), **kwa
     jgrads = vjp(cot if len(cot) > 1 else cot[0])
     for a, e, name in zip(out + grads, list(jout) + list(jgrads), names):
         assert_close(a, np.asarray(e), "kernel", "float32", name=f"{name} vs JAX")
+
+
+def check_every_config(kernel, reference, cases, families, device, names, **kwargs):
+    """The fp32 check above once per autotune config of each launch family the kernel uses
+    (kernels/_launch.py FAMILIES), the others at their fixed config: production autotunes over these
+    on the GPU, so each must be correct, masked tails and loop remainders included (`cases`: input
+    lists whose sizes are no multiple of any block). GPU only: the interpreter runs one config."""
+    import pytest
+
+    from triton.runtime.errors import OutOfResources
+
+    from mugv.kernels import _launch
+    if device.type != "cuda":
+        pytest.skip("the interpreter runs one launch config; every autotune config is checked on the GPU")
+    for family in families:
+        for i in range(len(_launch.FAMILIES[family][0])):
+            with _launch.forced_config(family, i) as config:
+                for inputs in cases:
+                    try:
+                        check_kernel(kernel, reference, inputs, "float32", device, names, **kwargs)
+                    except OutOfResources:   # the autotuner prunes such a config too
+                        break
+                    except AssertionError as err:
+                        raise AssertionError(f"launch family {family} config {i} {config}: {err}") from None

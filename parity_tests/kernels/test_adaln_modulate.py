@@ -5,7 +5,7 @@ import torch
 
 from mugv.jax_reference import ops as jops
 from mugv.kernels.adaln_modulate import adaln_modulate, adaln_modulate_reference
-from mugv.parity_tests.kernels.harness import check_against_jax, check_kernel
+from mugv.parity_tests.kernels.harness import check_against_jax, check_every_config, check_kernel
 
 NAMES = ["y", "dx", "dshift", "dscale"]
 # (B, L, h, K): rows not a multiple of any block, hidden 72 / 288 (DiT debug sizes), a non-power-
@@ -58,3 +58,8 @@ def test_adaln_modulate_rejects_bad_input(device):
         adaln_modulate(x, shift, scale, None)
     with pytest.raises(ValueError, match="K = 1 or 2"):  # one accumulator per branch in the backward
         adaln_modulate(x, torch.cat([shift, shift[:, :1]], 1), torch.cat([scale, scale[:, :1]], 1), index)
+
+
+def test_adaln_modulate_every_launch_config(device):
+    check_every_config(adaln_modulate, adaln_modulate_reference, [_inputs(*SHAPES[0]), _inputs(*SHAPES[3])],
+                       ["row", "row_loop"], device, NAMES)

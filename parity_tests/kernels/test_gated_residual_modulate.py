@@ -7,7 +7,7 @@ import torch
 from mugv.jax_reference import ops as jops
 from mugv.kernels.gated_residual_modulate import (gated_residual_modulate,
                                                   gated_residual_modulate_reference)
-from mugv.parity_tests.kernels.harness import check_against_jax, check_kernel
+from mugv.parity_tests.kernels.harness import check_against_jax, check_every_config, check_kernel
 
 NAMES = ["x_res", "out", "dx", "dy", "dgate", "dshift", "dscale"]
 SHAPES = [(2, 23, 72, 2), (1, 19, 288, 1), (3, 5, 130, 2), (1, 3, 3456, 2)]
@@ -54,3 +54,8 @@ def test_gated_residual_modulate_rejects_bad_input(device):
         gated_residual_modulate(x, y[:, :3], gate, shift, scale, index)
     with pytest.raises(ValueError, match="gate"):
         gated_residual_modulate(x, y, gate[..., :4], shift, scale, index)
+
+
+def test_gated_residual_modulate_every_launch_config(device):
+    check_every_config(gated_residual_modulate, gated_residual_modulate_reference,
+                       [_inputs(*SHAPES[0]), _inputs(*SHAPES[3])], ["row", "row_loop"], device, NAMES)

@@ -6,7 +6,7 @@ import torch
 
 from mugv.jax_reference import ops as jops
 from mugv.kernels.groupnorm_silu import groupnorm_silu, groupnorm_silu_reference
-from mugv.parity_tests.kernels.harness import check_against_jax, check_kernel
+from mugv.parity_tests.kernels.harness import check_against_jax, check_every_config, check_kernel
 
 NAMES = ["y", "dx", "dweight", "dbias"]
 # (shape, groups): odd spatial sizes, a channel span longer than one interpreter block (2 x 33 x
@@ -110,3 +110,9 @@ def test_vae_with_the_kernel_equals_the_reference_vae(device):
             continue
         assert_sharded_vs_float64(gradsk[name].cpu(), grads32[name].cpu(), grads64[name].cpu(),
                                   op="vae_model", name=f"d/d {name}")
+
+
+def test_groupnorm_silu_every_launch_config(device):
+    for shape, groups in CASES[:2]:
+        check_every_config(groupnorm_silu, groupnorm_silu_reference, [_inputs(shape)], ["span_loop"], device,
+                           NAMES, groups=groups, eps=1e-6)

@@ -9,7 +9,7 @@ from mugv.core.dit import dit_config
 from mugv.core.rope import rope_angles
 from mugv.jax_reference import ops as jops
 from mugv.kernels.qk_rmsnorm_rope import qk_rmsnorm_rope, qk_rmsnorm_rope_reference
-from mugv.parity_tests.kernels.harness import check_against_jax, check_kernel
+from mugv.parity_tests.kernels.harness import check_against_jax, check_every_config, check_kernel
 
 NAMES = ["out", "dq", "dweight"]
 # (B, L, n_heads, head_dim, angle batch): head dim 72 (the 10B and debug models), 48 heads as at
@@ -84,3 +84,9 @@ def test_qk_rmsnorm_rope_rejects_bad_input(device):
         qk_rmsnorm_rope(q, weight, angles[..., :30])
     with pytest.raises(ValueError, match="head_dim"):
         qk_rmsnorm_rope(q[..., :71], weight[:71], angles)
+
+
+def test_qk_rmsnorm_rope_every_launch_config(device):
+    check_every_config(_as_qkv_view(qk_rmsnorm_rope), qk_rmsnorm_rope_reference,
+                       [_inputs(*SHAPES[0]), _inputs(*SHAPES[1])], ["token_tile", "token_tile_loop"], device,
+                       NAMES, constants=(2,))

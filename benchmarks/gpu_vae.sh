@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# Issue 25's GPU runs in one device call: the VAE on the GPU through the real paths.
+# Issue 25's GPU runs (the VAE on the GPU through the real paths) and the kernels' verification.
 #
-#   bash benchmarks/gpu_vae.sh          # on the device machine, repo root, $OUT its output folder
+#   bash benchmarks/gpu_vae.sh [parts]   # on the device machine, repo root, $OUT its output folder
+#   default parts: verify_vae paths cache bf16 train; also verify_dit, step (two calls back to back on
+#   one warm machine: the kernel record stays in /tmp)
 #
 # Before (here): `bash scripts/build_gpu_wheels.sh` (mugv, megatron-core and PyAV wheels into .whl/),
 # copy the real clips into .gpu_data/ (ignored; the device gets only the checkout) and, for the
 # trained-weights bf16 row, a trained VAE checkpoint into runs/demo/vae/ckpt (`bash scripts/main.sh`
 # makes one); the call carries .whl, .gpu_data and runs/demo/vae/ckpt.
 # Parts (each under its own time limit, logs in $OUT/<part>.log, table last):
-#   verify   `mugv verify-kernels` (MUGV_VERIFY_ONLY=names for some): every kernel's parity on this
-#            device, alone and in the whole VAE / DiT, forward and gradients; writes the record the
-#            slots read (the first call of 2026-12-05 failed the whole-VAE test: kernels/groupnorm_silu.py)
+#   verify_vae / verify_dit  `mugv verify-kernels` for the VAE's / the DiT's kernels: parity on this
+#            device alone (every autotune config) and in the whole VAE / DiT, forward and gradients;
+#            writes the record the slots read (the first call of 2026-12-05 failed the whole-VAE
+#            test: kernels/groupnorm_silu.py), then the whole-model margins
 #   paths    encode through the cache job's encoder, decode through `mugv sample`'s, fp32 / bf16
 #            autocast x reference / Triton GroupNorm+SiLU (benchmarks/vae_throughput.py --cases paths)
 #   cache    the real `mugv cache` stage under torchrun on every GPU of the machine (clips/s)
 #   bf16     bf16 vs fp32 on the real clips: seeded official/golden/tiny VAEs and the trained one
-#   step     (issue 22) benchmarks/dit_step.py eager vs kernels+fadam at 256p and 720p, if time is left
-#   train    `train-vae` under torchrun (NCCL) on every GPU, 40 steps with checkpoints every 20, killed
-#            by nothing, then resumed to 60: the resumed run's step 41-60 losses and the device it ran on
+#   step     (issue 22) benchmarks/dit_step.py eager vs kernels+fadam at 256p and 720p
+#   train    `train-vae` under torchrun (NCCL) on every GPU, 40 steps with checkpoints every 20
+#            (not killed), then resumed to 60 from the step-40 checkpoint
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mugv_gpu_vae}
@@ -46,29 +49,43 @@ run() {  # run NAME LIMIT CMD...
   tail -n 15 "$OUT/$name.log"
 }
 data=.gpu_data
-run verify 240 python3 -P -m mugv.kernels.verify ${MUGV_VERIFY_ONLY:+--only "$MUGV_VERIFY_ONLY"} --log-dir "$OUT/verify"
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(verify_vae paths cache bf16 train)
+want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 # the whole-model comparisons' smallest margins (bound / measured; < 1 fails), kernels vs torch on this GPU
-run margins 90 python3 -P -m mugv.parity_tests.margins /tmp/site/mugv/parity_tests/kernels/test_groupnorm_silu.py \
-  /tmp/site/mugv/parity_tests/kernels/test_dit_kernels.py -k "vae_with_the_kernel or dit_with_the_kernels"
+margins() { run "margins_$1" 90 python3 -P -m mugv.parity_tests.margins "/tmp/site/mugv/parity_tests/kernels/$2" -k "$3"; }
+if want verify_vae; then
+  run verify_vae 200 python3 -P -m mugv.kernels.verify --only groupnorm_silu --log-dir "$OUT/verify_vae"
+  margins vae test_groupnorm_silu.py vae_with_the_kernel
+fi
+if want verify_dit; then   # keeps groupnorm_silu's entry when its fingerprint is unchanged
+  run verify_dit 300 python3 -P -m mugv.kernels.verify --only adaln_modulate,gated_residual_modulate,qk_rmsnorm_rope \
+    --log-dir "$OUT/verify_dit"
+  margins dit test_dit_kernels.py dit_with_the_kernels
+fi
 cp "$MUGV_VERIFIED_KERNELS" "$OUT/verified_kernels.json" 2>/dev/null
-run paths 150 python3 -P benchmarks/vae_throughput.py --cases paths --out "$OUT/vae_paths"
-run cache 120 python3 -P -m torch.distributed.run --nproc-per-node "$ngpu" benchmarks/vae_throughput.py \
+want paths && run paths 150 python3 -P benchmarks/vae_throughput.py --cases paths --out "$OUT/vae_paths"
+want cache && run cache 120 python3 -P -m torch.distributed.run --nproc-per-node "$ngpu" benchmarks/vae_throughput.py \
   --cache-job --out "$OUT/cache"
-sizes=tiny,golden,official
-run bf16 90 python3 -P benchmarks/vae_bf16_error.py --device cuda --data "$data" --sizes "$sizes" --out "$OUT/vae_bf16"
-[ -d runs/demo/vae/ckpt ] && run bf16_trained 60 python3 -P benchmarks/vae_bf16_error.py --device cuda \
-  --data "$data" --sizes ckpt:runs/demo/vae/ckpt --size 32 --out "$OUT/vae_bf16_trained"
-vt=(python3 -P -m torch.distributed.run --nproc-per-node "$ngpu" -m mugv.torch_backend.jobs.vae_train --data "$data"
-    --size tiny --height 64 --width 64 --frames 17 --batch-size 2 --checkpoint-every 20 --no-eval --log-every 5
-    --out /tmp/vae_dp)
-rm -rf /tmp/vae_dp
-run train 90 "${vt[@]}" --steps 40
-run train_resume 90 "${vt[@]}" --steps 60
-cp /tmp/vae_dp/log.jsonl "$OUT/vae_dp_log.jsonl" 2>/dev/null
-# issue 22 item 5 (if time is left): the DiT step with the kernels now at the cross-attention's q/k
-# norms too, against eager, the kernels as this run's `verify` recorded them (cuDNN attention)
-run step 170 python3 -P benchmarks/dit_step.py --res 256p 720p --variants eager kernels+fadam --profile \
-  --attention none --skip-ref --out "$OUT/step"
+if want bf16; then
+  run bf16 90 python3 -P benchmarks/vae_bf16_error.py --device cuda --data "$data" --sizes tiny,golden,official \
+    --out "$OUT/vae_bf16"
+  [ -d runs/demo/vae/ckpt ] && run bf16_trained 60 python3 -P benchmarks/vae_bf16_error.py --device cuda \
+    --data "$data" --sizes ckpt:runs/demo/vae/ckpt --size 32 --out "$OUT/vae_bf16_trained"
+fi
+if want train; then
+  vt=(python3 -P -m torch.distributed.run --nproc-per-node "$ngpu" -m mugv.torch_backend.jobs.vae_train --data "$data"
+      --size tiny --height 64 --width 64 --frames 17 --batch-size 2 --checkpoint-every 20 --no-eval --log-every 5
+      --out /tmp/vae_dp)
+  rm -rf /tmp/vae_dp
+  run train 90 "${vt[@]}" --steps 40
+  run train_resume 90 "${vt[@]}" --steps 60
+  cp /tmp/vae_dp/log.jsonl "$OUT/vae_dp_log.jsonl" 2>/dev/null
+fi
+# issue 22 item 5: the DiT step with the kernels (now also at the cross-attention's q/k norms) as
+# this machine's record has them, against eager (cuDNN attention)
+want step && run step 200 python3 -P benchmarks/dit_step.py --res 256p 720p --variants eager kernels+fadam \
+  --profile --attention none --skip-ref --out "$OUT/step"
 
 echo
 echo "==================== issue 25 on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) ($(( $(date +%s) - t0 )) s) ===================="

@@ -136,7 +136,7 @@ def _sigmoid(z, PRECISE: tl.constexpr):
     """1 / (1 + exp(-z)) with correctly rounded division and libdevice's expf (what torch's silu
     uses). On the GPU `tl.exp` is ex2.approx of z * log2(e), whose rounded argument costs up to
     ~|z| ulps, and `/` is div.full (2 ulps); with them the whole VAE's gradients through its
-    GroupNorm + SiLU sites came out up to 7.6x further from float64 than torch's (H200,
+    GroupNorm + SiLU sites came out up to 7.7x further from float64 than torch's (H200,
     2026-12-05; test_groupnorm_silu.py's whole-VAE test). The interpreter has no libdevice; its
     tl.exp is numpy's."""
     if PRECISE:

@@ -2,8 +2,8 @@
 # Issue 25's GPU runs (the VAE on the GPU through the real paths) and the kernels' verification.
 #
 #   bash benchmarks/gpu_vae.sh [parts]   # on the device machine, repo root, $OUT its output folder
-#   default parts: verify_vae paths cache bf16 train; also verify_dit, step (two calls back to back on
-#   one warm machine: the kernel record stays in /tmp)
+#   default parts: verify_vae paths cache bf16 train verify_dit; `step` in a second call right after
+#   (same warm machine: the kernel record stays in /tmp)
 #
 # Before (here): `bash scripts/build_gpu_wheels.sh` (mugv, megatron-core and PyAV wheels into .whl/),
 # copy the real clips into .gpu_data/ (ignored; the device gets only the checkout) and, for the
@@ -50,18 +50,13 @@ run() {  # run NAME LIMIT CMD...
 }
 data=.gpu_data
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(verify_vae paths cache bf16 train)
+[ ${#parts[@]} -eq 0 ] && parts=(verify_vae paths cache bf16 train verify_dit)
 want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 # the whole-model comparisons' smallest margins (bound / measured; < 1 fails), kernels vs torch on this GPU
 margins() { run "margins_$1" 90 python3 -P -m mugv.parity_tests.margins "/tmp/site/mugv/parity_tests/kernels/$2" -k "$3"; }
 if want verify_vae; then
   run verify_vae 200 python3 -P -m mugv.kernels.verify --only groupnorm_silu --log-dir "$OUT/verify_vae"
   margins vae test_groupnorm_silu.py vae_with_the_kernel
-fi
-if want verify_dit; then   # keeps groupnorm_silu's entry when its fingerprint is unchanged
-  run verify_dit 300 python3 -P -m mugv.kernels.verify --only adaln_modulate,gated_residual_modulate,qk_rmsnorm_rope \
-    --log-dir "$OUT/verify_dit"
-  margins dit test_dit_kernels.py dit_with_the_kernels
 fi
 cp "$MUGV_VERIFIED_KERNELS" "$OUT/verified_kernels.json" 2>/dev/null
 want paths && run paths 150 python3 -P benchmarks/vae_throughput.py --cases paths --out "$OUT/vae_paths"
@@ -82,6 +77,12 @@ if want train; then
   run train_resume 90 "${vt[@]}" --steps 60
   cp /tmp/vae_dp/log.jsonl "$OUT/vae_dp_log.jsonl" 2>/dev/null
 fi
+if want verify_dit; then   # keeps groupnorm_silu's entry when its fingerprint is unchanged
+  run verify_dit 300 python3 -P -m mugv.kernels.verify --only adaln_modulate,gated_residual_modulate,qk_rmsnorm_rope \
+    --log-dir "$OUT/verify_dit"
+  margins dit test_dit_kernels.py dit_with_the_kernels
+fi
+cp "$MUGV_VERIFIED_KERNELS" "$OUT/verified_kernels.json" 2>/dev/null
 # issue 22 item 5: the DiT step with the kernels (now also at the cross-attention's q/k norms) as
 # this machine's record has them, against eager (cuDNN attention)
 want step && run step 200 python3 -P benchmarks/dit_step.py --res 256p 720p --variants eager kernels+fadam \

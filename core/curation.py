@@ -198,4 +198,4 @@ def embedded_curate_config(input_dir: str, out_dir: str, **overrides) -> CurateC
     filters = FilterConfig(sharpness_min=12.0, sharpness_max=None, motion_min=0.015, motion_max=0.8,
                            motion_width=64, aesthetic_min=None, min_short_side=32)
     return CurateConfig(input_dir=input_dir, out_dir=out_dir, shots=shots, filters=filters,
-                        reencode=True, **overrides)
+                        **{"reencode": True, **overrides})

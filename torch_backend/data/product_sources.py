@@ -13,12 +13,15 @@ curation filter should catch:
 `truth.json` lists per source the transitions (kind, centre time) and per shot its time range
 (the frames outside any transition), scene, defect and, for a duplicate, the original shot;
 `captions.jsonl` gives each shot's caption with its time range, as a caption file of real footage would.
+`generate_sources(..., draw_scene=f)` draws each shot's scene and caption with `f(rng)` instead of
+the full generator's vocabulary (the demo: only its training compositions, its caption format).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import pathlib
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -65,23 +68,32 @@ def _shake(clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _shot_pixels(rng, spec: SourcesSpec, defect: str | None, library: list) -> tuple[np.ndarray, Scene]:
+def _shot_pixels(rng, spec: SourcesSpec, defect: str | None, library: list,
+                 draw_scene: Callable) -> tuple[np.ndarray, Scene, dict | None, str]:
+    """(pixels, scene, original shot of a duplicate or None, caption) of one shot."""
     frames = int(rng.integers(spec.shot_frames[0], spec.shot_frames[1] + 1))
     if defect in ("exact_dup", "near_dup"):
-        clip, scene, origin = library[int(rng.integers(len(library)))]
+        clip, scene, origin, text = library[int(rng.integers(len(library)))]
         if defect == "near_dup":
             clip = np.clip(clip.astype(np.float64) * 1.06 + 2, 0, 255).astype(np.uint8)
             clip = np.roll(clip, 1, axis=2)
-        return clip, scene, origin
-    scene = _moving_scene(rng)
+        return clip, scene, origin, text
+    scene, text = draw_scene(rng)
     if defect == "static":
         scene = dataclasses.replace(scene, motion="static")
+        if draw_scene is _default_scene:   # its own caption says "static"; a drawn caption keeps
+            text = scene.caption(0)        # the motion the shot was meant to have (a wrong caption)
     clip = render(scene, int(rng.integers(2 ** 31)), spec.size, frames)
     if defect == "blur":
         clip = ndimage.gaussian_filter(clip.astype(np.float64), (0, 2.5, 2.5, 0)).round().astype(np.uint8)
     elif defect == "shake":
         clip = _shake(clip, rng)
-    return clip, scene, None
+    return clip, scene, None, text
+
+
+def _default_scene(rng: np.random.Generator) -> tuple[Scene, str]:
+    scene = _moving_scene(rng)
+    return scene, scene.caption(0)
 
 
 def _join(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
@@ -102,8 +114,11 @@ def _join(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
     return np.concatenate([a[:-h], mid, b[h:]])
 
 
-def generate_sources(out_dir: str | pathlib.Path, spec: SourcesSpec = SourcesSpec()) -> dict:
+def generate_sources(out_dir: str | pathlib.Path, spec: SourcesSpec = SourcesSpec(),
+                     draw_scene: Callable[[np.random.Generator], tuple[Scene, str]] = _default_scene) -> dict:
     """Write `source_XXX.mp4`, `captions.jsonl` and `truth.json` to out_dir; returns the truth.
+    draw_scene(rng) -> (scene, caption) of a new shot (default: any moving scene of the full
+    vocabulary, its own caption); duplicates repeat their original's scene and caption.
 
     Times are in seconds from the source's start: a shot's range is its frames not touched by a
     transition; a transition's `time` is its centre (a cut: the first frame of the new shot).
@@ -120,9 +135,9 @@ def generate_sources(out_dir: str | pathlib.Path, spec: SourcesSpec = SourcesSpe
             defect = None
             if s > 0 and rng.random() < spec.defect_rate:
                 defect = DEFECTS[int(rng.integers(len(DEFECTS)))]
-            clip, scene, origin = _shot_pixels(rng, spec, defect, library)
+            clip, scene, origin, text = _shot_pixels(rng, spec, defect, library, draw_scene)
             if defect is None:
-                library.append((clip, scene, {"source": name, "shot": k}))
+                library.append((clip, scene, {"source": name, "shot": k}, text))
             if video is None:
                 start, video = 0, clip
             else:
@@ -136,7 +151,7 @@ def generate_sources(out_dir: str | pathlib.Path, spec: SourcesSpec = SourcesSpe
                 transitions.append({"kind": kind, "time": (t0 + t1) / 2 / spec.fps,
                                     "start": t0 / spec.fps, "end": t1 / spec.fps})
             shots.append({"start_frame": start, "end_frame": None, "defect": defect, "original": origin,
-                          "scene": dataclasses.asdict(scene), "caption": scene.caption(0)})
+                          "scene": dataclasses.asdict(scene), "caption": text})
         shots[-1]["end_frame"] = len(video)
         for shot in shots:
             shot["start"] = shot.pop("start_frame") / spec.fps

@@ -25,7 +25,7 @@ import numpy as np
 from mugv.core import validate as v
 from mugv.core.sampler import FlowSamplerConfig
 from mugv.core.recipe import PretrainConfig, StageConfig
-from mugv.torch_backend.jobs.generate_data import DemoData, generate
+from mugv.torch_backend.jobs.generate_data import DemoData, curate_train, generate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,11 @@ class DemoConfig:
     preference: after pre-training, the preference stage (docs/preference.md): preferences made by
         the analyzer on training prompts, then DPO and/or KTO from the pretrained checkpoint, with
         held-out caption following before/after over `preference_seeds` seeds ("none": skipped;
-        each seed adds a few minutes on 2 CPU cores)."""
+        each seed adds a few minutes on 2 CPU cores).
+    curated: train on curated data (issue 23): the training split becomes long multi-shot 64 px
+        sources of the training compositions with planted defects, curated by `mugv curate`
+        (jobs/generate_data.py::curate_train); the report gains a curation section. Evaluation
+        and validation splits are the generated clips either way. False: the generated clips."""
 
     out: str = "runs/demo"
     data: DemoData = DemoData()
@@ -126,6 +130,7 @@ class DemoConfig:
     seeds: int = 1
     preference: str = "none"
     preference_seeds: int = 3
+    curated: bool = False
 
     def __post_init__(self) -> None:
         v.one_of(self, "score", SCORED_SPLITS)
@@ -273,6 +278,13 @@ def run(cfg: DemoConfig, log=print) -> dict:
     t0 = time.monotonic()
     manifests = generate(d, out / "data", log)
     new_split, seen_split = f"{cfg.score}_new", f"{cfg.score}_seen"
+    curation = None
+    if cfg.curated:
+        curation = curate_train(d, out / "data" / "curated_train", log)
+        manifests = {**manifests, "train": curation.pop("manifest")}
+        trained = {e.caption for e in read_manifest(manifests["train"])}
+        seen_caps_all = [e.caption for e in read_manifest(manifests[seen_split])]
+        curation["seen_in_train"] = [sum(c in trained for c in seen_caps_all), len(seen_caps_all)]
     times["data"] = time.monotonic() - t0
 
     t0 = time.monotonic()
@@ -324,6 +336,8 @@ def run(cfg: DemoConfig, log=print) -> dict:
                "vae": {"psnr": held["mean_psnr"], "untrained_psnr": psnr_init, "ssim": held["mean_ssim"],
                        "steps": len(vae_rows), "stage_steps": {k: sum(r.get("stage", "end_to_end") == k for r in vae_rows)
                                                                for k in VAE_STAGES}}}
+    if curation is not None:
+        results["curation"] = curation
     rows = {}
     scored = {"new": {"t2v": samples["t2v"], "i2v": samples["i2v"], "no_caption": samples["no_caption"],
                       "shuffled": samples["shuffled"], "vae_recon": recon["new"], "real": real["new"]},

@@ -41,6 +41,9 @@ def summary(results: dict) -> str:
                      f"{new['i2v'][a]:7.1%}  {seen['t2v'][a]:7.1%}  {new['vae_recon'][a]:8.1%}")
     red = results["colours"]["t2v"].get("red", [0, 0])
     v_ = results["vae"]
+    if "curation" in results:
+        c = results["curation"]["counts"]
+        lines.insert(0, f"curated training data: {c['kept']} of {c['clips']} clips kept ({results['curation']['report']})")
     lines.append(f"red prompts made red: {red[0]} of {red[1]}; VAE PSNR {v_['psnr']:.2f} dB (untrained "
                  f"{v_['untrained_psnr']:.2f} dB); wall time {results['seconds']['total']:.0f} s")
     return "\n".join(lines)
@@ -104,6 +107,8 @@ def write_report(cfg, results: dict, captions: list[str], n: int, out: pathlib.P
     ]
     if "preference" in results:
         sections.insert(5, ("Preference stage", _preference_section(results["preference"])))
+    if "curation" in results:
+        sections.insert(0, ("Curation", _curation_section(results["curation"], out)))
     report.markdown_report(out / "report.md", "mugv demo report", sections, config=to_dict(cfg))
 
 
@@ -128,6 +133,40 @@ def write_seeds_report(cfg, stats: dict, out: pathlib.Path) -> None:
          + report.table(["", "mean ± sd (%)", "per seed (%)"], red)),
     ]
     report.markdown_report(out / "report.md", f"mugv demo over {cfg.seeds} seeds", sections, config=to_dict(cfg))
+
+
+def _curation_section(cur: dict, out: pathlib.Path) -> str:
+    """`--curated`: what `mugv curate` kept and rejected of the training sources, and how well it
+    found what the generator planted (data/curation/evaluate.py)."""
+    from mugv.torch_backend.jobs import report
+
+    c, spec = cur["counts"], cur["spec"]
+    frac = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    filters = report.table(["filter", "rejected (any reason)", "rejected (first reason)"],
+                           [[k, n, c["rejected_by_first_reason"].get(k, 0)] for k, n in sorted(c["rejected_by_filter"].items())])
+    sh = cur["shots"]
+    bounds = report.table(["boundaries", "precision", "recall", "found / true"],
+                          [["all", frac(sh["all"]["precision"]), frac(sh["all"]["recall"]),
+                            f"{sh['all']['matched']} / {sum(sh[k]['total'] for k in ('cut', 'fade', 'dissolve'))}"]]
+                          + [[k, "", frac(sh[k]["recall"]), f"{sh[k]['found']} / {sh[k]['total']}"]
+                             for k in ("cut", "fade", "dissolve")])
+    f = cur["filters"]
+    planted = report.table(["filter", "planted defect", "precision", "recall"],
+                           [["sharpness", "blur", frac(f["sharpness"]["precision"]), frac(f["sharpness"]["recall"])],
+                            ["motion", "static, shake", frac(f["motion"]["precision"]), frac(f["motion"]["recall"])],
+                            ["dedup", "exact, near duplicates", frac(f["dedup"]["precision"]), frac(f["dedup"]["recall"])]])
+    clean = f["clean_rejected"]
+    seen = cur.get("seen_in_train", [0, 0])
+    return (f"The training split was curated (`--curated`): {c['sources']} sources of {spec['shots']} shots "
+            f"({spec['size']} px, {spec['shot_frames'][0]}-{spec['shot_frames'][1]} frames a shot, defects planted "
+            f"in {spec['defect_rate']:.0%} of shots after the first source), only training compositions. "
+            f"{c['clips']} clips, **{c['kept']} kept** ({c['manifest_rows']} manifest rows, time ranges of their "
+            f"sources), {c['duplicate_groups']} duplicate groups; {clean['rejected']} of {clean['clean']} clean "
+            f"clips rejected ({', '.join(f'{k} {n}' for k, n in clean['by'].items()) or 'none'}). "
+            f"Seen-split captions that occur in the curated training manifest: {seen[0]} / {seen[1]}. "
+            f"Curation report: [{cur['report']}]({cur['report']}).\n\n" + filters
+            + "\n\nShot boundaries against the generator's truth (centres within 0.3 s):\n\n" + bounds
+            + "\n\nFilters against the planted defects:\n\n" + planted)
 
 
 def _preference_section(summary: dict) -> str:

@@ -197,3 +197,88 @@ def generate_data(cfg) -> int:
     generate(data, out)
     return 0
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The curated training split (`mugv demo --curated`, issue 23)
+
+SOURCE_SIZE = 64          # px: embedded_curate_config's thresholds were measured on 64 px sources
+SHOTS_PER_SOURCE = 4
+DEFECT_RATE = 0.45        # product_sources' calibrated rate (docs/curation.md)
+
+
+def curated_shot_frames(cfg: DemoData) -> tuple[int, int]:
+    """Shot lengths (frames, drawn per shot) that leave cfg.frames clean frames between two
+    transitions: a fade or dissolve takes up to `_GRADUAL` (8) of a shot's frames on each side
+    (product_sources._join), and a detected gradual span may reach a few frames further (4 on
+    each side allowed), so cfg.frames + 2 * 8 + 2 * 4 (41 for 17 frames), up to 8 more."""
+    from mugv.torch_backend.data.product_sources import _GRADUAL
+    lo = cfg.frames + 2 * _GRADUAL + 8
+    return lo, lo + 8
+
+
+def curated_sources_spec(cfg: DemoData):
+    """Enough sources that the clean shots (the first source's all, then 1 - DEFECT_RATE of each)
+    number about cfg.count, the training clips of the uncurated demo."""
+    import math
+
+    from mugv.torch_backend.data.product_sources import SourcesSpec
+    rest = max(cfg.count - SHOTS_PER_SOURCE, 0)
+    sources = 1 + math.ceil(rest / (SHOTS_PER_SOURCE * (1 - DEFECT_RATE)))
+    return SourcesSpec(sources=sources, shots=SHOTS_PER_SOURCE, shot_frames=curated_shot_frames(cfg),
+                       size=SOURCE_SIZE, fps=cfg.fps, defect_rate=DEFECT_RATE, seed=cfg.seed)
+
+
+def held_out_in_manifest(cfg: DemoData, manifest: str | pathlib.Path) -> list[str]:
+    """Captions of `manifest` that name a composition kept out of training (eval or val)."""
+    from mugv.torch_backend.data.analyzer import parse_caption
+    from mugv.torch_backend.data.manifest import read_manifest
+    comps = cfg.compositions()
+    kept_out = {tuple(t) for t in comps["eval"] + comps["val"]}
+    out = []
+    for e in read_manifest(manifest):
+        p = parse_caption(e.caption)
+        if (p["colour"], p["shape"], p["motion"]) in kept_out:
+            out.append(e.caption)
+    return out
+
+
+def curate_train(cfg: DemoData, out_dir: str | pathlib.Path, log=print, spec=None) -> dict:
+    """The demo's training split from curated sources: long multi-shot sources at SOURCE_SIZE px
+    (product_sources: cuts, fades, dissolves, planted blur/static/shake/duplicate shots) whose
+    scenes are only training compositions with demo captions, curated by `mugv curate` with
+    `embedded_curate_config` (clips as `start_s`/`end_s` rows of their source, no re-encode;
+    decode's cover resize gives cfg.size) and scored against the generator's truth.
+    Writes out_dir/sources and out_dir/curated. Returns {"manifest", "counts", "shots",
+    "filters", "report"}. Raises ValueError naming the manifest if a held-out composition got in.
+    spec: a product_sources.SourcesSpec (default curated_sources_spec(cfg))."""
+    from mugv.core.curation import embedded_curate_config
+    from mugv.torch_backend.data.curation import run
+    from mugv.torch_backend.data.curation.evaluate import evaluate_on_truth
+    from mugv.torch_backend.data.product_sources import generate_sources
+    from mugv.torch_backend.data.product_videos import Scene
+
+    out = pathlib.Path(out_dir)
+    spec = spec or curated_sources_spec(cfg)
+    train = cfg.compositions()["train"]
+
+    def draw_scene(rng):
+        colour, shape, motion = train[int(rng.integers(len(train)))]
+        scene = Scene(shape=shape, colour=colour, material="matte",
+                      background=cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))], motion=motion)
+        return scene, caption(colour, shape, motion, int(rng.integers(2)))
+
+    if not (out / "sources" / "truth.json").is_file():   # written last: a re-run reuses finished sources
+        generate_sources(out / "sources", spec, draw_scene)
+    report = run(embedded_curate_config(str(out / "sources"), str(out / "curated"), reencode=False))
+    scores = evaluate_on_truth(out / "curated", out / "sources" / "truth.json")
+    manifest = out / "curated" / "manifest.jsonl"
+    leaked = held_out_in_manifest(cfg, manifest)
+    if leaked:
+        raise ValueError(f"{manifest}: {len(leaked)} rows name held-out compositions, e.g. {leaked[0]!r}")
+    counts = {k: report[k] for k in ("sources", "clips", "kept", "rejected_by_filter", "rejected_by_first_reason",
+                                     "duplicate_groups", "manifest_rows")}
+    log(f"[mugv] data: curated {report['clips']} clips of {report['sources']} {spec.size} px sources, "
+        f"{report['kept']} kept -> {manifest}")
+    return {"manifest": manifest, "counts": counts, "shots": scores["shots"], "filters": scores["filters"],
+            "report": str(out / "curated" / "report.md"), "spec": dataclasses.asdict(spec)}

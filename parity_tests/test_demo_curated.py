@@ -1,0 +1,93 @@
+"""`mugv demo --curated`'s training split (jobs/generate_data.py::curate_train) without the demo:
+the sources hold only training compositions, the curated manifest holds no held-out one, and the
+defects planted in the sources are rejected. A few seconds on 2 cores (4 sources of 4 shots)."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from mugv.torch_backend.data.analyzer import parse_caption
+from mugv.torch_backend.data.curation.evaluate import label_clips
+from mugv.torch_backend.data.manifest import read_manifest
+from mugv.torch_backend.data.product_sources import SourcesSpec
+from mugv.torch_backend.jobs.generate_data import (DemoData, SOURCE_SIZE, curate_train, curated_shot_frames,
+                                                   curated_sources_spec, held_out_in_manifest)
+
+DATA = DemoData()
+# defect_rate 0.8 plants more than the demo's 0.45 so that 12 shots after the first source carry
+# each filter's defect; the demo's shot lengths, size and rate
+SPEC = SourcesSpec(sources=4, shots=4, shot_frames=curated_shot_frames(DATA), size=SOURCE_SIZE, fps=DATA.fps,
+                   defect_rate=0.8, seed=5)
+FILTER_OF = {"blur": "sharpness", "static": "motion", "shake": "motion"}
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_curated")
+    result = curate_train(DATA, root, log=lambda s: None, spec=SPEC)
+    truth = json.loads((root / "sources" / "truth.json").read_text())
+    clips = [c for c in map(json.loads, open(root / "curated" / "curation.jsonl")) if "key" in c]
+    return root, result, truth, clips
+
+
+def test_sources_and_manifest_hold_only_training_compositions(curated):
+    root, result, truth, _ = curated
+    comps = DATA.compositions()
+    train, kept_out = {tuple(t) for t in comps["train"]}, {tuple(t) for t in comps["eval"] + comps["val"]}
+    for name, src in truth["sources"].items():
+        for shot in src["shots"]:
+            p = parse_caption(shot["caption"])
+            triple = (p["colour"], p["shape"], p["motion"])
+            assert triple in train, f"{name}: shot caption {shot['caption']!r} is not a training composition"
+    rows = read_manifest(result["manifest"])
+    assert rows, f"{result['manifest']}: empty"
+    for e in rows:
+        p = parse_caption(e.caption)
+        assert (p["colour"], p["shape"], p["motion"]) not in kept_out, f"{e.sample_id}: {e.caption!r} is held out"
+    assert held_out_in_manifest(DATA, result["manifest"]) == []
+
+
+def test_held_out_check_finds_a_held_out_caption(tmp_path):
+    colour, shape, motion = DATA.compositions()["eval"][0]
+    from mugv.torch_backend.jobs.generate_data import caption
+    bad = tmp_path / "m.jsonl"
+    bad.write_text(json.dumps({"id": "x", "path": "x.mp4", "caption": caption(colour, shape, motion)}) + "\n")
+    assert held_out_in_manifest(DATA, bad) == [caption(colour, shape, motion)]
+
+
+def test_planted_defects_are_rejected_and_kept_clips_are_long_enough(curated):
+    _, result, truth, clips = curated
+    labels = label_clips(truth, clips)
+    planted = {d: 0 for d in FILTER_OF}
+    for c in clips:
+        lab = labels.get(c["key"])
+        if lab is None or lab["defect"] not in FILTER_OF:
+            continue
+        planted[lab["defect"]] += 1
+        assert c["decision"] != "kept" and FILTER_OF[lab["defect"]] in c["reasons"], \
+            f"{c['key']}: planted {lab['defect']} shot not rejected by {FILTER_OF[lab['defect']]} ({c['reasons']})"
+    assert all(planted.values()), f"seed {SPEC.seed} should plant every filter's defect, planted {planted}"
+    # a duplicate and its original are never both kept
+    kept = {(lab["source"], lab["shot"]) for key, lab in labels.items()
+            if next(c for c in clips if c["key"] == key)["decision"] == "kept"}
+    dups = [(lab["source"], lab["shot"], lab["original"]) for lab in labels.values()
+            if lab["defect"] in ("exact_dup", "near_dup")]
+    assert dups, f"seed {SPEC.seed} should plant duplicates"
+    for source, shot, orig in dups:
+        assert not ((source, shot) in kept and (orig["source"], orig["shot"]) in kept), \
+            f"{source} shot {shot} and its original {orig} were both kept"
+    # every kept clip holds the DiT's clip length (the reason for curated_shot_frames)
+    for e in read_manifest(result["manifest"]):
+        start = e.start_s or 0.0
+        end = e.end_s if e.end_s is not None else truth["sources"][pathlib.Path(e.path).name]["duration"]
+        assert (end - start) * DATA.fps >= DATA.frames - 1e-6, f"{e.sample_id}: {start}-{end} s"
+    assert result["counts"]["kept"] == len(read_manifest(result["manifest"]))
+
+
+def test_the_demo_spec_targets_the_uncurated_clip_count():
+    spec = curated_sources_spec(DATA)
+    clean = spec.shots + (spec.sources - 1) * spec.shots * (1 - spec.defect_rate)   # expected clean shots
+    assert DATA.count <= clean < DATA.count + spec.shots * (1 - spec.defect_rate) + 1e-9
+    assert spec.shot_frames[0] >= DATA.frames + 16

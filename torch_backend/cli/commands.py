@@ -94,6 +94,15 @@ def _parser(description: str, cls=None, **extra):
     return p
 
 
+def _bare_flags(parser, *names: str):
+    """Let the config's bool fields `names` stand alone on the command line: `--curated` means
+    `--curated true` (an explicit `--curated false` still parses)."""
+    for action in parser._actions:
+        if action.dest in names:
+            action.nargs, action.const = "?", True
+    return parser
+
+
 def build_parser():
     """The top-level parser with one subparser per subcommand."""
     from jsonargparse import ArgumentParser
@@ -137,8 +146,9 @@ def build_parser():
                                     src=(str, None, "official file (.pt / .safetensors) (required)"),
                                     dst=(str, None, "checkpoint root directory to write (required)"),
                                     size=(Optional[str], None, "VAE: size name (default: read from the weights)")),
-        "demo": _parser("The end-to-end demo: data -> VAE -> cache -> curriculum -> samples -> report",
-                        demo.DemoConfig, quick=(bool, False, "the short CI variant (about 3 minutes)")),
+        "demo": _bare_flags(_parser("The end-to-end demo: data -> VAE -> cache -> curriculum -> samples -> report",
+                                    demo.DemoConfig, quick=(bool, False, "the short CI variant (about 3 minutes)")),
+                            "curated"),
         **_preference_parsers(),
         "finetune": _parser("Fine-tune MUG-DiT (LoRA or full) on a manifest of clips, from official weights or "
                             "a mugv checkpoint", FinetuneRunConfig),
@@ -338,7 +348,7 @@ def _build(command: str, ns):
         if ns.quick:
             cfg = dataclasses.replace(demo.quick_config(), out=cfg.out if cfg.out != "runs/demo" else "runs/demo_quick",
                                       preference=cfg.preference, preference_seeds=cfg.preference_seeds,
-                                      seeds=cfg.seeds, score=cfg.score)
+                                      seeds=cfg.seeds, score=cfg.score, curated=cfg.curated)
         return cfg
     raise UsageError(f"unknown subcommand {command!r}")
 

@@ -101,3 +101,26 @@ def test_cli_flag(argv, curated):
     from mugv.torch_backend.cli import commands
     command, cfg = commands.parse(argv)
     assert command == "demo" and cfg.curated is curated, (argv, cfg.curated)
+
+
+def test_report_section_names_the_counts(curated, tmp_path):
+    from mugv.torch_backend.experiments.demo_report import _curation_section
+    _, result, _, _ = curated
+    text = _curation_section({**result, "seen_in_train": [3, 4]}, tmp_path)
+    c = result["counts"]
+    assert f"**{c['kept']} kept**" in text and f"{c['clips']} clips" in text and result["report"] in text
+    for name, n in c["rejected_by_filter"].items():
+        assert f"| {name} | {n} |" in text, (name, text)
+    assert "| cut |" in text and "| dissolve |" in text and "3 / 4" in text
+
+
+def test_rows_spanning_transitions_counts_centres_and_edges():
+    from mugv.torch_backend.data.curation.evaluate import rows_spanning_transitions
+    truth = {"sources": {"s.mp4": {"duration": 6.0, "transitions": [
+        {"kind": "cut", "time": 2.0, "start": 2.0, "end": 2.0},
+        {"kind": "dissolve", "time": 4.25, "start": 4.0, "end": 4.5}]}}}
+    rows = [{"path": "../sources/s.mp4", "start_s": 0.0, "end_s": 2.0},    # ends at the cut: clean
+            {"path": "s.mp4", "start_s": 1.0, "end_s": 3.0},               # holds the cut
+            {"path": "s.mp4", "start_s": 2.0, "end_s": 4.125},             # a dissolve's first frames
+            {"path": "s.mp4", "start_s": 4.5}]                             # to the end: clean
+    assert rows_spanning_transitions(truth, rows) == {"rows": 4, "transition_centre": 1, "transition_edge": 1}

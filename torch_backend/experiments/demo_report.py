@@ -157,13 +157,17 @@ def _curation_section(cur: dict, out: pathlib.Path) -> str:
                             ["dedup", "exact, near duplicates", frac(f["dedup"]["precision"]), frac(f["dedup"]["recall"])]])
     clean = f["clean_rejected"]
     seen = cur.get("seen_in_train", [0, 0])
+    spans = cur.get("kept_rows")
+    spans = (f"{spans['transition_centre']} of the {spans['rows']} kept clips hold a true transition's centre "
+             f"(a missed boundary: two scenes, one caption), {spans['transition_edge']} some frames of one at an end. "
+             if spans else "")
     return (f"The training split was curated (`--curated`): {c['sources']} sources of {spec['shots']} shots "
             f"({spec['size']} px, {spec['shot_frames'][0]}-{spec['shot_frames'][1]} frames a shot, defects planted "
             f"in {spec['defect_rate']:.0%} of shots after the first source), only training compositions. "
             f"{c['clips']} clips, **{c['kept']} kept** ({c['manifest_rows']} manifest rows, time ranges of their "
             f"sources), {c['duplicate_groups']} duplicate groups; {clean['rejected']} of {clean['clean']} clean "
             f"clips rejected ({', '.join(f'{k} {n}' for k, n in clean['by'].items()) or 'none'}). "
-            f"Seen-split captions that occur in the curated training manifest: {seen[0]} / {seen[1]}. "
+            f"{spans}Seen-split captions that occur in the curated training manifest: {seen[0]} / {seen[1]}. "
             f"Curation report: [{cur['report']}]({cur['report']}).\n\n" + filters
             + "\n\nShot boundaries against the generator's truth (centres within 0.3 s):\n\n" + bounds
             + "\n\nFilters against the planted defects:\n\n" + planted)

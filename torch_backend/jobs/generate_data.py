@@ -250,7 +250,7 @@ def curate_train(cfg: DemoData, out_dir: str | pathlib.Path, log=print, spec=Non
     `embedded_curate_config` (clips as `start_s`/`end_s` rows of their source, no re-encode;
     decode's cover resize gives cfg.size) and scored against the generator's truth.
     Writes out_dir/sources and out_dir/curated. Returns {"manifest", "counts", "shots",
-    "filters", "report"}. Raises ValueError naming the manifest if a held-out composition got in.
+    "filters", "kept_rows" (evaluate.rows_spanning_transitions), "report", "spec"}. Raises ValueError naming the manifest if a held-out composition got in.
     spec: a product_sources.SourcesSpec (default curated_sources_spec(cfg))."""
     from mugv.core.curation import embedded_curate_config
     from mugv.torch_backend.data.curation import run
@@ -281,4 +281,5 @@ def curate_train(cfg: DemoData, out_dir: str | pathlib.Path, log=print, spec=Non
     log(f"[mugv] data: curated {report['clips']} clips of {report['sources']} {spec.size} px sources, "
         f"{report['kept']} kept -> {manifest}")
     return {"manifest": manifest, "counts": counts, "shots": scores["shots"], "filters": scores["filters"],
-            "report": str(out / "curated" / "report.md"), "spec": dataclasses.asdict(spec)}
+            "kept_rows": scores["manifest"], "report": str(out / "curated" / "report.md"),
+            "spec": dataclasses.asdict(spec)}

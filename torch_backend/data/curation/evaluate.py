@@ -121,6 +121,22 @@ def filter_scores(truth: dict, clips: list[dict]) -> dict:
     return out
 
 
+def rows_spanning_transitions(truth: dict, rows: list[dict]) -> dict:
+    """Of manifest rows (source path, start_s/end_s), how many hold a true transition's centre
+    (a missed boundary: two scenes under one caption) and how many only some frames of a
+    transition at an end (a detected boundary placed a few frames off, or a gradual one's tail)."""
+    centre = edge = 0
+    for r in rows:
+        src = truth["sources"][pathlib.Path(r["path"]).name]
+        s0 = r.get("start_s") or 0.0
+        s1 = r["end_s"] if r.get("end_s") is not None else src["duration"]
+        if any(s0 < tr["time"] < s1 for tr in src["transitions"]):
+            centre += 1
+        elif any(tr["end"] > s0 + 1e-6 and tr["start"] < s1 - 1e-6 for tr in src["transitions"]):
+            edge += 1
+    return {"rows": len(rows), "transition_centre": centre, "transition_edge": edge}
+
+
 def evaluate_on_truth(out_dir: str | pathlib.Path, truth_path: str | pathlib.Path) -> dict:
     """Shot and filter precision/recall of the run in `out_dir` against the generator's truth."""
     out_dir = pathlib.Path(out_dir)
@@ -128,7 +144,9 @@ def evaluate_on_truth(out_dir: str | pathlib.Path, truth_path: str | pathlib.Pat
     records = _read_jsonl(out_dir / "results.jsonl")
     sources = {r["source"]: r for r in records if r.get("kind") == "source"}
     clips = [c for c in _read_jsonl(out_dir / "curation.jsonl") if "key" in c]
-    return {"shots": shot_scores(truth, list(sources.values())), "filters": filter_scores(truth, clips)}
+    rows = _read_jsonl(out_dir / "manifest.jsonl") if (out_dir / "manifest.jsonl").is_file() else []
+    return {"shots": shot_scores(truth, list(sources.values())), "filters": filter_scores(truth, clips),
+            "manifest": rows_spanning_transitions(truth, rows)}
 
 
 def curate_generated(out_dir: str | pathlib.Path, sources: int = 8, seed: int = 0, workers: int = 1,

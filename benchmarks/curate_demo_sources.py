@@ -1,9 +1,9 @@
-"""Near-duplicate distances on `mugv demo --curated`'s curated sources: planted copies against
-distinct shots, to see whether dedup's thresholds (pHash <= 8 bits AND chroma layout <= 12,
-docs/curation.md "Dedup") can separate them on the demo's vocabulary (docs/curation.md, "The
-demo trains from curated data").
+"""What curation did to `mugv demo --curated`'s training sources, against the generator's truth
+(docs/curation.md, "The demo trains from curated data"): boundaries per kind, filters, how many
+kept clips hold a missed transition, and near-duplicate distances of planted copies against
+distinct shots (can dedup's pHash <= 8 bits AND chroma layout <= 12 separate them here?).
 
-    python -P benchmarks/curate_demo_dedup.py /tmp/demo_curated/data/curated_train
+    python -P benchmarks/curate_demo_sources.py /tmp/demo_curated/data/curated_train
 
 Pairs: clips that passed every filter (rejected at most as duplicates) and overlap a true shot;
 "copies" descend from one original shot, "same look" are distinct shots of one colour, shape and
@@ -19,11 +19,18 @@ import sys
 import numpy as np
 
 from mugv.torch_backend.data.curation import dedup
-from mugv.torch_backend.data.curation.evaluate import label_clips
+from mugv.torch_backend.data.curation.evaluate import evaluate_on_truth, label_clips
 
 
 def main(root: pathlib.Path, max_phash: float = 8.0, max_chroma: float = 12.0) -> None:
     truth = json.loads((root / "sources" / "truth.json").read_text())
+    scores = evaluate_on_truth(root / "curated", root / "sources" / "truth.json")
+    report = json.loads((root / "curated" / "report.json").read_text())
+    print(f"clips {report['clips']}, kept {report['kept']}, rejected by filter {report['rejected_by_filter']}")
+    print("boundaries", json.dumps({k: scores["shots"][k] for k in ("all", "cut", "fade", "dissolve")}))
+    for name, f in scores["filters"].items():
+        print(name, json.dumps(f))
+    print("kept rows", json.dumps(scores["manifest"]))
     records = [json.loads(x) for x in open(root / "curated" / "results.jsonl") if x.strip()]
     decisions = {c["key"]: c for c in map(json.loads, open(root / "curated" / "curation.jsonl")) if "key" in c}
     clips = [r for r in records if r.get("kind") == "clip"

@@ -38,7 +38,8 @@ _GRADUAL = 8  # frames a fade or dissolve takes (half a second at 16 fps)
 class SourcesSpec:
     """What to generate: `sources` files of `shots` shots each, every shot `shot_frames` frames
     (a range, drawn per shot) at `fps`, `size` px square; `defect_rate` of the shots (after the
-    first source, so duplicates have an original) carry a defect."""
+    first source, so duplicates have an original) carry a defect; `motion_frames`: each shot
+    moves as fast per frame as a clip of that many frames (product_videos.render)."""
 
     sources: int = 6
     shots: int = 4
@@ -47,6 +48,7 @@ class SourcesSpec:
     fps: float = 16.0
     defect_rate: float = 0.45
     seed: int = 0
+    motion_frames: int | None = None   # render's motion_frames: None, a shot's motion spans the shot
 
 
 def _moving_scene(rng: np.random.Generator) -> Scene:
@@ -83,7 +85,7 @@ def _shot_pixels(rng, spec: SourcesSpec, defect: str | None, library: list,
         scene = dataclasses.replace(scene, motion="static")
         if draw_scene is _default_scene:   # its own caption says "static"; a drawn caption keeps
             text = scene.caption(0)        # the motion the shot was meant to have (a wrong caption)
-    clip = render(scene, int(rng.integers(2 ** 31)), spec.size, frames)
+    clip = render(scene, int(rng.integers(2 ** 31)), spec.size, frames, spec.motion_frames)
     if defect == "blur":
         clip = ndimage.gaussian_filter(clip.astype(np.float64), (0, 2.5, 2.5, 0)).round().astype(np.uint8)
     elif defect == "shake":

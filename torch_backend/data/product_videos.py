@@ -82,10 +82,13 @@ def random_scene(rng: np.random.Generator) -> Scene:
                  motion=MOTIONS[rng.integers(len(MOTIONS))])
 
 
-def render(scene: Scene, seed: int, size: int = 64, frames: int = 33) -> np.ndarray:
-    """uint8 (frames, size, size, 3) RGB clip of `scene`; `seed` fixes placement and speeds."""
+def render(scene: Scene, seed: int, size: int = 64, frames: int = 33, motion_frames: int | None = None) -> np.ndarray:
+    """uint8 (frames, size, size, 3) RGB clip of `scene`; `seed` fixes placement and speeds.
+    motion_frames: the motion runs its course (pan travel, zoom gain) over this many frames,
+    centred in the clip and continued at the same speed before and after (None: over `frames`),
+    so a long shot moves as fast per frame as a `motion_frames`-frame clip."""
     rng = np.random.default_rng(seed)
-    track = _trajectory(scene.motion, rng, frames)
+    track = _trajectory(scene.motion, rng, frames, motion_frames or frames)
     ss = 2 * size  # supersampled grid
     yy, xx = np.mgrid[0:ss, 0:ss].astype(np.float64) + 0.5
     bg_top = np.array(BACKGROUNDS[scene.background], dtype=np.float64) * rng.uniform(1.0, 1.06)
@@ -106,9 +109,11 @@ def render(scene: Scene, seed: int, size: int = 64, frames: int = 33) -> np.ndar
     return out
 
 
-def _trajectory(motion: str, rng: np.random.Generator, frames: int) -> dict[str, np.ndarray]:
-    """Per-frame centre (cx, cy as fractions of the frame), half-height s (fraction) and yaw."""
-    u = np.linspace(0.0, 1.0, frames)
+def _trajectory(motion: str, rng: np.random.Generator, frames: int, motion_frames: int | None = None) -> dict[str, np.ndarray]:
+    """Per-frame centre (cx, cy as fractions of the frame), half-height s (fraction) and yaw;
+    u, the motion's progress, goes 0 -> 1 over `motion_frames` (default `frames`) centred frames."""
+    m = motion_frames or frames
+    u = np.linspace(0.0, 1.0, frames) if m == frames else (np.arange(frames) - (frames - m) / 2) / max(m - 1, 1)
     cx = np.full(frames, 0.5 + rng.uniform(-0.05, 0.05))
     cy = np.full(frames, 0.5 + rng.uniform(-0.04, 0.04))
     theta = np.full(frames, rng.uniform(0, 2 * np.pi))

@@ -124,3 +124,18 @@ def test_rows_spanning_transitions_counts_centres_and_edges():
             {"path": "s.mp4", "start_s": 2.0, "end_s": 4.125},             # a dissolve's first frames
             {"path": "s.mp4", "start_s": 4.5}]                             # to the end: clean
     assert rows_spanning_transitions(truth, rows) == {"rows": 4, "transition_centre": 1, "transition_edge": 1}
+
+
+@pytest.mark.parametrize("motion", ["zoom in", "pan left", "pan right", "rotate", "orbit"])
+def test_long_shot_moves_at_the_clip_speed(motion):
+    """render(motion_frames=17) on a 45-frame shot: its middle 17 frames follow exactly the
+    trajectory of a 17-frame clip of the same seed (so the DiT sees the evaluation clips' speed)."""
+    import numpy as np
+
+    from mugv.torch_backend.data.product_videos import _trajectory
+    clip = _trajectory(motion, np.random.default_rng(3), 17)
+    shot = _trajectory(motion, np.random.default_rng(3), 45, 17)
+    for name in clip:
+        np.testing.assert_allclose(shot[name][14:31], clip[name], rtol=0, atol=1e-12, err_msg=f"{motion} {name}")
+    spread = _trajectory(motion, np.random.default_rng(3), 45)   # the default: motion over the whole shot
+    assert any(not np.allclose(spread[name][14:31], clip[name]) for name in clip), f"{motion}: control"

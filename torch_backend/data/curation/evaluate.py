@@ -122,10 +122,11 @@ def filter_scores(truth: dict, clips: list[dict]) -> dict:
 
 
 def rows_spanning_transitions(truth: dict, rows: list[dict]) -> dict:
-    """Of manifest rows (source path, start_s/end_s), how many hold a true transition's centre
+    """Of kept clips (source path, start_s/end_s), how many hold a true transition's centre
     (a missed boundary: two scenes under one caption) and how many only some frames of a
     transition at an end (a detected boundary placed a few frames off, or a gradual one's tail)."""
     centre = edge = 0
+    rows = [r for r in rows if pathlib.Path(r["path"]).name in truth["sources"]]   # generated sources only
     for r in rows:
         src = truth["sources"][pathlib.Path(r["path"]).name]
         s0 = r.get("start_s") or 0.0
@@ -144,9 +145,10 @@ def evaluate_on_truth(out_dir: str | pathlib.Path, truth_path: str | pathlib.Pat
     records = _read_jsonl(out_dir / "results.jsonl")
     sources = {r["source"]: r for r in records if r.get("kind") == "source"}
     clips = [c for c in _read_jsonl(out_dir / "curation.jsonl") if "key" in c]
-    rows = _read_jsonl(out_dir / "manifest.jsonl") if (out_dir / "manifest.jsonl").is_file() else []
+    kept = [{"path": c["source"], "start_s": c["start_s"], "end_s": c["end_s"]}   # re-encoded or ranged alike
+            for c in clips if c["decision"] == "kept"]
     return {"shots": shot_scores(truth, list(sources.values())), "filters": filter_scores(truth, clips),
-            "manifest": rows_spanning_transitions(truth, rows)}
+            "manifest": rows_spanning_transitions(truth, kept)}
 
 
 def curate_generated(out_dir: str | pathlib.Path, sources: int = 8, seed: int = 0, workers: int = 1,

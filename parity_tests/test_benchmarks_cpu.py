@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,7 +19,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE", CUDA_VISIBLE_DEVICES="")
+    """A user's launch: no torch.distributed variables of this pytest process (child_env drops them)."""
+    from mugv.parity_tests.helpers import child_env
+    return dict(child_env(), CUDA_VISIBLE_DEVICES="")
 
 
 def _run(args: list[str], timeout: int = 300) -> None:

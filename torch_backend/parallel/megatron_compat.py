@@ -226,9 +226,14 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
     on_cpu = enable()
     if not dist.is_initialized():
         if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            # a world of one: the variables are set for init_process_group and removed again by
+            # destroy_parallel, so a child process started later does not try to join this world
+            # (it would inherit RANK=0 and this world's port: EADDRINUSE while the store lives)
+            added = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                     "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+            added = {k: v for k, v in added.items() if k not in os.environ}
+            os.environ.update(added)
+            _STATE["env_added"] = sorted(added)
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend="gloo" if on_cpu else "nccl",
@@ -259,3 +264,5 @@ def destroy_parallel() -> None:
     if _STATE["owns_process_group"] and dist.is_initialized():
         dist.destroy_process_group()
         _STATE["owns_process_group"] = False
+    for k in _STATE.pop("env_added", []):
+        os.environ.pop(k, None)

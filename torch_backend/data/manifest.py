@@ -125,16 +125,10 @@ def _entry(manifest: pathlib.Path, line: int, index: int, row: dict) -> Manifest
     caption = row.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         raise ManifestError(f"{where}: field 'caption' is missing or empty (path {path!r})")
-    fps = row.get("fps")
-    if fps is not None:
-        try:
-            fps = float(fps)
-        except (TypeError, ValueError):
-            raise ManifestError(f"{where}: field 'fps' = {fps!r}: expected a number > 0") from None
-        if not fps > 0:
-            raise ManifestError(f"{where}: field 'fps' = {fps!r}: expected a number > 0")
-    weight = _weight(where, row.get("weight"))
-    start_s, end_s = _seconds(where, row, "start_s"), _seconds(where, row, "end_s")
+    fps = _number(where, row, "fps", "expected a number > 0", positive=True)
+    weight = _number(where, row, "weight", "expected a finite number >= 0 (the row's sampling weight)")
+    seconds = "expected a finite number of seconds >= 0 from the file's first frame"
+    start_s, end_s = _number(where, row, "start_s", seconds), _number(where, row, "end_s", seconds)
     if start_s is not None and end_s is not None and not end_s > start_s:
         raise ManifestError(f"{where}: field 'end_s' = {row['end_s']!r} is not after 'start_s' = "
                             f"{row['start_s']!r}: expected start_s < end_s")
@@ -154,37 +148,21 @@ def _entry(manifest: pathlib.Path, line: int, index: int, row: dict) -> Manifest
     )
 
 
-def _seconds(where: str, row: dict, field: str) -> float | None:
-    """A range edge: None when absent, else a finite number of seconds >= 0."""
+def _number(where: str, row: dict, field: str, expected: str, positive: bool = False) -> float | None:
+    """A numeric field: None when absent, else a finite number >= 0 (> 0 when `positive`); CSV
+    gives text, so numeric strings count; a bool or any other type does not."""
     value = row.get(field)
     if value is None:
         return None
-    expected = "expected a finite number of seconds >= 0 from the file's first frame"
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TypeError
-        seconds = float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ManifestError(f"{where}: field '{field}' = {value!r}: {expected}") from None
-    if not math.isfinite(seconds) or seconds < 0:
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
         raise ManifestError(f"{where}: field '{field}' = {value!r}: {expected}")
-    return seconds
-
-
-def _weight(where: str, value) -> float | None:
-    """A row's sampling weight: None when absent, else a finite number >= 0 (CSV gives text)."""
-    if value is None:
-        return None
-    expected = "expected a finite number >= 0 (the row's sampling weight)"
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ManifestError(f"{where}: field 'weight' = {value!r}: {expected}")
-    try:
-        weight = float(value)
-    except ValueError:
-        raise ManifestError(f"{where}: field 'weight' = {value!r}: {expected}") from None
-    if not math.isfinite(weight) or weight < 0:
-        raise ManifestError(f"{where}: field 'weight' = {value!r}: {expected}")
-    return weight
+    return number
 
 
 def _resolve(root: pathlib.Path, path: str) -> pathlib.Path:

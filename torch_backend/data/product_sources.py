@@ -31,7 +31,7 @@ from mugv.torch_backend.data.product_videos import MOTIONS, Scene, random_scene,
 
 TRANSITIONS = ("cut", "fade", "dissolve")
 DEFECTS = ("blur", "static", "shake", "exact_dup", "near_dup")
-_GRADUAL = 8  # frames a fade or dissolve takes (half a second at 16 fps)
+GRADUAL_FRAMES = 8  # frames a fade or dissolve takes (half a second at 16 fps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +81,9 @@ def _shot_pixels(rng, spec: SourcesSpec, defect: str | None, library: list,
             clip = np.roll(clip, 1, axis=2)
         return clip, scene, origin, text
     scene, text = draw_scene(rng)
-    if defect == "static":
+    if defect == "static":   # a fixed caption keeps the motion the shot was meant to have
         scene = dataclasses.replace(scene, motion="static")
-        if draw_scene is _default_scene:   # its own caption says "static"; a drawn caption keeps
-            text = scene.caption(0)        # the motion the shot was meant to have (a wrong caption)
+    text = scene.caption(0) if text is None else text
     clip = render(scene, int(rng.integers(2 ** 31)), spec.size, frames, spec.motion_frames)
     if defect == "blur":
         clip = ndimage.gaussian_filter(clip.astype(np.float64), (0, 2.5, 2.5, 0)).round().astype(np.uint8)
@@ -93,15 +92,15 @@ def _shot_pixels(rng, spec: SourcesSpec, defect: str | None, library: list,
     return clip, scene, None, text
 
 
-def _default_scene(rng: np.random.Generator) -> tuple[Scene, str]:
-    scene = _moving_scene(rng)
-    return scene, scene.caption(0)
+def _default_scene(rng: np.random.Generator) -> tuple[Scene, None]:
+    """Any moving scene of the full vocabulary, captioned from the shot as rendered (None)."""
+    return _moving_scene(rng), None
 
 
 def _join(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
     """Frames of the transition between the end of `a` and the start of `b` (replacing the last
-    _GRADUAL/2 frames of a and the first _GRADUAL/2 of b for gradual kinds)."""
-    h = _GRADUAL // 2
+    GRADUAL_FRAMES/2 frames of a and the first GRADUAL_FRAMES/2 of b for gradual kinds)."""
+    h = GRADUAL_FRAMES // 2
     if kind == "cut":
         return np.concatenate([a, b])
     if kind == "fade":   # a fades to black, b fades in from black
@@ -110,17 +109,18 @@ def _join(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
         in_b = b[:h] * ramp[::-1]
         mid = np.concatenate([out_a, in_b]).round().astype(np.uint8)
     else:                # dissolve: a cross-fade
-        w = np.linspace(0, 1, _GRADUAL + 2)[1:-1, None, None, None]
-        mid = (a[-_GRADUAL:] * (1 - w) + b[:_GRADUAL] * w).round().astype(np.uint8)
-        return np.concatenate([a[:-_GRADUAL], mid, b[_GRADUAL:]])
+        w = np.linspace(0, 1, GRADUAL_FRAMES + 2)[1:-1, None, None, None]
+        mid = (a[-GRADUAL_FRAMES:] * (1 - w) + b[:GRADUAL_FRAMES] * w).round().astype(np.uint8)
+        return np.concatenate([a[:-GRADUAL_FRAMES], mid, b[GRADUAL_FRAMES:]])
     return np.concatenate([a[:-h], mid, b[h:]])
 
 
 def generate_sources(out_dir: str | pathlib.Path, spec: SourcesSpec = SourcesSpec(),
-                     draw_scene: Callable[[np.random.Generator], tuple[Scene, str]] = _default_scene) -> dict:
+                     draw_scene: Callable[[np.random.Generator], tuple[Scene, str | None]] = _default_scene) -> dict:
     """Write `source_XXX.mp4`, `captions.jsonl` and `truth.json` to out_dir; returns the truth.
-    draw_scene(rng) -> (scene, caption) of a new shot (default: any moving scene of the full
-    vocabulary, its own caption); duplicates repeat their original's scene and caption.
+    draw_scene(rng) -> (scene, caption) of a new shot, caption None = the scene's own as rendered
+    (default: any moving scene of the full vocabulary, so a static defect is captioned static);
+    duplicates repeat their original's scene and caption.
 
     Times are in seconds from the source's start: a shot's range is its frames not touched by a
     transition; a transition's `time` is its centre (a cut: the first frame of the new shot).
@@ -146,7 +146,7 @@ def generate_sources(out_dir: str | pathlib.Path, spec: SourcesSpec = SourcesSpe
                 kind = TRANSITIONS[int(rng.integers(len(TRANSITIONS)))]
                 join_at = len(video)
                 video = _join(video, clip, kind)
-                h = _GRADUAL // 2
+                h = GRADUAL_FRAMES // 2
                 t0, t1 = {"cut": (join_at, join_at), "fade": (join_at - h, join_at + h),
                           "dissolve": (join_at - 2 * h, join_at)}[kind]
                 shots[-1]["end_frame"], start = t0, t1

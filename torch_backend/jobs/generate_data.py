@@ -198,7 +198,6 @@ def generate_data(cfg) -> int:
     return 0
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The curated training split (`mugv demo --curated`, issue 23)
 
@@ -209,11 +208,11 @@ DEFECT_RATE = 0.45        # product_sources' calibrated rate (docs/curation.md)
 
 def curated_shot_frames(cfg: DemoData) -> tuple[int, int]:
     """Shot lengths (frames, drawn per shot) that leave cfg.frames clean frames between two
-    transitions: a fade or dissolve takes up to `_GRADUAL` (8) of a shot's frames on each side
+    transitions: a fade or dissolve takes up to `GRADUAL_FRAMES` (8) of a shot's frames on each side
     (product_sources._join), and a detected gradual span may reach a few frames further (4 on
     each side allowed), so cfg.frames + 2 * 8 + 2 * 4 (41 for 17 frames), up to 8 more."""
-    from mugv.torch_backend.data.product_sources import _GRADUAL
-    lo = cfg.frames + 2 * _GRADUAL + 8
+    from mugv.torch_backend.data.product_sources import GRADUAL_FRAMES
+    lo = cfg.frames + 2 * GRADUAL_FRAMES + 8
     return lo, lo + 8
 
 

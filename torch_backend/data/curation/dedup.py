@@ -82,9 +82,10 @@ def candidate_pairs(signatures: dict[str, list[int]], bands: int) -> set[tuple[s
     within D bits (the symmetric mean of nearest distances is at least the smallest one), and
     D < bands flipped bits leave at least one band equal (pigeonhole), so the pair is here."""
     buckets: dict[tuple[int, int], set[str]] = {}
+    edges = band_edges(bands)
     for key, hashes in signatures.items():
         for h in hashes:
-            for i, (lo, width) in enumerate(band_edges(bands)):
+            for i, (lo, width) in enumerate(edges):
                 buckets.setdefault((i, (h >> lo) & ((1 << width) - 1)), set()).add(key)
     pairs = set()
     for members in buckets.values():

@@ -43,22 +43,17 @@ def uint8_changed(a, b) -> float:
 
 def build(size: str, seed: int = 0):
     """A VAE in fp32 eval mode: a core/vae.py size with seeded init, or `ckpt:DIR`, a trained mugv
-    VAE checkpoint (its config read from the checkpoint's manifest, weights loaded strictly)."""
-    from mugv.core import vae as spec
-    from mugv.torch_backend.models.vae import VideoVAE, init_vae
+    VAE checkpoint (the size its training recorded, loaded by the jobs' own `vae_model`)."""
+    from mugv.torch_backend.jobs.loaders import vae_model
     if not size.startswith("ckpt:"):
-        return init_vae(spec.vae_config(size), seed).eval()
+        return vae_model(size, seed=seed).eval()
     from mugv.checkpoints.format import latest_checkpoint
-    from mugv.checkpoints.torch_io import load_torch
     root = pathlib.Path(size[5:])
     step = root if (root / "manifest.json").is_file() else latest_checkpoint(root)
     if step is None:
         raise SystemExit(f"--sizes {size}: no committed checkpoint (step_*/manifest.json) under {root}")
-    cfg = spec.VAEConfig(**{k: tuple(x) if isinstance(x, list) else x
-                            for k, x in json.loads((step / "manifest.json").read_text())["config"]["vae"].items()})
-    model = VideoVAE(cfg)
-    model.load_state_dict(load_torch(step, spec.vae_schema(cfg), "model"), strict=True)
-    return model.eval()
+    trained = json.loads((step / "manifest.json").read_text())["config"]["train"]["size"]
+    return vae_model(trained, str(step)).eval()
 
 
 def measure(size: str, clips, device, seed: int = 0) -> dict:

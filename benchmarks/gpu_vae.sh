@@ -2,7 +2,7 @@
 # Issue 25's GPU runs (the VAE on the GPU through the real paths) and the kernels' verification.
 #
 #   bash benchmarks/gpu_vae.sh [parts]   # on the device machine, repo root, $OUT its output folder
-#   default parts: verify_vae paths cache bf16 train verify_dit; `step` in a second call right after
+#   default parts: verify_vae draws paths cache bf16 train verify_dit; `step` in a second call right after
 #   (same warm machine: the kernel record stays in /tmp)
 #
 # Before (here): `bash scripts/build_gpu_wheels.sh` (mugv, megatron-core and PyAV wheels into .whl/),
@@ -14,6 +14,8 @@
 #            device alone (every autotune config) and in the whole VAE / DiT, forward and gradients;
 #            writes the record the slots read (the first call of 2026-12-05 failed the whole-VAE
 #            test: kernels/groupnorm_silu.py), then the whole-model margins
+#   draws    benchmarks/vae_rounding_draws.py: the whole VAE's gradients from float64, plain fp32 run,
+#            40 re-rounded runs and the kernel (why the whole-VAE test bounds by the worst of 16 runs)
 #   paths    encode through the cache job's encoder, decode through `mugv sample`'s, fp32 / bf16
 #            autocast x reference / Triton GroupNorm+SiLU (benchmarks/vae_throughput.py --cases paths)
 #   cache    the real `mugv cache` stage under torchrun on every GPU of the machine (clips/s)
@@ -50,7 +52,7 @@ run() {  # run NAME LIMIT CMD...
 }
 data=.gpu_data
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(verify_vae paths cache bf16 train verify_dit)
+[ ${#parts[@]} -eq 0 ] && parts=(verify_vae draws paths cache bf16 train verify_dit)
 want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 # the whole-model comparisons' smallest margins (bound / measured; < 1 fails), kernels vs torch on this GPU
 margins() { run "margins_$1" 90 python3 -P -m mugv.parity_tests.margins "/tmp/site/mugv/parity_tests/kernels/$2" -k "$3"; }
@@ -58,6 +60,8 @@ if want verify_vae; then
   run verify_vae 200 python3 -P -m mugv.kernels.verify --only groupnorm_silu --log-dir "$OUT/verify_vae"
   margins vae test_groupnorm_silu.py vae_with_the_kernel
 fi
+# the whole VAE's fp32 distance from float64 over re-rounded draws (why the test takes the worst of several)
+want draws && run draws 90 python3 -P benchmarks/vae_rounding_draws.py --device cuda --draws 40 --out "$OUT/draws"
 cp "$MUGV_VERIFIED_KERNELS" "$OUT/verified_kernels.json" 2>/dev/null
 want paths && run paths 150 python3 -P benchmarks/vae_throughput.py --cases paths --out "$OUT/vae_paths"
 want cache && run cache 150 python3 -P -m torch.distributed.run --nproc-per-node "$ngpu" benchmarks/vae_throughput.py \
@@ -114,4 +118,5 @@ for name in ("vae_bf16/vae_bf16_error.json", "vae_bf16_trained/vae_bf16_error.js
                   f"{s['worst_decode_psnr_db']:.1f} dB, uint8 changed {100 * s['mean_decode_uint8_changed']:.2f} %")
 EOF
 tail -n 16 "$OUT/step.log" 2>/dev/null
+tail -n 16 "$OUT/draws.log" 2>/dev/null
 grep -h "device\|resumed\|rank\|step 4[05]\|step 60" "$OUT/train.log" "$OUT/train_resume.log" 2>/dev/null | head -12

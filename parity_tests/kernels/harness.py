@@ -35,6 +35,39 @@ def run_with_grads(fn, leaves, upstream, **kwargs):
     return [o.detach() for o in outs], [g.detach() for g in grads]
 
 
+class _Reround(torch.autograd.Function):
+    """The identity, but its value (forward=True) or the gradient through it (forward=False) is
+    multiplied by 1 + e, e uniform in [-unit, unit] per element (drawn from a CPU generator)."""
+
+    @staticmethod
+    def forward(ctx, t, unit, generator, forward):
+        ctx.unit, ctx.generator, ctx.forward = unit, generator, forward
+        return _jitter(t, unit, generator) if forward else t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g if ctx.forward else _jitter(g, ctx.unit, ctx.generator)), None, None, None
+
+
+def _jitter(t, unit, generator):
+    e = torch.rand(t.shape, generator=generator, dtype=torch.float64) * 2 - 1
+    return t * (1 + unit * e.to(device=t.device, dtype=t.dtype))
+
+
+def rerounded(op, generator: torch.Generator, unit: float = 2.0 ** -24):
+    """`op` with its rounding drawn again: its output and the gradient it returns for every
+    tensor input that requires one are each rounded once more (times 1 + e, |e| <= unit, fresh
+    per element and call). A model test runs its reference model with this at the sites a kernel
+    replaces to sample how far from float64 an fp32 implementation of the same accuracy lands
+    (tolerances.assert_sharded_vs_float64's `redraws`)."""
+    def run(*args, **kwargs):
+        args = [_Reround.apply(a, unit, generator, False) if torch.is_tensor(a) and a.requires_grad else a
+                for a in args]
+        return _Reround.apply(op(*args, **kwargs), unit, generator, True)
+    run.__name__ = f"rerounded({getattr(op, '__name__', op)})"
+    return run
+
+
 def check_kernel(kernel, reference, inputs, dtype: str, device, names, factor: float = 2.0,
                  constants=(), reference_dtype=torch.float32, **kwargs):
     """Compare kernel(*inputs) with reference(*inputs): outputs and gradients of all float inputs.

@@ -72,16 +72,23 @@ def _vae_run(model, video, weights, dtype):
     return [o.detach() for o in outs], grads
 
 
+REDRAWS = 16
+
+
 def test_vae_with_the_kernel_equals_the_reference_vae(device):
     """The whole VAE (2D and temporal stages, encode and decode, forward and every gradient) with
     the kernel at all its GroupNorm + SiLU sites vs the same VAE on the reference, both judged
-    against the reference VAE in float64 (tolerances.py "vae_model" row). On the CPU the kernel
-    runs in Triton's interpreter; on a GPU `mugv verify-kernels` runs this file, so the kernel is
-    verified for the VAE it serves. One frame at 8x16 (frame rule (a): 8 copies in the temporal
-    stage) keeps the interpreter's program count small."""
+    against the reference VAE in float64 (tolerances.py "vae_model" row). The reference side's
+    error is the worst of the plain fp32 run and REDRAWS runs with each site's rounding drawn again
+    (`harness.rerounded`): one run's error on an ill-conditioned gradient is a single draw, and
+    on this VAE another draw lands up to 18x further (docs/tolerances.md, "One draw is not a
+    bound"). On the CPU the kernel runs in Triton's interpreter; on a GPU `mugv verify-kernels`
+    runs this file, so the kernel is verified for the VAE it serves. One frame at 8x16 (frame
+    rule (a): 8 copies in the temporal stage) keeps the interpreter's program count small."""
     import copy
 
     from mugv.kernels.groupnorm_silu import groupnorm_silu
+    from mugv.parity_tests.kernels.harness import rerounded
     from mugv.parity_tests.test_vae import TINY, random_params
     from mugv.parity_tests.tolerances import assert_sharded_vs_float64
     from mugv.torch_backend.models.vae import GroupNormSiLU, VideoVAE, use_kernels
@@ -100,16 +107,23 @@ def test_vae_with_the_kernel_equals_the_reference_vae(device):
         shapes = [o.shape for o in ref.posterior(video)] + [video.shape]
     weights = [torch.randn(s, generator=g).to(device) for s in shapes]
     out64, grads64 = _vae_run(copy.deepcopy(ref), video, weights, torch.float64)
+    draws = []
+    noise = torch.Generator().manual_seed(11)
+    for _ in range(REDRAWS):
+        redrawn = copy.deepcopy(ref)
+        use_kernels(redrawn, device, op=rerounded(groupnorm_silu_reference, noise))
+        draws.append(_vae_run(redrawn, video, weights, torch.float32))
     out32, grads32 = _vae_run(ref, video, weights, torch.float32)
     outk, gradsk = _vae_run(fused, video, weights, torch.float32)
     assert set(gradsk) == set(grads32) == set(grads64)
-    for name, a, b, c in zip(("mean", "logvar", "recon"), outk, out32, out64):
-        assert_sharded_vs_float64(a.cpu(), b.cpu(), c.cpu(), op="vae_model", name=name)
+    for i, (name, a, b, c) in enumerate(zip(("mean", "logvar", "recon"), outk, out32, out64)):
+        assert_sharded_vs_float64(a.cpu(), b.cpu(), c.cpu(), op="vae_model", name=name,
+                                  redraws=[d[0][i].cpu() for d in draws])
     for name in grads64:
         if name.endswith("attn.k.bias"):   # exactly zero in exact arithmetic (test_vae.py): noise only
             continue
         assert_sharded_vs_float64(gradsk[name].cpu(), grads32[name].cpu(), grads64[name].cpu(),
-                                  op="vae_model", name=f"d/d {name}")
+                                  op="vae_model", name=f"d/d {name}", redraws=[d[1][name].cpu() for d in draws])
 
 
 def test_groupnorm_silu_every_launch_config(device):

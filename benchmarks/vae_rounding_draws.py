@@ -7,7 +7,10 @@ with the GroupNorm + SiLU sites' rounding drawn again (`harness.rerounded`: outp
 gradients times 1 + e, |e| <= 2^-24) rather than one run: per tensor it prints the plain run's
 error, the spread over DRAWS re-rounded runs and the kernel's error (ulps of the tensor's max|ref64|),
 and over all tensors the largest ratio of one draw's error to another's (what a one-run bound must
-absorb) and to the worst of 16 others (the test's rule).
+absorb) and to the worst of 16 others (the test's rule). Then two checks of the test itself: every
+GroupNorm + SiLU site alone, fed its float64 input and upstream gradient, kernel and torch
+reference in fp32 against float64 (is the kernel as accurate as torch at the VAE's own shapes?),
+and the test run on planted kernel bugs (its worst comparison in units of its bound; > 1 fails).
 
     python -P benchmarks/vae_rounding_draws.py [--device cuda] [--draws 40] [--out DIR]
 
@@ -94,7 +97,9 @@ def main(argv=None) -> dict:
     print(f"the kernel's error over the worst of the plain run and {REDRAWS} draws: {kernel_rule:.2f}; "
           f"over the plain run alone: {float((kernel / np.maximum(plain, floor)).max()):.2f} (the test fails above "
           f"{VS_FLOAT64[('vae_model', 'float32')].factor:g})")
-    res = {"device": str(device), "torch": torch.__version__, "draws": a.draws, "redraws_in_test": REDRAWS,
+    res_sites = sites(ref, video, weights, device, u)
+    res_mutants = mutants(device)
+    res = {"sites": res_sites, "mutants": res_mutants, "device": str(device), "torch": torch.__version__, "draws": a.draws, "redraws_in_test": REDRAWS,
            "names": names, "plain_ulps": plain.tolist(), "kernel_ulps": kernel.tolist(),
            "draw_ulps": draws.tolist(), "max_pair_ratio": pair, "max_rule_ratio": max(rule),
            "p99_rule_ratio": float(np.quantile(rule, 0.99)), "kernel_rule_ratio": kernel_rule}
@@ -104,6 +109,97 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "vae_rounding_draws.json").write_text(json.dumps(res, indent=1))
     return res
+
+
+def sites(ref, video, weights, device, u) -> list[dict]:
+    """Each GroupNorm + SiLU site alone: its float64 input and upstream gradient (captured in the
+    float64 VAE), the op in fp32 (torch reference, kernel) against the op in float64; ulps of each
+    tensor's max for y, dx, dweight, dbias."""
+    import torch
+
+    from mugv.kernels.groupnorm_silu import groupnorm_silu, groupnorm_silu_reference
+    from mugv.torch_backend.models.vae import GroupNormSiLU
+
+    m = copy.deepcopy(ref).double()
+    caps: dict[str, list] = {}
+
+    def hook(mod, inp, out, name):
+        caps[name] = [inp[0].detach()]
+        out.register_hook(lambda g: caps[name].append(g.detach()))
+
+    for name, mod in m.named_modules():
+        if isinstance(mod, GroupNormSiLU):
+            mod.register_forward_hook(lambda mod, i, o, name=name: hook(mod, i, o, name))
+    x = video.double().requires_grad_()
+    mean, logvar = m.posterior(x)
+    outs = [mean, logvar, m.decode(mean, x.shape[2], normalized=False)]
+    sum((o * w.to(o)).sum() for o, w in zip(outs, weights)).backward()
+
+    def run(op, mod, dtype):
+        x, dy = caps[name][0], caps[name][1]
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (x, mod.weight, mod.bias)]
+        y = op(*leaves, mod.num_groups, mod.eps)
+        y.backward(dy.to(dtype))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    rows = []
+    print(f"\nGroupNorm + SiLU sites alone (ulps of max|float64| for y, dx, dweight, dbias)")
+    print(f"{'site':42s} {'shape':18s} {'torch fp32':>24s} {'kernel fp32':>24s}")
+    for name, mod in m.named_modules():
+        if name not in caps:
+            continue
+        r64 = run(groupnorm_silu_reference, mod, torch.float64)
+        err = {k: [(a.double() - b).abs().max().item() / (u * b.abs().max().item()) for a, b in zip(run(op, mod, torch.float32), r64)]
+               for k, op in (("torch", groupnorm_silu_reference), ("kernel", groupnorm_silu))}
+        rows.append({"site": name, "shape": list(caps[name][0].shape), **err})
+        print(f"{name:42s} {str(tuple(caps[name][0].shape)):18s} "
+              + " ".join(" ".join(f"{v:5.1f}" for v in err[k]) for k in ("torch", "kernel")))
+    for k in ("torch", "kernel"):
+        print(f"worst over sites, {k}: " + ", ".join(f"{t} {max(r[k][i] for r in rows):.1f}"
+                                                     for i, t in enumerate(("y", "dx", "dweight", "dbias"))))
+    return rows
+
+
+def mutants(device) -> dict:
+    """The whole-VAE kernel test on planted bugs: its worst comparison / bound (> 1 fails)."""
+    import torch
+
+    import mugv.kernels.groupnorm_silu as gn
+    from mugv.parity_tests import tolerances
+    from mugv.parity_tests.kernels import test_groupnorm_silu as test
+
+    kernel = gn.groupnorm_silu
+
+    class Off(torch.autograd.Function):   # the identity whose gradient is 1e-4 relative off
+        @staticmethod
+        def forward(ctx, w):
+            return w.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * (1 + 1e-4)
+
+    planted = {"none (the kernel)": kernel,
+               "eps x10": lambda x, w, b, groups, eps=1e-6: kernel(x, w, b, groups, eps * 10),
+               "dweight 1e-4 relative off": lambda x, w, b, groups, eps=1e-6: kernel(x, Off.apply(w), b, groups, eps)}
+    out = {}
+    print("\nthe whole-VAE kernel test on planted bugs (worst comparison / its bound; > 1 fails)")
+    try:
+        for name, op in planted.items():
+            gn.groupnorm_silu = op
+            tolerances.RECORDS.clear()
+            try:
+                test.test_vae_with_the_kernel_equals_the_reference_vae(device)
+                verdict = "passes"
+            except AssertionError:
+                verdict = "fails"
+            recs = [r for r in tolerances.RECORDS if r["row"] == "vae_model/float32 vs float64"]
+            w = max(recs, key=lambda r: r["measured"] / r["bound"])
+            out[name] = {"verdict": verdict, "worst": w["name"], "ratio": w["measured"] / w["bound"]}
+            print(f"  {name:28s} {verdict:7s} {w['measured'] / w['bound']:9.2f}  ({w['name']})")
+    finally:
+        gn.groupnorm_silu = kernel
+    return out
 
 
 if __name__ == "__main__":

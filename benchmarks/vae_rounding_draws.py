@@ -44,6 +44,9 @@ def main(argv=None) -> dict:
     from mugv.parity_tests.tolerances import UNIT_ROUNDOFF, VS_FLOAT64
     from mugv.torch_backend.models.vae import VideoVAE, use_kernels
 
+    # fp32 as the parity tests run it (parity_tests/conftest.py): no TF32 in matmuls or convolutions
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     device = torch.device(a.device)
     ref = VideoVAE(TINY)
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in random_params(TINY, 3).items()}, strict=True)

@@ -32,13 +32,16 @@ def groupnorm_silu_reference(x, weight, bias, groups: int, eps: float = 1e-6):
 
 @triton.jit
 def _span(S, span):
-    """Program (j, row) of the grid (spans, B*C): span j of channel row = b*C + c; its start, length
-    and index among the partials (row-major (B*C, spans))."""
-    j = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    """Program (row, j) of the grid (B*C, spans): span j of channel row = b*C + c; its start, length
+    and index among the partials (row-major (B*C, spans)). Rows go on the grid's first axis (up to
+    2^31 - 1 programs): the second and third take at most 65,535, and a cache batch of video frames
+    has more channel rows than that (`mugv cache` encodes 16 clips x 49 frames at once, 512 channels
+    deep in the official VAE)."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
     start = j.to(tl.int64) * span
     count = tl.minimum(start + span, S) - start
-    return row, start, count, row * tl.num_programs(0) + j
+    return row, start, count, row * tl.num_programs(1) + j
 
 
 # Every span loop runs its whole blocks unmasked, at offsets j * BLOCK, and then the span's tail
@@ -265,6 +268,15 @@ def _launch_shape(rows: int, spatial: int, device) -> tuple[int, int, int]:
     return block, span, triton.cdiv(spatial, span)
 
 
+GRID_AXIS_MAX = 65_535   # CUDA's limit on a grid's second and third axes
+
+
+def _grid(rows: int, spans: int) -> tuple[int, int]:
+    """The span kernels' grid: (rows, spans), spans on the axis limited to 65,535 programs."""
+    check(spans <= GRID_AXIS_MAX, "groupnorm_silu: spans per channel", spans, f"<= {GRID_AXIS_MAX}")
+    return rows, spans
+
+
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
@@ -274,7 +286,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         spatial = x[0, 0].numel()
         block, span, spans = _launch_shape(b * c, spatial, x.device)
         parts = [torch.empty((b * c, spans), dtype=torch.float32, device=x.device) for _ in range(3)]
-        _gn_stats_kernel[(spans, b * c)](x, *parts, spatial, span, BLOCK=block,
+        _gn_stats_kernel[_grid(b * c, spans)](x, *parts, spatial, span, BLOCK=block,
                                          **_launch.launch_config("span_loop"))
         mean = torch.empty(b * groups, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
@@ -282,7 +294,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         _gn_merge_kernel[(b * groups,)](*parts, mean, rstd, spatial, span, spans, n_part, eps,
                                         BLOCK=triton.next_power_of_2(n_part))
         y = torch.empty_like(x)
-        _gn_apply_kernel[(spans, b * c)](x, weight, bias, mean, rstd, y, c, c // groups, spatial,
+        _gn_apply_kernel[_grid(b * c, spans)](x, weight, bias, mean, rstd, y, c, c // groups, spatial,
                                          span, BLOCK=block, PRECISE=not _launch.interpreting(),
                                          **_launch.launch_config("span_loop"))
         ctx.save_for_backward(x, weight, bias, mean, rstd)
@@ -298,7 +310,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         spatial = x[0, 0].numel()
         block, span, spans = _launch_shape(b * c, spatial, x.device)
         sdz, sdzx = (torch.empty((b * c, spans), dtype=torch.float32, device=x.device) for _ in range(2))
-        _gn_bwd_reduce_kernel[(spans, b * c)](x, dy, weight, bias, mean, rstd, sdz, sdzx,
+        _gn_bwd_reduce_kernel[_grid(b * c, spans)](x, dy, weight, bias, mean, rstd, sdz, sdzx,
                                               c, c // groups, spatial, span, BLOCK=block,
                                               PRECISE=not _launch.interpreting(), **_launch.launch_config("span_loop"))
         c_mean = torch.empty(b * groups, dtype=torch.float32, device=x.device)
@@ -308,7 +320,7 @@ class _GroupNormSiLU(torch.autograd.Function):
                                             n_part, 1.0 / ((c // groups) * spatial),
                                             BLOCK=triton.next_power_of_2(n_part))
         dx = torch.empty_like(x)
-        _gn_bwd_apply_kernel[(spans, b * c)](x, dy, weight, bias, mean, rstd, c_mean, c_proj, dx,
+        _gn_bwd_apply_kernel[_grid(b * c, spans)](x, dy, weight, bias, mean, rstd, c_mean, c_proj, dx,
                                              c, c // groups, spatial, span, BLOCK=block,
                                              PRECISE=not _launch.interpreting(), **_launch.launch_config("span_loop"))
         dweight = sdzx.view(b, c, spans).sum((0, 2)).to(weight.dtype)

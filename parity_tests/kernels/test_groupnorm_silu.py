@@ -42,6 +42,16 @@ def test_groupnorm_silu_large_mean(device):
                  "float32", device, NAMES, reference_dtype=torch.float64, groups=2, eps=1e-5)
 
 
+def test_groupnorm_silu_more_rows_than_a_grid_axis_holds(device):
+    """B x C channel rows beyond 65,535, the most programs CUDA allows on a grid's second axis
+    (`mugv cache` batches 16 clips x 49 frames through 512-channel layers): the launch failed with
+    "invalid argument" on the H100 (2026-12-05) before the rows moved to the first axis."""
+    if device.type != "cuda":
+        pytest.skip("CUDA's grid limit; the interpreter has none (and ~66k programs would take minutes)")
+    check_kernel(groupnorm_silu, groupnorm_silu_reference, _inputs((1030, 64, 1, 2, 2)), "float32", device,
+                 NAMES, groups=32, eps=1e-6)
+
+
 def test_groupnorm_silu_matches_jax(device):
     check_against_jax(groupnorm_silu, jops.groupnorm_silu, _inputs((2, 8, 3, 5, 7)), NAMES, device,
                       groups=4, eps=1e-6)

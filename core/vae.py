@@ -287,6 +287,20 @@ def output_positions(num_frames: int) -> tuple[int, ...]:
     return tuple(last[t] for t in range(num_frames))
 
 
+# Source frames (of the clip's own height x width) one call of a VAE stage takes at most when the
+# caller names no `frame_batch`: 2^21 pixels. The official VAE's fp32 encode peaked at 39.4 GiB for
+# one 49 x 256 x 448 clip in one call (docs/benchmarks.md, issue 25's paths table), ~7 KiB a pixel,
+# so a call stays near 14 GiB whatever the clip size or the number of clips batched: `mugv cache`
+# encoding 16 clips at once ran out of an H100's 80 GB (2026-12-05). Frames are independent in the
+# 2D stages and groups of 8 in the temporal one, so the bound changes no result.
+CALL_PIXELS = 2 ** 21
+
+
+def frames_per_call(height: int, width: int, pixels: int = CALL_PIXELS) -> int:
+    """Frames of height x width a VAE stage call takes at most (>= 1)."""
+    return max(1, pixels // (height * width))
+
+
 def decode_chunks(num_latents: int, chunk_latents: int = DECODE_CHUNK_LATENTS) -> list[range]:
     """Latent index ranges decoded jointly. The temporal decoder mixes all latents of a chunk, so
     the chunk boundaries are part of the model: officially 6 latents from latent 0 (notes 3.8)."""

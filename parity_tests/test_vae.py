@@ -251,8 +251,37 @@ def test_working_set_independent_of_length(tvae):
         for h in handles:
             h.remove()
     assert sizes[57] == sizes[105], sizes
-    assert sizes[105] == {"spatial.encoder": 4, "spatial.decoder": 4, "temporal.encoder": 2 * 8,
+    # the temporal encoder takes whole groups of 8 source frames: one per call when frame_batch < 8
+    assert sizes[105] == {"spatial.encoder": 4, "spatial.decoder": 4, "temporal.encoder": 8,
                           "temporal.decoder": spec.DECODE_CHUNK_LATENTS}, sizes
+
+
+def test_default_frame_batch_bounds_every_call(tvae, monkeypatch):
+    """Without a frame_batch, each stage call takes at most core/vae.py::frames_per_call frames
+    over all clips of the batch (`mugv cache` encodes 16 clips at once: in one call they ran out of
+    an H100's memory), with the same result as one call for everything."""
+    video = torch.from_numpy(rand(3, 3, 17, 8, 8))
+    with torch.no_grad():
+        whole = tvae.posterior(video, frame_batch=10 ** 6)
+        whole_pix = tvae.decode(whole[0], 17, frame_batch=10 ** 6, normalized=False)
+    seen: dict[str, int] = {}
+    mods = {"spatial.encoder": tvae.spatial.encoder, "spatial.decoder": tvae.spatial.decoder,
+            "temporal.encoder": tvae.temporal.encoder}
+    handles = [m.register_forward_pre_hook(
+        lambda _m, args, n=n: seen.__setitem__(n, max(seen.get(n, 0), args[0].shape[0] * (
+            args[0].shape[2] if args[0].dim() == 5 else 1)))) for n, m in mods.items()]
+    monkeypatch.setattr(spec, "frames_per_call", lambda h, w: 16 if (h, w) == (8, 8) else None)
+    try:
+        with torch.no_grad():
+            mean, logvar = tvae.posterior(video)
+            pix = tvae.decode(mean, 17, normalized=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == {"spatial.encoder": 16, "spatial.decoder": 16, "temporal.encoder": 16}, seen
+    # convolutions at another batch size block their sums differently: the "vae" row
+    for name, a, b in (("mean", mean, whole[0]), ("logvar", logvar, whole[1]), ("pixels", pix, whole_pix)):
+        assert_close(a, b, "vae", "float32", f"default frame_batch vs one call: {name}")
 
 
 # ----------------------------------------------------------------------------------- bad input

@@ -367,11 +367,13 @@ class VideoVAE(nn.Module):
         """Raw posterior moments (B, lc, T_l, h, w) of a (B, 3, T, H, W) video.
 
         Latent j depends only on the padded frames 8j..8j+7 (core/vae.py::padded_sources), so the
-        clip is processed `chunk_latents` latents at a time (None: all at once); the result does
-        not depend on the chunking.
+        clip is processed `chunk_latents` latents at a time (None: all at once), and within a chunk
+        each stage call takes at most `frame_batch` source frames over all B clips (None:
+        core/vae.py::frames_per_call, a pixel budget); the result depends on neither.
         """
         _check_video(video, self.cfg.image_channels)
-        b, _, t, _, _ = video.shape
+        b, _, t, height, width = video.shape
+        frame_batch = frame_batch or spec.frames_per_call(height, width)
         sources = spec.padded_sources(t)
         n_lat = len(sources) // spec.TEMPORAL_GROUP
         step = n_lat if chunk_latents is None else chunk_latents
@@ -385,7 +387,10 @@ class VideoVAE(nn.Module):
             where = {s: i for i, s in enumerate(needed)}
             seq = torch.stack([zero if s == spec.ZERO_FRAME else feats[:, where[s]] for s in srcs], dim=2)
             groups = seq.unflatten(2, (-1, spec.TEMPORAL_GROUP)).transpose(1, 2).flatten(0, 1)
-            mean, logvar = self.encode_temporal(groups)                            # (B g, lc, 1, h, w)
+            per_call = max(1, frame_batch // spec.TEMPORAL_GROUP)
+            moments = [self.encode_temporal(groups[i:i + per_call]) for i in range(0, groups.shape[0], per_call)]
+            mean = torch.cat([m for m, _ in moments])                                # (B g, lc, 1, h, w)
+            logvar = torch.cat([v for _, v in moments])
             means.append(mean[:, :, 0].unflatten(0, (b, -1)).transpose(1, 2))
             logvars.append(logvar[:, :, 0].unflatten(0, (b, -1)).transpose(1, 2))
         return torch.cat(means, dim=2), torch.cat(logvars, dim=2)
@@ -420,6 +425,7 @@ class VideoVAE(nn.Module):
         if err:
             raise ValueError(err)
         z = self.denormalize(latent) if normalized else latent
+        frame_batch = frame_batch or spec.frames_per_call(8 * z.shape[3], 8 * z.shape[4])
         positions = spec.output_positions(num_frames)
         out, done = None, 0
         for chunk in spec.decode_chunks(z.shape[2]):

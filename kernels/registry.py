@@ -160,12 +160,16 @@ def select(name: str, device, choice: str | None = None):
     return kernel_function(name, reference=not kernel_enabled(name, device, choice))
 
 
-def attention_head_dim(backend: str, version: str, head_dim: int, device) -> tuple[int | None, str]:
+def attention_head_dim(backend: str, version: str, head_dim: int, device, fingerprint: str
+                       ) -> tuple[int | None, str]:
     """For an attention backend outside torch (FlashAttention-4): the head dim to run a model
-    head dim `head_dim` at on `device` (itself, or the smallest zero-padded one whose forward and
-    dQ/dK/dV parity passed there with this `version`), or None; and why. The record is written by
+    head dim `head_dim` at on `device` (itself, or a zero-padded one whose forward and dQ/dK/dV
+    parity passed there with this `version` and this `fingerprint` of the calling code and the dQ
+    fix, `torch_backend/models/attention.py::fa4_fingerprint`), or None; and why. Among the passing ones the fastest in the record's timing (`ms`, measured by
+    `mugv verify-kernels` after the parity), else the smallest. The record is written by
     `mugv verify-kernels` (kernels/verify.py) under the device's "attention" entry."""
     import torch
+
     gpu = torch.cuda.get_device_name(device)
     entry = verified_devices().get(gpu, {}).get("attention", {}).get(backend)
     if entry is None:
@@ -173,13 +177,20 @@ def attention_head_dim(backend: str, version: str, head_dim: int, device) -> tup
     if entry.get("version") != version:
         return None, (f"{backend} {version} installed, {entry.get('version')} verified on {gpu} "
                       "(run `mugv verify-kernels`)")
+    if entry.get("fingerprint") != fingerprint:
+        return None, (f"{backend} {version} verified on {gpu} as {entry.get('fingerprint')!r} (dQ fix | calling "
+                      f"code), this process runs {fingerprint!r} (run `mugv verify-kernels`)")
     passed = sorted(int(p) for p in entry.get("head_dims", {}).get(str(head_dim), []))
     if not passed:
         tested = entry.get("tested", {}).get(str(head_dim))
         return None, (f"{backend} {version} failed parity at head dim {head_dim} on {gpu} (tried {tested})"
                       if tested else f"{backend} {version} not verified at head dim {head_dim} on {gpu}")
-    how = "unpadded" if passed[0] == head_dim else f"zero-padded to {passed[0]}"
+    ms = {int(p): t for p, t in entry.get("ms", {}).get(str(head_dim), {}).items()}
+    timed = [p for p in passed if p in ms]
+    run_at = min(timed, key=lambda p: (ms[p], p)) if timed else passed[0]
+    how = "unpadded" if run_at == head_dim else f"zero-padded to {run_at}"
+    if timed:
+        how += " (fastest verified: " + ", ".join(f"{p}: {ms[p]:.2f} ms" for p in sorted(timed)) + ")"
     failed = sorted(set(entry.get("tested", {}).get(str(head_dim), [])) - set(passed))
-    return passed[0], (f"{backend} {version} {how}: verified on {gpu} ({entry.get('date', '?')})"
-                       + (f"; failed parity at {failed}" if failed else ""))
-
+    return run_at, (f"{backend} {version} {how}: verified on {gpu} ({entry.get('date', '?')})"
+                    + (f"; failed parity at {failed}" if failed else ""))

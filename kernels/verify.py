@@ -94,8 +94,48 @@ def attention_record(parity: dict) -> dict:
         version = importlib.metadata.version("flash-attn-4")
     except importlib.metadata.PackageNotFoundError:
         version = None
-    return {"fa4": {"version": version, "head_dims": head_dims, "tested": tested,
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
+    from mugv.torch_backend.models.attention import fa4_fingerprint
+    return {"fa4": {"version": version, "fingerprint": fa4_fingerprint(version), "head_dims": head_dims,
+                    "tested": tested, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
+
+
+def time_attention(record: dict, tokens: int = 16384, heads: int = 16, iters: int = 5) -> dict:
+    """Add to an attention record the forward+backward time (ms, median of `iters`, bf16, one
+    sample, self-attention over `tokens` tokens and `heads` heads, the zero-padding included) of
+    each head dim a model head dim passed at: the registry runs the fastest. Needs the GPU."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from mugv.torch_backend.models.attention import fa4_attention
+    entry = record.get("fa4")
+    if not entry:
+        return record
+    ms: dict[str, dict[str, float]] = {}
+    for d, run_ats in entry["head_dims"].items():
+        d = int(d)
+        if len(run_ats) < 2:
+            continue
+        base = [torch.randn(1, tokens, heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        for p in run_ats:
+            def step():
+                q, k, v = (F.pad(t, (0, p - d)).requires_grad_() for t in base)
+                out = fa4_attention(q, k, v, scale=d ** -0.5)[..., :d]
+                out.backward(torch.ones_like(out))
+            times = []
+            for i in range(iters + 1):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                if i:  # the first call compiles
+                    times.append(start.elapsed_time(end))
+            ms.setdefault(str(d), {})[str(p)] = round(statistics.median(times), 3)
+    entry["ms"] = ms
+    entry["timing"] = f"fwd+bwd, bf16, 1 x {tokens} tokens x {heads} heads, median of {iters}"
+    return record
 
 
 def tests_passed(parity: dict, entry) -> bool:
@@ -103,10 +143,18 @@ def tests_passed(parity: dict, entry) -> bool:
     return all(parity["files"].get(pathlib.Path(t).stem) for t in entry.tests)
 
 
+# attention backends outside torch that `--only` may name, with their parity files
+ATTENTION_TESTS = {"fa4": "parity_tests/kernels/test_attention_fa4.py"}
+
+
 def test_files(only: set[str] | None) -> list[str] | None:
-    """The parity files of the kernels in `only` (None: every file of the kernel test folder)."""
+    """The parity files of the kernels (or attention backends) in `only` (None: every file of the
+    kernel test folder)."""
     from mugv.kernels.registry import KERNELS
-    return sorted({t for k in only for t in KERNELS[k].tests}) if only else None
+    if not only:
+        return None
+    return sorted({t for k in only if k in KERNELS for t in KERNELS[k].tests}
+                  | {ATTENTION_TESTS[k] for k in only if k in ATTENTION_TESTS})
 
 
 def device_record(device: str, parity: dict, only: set[str] | None, previous: dict) -> dict:
@@ -149,12 +197,15 @@ def verify(only: set[str] | None = None, record_path: pathlib.Path | None = None
     from mugv.kernels.registry import KERNELS, verified_devices
     if not torch.cuda.is_available():
         raise RuntimeError("verify-kernels needs a CUDA GPU: on the CPU the reference is always used")
-    unknown = (only or set()) - set(KERNELS)
+    unknown = (only or set()) - set(KERNELS) - set(ATTENTION_TESTS)
     if unknown:
-        raise ValueError(f"--only: unknown kernels {sorted(unknown)}; expected names from {sorted(KERNELS)}")
+        raise ValueError(f"--only: unknown kernels {sorted(unknown)}; expected names from "
+                         f"{sorted(KERNELS) + sorted(ATTENTION_TESTS)}")
     device = torch.cuda.get_device_name()
     parity = run_parity_tests(test_files(only), log_dir)
     record = device_record(device, parity, only, verified_devices().get(device, {}))
+    if attention_record(parity):   # measured now: where several head dims passed, the fastest runs
+        time_attention(record["attention"])
     path = write_record(device, record, record_path)
     verified_devices.cache_clear()
     record["record_path"], record["log"] = str(path), parity["log"]
@@ -163,7 +214,7 @@ def verify(only: set[str] | None = None, record_path: pathlib.Path | None = None
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mugv verify-kernels", description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="", help="comma-separated kernel names (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated kernel names or 'fa4' (default: all)")
     ap.add_argument("--record", default=None, help=f"record file (default: {user_record_path()})")
     ap.add_argument("--log-dir", default=None, help="where the pytest log and junit XML go")
     a = ap.parse_args(argv)
@@ -177,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     fa4 = rec["attention"].get("fa4", {})
     print(f"{rec['device']}: verified {rec['kernels'] or 'none'}; failed {rec['failed'] or 'none'}\n"
           f"fa4 {fa4.get('version', 'not installed')}: passed at {fa4.get('head_dims', {})} "
-          f"of {fa4.get('tested', {})} (head dim: run-at dims)\n"
+          f"of {fa4.get('tested', {})} (head dim: run-at dims), code {fa4.get('fingerprint')}, "
+          f"fwd+bwd ms {fa4.get('ms', {})}\n"
           f"record: {rec['record_path']}\nlog: {rec['log']}")
     return 0 if not rec["failed"] else 1
 

@@ -179,6 +179,7 @@ def test_fa4_runs_at_the_smallest_verified_head_dim(fake_gpu, monkeypatch):
     import importlib.metadata
 
     from mugv.kernels import registry, verify
+    from mugv.torch_backend.models.attention import fa4_fingerprint
     monkeypatch.setattr(importlib.metadata, "version",
                         lambda name, _v=importlib.metadata.version: "4.0.0b36" if name == "flash-attn-4" else _v(name))
     results = {(72, 72, "self"): False, (72, 72, "cross"): True, (72, 80, "self"): True,
@@ -188,12 +189,13 @@ def test_fa4_runs_at_the_smallest_verified_head_dim(fake_gpu, monkeypatch):
     assert record["attention"]["fa4"]["head_dims"] == {"72": [96], "128": [128]}
     verify.write_record("Fake GPU 9000", record)
     registry.verified_devices.cache_clear()
-    run_at, why = registry.attention_head_dim("fa4", "4.0.0b36", 72, "cuda")
+    code = fa4_fingerprint("4.0.0b36")
+    run_at, why = registry.attention_head_dim("fa4", "4.0.0b36", 72, "cuda", code)
     assert run_at == 96 and "zero-padded to 96" in why and "failed parity at [72, 80]" in why
-    assert registry.attention_head_dim("fa4", "4.0.0b36", 128, "cuda")[0] == 128
-    run_at, why = registry.attention_head_dim("fa4", "4.0.0b37", 72, "cuda")
+    assert registry.attention_head_dim("fa4", "4.0.0b36", 128, "cuda", code)[0] == 128
+    run_at, why = registry.attention_head_dim("fa4", "4.0.0b37", 72, "cuda", code)
     assert run_at is None and "4.0.0b36 verified" in why
-    run_at, why = registry.attention_head_dim("fa4", "4.0.0b36", 64, "cuda")
+    run_at, why = registry.attention_head_dim("fa4", "4.0.0b36", 64, "cuda", code)
     assert run_at is None and "not verified at head dim 64" in why
 
 
@@ -209,3 +211,94 @@ def test_attention_resolution_on_cpu_and_without_fa4(monkeypatch):
     assert backend == "auto" and pad is None and "flash-attn-4 is not installed" in why
     with pytest.raises(ValueError, match="head dim 72: flash-attn-4 is not installed"):
         attention.resolve("fa4", torch.device("cuda"), 72)
+
+
+def test_fa4_runs_at_the_fastest_verified_head_dim_with_the_same_code(fake_gpu, monkeypatch):
+    """With the dQ fix 72, 80 and 96 all pass: the record's timing picks the fastest; a record made
+    under another fix (or none, as FA4 released) or another calling code does not switch it on."""
+    import importlib.metadata
+
+    from mugv.kernels import fa4_sm90, registry, verify
+    from mugv.torch_backend.models import attention
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name, _v=importlib.metadata.version: "4.0.0b36" if name == "flash-attn-4" else _v(name))
+    monkeypatch.delenv("MUGV_FA4_DQ_FIX", raising=False)
+    results = {(72, p, kind): True for p in (72, 80, 96) for kind in ("self", "cross")}
+    record = verify.device_record("Fake GPU 9000", {"files": {}, **_fa4_parity(results)}, None, {})
+    code = attention.fa4_fingerprint("4.0.0b36")
+    assert record["attention"]["fa4"]["fingerprint"] == code
+    assert code.startswith(fa4_sm90.fingerprint("4.0.0b36") + "|call:") and not code.startswith("none")
+    record["attention"]["fa4"]["ms"] = {"72": {"72": 9.5, "80": 8.7, "96": 9.2}}
+    verify.write_record("Fake GPU 9000", record)
+    registry.verified_devices.cache_clear()
+    run_at, why = registry.attention_head_dim("fa4", "4.0.0b36", 72, "cuda", code)
+    assert run_at == 80 and "zero-padded to 80 (fastest verified: 72: 9.50 ms, 80: 8.70 ms, 96: 9.20 ms)" in why
+    monkeypatch.setenv("MUGV_FA4_DQ_FIX", "kernel32")
+    run_at, why = registry.attention_head_dim("fa4", "4.0.0b36", 72, "cuda", attention.fa4_fingerprint("4.0.0b36"))
+    assert run_at is None and "this process runs 'kernel32:" in why and "mugv verify-kernels" in why
+    monkeypatch.setattr(attention, "fa4_attention", lambda q, k, v, key_mask=None, scale=None: q)
+    monkeypatch.setenv("MUGV_FA4_DQ_FIX", fa4_sm90.DEFAULT_MODE)
+    other = attention.fa4_fingerprint("4.0.0b36")     # the calling code edited since the record
+    assert other != code and registry.attention_head_dim("fa4", "4.0.0b36", 72, "cuda", other)[0] is None
+
+
+# Stand-ins with the constructors of flash-attn-4 4.0.0b36's SM90 backward kernel and postprocess
+# (only the head-dim rounding they do), to test what the dQ fix changes where FA4 cannot import.
+class _Postprocess:
+    def __init__(self, dtype, head_dim, arch, tile_m=128, num_threads=256, AtomLayoutMdQ=1,
+                 dQ_swapAB=False, use_2cta_instrs=False, cluster_size=1, hdim_multiple_of=32, accum_order=None):
+        self.tile_hdim = -(-head_dim // hdim_multiple_of) * hdim_multiple_of
+        self.tile_m = tile_m
+
+
+class _KernelSm90:
+    def __init__(self, dtype, head_dim, head_dim_v=None, qhead_per_kvhead=1, is_causal=False,
+                 SdP_swapAB=False, dKV_swapAB=False, **kwargs):
+        m = 64 if dKV_swapAB else 16
+        head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        self.tile_hdim, self.tile_hdimv = -(-head_dim // m) * m, -(-head_dim_v // m) * m
+        self.check_hdim_oob = head_dim != self.tile_hdim
+        self.check_hdim_v_oob = head_dim_v != self.tile_hdimv
+        self.SdP_swapAB, self.dKV_swapAB = SdP_swapAB, dKV_swapAB
+        self.shuffle_LSE = self.shuffle_dPsum = SdP_swapAB and self.tile_hdim <= 64
+
+
+def test_fa4_dq_fix_makes_the_reader_and_the_writer_of_dq_agree():
+    from mugv.kernels import fa4_sm90
+
+    def tiles(head_dim, arch=90, swapped=False):
+        kernel = _KernelSm90(None, head_dim, dKV_swapAB=swapped)
+        post = _Postprocess(None, head_dim, arch, 64, hdim_multiple_of=64 if swapped else 32)
+        return kernel.tile_hdim, post.tile_hdim
+
+    assert tiles(72) == (80, 96) and tiles(80) == (80, 96)   # the bug: written 80 wide, read 96 wide
+    assert tiles(96) == (96, 96) and tiles(64) == (64, 64)   # why 64, 96, 128 were right
+    post_cls, kernel_cls = type("P", (_Postprocess,), {}), type("K", (_KernelSm90,), {})
+    fa4_sm90.patch_postprocess(post_cls)
+    fa4_sm90.patch_postprocess(post_cls)                    # idempotent: wrapped once
+    assert getattr(post_cls.__init__, "__wrapped__").__qualname__ == "_Postprocess.__init__"
+    for d in (72, 80, 88, 96, 104, 128):
+        assert post_cls(None, d, 90, 64).tile_hdim == _KernelSm90(None, d).tile_hdim
+        assert post_cls(None, d, 100, 64).tile_hdim == _Postprocess(None, d, 100, 64).tile_hdim  # not SM90
+    assert post_cls(None, 136, 90, 64, hdim_multiple_of=64).tile_hdim == 192   # swapped: untouched
+    fa4_sm90.patch_kernel(kernel_cls)
+    for d in (72, 80, 96, 104):
+        k = kernel_cls(None, d, SdP_swapAB=True)
+        assert k.tile_hdim == k.tile_hdimv == _Postprocess(None, d, 90).tile_hdim
+        assert k.check_hdim_oob == (d % 32 != 0) and not k.shuffle_LSE
+    assert kernel_cls(None, 136, dKV_swapAB=True).tile_hdim == 192
+
+
+def test_fa4_dq_fix_mode_and_fingerprint(monkeypatch):
+    from mugv.kernels import fa4_sm90
+    monkeypatch.delenv("MUGV_FA4_DQ_FIX", raising=False)
+    assert fa4_sm90.fix_for("4.0.0b36") == fa4_sm90.DEFAULT_MODE
+    assert fa4_sm90.fingerprint("4.0.1") == "none"           # a version whose sources were not read
+    prints = set()
+    for mode in fa4_sm90.MODES:
+        monkeypatch.setenv("MUGV_FA4_DQ_FIX", mode)
+        prints.add(fa4_sm90.fingerprint("4.0.0b36"))
+    assert len(prints) == 3 and "off" in prints
+    monkeypatch.setenv("MUGV_FA4_DQ_FIX", "postprocess")
+    with pytest.raises(ValueError, match="MUGV_FA4_DQ_FIX='postprocess': expected one of"):
+        fa4_sm90.mode()

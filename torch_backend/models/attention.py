@@ -14,18 +14,24 @@ through `flash_attn_func`, cross-attention through `flash_attn_varlen_func` over
 tokens only (no mask tensor). It runs only at a head dim whose forward AND dQ/dK/dV parity passed
 on this device (`mugv verify-kernels`; kernels/registry.py `attention_head_dim`): FA4 4.0.0b36
 returns a wrong dQ at head dims 72 and 80 on Hopper, so there the record makes it pad to 96.
-"auto" takes fa4 where it is installed and verified, else SDPA's cuDNN order. `resolve` says
+FA4 4.0.0b36's wrong dQ on Hopper at head dims 72 and 80 has a fix applied before its first use
+(`kernels/fa4_sm90.py`, verified like the rest); among the head dims that pass, the record's measured fastest
+runs. "auto" takes fa4 where it is installed and verified, else SDPA's cuDNN order. `resolve` says
 which backend and head dim a device gets, and why.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import inspect
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mugv.core.recipe import ATTENTION_BACKENDS
+from mugv.kernels import fa4_sm90
 
 _BY_NAME = {
     "math": [SDPBackend.MATH],
@@ -47,14 +53,17 @@ assert set(BACKENDS) == {"auto", *_BY_NAME, "fa4"}, (BACKENDS, list(_BY_NAME))
 FA4_CROSS_MIN_QUERIES = 16384
 
 
+@functools.lru_cache(maxsize=1)
 def fa4_version() -> str | None:
-    """The installed flash-attn-4 version, or None (importing it needs a GPU build of torch)."""
+    """The installed flash-attn-4 version, or None (importing it needs a GPU build of torch).
+    The dQ fix of `fa4_sm90` is applied to it here, before anything can run it."""
     try:
         import importlib.metadata
         version = importlib.metadata.version("flash-attn-4")
         import flash_attn.cute  # noqa: F401
     except Exception:  # not installed, or installed without its CUDA libraries
         return None
+    fa4_sm90.apply(version)
     return version
 
 
@@ -73,7 +82,7 @@ def resolve(backend: str, device: torch.device, head_dim: int, pad_head_dim: int
         return "auto", pad_head_dim, "SDPA default: not a CUDA device"
     from mugv.kernels.registry import attention_head_dim
     version = fa4_version()
-    run_at, why = attention_head_dim("fa4", version, head_dim, device) if version else \
+    run_at, why = attention_head_dim("fa4", version, head_dim, device, fa4_fingerprint(version)) if version else \
         (None, "flash-attn-4 is not installed (pip install 'mugv[hopper]')")
     if run_at is not None:
         return "fa4", (None if run_at == head_dim else run_at), why
@@ -84,8 +93,14 @@ def resolve(backend: str, device: torch.device, head_dim: int, pad_head_dim: int
 
 def fa4_attention(q, k, v, key_mask=None, scale: float | None = None):
     """FlashAttention-4 over (b, S, n, d) tensors (head dim already padded as wanted): the full
-    sequence for self-attention, the `key_mask` keys only (varlen) for cross-attention.
-    Returns (b, Sq, n, d)."""
+    sequence for self-attention, the `key_mask` keys only (varlen, packed by boolean indexing:
+    one host sync per call) for cross-attention. Returns (b, Sq, n, d).
+
+    Not used: passing all keys with `seqused_k` after moving each row's real keys to the front
+    (no host sync). FA4 4.0.0b36 then leaves dK/dV of the keys beyond `seqused_k` unwritten
+    (uninitialised memory: an infinite error on the H100 in `mugv verify-kernels`, 2026-12-05)."""
+    if fa4_version() is None:
+        raise RuntimeError("attention backend 'fa4': flash-attn-4 is not installed (pip install 'mugv[hopper]')")
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
     if key_mask is None:
         out = flash_attn_func(q, k, v, softmax_scale=scale)
@@ -99,6 +114,13 @@ def fa4_attention(q, k, v, key_mask=None, scale: float | None = None):
                                  softmax_scale=scale)
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(b, sq, n, d)
+
+
+def fa4_fingerprint(version: str | None) -> str:
+    """What an FA4 verification record binds to besides the version: the dQ fix applied
+    (`kernels/fa4_sm90.py`) and the source of `fa4_attention` (how the backend calls FA4)."""
+    code = hashlib.sha256(inspect.getsource(fa4_attention).encode()).hexdigest()[:16]
+    return f"{fa4_sm90.fingerprint(version)}|call:{code}"
 
 
 def sdpa_context(backend: str, device: torch.device):

@@ -40,3 +40,33 @@ def test_megatron_grad_norm_counts_every_tp_slice(tmp_path, lora):
     assert_close(tp2["megatron"], tp2["true"], "sharded", "float32", name="TP=2 norm vs true")
     # ... and the single-process one
     assert_close(tp2["megatron"], tp1["megatron"], "sharded", "float32", name="TP=2 vs TP=1 norm")
+
+
+def test_device_l2_norm_is_megatrons_norm_without_a_sync_per_tensor():
+    """The trainer's replacement of Megatron's Apex-less gradient-norm op (one host sync per
+    tensor) computes the same norm, judged against float64, and is what clipping then calls."""
+    import torch
+    import megatron.core.optimizer.clip_grads as clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    from mugv.torch_backend.parallel import megatron_compat
+    from mugv.torch_backend.training.parallelize import device_l2_norm, use_device_grad_norm
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=g) * s for shape, s in
+             [((64, 48), 1.0), ((48,), 3e-3), ((7, 5, 3), 40.0), ((1,), 0.5), ((1000,), 1e-4)]]
+    flag = torch.zeros(1, dtype=torch.int)
+    ours, _ = device_l2_norm(2048 * 32, flag, [grads], False)
+    want = torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in grads]))
+    assert ours.shape == (1,) and ours.dtype == torch.float32
+    assert_close(ours[0], want, "*", "float32", name="device_l2_norm vs float64")
+    megatron_compat.enable()                 # the fallback allocates on "cuda": the CPU here
+    theirs, _ = local_multi_tensor_l2_norm(2048 * 32, flag, [grads], False)
+    assert_close(theirs.cpu()[0], want, "*", "float32", name="Megatron's fallback vs float64")
+    assert float(device_l2_norm(1, flag, [[]], False)[0][0]) == 0.0
+    saved = clip_grads.l2_norm_impl
+    try:
+        clip_grads.l2_norm_impl = local_multi_tensor_l2_norm
+        assert use_device_grad_norm() and clip_grads.l2_norm_impl is device_l2_norm
+    finally:
+        clip_grads.l2_norm_impl = saved
+

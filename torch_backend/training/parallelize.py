@@ -262,6 +262,33 @@ def gather_full_grads(pm: ParallelDiT) -> dict[str, torch.Tensor]:
     return {k: v for part in stages for k, v in part.items()}
 
 
+def device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor=False, *args):
+    """The 2-norm of all tensors of `tensor_lists[0]` as a (1,) float32 tensor on their device:
+    a drop-in for Megatron's gradient-norm op where neither Apex nor Transformer Engine is installed
+    (`megatron.core.utils.local_multi_tensor_l2_norm`). That fallback builds the total from a
+    Python list of per-tensor norms, i.e. one host sync per parameter tensor: 105 per step of the
+    4-block 10B benchmark, each stalling the GPU (benchmarks/dit_step.py's profile counts them).
+    Here the per-tensor norms stay on the device (`torch._foreach_norm`), so clipping costs one sync
+    (Megatron's own `.item()` of the total)."""
+    tensors = tensor_lists[0]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32, device=noop_flag.device), None
+    norms = torch._foreach_norm(tensors)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return total.reshape(1), None
+
+
+def use_device_grad_norm() -> bool:
+    """Route Megatron's gradient norm through `device_l2_norm` when it runs on its local fallback
+    (no Apex/TE); Apex's or TE's fused kernel is left alone. Returns whether the fallback was replaced."""
+    import megatron.core.optimizer.clip_grads as clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+    if clip_grads.l2_norm_impl in (local_multi_tensor_l2_norm, device_l2_norm):
+        clip_grads.l2_norm_impl = device_l2_norm
+        return True
+    return False
+
+
 def megatron_optimizer(pm: ParallelDiT, opt, fused: Optional[bool] = None):
     """Megatron's Adam over this rank's chunks, sharded over data-parallel ranks when the layout
     asks for the distributed optimizer. `opt` is `core/train.py::OptimizerConfig` (its learning-
@@ -274,6 +301,7 @@ def megatron_optimizer(pm: ParallelDiT, opt, fused: Optional[bool] = None):
     from megatron.core.optimizer import get_megatron_optimizer
 
     dtype = pm.config.params_dtype
+    use_device_grad_norm()
     optimizer = get_megatron_optimizer(
         MegatronOptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
                                 adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_eps=opt.eps,

@@ -84,6 +84,10 @@ VARIANTS = {v.name: v for v in [
     Variant("kernels+fadam+fa4", ops="kernels", fused_adam=True, attention="fa4"),
     Variant("compiled-ops+fadam+fa4", ops="compiled", fused_adam=True, attention="fa4"),
     Variant("compiled-layers+fadam+fa4", compile_layers=True, fused_adam=True, attention="fa4"),
+    # "auto" = the trainer's default: FA4 where verified (cross-attention only from
+    # FA4_CROSS_MIN_QUERIES video tokens, cuDNN masked below), else SDPA's cuDNN order
+    Variant("kernels+fadam+auto", ops="kernels", fused_adam=True, attention="auto"),
+    Variant("compiled-layers+fadam+auto", compile_layers=True, fused_adam=True, attention="auto"),
 ]}
 
 
@@ -151,13 +155,13 @@ def attention_bench(seq: int, heads: int, d: int, pads=(72, 80, 96, 128), iters:
 def _fa4_rows(rows, base, d, pads, flops, iters, mask, name="fa4"):
     """FlashAttention-4 (torch_backend/models/attention.py::fa4_attention) over the same inputs, each
     padding; rows say whether that padding passed parity on this device (kernels/registry.py)."""
-    from mugv.torch_backend.models.attention import fa4_attention, fa4_version
+    from mugv.torch_backend.models.attention import fa4_attention, fa4_fingerprint, fa4_version
     version = fa4_version()
     if version is None:
         rows[name] = {"error": "flash-attn-4 not installed"}
         return
     from mugv.kernels.registry import attention_head_dim
-    verified, why = attention_head_dim("fa4", version, d, torch.device(DEV, 0))
+    verified, why = attention_head_dim("fa4", version, d, torch.device(DEV, 0), fa4_fingerprint(version))
     for p in pads:
         q, k, v = (F.pad(t.transpose(1, 2), (0, p - d)).contiguous().requires_grad_() for t in base)
         try:
@@ -377,6 +381,8 @@ def bench_model(cfg, thw, v: Variant, steps: int, profile_dir: pathlib.Path | No
 
     fwd_bwd()  # first: compile, autotune, lazy state; the loss before any update
     loss0 = float(losses[0])
+    from mugv.torch_backend.models.attention import resolve
+    backend, run_at, why = resolve(v.attention if DEV == "cuda" else "auto", device, cfg.head_dim, v.pad_head_dim)
     opt.step()
     sync()
     states = torch.cuda.memory_allocated() if DEV == "cuda" else 0
@@ -400,7 +406,8 @@ def bench_model(cfg, thw, v: Variant, steps: int, profile_dir: pathlib.Path | No
            "mfu": fl.model / (med * 1e-3) / PEAK, "hfu": fl.hardware / (med * 1e-3) / PEAK,
            "mfu_fwd_bwd": fl.model / (statistics.median(fb) * 1e-3) / PEAK,
            "model_tflop": fl.model / 1e12, "attention_fraction": fl.attention_fraction,
-           "loss0": loss0, "peak_gib": peak / 2**30, "states_gib": states / 2**30,
+           "loss0": loss0, "attention_ran": {"self": backend, "head_dim": run_at or cfg.head_dim, "why": why},
+           "peak_gib": peak / 2**30, "states_gib": states / 2**30,
            "activations_gib": (peak - states) / 2**30, "layers": layers, "tokens": video_tokens(cfg, thw),
            "ops_used": {f: getattr(getattr(model.layers["0"].ops, f), "__name__", "?")
                         for f in ("adaln_modulate", "gated_residual_modulate", "qk_rmsnorm_rope")},
@@ -442,11 +449,59 @@ def profile(step, path: pathlib.Path, step_ms: float) -> dict:
     lines += [f"| {c} | {ms:.1f} | {100 * ms / step_ms:.1f}% |" for c, ms in sorted(by_class.items(), key=lambda kv: -kv[1])]
     lines += ["", "| kernel | calls | ms | % of step |", "|---|---|---|---|"]
     lines += [f"| `{n[:90]}` | {c} | {ms:.2f} | {100 * ms / step_ms:.1f}% |" for n, (ms, c) in top]
+    gaps = idle_gaps(prof)
+    lines += ["", f"GPU idle inside the profiled step: {gaps['idle_ms']} ms in {gaps['count']} gaps > "
+              f"{gaps['min_gap_us']} us (first kernel to last: {gaps['span_ms']} ms); host calls that "
+              "wait for the GPU: " + (", ".join(f"{n} x{c} ({ms} ms)" for n, c, ms in gaps["host_waits"]) or "none"),
+              "", "| gap ms | after kernel | before kernel | host op running at the gap's start |", "|---|---|---|---|"]
+    lines += [f"| {g['ms']} | `{g['after'][:50]}` | `{g['before'][:50]}` | `{g['host'][:60]}` |" for g in gaps["largest"]]
     text = "\n".join(lines)
     path.write_text(text + "\n\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
     print(text, flush=True)
     return {"gpu_ms": round(total, 2), "by_class_ms": {k: round(x, 2) for k, x in by_class.items()},
-            "top": [(n[:120], c, round(ms, 3)) for n, (ms, c) in top]}
+            "top": [(n[:120], c, round(ms, 3)) for n, (ms, c) in top], "gaps": gaps}
+
+
+HOST_WAITS = r"Synchronize|cudaMemcpy(?!Async)|_local_scalar_dense|aten::nonzero|aten::item|cudaMalloc|cudaFree"
+
+
+def idle_gaps(prof, min_gap_us: float = 50.0, largest: int = 15) -> dict:
+    """Where the GPU waits in a profiled step: the gaps between consecutive GPU activities (kernels,
+    copies, fills) longer than `min_gap_us`, the largest with the activities around them and the
+    innermost host op running when the gap began, and the host calls that block on the GPU
+    (synchronisations, blocking copies, .item(), nonzero, allocator calls) with counts."""
+    gpu, host = [], []
+    for e in prof.events():
+        if "#" in e.name:
+            continue
+        if e.device_type.name == "CUDA" and e.device_time > 0:
+            gpu.append((e.time_range.start, e.time_range.end, e.name))
+        elif e.device_type.name == "CPU":
+            host.append((e.time_range.start, e.time_range.end, e.name))
+    gpu.sort()
+    found = []
+    end = gpu[0][1] if gpu else 0
+    for (s0, e0, n0), (s1, e1, n1) in zip(gpu, gpu[1:]):
+        end = max(end, e0)
+        if s1 - end > min_gap_us:
+            found.append((s1 - end, end, n0, n1))
+    found.sort(reverse=True)
+
+    def host_at(t):
+        running = [h for h in host if h[0] <= t <= h[1]]
+        return min(running, key=lambda h: h[1] - h[0])[2] if running else "-"
+
+    waits: dict[str, list] = {}
+    for s0, e0, name in host:
+        if re.search(HOST_WAITS, name):
+            w = waits.setdefault(name, [0, 0.0])
+            w[0] += 1
+            w[1] += (e0 - s0) / 1e3
+    return {"min_gap_us": min_gap_us, "count": len(found), "idle_ms": round(sum(g[0] for g in found) / 1e3, 2),
+            "span_ms": round((max(g[1] for g in gpu) - gpu[0][0]) / 1e3, 2) if gpu else 0.0,
+            "largest": [{"ms": round(g / 1e3, 3), "after": a, "before": b, "host": host_at(t)}
+                        for g, t, a, b in found[:largest]],
+            "host_waits": sorted(((n, c, round(ms, 2)) for n, (c, ms) in waits.items()), key=lambda w: -w[2])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +521,9 @@ def table(results: dict) -> str:
                 lines.append(f"| {res} | {name} | failed: {x.get('error', '?')[:60]} | | | | |")
                 continue
             ratio = f"{x['mfu'] / base:.2f}" if base else "-"
-            lines.append(f"| {res} | {name} (step, fwd+bwd {x['fwd_bwd_ms']} ms) | {x['step_ms']} | "
+            ran = x.get("attention_ran", {})
+            ran = f", {ran['self']} d={ran['head_dim']}" if ran else ""
+            lines.append(f"| {res} | {name} (step{ran}, fwd+bwd {x['fwd_bwd_ms']} ms) | {x['step_ms']} | "
                          f"{100 * x['mfu']:.1f}% ({100 * x['hfu']:.1f}%) | {ratio} | "
                          f"{x['peak_gib']:.1f} ({x['activations_gib']:.1f}) | {x['loss0']:.5f} |")
     att = ["", "| res | attention fwd+bwd | ms | useful TFLOP/s |", "|---|---|---|---|"]

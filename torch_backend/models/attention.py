@@ -12,11 +12,11 @@ features, the padded output columns are zeros and are dropped: exact, forward an
 "fa4" is FlashAttention-4 (`flash_attn.cute`, the optional `mugv[hopper]` extra): self-attention
 through `flash_attn_func`, cross-attention through `flash_attn_varlen_func` over the real text
 tokens only (no mask tensor). It runs only at a head dim whose forward AND dQ/dK/dV parity passed
-on this device (`mugv verify-kernels`; kernels/registry.py `attention_head_dim`): FA4 4.0.0b36
-returns a wrong dQ at head dims 72 and 80 on Hopper, so there the record makes it pad to 96.
-FA4 4.0.0b36's wrong dQ on Hopper at head dims 72 and 80 has a fix applied before its first use
-(`kernels/fa4_sm90.py`, verified like the rest); among the head dims that pass, the record's measured fastest
-runs. "auto" takes fa4 where it is installed and verified, else SDPA's cuDNN order. `resolve` says
+on this device (`mugv verify-kernels`; kernels/registry.py `attention_head_dim`), with the
+calling code and dQ fix it was verified with. FA4 4.0.0b36 as released returns a wrong dQ at head
+dims 72 and 80 on Hopper; `kernels/fa4_sm90.py` fixes it before the first use (verified like the
+rest). Among the head dims that pass, the record's measured fastest runs (80 for the model's 72 on
+an H100). "auto" takes fa4 where it is installed and verified, else SDPA's cuDNN order. `resolve` says
 which backend and head dim a device gets, and why.
 """
 from __future__ import annotations

@@ -67,12 +67,14 @@ class Variant:
     pad_head_dim: int | None = None
     recompute: str = "none"         # none | selective | full
     attention: str = "cudnn"        # torch_backend/models/attention.py BACKENDS; fa4 = FlashAttention-4
+    host_grad_norm: bool = False    # Megatron's Apex-less grad norm (one host sync per tensor), as before session 8
 
 
 VARIANTS = {v.name: v for v in [
     Variant("eager"),                                              # the trainer's path today
     Variant("kernels", ops="kernels"),
     Variant("kernels+fadam", ops="kernels", fused_adam=True),
+    Variant("kernels+fadam+host-norm", ops="kernels", fused_adam=True, host_grad_norm=True),
     Variant("kernels+fadam+pad80", ops="kernels", fused_adam=True, pad_head_dim=80),
     Variant("kernels+fadam+pad128", ops="kernels", fused_adam=True, pad_head_dim=128),
     Variant("kernels+fadam+selective", ops="kernels", fused_adam=True, recompute="selective"),
@@ -336,6 +338,13 @@ def build(cfg, v: Variant):
         opt = megatron_optimizer(pm, OptimizerConfig(lr=1e-5, eps=1e-8))
     finally:
         torch.optim.AdamW = adamw
+    import megatron.core.optimizer.clip_grads as clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+    from mugv.torch_backend.training.parallelize import use_device_grad_norm
+    if v.host_grad_norm:   # read at each step: this variant's steps use Megatron's fallback
+        clip_grads.l2_norm_impl = local_multi_tensor_l2_norm
+    else:
+        use_device_grad_norm()
     return model, ddp, opt
 
 

@@ -67,14 +67,23 @@ class KernelConfig:
     kernels: fused Triton kernels: auto (those verified on this GPU: kernels/verified.json and the
         user's `mugv verify-kernels` record; the MUGV_KERNELS environment variable, if set, decides), reference (plain torch everywhere),
         all, or comma-separated names from KERNEL_NAMES. The CPU always runs the references.
+    compile_layers: torch.compile each transformer layer (Inductor fuses its elementwise ops; the
+        kernel slots take their references inside, the attention backend stays): auto (on a GPU
+        where `mugv verify-kernels` recorded the compiled DiT's parity, parity_tests/kernels/
+        test_dit_compiled.py, with this torch and this layer code; not with activation recompute or
+        context parallelism, which were not measured), on (always, the CPU too), off.
+        Measured on an H100 (docs/benchmarks.md, issue 22): 720p 43.2 % MFU compiled vs 42.5 %
+        with the Triton kernels (FA4 at both), 256p 30.0 % vs 29.3 %.
     """
 
     attention_backend: str = "auto"
     pad_head_dim: Optional[int] = None
     kernels: str = "auto"
+    compile_layers: str = "auto"
 
     def __post_init__(self) -> None:
         v.one_of(self, "attention_backend", ATTENTION_BACKENDS)
+        v.one_of(self, "compile_layers", ("auto", "on", "off"))
         if self.pad_head_dim is not None and (not isinstance(self.pad_head_dim, int) or self.pad_head_dim <= 0
                                               or self.pad_head_dim % 8):
             v.fail(self, "pad_head_dim", "null or a positive multiple of 8")

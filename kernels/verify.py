@@ -143,8 +143,10 @@ def tests_passed(parity: dict, entry) -> bool:
     return all(parity["files"].get(pathlib.Path(t).stem) for t in entry.tests)
 
 
-# attention backends outside torch that `--only` may name, with their parity files
-ATTENTION_TESTS = {"fa4": "parity_tests/kernels/test_attention_fa4.py"}
+# fast paths besides the kernels that `--only` may name, with their parity files: FlashAttention-4,
+# and the compiled transformer layers (KernelConfig.compile_layers)
+ATTENTION_TESTS = {"fa4": "parity_tests/kernels/test_attention_fa4.py",
+                   "compiled_layers": "parity_tests/kernels/test_dit_compiled.py"}
 
 
 def test_files(only: set[str] | None) -> list[str] | None:
@@ -169,7 +171,14 @@ def device_record(device: str, parity: dict, only: set[str] | None, previous: di
             and previous.get("fingerprints", {}).get(k) == fingerprint(k)]
     names = kept + passed
     attention = attention_record(parity) or previous.get("attention", {})
-    return {"device": device, "attention": attention, "torch": torch.__version__, "triton": triton.__version__,
+    compiled = previous.get("compiled_layers")
+    ran = parity["files"].get("test_dit_compiled")
+    if ran is not None:   # the compiled DiT's file ran now: its result replaces the earlier one
+        from mugv.torch_backend.models.dit_layers import compiled_fingerprint
+        compiled = {"fingerprint": compiled_fingerprint(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} \
+            if ran else None
+    extra = {"compiled_layers": compiled} if compiled else {}
+    return {"device": device, "attention": attention, **extra, "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": "mugv verify-kernels",
             "kernels": names, "fingerprints": {k: fingerprint(k) for k in names},
             "failed": sorted(k for k, e in KERNELS.items() if (not only or k in only)
@@ -226,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mugv verify-kernels: {err}", file=sys.stderr)
         return 2
     fa4 = rec["attention"].get("fa4", {})
-    print(f"{rec['device']}: verified {rec['kernels'] or 'none'}; failed {rec['failed'] or 'none'}\n"
+    print(f"{rec['device']}: verified {rec['kernels'] or 'none'}; failed {rec['failed'] or 'none'}; "
+          f"compiled layers {'verified' if rec.get('compiled_layers') else 'not verified'}\n"
           f"fa4 {fa4.get('version', 'not installed')}: passed at {fa4.get('head_dims', {})} "
           f"of {fa4.get('tested', {})} (head dim: run-at dims), code {fa4.get('fingerprint')}, "
           f"fwd+bwd ms {fa4.get('ms', {})}\n"

@@ -302,3 +302,37 @@ def test_fa4_dq_fix_mode_and_fingerprint(monkeypatch):
     monkeypatch.setenv("MUGV_FA4_DQ_FIX", "postprocess")
     with pytest.raises(ValueError, match="MUGV_FA4_DQ_FIX='postprocess': expected one of"):
         fa4_sm90.mode()
+
+
+def test_compiled_layers_only_where_verified_with_this_torch_and_layer_code(fake_gpu):
+    """KernelConfig.compile_layers="auto" compiles on a GPU whose record holds the compiled DiT's
+    parity (test_dit_compiled.py) with this torch and layer code; never on the CPU, with
+    recompute or context parallelism; "on"/"off" force it."""
+    from mugv.core.recipe import KernelConfig
+    from mugv.kernels import registry, verify
+    from mugv.torch_backend.models.dit_layers import compile_status, compiled_fingerprint
+    auto, cuda = KernelConfig(), torch.device("cuda")
+    assert compile_status(auto, torch.device("cpu")) == (False, "not compiled: not a CUDA device")
+    used, why = compile_status(auto, cuda)
+    assert not used and "not verified on Fake GPU 9000" in why and "mugv verify-kernels" in why
+    record = verify.device_record("Fake GPU 9000", {"files": {"test_dit_compiled": True}}, None, {})
+    assert record["compiled_layers"]["fingerprint"] == compiled_fingerprint()
+    assert compiled_fingerprint().startswith(f"torch {torch.__version__}|")
+    verify.write_record("Fake GPU 9000", record)
+    registry.verified_devices.cache_clear()
+    used, why = compile_status(auto, cuda)
+    assert used and why.startswith("compiled: verified on Fake GPU 9000")
+    assert compile_status(auto, cuda, recompute=True)[0] is False
+    assert compile_status(auto, cuda, context_parallel=2)[0] is False
+    assert compile_status(KernelConfig(compile_layers="off"), cuda) == (False, "compile_layers=off")
+    assert compile_status(KernelConfig(compile_layers="on"), torch.device("cpu"))[0] is True
+    # a later run where the file failed drops it; another torch or layer code is not this record
+    failed = verify.device_record("Fake GPU 9000", {"files": {"test_dit_compiled": False}}, None, record)
+    assert "compiled_layers" not in failed
+    record["compiled_layers"]["fingerprint"] = "torch 2.0.0|0123456789abcdef"
+    verify.write_record("Fake GPU 9000", record)
+    registry.verified_devices.cache_clear()
+    used, why = compile_status(auto, cuda)
+    assert not used and "torch 2.0.0|0123456789abcdef" in why
+    with pytest.raises(ValueError, match="compile_layers"):
+        KernelConfig(compile_layers="yes")

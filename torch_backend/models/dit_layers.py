@@ -127,18 +127,57 @@ def triton_ops() -> DiTOps:
     return _ops(kernel_function)
 
 
-def kernels_selected(kernels: KernelConfig, device) -> dict[str, str]:
-    """Which code each DiT kernel slot runs under `kernels` on `device`: "triton" or "reference"
-    (what a checkpoint records next to the KernelConfig)."""
+def kernels_selected(kernels: KernelConfig, device, compiled: bool = False) -> dict[str, str]:
+    """Which code each DiT kernel slot runs under `kernels` on `device`: "triton", "reference", or
+    "compiled" inside compiled layers (what a checkpoint records next to the KernelConfig)."""
     from mugv.kernels.registry import kernel_enabled
+    if compiled:
+        return {name: "compiled" for name in DIT_KERNELS}
     return {name: "triton" if kernel_enabled(name, device, kernels.kernel_choice) else "reference"
             for name in DIT_KERNELS}
 
 
-def layer_spec_for(kernels: KernelConfig, device) -> ModuleSpec:
+COMPILED_TEST = "parity_tests/kernels/test_dit_compiled.py"
+
+
+def compiled_fingerprint() -> str:
+    """What a verification of the compiled layers binds to: torch's version (Inductor writes the
+    kernels) and the source of this module and of models/dit.py (what is compiled)."""
+    import hashlib
+    import inspect
+    import sys
+    from mugv.torch_backend.models import dit
+    source = inspect.getsource(sys.modules[__name__]) + inspect.getsource(dit) + COMPILED_TEST
+    return f"torch {torch.__version__}|{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+
+def compile_status(kernels: KernelConfig, device, recompute: bool = False, context_parallel: int = 1
+                   ) -> tuple[bool, str]:
+    """(whether to torch.compile each transformer layer, why) under `kernels.compile_layers`."""
+    choice = kernels.compile_layers
+    if choice in ("on", "off"):
+        return choice == "on", f"compile_layers={choice}"
+    if getattr(device, "type", str(device)) != "cuda":
+        return False, "not compiled: not a CUDA device"
+    if recompute or context_parallel > 1:
+        return False, "not compiled: activation recompute or context parallelism (not measured compiled)"
+    from mugv.kernels.registry import verified_devices
+    gpu = torch.cuda.get_device_name(device)
+    record = verified_devices().get(gpu, {}).get("compiled_layers")
+    if record is None:
+        return False, f"not compiled: compiled layers not verified on {gpu} (run `mugv verify-kernels`)"
+    if record.get("fingerprint") != compiled_fingerprint():
+        return False, (f"not compiled: verified on {gpu} as {record.get('fingerprint')!r}, this torch and "
+                       f"layer code are {compiled_fingerprint()!r} (run `mugv verify-kernels`)")
+    return True, f"compiled: verified on {gpu} ({record.get('date', '?')})"
+
+
+def layer_spec_for(kernels: KernelConfig, device, compiled: bool = False) -> ModuleSpec:
     """The layer spec a run's KernelConfig asks for on `device`: the kernel slots (references on a
-    CPU), the attention backend, and head-dim padding of the self-attention."""
-    ops = kernel_ops(device, kernels.kernel_choice) if getattr(device, "type", str(device)) == "cuda" else REFERENCE_OPS
+    CPU, and inside compiled layers, where Inductor fuses them), the attention backend, and
+    head-dim padding of the self-attention."""
+    on_gpu = getattr(device, "type", str(device)) == "cuda"
+    ops = kernel_ops(device, kernels.kernel_choice) if on_gpu and not compiled else REFERENCE_OPS
     return mugdit_layer_spec(ops=ops, attention_backend=kernels.attention_backend,
                              pad_head_dim=kernels.pad_head_dim)
 

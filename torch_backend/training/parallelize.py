@@ -60,6 +60,7 @@ class ParallelDiT:
     data_parallel: int
     dit: DiTConfig
     layer_spec: object = None   # the MUG-DiT layer spec the chunks were built with
+    compiled: tuple = (False, "not compiled")   # (layers torch.compile'd, why): KernelConfig.compile_layers
 
     @property
     def stages(self) -> list:
@@ -110,11 +111,14 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
     config = transformer_config(dit, params_dtype=params_dtype, **fields)
     pp_rank = ps.get_pipeline_model_parallel_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from mugv.torch_backend.models.dit_layers import compile_status, layer_spec_for
+    recompute = bool(config_overrides.get("recompute_granularity"))
+    compiled, compile_why = compile_status(kernels, device, recompute, par.context_parallel)
     if layer_spec is None:
         # The Triton kernels wherever kernels/verified.json records their parity on this GPU
-        # (kernels/registry.py; or as `kernels.kernels` says), else their plain-torch references.
-        from mugv.torch_backend.models.dit_layers import layer_spec_for
-        layer_spec = layer_spec_for(kernels, device)
+        # (kernels/registry.py; or as `kernels.kernels` says), else their plain-torch references;
+        # inside compiled layers the references (Inductor fuses them).
+        layer_spec = layer_spec_for(kernels, device, compiled)
     chunks = []
     for v in range(vpp):
         layers = chunk_layers(dit.depth, pp, vpp, pp_rank, v)
@@ -123,10 +127,13 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
                           post_process=pp_rank == pp - 1 and v == vpp - 1, layers=layers)
         # finalize_model_grads asks every first/last stage whether it ties embeddings (GPT does).
         model.share_embeddings_and_output_weights = False
+        if compiled:   # KernelConfig.compile_layers: each layer's forward and backward through Inductor
+            for layer in model.layers.values():
+                layer.compile(dynamic=False)
         chunks.append(model)
     if wrap_ddp:
         chunks = wrap_in_ddp(chunks, config, par, dp, bucket_size)
-    return ParallelDiT(chunks, config, par, dp, dit, layer_spec)
+    return ParallelDiT(chunks, config, par, dp, dit, layer_spec, (compiled, compile_why))
 
 
 def wrap_in_ddp(stages: Sequence[torch.nn.Module], config, par: ParallelConfig, data_parallel: int,

@@ -269,7 +269,9 @@ class Trainer(CheckpointMixin):
         return {"dit": to_dict(self.dit), "train": to_dict(self.train), "flow": to_dict(self.flow),
                 "parallel": to_dict(self.parallel), "stage": to_dict(self.stage),
                 # what produced the weights: the run's choice and what it resolved to on this device
-                "kernels": {**to_dict(self.kernels), "selected": kernels_selected(self.kernels, self.device),
+                "kernels": {**to_dict(self.kernels),
+                            "selected": kernels_selected(self.kernels, self.device, self.pm.compiled[0]),
+                            "compiled_layers": self.pm.compiled[0],
                             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}}
 
     # ------------------------------------------------------------------------------------------
@@ -551,12 +553,19 @@ class Trainer(CheckpointMixin):
                                     self.kernels.pad_head_dim)
         attention = {"backend": backend, "head_dim": self.dit.head_dim, "runs_at": pad or self.dit.head_dim,
                      "why": why}
+        compiled, compile_why = self.pm.compiled
+        if compiled:   # the DiT's slots run their references inside the compiled layers
+            from mugv.torch_backend.models.dit_layers import DIT_KERNELS
+            kernels = {k: {"used": False, "why": "reference inside compiled layers (Inductor fuses it)"}
+                       if k in DIT_KERNELS else v for k, v in kernels.items()}
         with open(self.out_dir / "environment.jsonl", "a") as f:
             f.write(json.dumps({"start_step": self.step, **env, "device": str(self.device),
-                                "kernels": kernels, "attention": attention}) + "\n")
+                                "kernels": kernels, "attention": attention,
+                                "compiled_layers": {"used": compiled, "why": compile_why}}) + "\n")
         self.log(f"[mugv] versions: {provenance.versions_line(env)}")
         self.log("[mugv] kernels: " + "; ".join(f"{k} {v['why']}" for k, v in kernels.items()))
         self.log(f"[mugv] attention: {why}")
+        self.log(f"[mugv] layers: {compile_why}")
 
     def _record(self, m: dict) -> None:
         if self.rank != 0:

@@ -1,0 +1,53 @@
+"""The compiled DiT (`KernelConfig.compile_layers`): the tiny MUG-DiT (hidden 144, 2 heads of 72,
+2 layers, Megatron-Core linears) with each transformer layer `torch.compile`d (Inductor fuses the
+plain-torch ops of the kernel slots; the trainer's compiled configuration) against the same DiT
+uncompiled, both judged against that DiT in float64: output and the gradient of every parameter,
+of the latents and of the text (tolerances.py "kernel_model" row: another fp32 evaluation of the
+same model), for text-to-video, image-to-video and padded text.
+
+On a GPU `mugv verify-kernels` runs this file and the trainer compiles the layers there only when it
+passed with this torch and this layer code (dit_layers.compile_status). On the CPU (Inductor's C++
+backend, ~1 min to compile) text-to-video runs; the other two inputs on the GPU only.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mugv.parity_tests.fixtures import megatron_world  # noqa: F401  (a fixture)
+from mugv.parity_tests.helpers import random_params
+from mugv.parity_tests.test_dit import CFG, loss_weights, make_inputs, torch_model, torch_run
+from mugv.parity_tests.tolerances import assert_sharded_vs_float64
+
+
+def _as64(a):
+    return a.astype(np.float64) if a.dtype == np.float32 else a
+
+
+@pytest.mark.parametrize("kind", ["t2v", "i2v", "padded_text"])
+def test_compiled_dit_equals_the_dit(megatron_world, device, kind):
+    if device.type != "cuda" and kind != "t2v":
+        pytest.skip("CPU: text-to-video only (each input compiles again, ~1 min)")
+    params, inputs, weights = random_params(CFG), make_inputs(kind), loss_weights()
+
+    def run(model, ins, w):
+        return torch_run(model.to(device), ins, w)
+    out64, grads64 = run(torch_model(params).double(), {k: _as64(v) for k, v in inputs.items()}, _as64(weights))
+    out32, grads32 = run(torch_model(params), inputs, weights)
+    compiled = torch_model(params)
+    for layer in compiled.layers.values():
+        layer.compile(dynamic=False)
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    outc, gradsc = run(compiled, inputs, weights)
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled: the test would compare eager with eager"
+    assert sorted(gradsc) == sorted(grads32) == sorted(grads64)
+    ratio = {"output": assert_sharded_vs_float64(outc, out32, out64, "kernel_model", name=f"{kind} output")}
+    for k in grads64:
+        ratio[k] = assert_sharded_vs_float64(gradsc[k], grads32[k], grads64[k], "kernel_model",
+                                             name=f"{kind} grad {k}")
+    worst = max(ratio, key=ratio.get)
+    print(f"{kind} on {device}: worst {worst} at {ratio[worst]:.2f} of its bound")
+    assert not [k for k, g in gradsc.items() if not np.any(g)]

@@ -324,6 +324,7 @@ def test_compiled_layers_only_where_verified_with_this_torch_and_layer_code(fake
     assert used and why.startswith("compiled: verified on Fake GPU 9000")
     assert compile_status(auto, cuda, recompute=True)[0] is False
     assert compile_status(auto, cuda, context_parallel=2)[0] is False
+    assert compile_status(auto, cuda, hooked=True)[0] is False
     assert compile_status(KernelConfig(compile_layers="off"), cuda) == (False, "compile_layers=off")
     assert compile_status(KernelConfig(compile_layers="on"), torch.device("cpu"))[0] is True
     # a later run where the file failed drops it; another torch or layer code is not this record

@@ -151,14 +151,18 @@ def compiled_fingerprint() -> str:
     return f"torch {torch.__version__}|{hashlib.sha256(source.encode()).hexdigest()[:16]}"
 
 
-def compile_status(kernels: KernelConfig, device, recompute: bool = False, context_parallel: int = 1
-                   ) -> tuple[bool, str]:
-    """(whether to torch.compile each transformer layer, why) under `kernels.compile_layers`."""
+def compile_status(kernels: KernelConfig, device, recompute: bool = False, context_parallel: int = 1,
+                   hooked: bool = False) -> tuple[bool, str]:
+    """(whether to torch.compile each transformer layer, why) under `kernels.compile_layers`.
+    `hooked`: a model hook (LoRA) changes the layers after they are built, which the verification
+    did not cover, so "auto" does not compile them."""
     choice = kernels.compile_layers
     if choice in ("on", "off"):
         return choice == "on", f"compile_layers={choice}"
     if getattr(device, "type", str(device)) != "cuda":
         return False, "not compiled: not a CUDA device"
+    if hooked:
+        return False, "not compiled: a model hook (e.g. LoRA) changes the layers the verification compiled"
     if recompute or context_parallel > 1:
         return False, "not compiled: activation recompute or context parallelism (not measured compiled)"
     from mugv.kernels.registry import verified_devices

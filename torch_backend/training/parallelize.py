@@ -80,7 +80,7 @@ def chunk_layers(depth: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> ran
 def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
                 params_dtype: torch.dtype = torch.float32, wrap_ddp: bool = True,
                 bucket_size: Optional[int] = None, layer_spec=None, kernels: KernelConfig = KernelConfig(),
-                **config_overrides) -> ParallelDiT:
+                hooked: bool = False, **config_overrides) -> ParallelDiT:
     """Initialise Megatron's parallel state for `par` and build this rank's part of MUG-DiT.
 
     Validates the layout first (`check_layout`, then no work: `LayoutError` names the sizes).
@@ -91,6 +91,8 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
     verified Triton kernels on a GPU, the plain-torch ops on a CPU, the attention backend and
     head-dim padding); under context parallelism its
     self-attention core is wrapped in Ulysses attention (`context_parallel.ulysses_layer_spec`).
+    The layers are torch.compile'd where `kernels.compile_layers` and `dit_layers.compile_status`
+    say (`hooked`: the caller changes the layers afterwards, as LoRA does).
     """
     from megatron.core import parallel_state as ps
 
@@ -113,7 +115,7 @@ def parallelize(dit: DiTConfig, par: ParallelConfig, *, seed: Optional[int] = 0,
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     from mugv.torch_backend.models.dit_layers import compile_status, layer_spec_for
     recompute = bool(config_overrides.get("recompute_granularity"))
-    compiled, compile_why = compile_status(kernels, device, recompute, par.context_parallel)
+    compiled, compile_why = compile_status(kernels, device, recompute, par.context_parallel, hooked)
     if layer_spec is None:
         # The Triton kernels wherever kernels/verified.json records their parity on this GPU
         # (kernels/registry.py; or as `kernels.kernels` says), else their plain-torch references;

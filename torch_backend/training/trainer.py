@@ -208,6 +208,7 @@ class Trainer(CheckpointMixin):
             raise ValueError("TrainConfig.precision = 'bf16' needs a GPU; use 'fp32' on a CPU")
         recompute = recompute_overrides(self.train.recompute, self.train.recompute_layers)
         pm = parallelize(self.dit, p, seed=self.train.seed, wrap_ddp=False, kernels=self.kernels,
+                         hooked=self.model_hook is not None,
                          params_dtype=torch.bfloat16 if bf16 else torch.float32, **recompute)
         self.pm, self.params_dtype = pm, pm.config.params_dtype
         self.rank = dist.get_rank()

@@ -4,8 +4,8 @@
 #           and none (correctness and 720p speed), the SM90 backward's tile configs; then
 #           `mugv verify-kernels --only fa4` under the default fix (kernel32 if only that one passed;
 #           the choice is kept in /tmp/mugv_fa4_fix for the next runs on this warm machine)
-#   verify  `mugv verify-kernels` (python -m mugv.kernels.verify): every Triton kernel's and FA4's
-#           parity on this device -> MUGV_VERIFIED_KERNELS (copied to $OUT/verified_kernels.json)
+#   verify  `mugv verify-kernels` (python -m mugv.kernels.verify): every Triton kernel's, FA4's and
+#           the compiled DiT's parity on this device -> MUGV_VERIFIED_KERNELS (copied to $OUT/verified_kernels.json)
 #   step    benchmarks/dit_step.py: whole training steps with and without FA4 (the plain-PyTorch
 #           block baseline in the same run), table last
 # Usage: bash benchmarks/gpu_fa4.sh fix|verify|step [dit_step args]

@@ -38,12 +38,19 @@ def test_dit_with_the_kernels_equals_the_reference_dit(megatron_world, device, k
     out64, grads64 = run(torch_model(params).double(), {k: _as64(v) for k, v in inputs.items()}, _as64(weights))
     out32, grads32 = run(torch_model(params), inputs, weights)
     outk, gradsk = run(torch_model(params, layer_spec=mugdit_layer_spec(ops=ops)), inputs, weights)
+    assert_dit_vs_float64(f"{kind} on {device}", (outk, gradsk), (out32, grads32), (out64, grads64))
+
+
+def assert_dit_vs_float64(what: str, got, fp32, fp64) -> None:
+    """Another fp32 evaluation of the tiny DiT, (output, {name: gradient}), against the plain fp32
+    run and the float64 run: the "kernel_model" row on the output and every gradient."""
+    (outk, gradsk), (out32, grads32), (out64, grads64) = got, fp32, fp64
     assert sorted(gradsk) == sorted(grads32) == sorted(grads64)
-    ratio = {"output": assert_sharded_vs_float64(outk, out32, out64, "kernel_model", name=f"{kind} output")}
+    ratio = {"output": assert_sharded_vs_float64(outk, out32, out64, "kernel_model", name=f"{what} output")}
     for k in grads64:
         ratio[k] = assert_sharded_vs_float64(gradsk[k], grads32[k], grads64[k], "kernel_model",
-                                             name=f"{kind} grad {k}")
+                                             name=f"{what} grad {k}")
     worst = max(ratio, key=ratio.get)
-    print(f"{kind} on {device}: worst {worst} at {ratio[worst]:.2f} of its bound")
+    print(f"{what}: worst {worst} at {ratio[worst]:.2f} of its bound")
     # every parameter reaches the output, so no gradient comparison above is vacuous
     assert not [k for k, g in gradsk.items() if not np.any(g)]

@@ -139,3 +139,19 @@ def test_long_shot_moves_at_the_clip_speed(motion):
         np.testing.assert_allclose(shot[name][14:31], clip[name], rtol=0, atol=1e-12, err_msg=f"{motion} {name}")
     spread = _trajectory(motion, np.random.default_rng(3), 45)   # the default: motion over the whole shot
     assert any(not np.allclose(spread[name][14:31], clip[name]) for name in clip), f"{motion}: control"
+
+
+def test_diagnostic_drops_exactly_the_kept_clips_with_a_true_transition(curated, tmp_path):
+    """`curated_drop_transitions`: the same curation (reused: the sources and run are finished),
+    its manifest without the rows that hold or touch a true transition, nothing else dropped."""
+    from mugv.torch_backend.data.curation.evaluate import transition_in_row
+    root, result, truth, _ = curated
+    again = curate_train(DATA, root, log=lambda s: None, spec=SPEC, drop_transitions=True)
+    full = [json.loads(x) for x in result["manifest"].read_text().splitlines() if x.strip()]
+    clean = [json.loads(x) for x in again["manifest"].read_text().splitlines() if x.strip()]
+    with_transition = [r for r in full if transition_in_row(truth, r)]
+    assert again["manifest"] != result["manifest"] and result["manifest"].exists()
+    assert clean == [r for r in full if not transition_in_row(truth, r)]
+    assert again["counts"]["dropped_with_transitions"] == len(with_transition) == \
+        result["kept_rows"]["transition_centre"] + result["kept_rows"]["transition_edge"]
+    assert with_transition, "the planted sources should give the detector at least one miss to drop"

@@ -115,7 +115,10 @@ class DemoConfig:
     curated: train on curated data (issue 23): the training split becomes long multi-shot 64 px
         sources of the training compositions with planted defects, curated by `mugv curate`
         (jobs/generate_data.py::curate_train); the report gains a curation section. Evaluation
-        and validation splits are the generated clips either way. False: the generated clips."""
+        and validation splits are the generated clips either way. False: the generated clips.
+    curated_drop_transitions: with `curated`, a diagnostic: also leave out the kept clips that hold
+        or touch a true transition, known from the generator's truth (real data has none), to
+        measure what the shot detector's missed and misplaced boundaries cost the demo."""
 
     out: str = "runs/demo"
     data: DemoData = DemoData()
@@ -131,6 +134,7 @@ class DemoConfig:
     preference: str = "none"
     preference_seeds: int = 3
     curated: bool = False
+    curated_drop_transitions: bool = False
 
     def __post_init__(self) -> None:
         v.one_of(self, "score", SCORED_SPLITS)
@@ -280,7 +284,8 @@ def run(cfg: DemoConfig, log=print) -> dict:
     new_split, seen_split = f"{cfg.score}_new", f"{cfg.score}_seen"
     curation = None
     if cfg.curated:
-        curation = curate_train(d, out / "data" / "curated_train", log)
+        curation = curate_train(d, out / "data" / "curated_train", log,
+                                drop_transitions=cfg.curated_drop_transitions)
         manifests = {**manifests, "train": curation.pop("manifest")}
         trained = {e.caption for e in read_manifest(manifests["train"])}
         seen_caps_all = [e.caption for e in read_manifest(manifests[seen_split])]

@@ -246,7 +246,8 @@ def held_out_in_manifest(cfg: DemoData, manifest: str | pathlib.Path) -> list[st
     return out
 
 
-def curate_train(cfg: DemoData, out_dir: str | pathlib.Path, log=print, spec=None) -> dict:
+def curate_train(cfg: DemoData, out_dir: str | pathlib.Path, log=print, spec=None, drop_transitions: bool = False
+                 ) -> dict:
     """The demo's training split from curated sources: long multi-shot sources at SOURCE_SIZE px
     (product_sources: cuts, fades, dissolves, planted blur/static/shake/duplicate shots) whose
     scenes are only training compositions with demo captions, curated by `mugv curate` with
@@ -254,7 +255,10 @@ def curate_train(cfg: DemoData, out_dir: str | pathlib.Path, log=print, spec=Non
     decode's cover resize gives cfg.size) and scored against the generator's truth.
     Writes out_dir/sources and out_dir/curated. Returns {"manifest", "counts", "shots",
     "filters", "kept_rows" (evaluate.rows_spanning_transitions), "report", "spec"}. Raises ValueError naming the manifest if a held-out composition got in.
-    spec: a product_sources.SourcesSpec (default curated_sources_spec(cfg))."""
+    spec: a product_sources.SourcesSpec (default curated_sources_spec(cfg)).
+    drop_transitions (a diagnostic with the generator's truth, which real data does not have): the
+    returned manifest also leaves out the kept clips that hold or touch a true transition
+    (`evaluate.transition_in_row`), to measure what missed or misplaced boundaries cost."""
     from mugv.core.curation import embedded_curate_config
     from mugv.torch_backend.data.curation import run
     from mugv.torch_backend.data.curation.evaluate import evaluate_on_truth
@@ -281,6 +285,16 @@ def curate_train(cfg: DemoData, out_dir: str | pathlib.Path, log=print, spec=Non
         raise ValueError(f"{manifest}: {len(leaked)} rows name held-out compositions, e.g. {leaked[0]!r}")
     counts = {k: report[k] for k in ("sources", "clips", "kept", "rejected_by_filter", "rejected_by_first_reason",
                                      "duplicate_groups", "manifest_rows")}
+    if drop_transitions:
+        from mugv.torch_backend.data.curation.evaluate import transition_in_row
+        truth = json.loads((out / "sources" / "truth.json").read_text())
+        rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+        clean = [r for r in rows if transition_in_row(truth, r) is None]
+        manifest = out / "curated" / "manifest_without_transitions.jsonl"
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in clean))
+        counts["dropped_with_transitions"] = len(rows) - len(clean)
+        log(f"[mugv] data: diagnostic: {len(rows) - len(clean)} of {len(rows)} kept clips hold or touch a true "
+            f"transition and are left out -> {manifest}")
     log(f"[mugv] data: curated {report['clips']} clips of {report['sources']} {spec.size} px sources, "
         f"{report['kept']} kept -> {manifest}")
     return {"manifest": manifest, "counts": counts, "shots": scores["shots"], "filters": scores["filters"],

@@ -121,21 +121,29 @@ def filter_scores(truth: dict, clips: list[dict]) -> dict:
     return out
 
 
+def transition_in_row(truth: dict, row: dict) -> str | None:
+    """Whether a clip (source path, start_s/end_s) of a generated source holds a true transition's
+    centre ("centre": a missed boundary, two scenes under one caption), only some frames of one at
+    an end ("edge": a boundary placed a few frames off, or a gradual one's tail), or none (None).
+    Rows of other files: None."""
+    src = truth["sources"].get(pathlib.Path(row["path"]).name)
+    if src is None:
+        return None
+    s0 = row.get("start_s") or 0.0
+    s1 = row["end_s"] if row.get("end_s") is not None else src["duration"]
+    if any(s0 < tr["time"] < s1 for tr in src["transitions"]):
+        return "centre"
+    if any(tr["end"] > s0 + 1e-6 and tr["start"] < s1 - 1e-6 for tr in src["transitions"]):
+        return "edge"
+    return None
+
+
 def rows_spanning_transitions(truth: dict, rows: list[dict]) -> dict:
-    """Of kept clips (source path, start_s/end_s), how many hold a true transition's centre
-    (a missed boundary: two scenes under one caption) and how many only some frames of a
-    transition at an end (a detected boundary placed a few frames off, or a gradual one's tail)."""
-    centre = edge = 0
+    """Of kept clips (source path, start_s/end_s), how many hold a true transition's centre and
+    how many only some frames of one at an end (`transition_in_row`)."""
     rows = [r for r in rows if pathlib.Path(r["path"]).name in truth["sources"]]   # generated sources only
-    for r in rows:
-        src = truth["sources"][pathlib.Path(r["path"]).name]
-        s0 = r.get("start_s") or 0.0
-        s1 = r["end_s"] if r.get("end_s") is not None else src["duration"]
-        if any(s0 < tr["time"] < s1 for tr in src["transitions"]):
-            centre += 1
-        elif any(tr["end"] > s0 + 1e-6 and tr["start"] < s1 - 1e-6 for tr in src["transitions"]):
-            edge += 1
-    return {"rows": len(rows), "transition_centre": centre, "transition_edge": edge}
+    found = [transition_in_row(truth, r) for r in rows]
+    return {"rows": len(rows), "transition_centre": found.count("centre"), "transition_edge": found.count("edge")}
 
 
 def evaluate_on_truth(out_dir: str | pathlib.Path, truth_path: str | pathlib.Path) -> dict:

@@ -45,7 +45,9 @@ def main() -> None:
     for k in b:
         print(f"| {k} (%) | {b[k]:.1f} | {c[k]:.1f} | {c[k] - b[k]:+.1f} |")
     cc = cur["curation"]["counts"]
-    print(f"| training clips | 192 generated | {cc['kept']} kept of {cc['clips']} curated clips | |")
+    dropped = cc.get("dropped_with_transitions")   # the --curated_drop_transitions diagnostic
+    trained = f"; {cc['kept'] - dropped} trained ({dropped} holding a true transition left out)" if dropped else ""
+    print(f"| training clips | 192 generated | {cc['kept']} kept of {cc['clips']} curated clips{trained} | |")
     worse = [k for k in b if c[k] < b[k] - 1e-9]
     print("as good on every number:", "yes" if not worse else f"no (lower: {', '.join(worse)})")
 

@@ -11,6 +11,8 @@ backend, ~1 min to compile) text-to-video runs; the other two inputs on the GPU 
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -24,6 +26,10 @@ from mugv.parity_tests.kernels.test_dit_kernels import _as64, assert_dit_vs_floa
 def test_compiled_dit_equals_the_dit(megatron_world, device, kind):
     if device.type != "cuda" and kind != "t2v":
         pytest.skip("CPU: text-to-video only (each input compiles again, ~1 min)")
+    if device.type != "cuda" and os.environ.get("ATEN_CPU_CAPABILITY"):
+        # scripts/test_dispatch.sh forces ATen's CPU path; Inductor's generated C++ does not build
+        # then ("'at::vec' has not been declared"): this file runs in the default pass only
+        pytest.skip("Inductor's C++ code does not build under a forced ATEN_CPU_CAPABILITY")
     params, inputs, weights = random_params(CFG), make_inputs(kind), loss_weights()
 
     def run(model, ins, w):

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from mugv.core.flops import benchmark_peak  # noqa: E402
+from mugv.torch_backend.profiling import call_ms, profile_step  # noqa: E402
 
 # MFU's denominator: this GPU's dense bf16 peak (core/flops.py BF16_PEAKS; MUGV_PEAK_TFLOPS overrides)
 PEAK, PEAK_SOURCE = benchmark_peak(torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -68,6 +68,7 @@ class Variant:
     recompute: str = "none"         # none | selective | full
     attention: str = "cudnn"        # torch_backend/models/attention.py BACKENDS; fa4 = FlashAttention-4
     host_grad_norm: bool = False    # Megatron's Apex-less grad norm (one host sync per tensor), as before session 8
+    compile_mode: str | None = None  # torch.compile mode of the compiled layers ("reduce-overhead": CUDA graphs)
 
 
 VARIANTS = {v.name: v for v in [
@@ -90,6 +91,11 @@ VARIANTS = {v.name: v for v in [
     # FA4_CROSS_MIN_QUERIES video tokens, cuDNN masked below), else SDPA's cuDNN order
     Variant("kernels+fadam+auto", ops="kernels", fused_adam=True, attention="auto"),
     Variant("compiled-layers+fadam+auto", compile_layers=True, fused_adam=True, attention="auto"),
+    # the same with Megatron's host-synchronising grad norm: what the device norm saves, same run
+    Variant("kernels+fadam+auto+host-norm", ops="kernels", fused_adam=True, attention="auto", host_grad_norm=True),
+    # compiled layers replayed as CUDA graphs (cudagraph trees; FA4's calls split each layer's graph)
+    Variant("compiled-layers-cg+fadam+auto", compile_layers=True, fused_adam=True, attention="auto",
+            compile_mode="reduce-overhead"),
 ]}
 
 
@@ -99,24 +105,8 @@ def sync():
 
 
 def timed(fn, iters: int, warmup: int) -> list[float]:
-    """Milliseconds of each call (CUDA events, synchronised per call) after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(iters):
-        if DEV == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return out
+    """Milliseconds of each call after `warmup` calls (CUDA events, synchronised per call)."""
+    return call_ms(fn, iters, warmup, device=DEV)
 
 
 def free():
@@ -328,7 +318,7 @@ def build(cfg, v: Variant):
     model = build_dit(cfg, tcfg, layer_spec=spec, seed=0, device=device)
     if v.compile_layers:
         for layer in model.layers.values():
-            layer.compile(dynamic=False)
+            layer.compile(dynamic=False, mode=v.compile_mode)
     ddp, = wrap_in_ddp([model], tcfg, ParallelConfig(), data_parallel=1)   # as the trainer wraps it
     pm = ParallelDiT([ddp], tcfg, ParallelConfig(), 1, cfg, spec)
     adamw = torch.optim.AdamW
@@ -422,95 +412,9 @@ def bench_model(cfg, thw, v: Variant, steps: int, profile_dir: pathlib.Path | No
                         for f in ("adaln_modulate", "gated_residual_modulate", "qk_rmsnorm_rope")},
            "wall_s": round(time.time() - t0, 1)}
     if profile_dir is not None and DEV == "cuda":
-        row["profile"] = profile(step, profile_dir / f"profile_{video_tokens(cfg, thw)}_{v.name.replace('+', '_')}.txt", med)
+        row["profile"] = profile_step(step, profile_dir / f"profile_{video_tokens(cfg, thw)}_{v.name.replace('+', '_')}.txt", med)
     del model, ddp, opt, batch, target
     return row
-
-
-CLASSES = [("attention", r"cudnn|flash|fmha|attention|sdpa"), ("matmul", r"gemm|nvjet|cutlass|xmma|sm90_"),
-           ("optimizer", r"adam|multi_tensor|foreach"), ("triton (fused ops)", r"triton"),
-           ("elementwise/other", r".")]
-
-
-def profile(step, path: pathlib.Path, step_ms: float) -> dict:
-    """GPU time by kernel class and the top kernels of one step (the profiler's CUDA kernel rows)."""
-    from torch.profiler import ProfilerActivity, profile as prof_ctx
-    step()
-    sync()
-    with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        sync()
-    kernels: dict[str, list] = {}
-    for e in prof.events():
-        # user annotations (Optimizer.step#..., ProfilerStep#) repeat their kernels' time: skip them
-        if e.device_type.name == "CUDA" and e.device_time > 0 and "#" not in e.name:
-            k = kernels.setdefault(e.name, [0.0, 0])
-            k[0] += e.device_time / 1e3
-            k[1] += 1
-    total = sum(k[0] for k in kernels.values())
-    by_class: dict[str, float] = {}
-    for name, (ms, _) in kernels.items():
-        cls = next(c for c, pat in CLASSES if re.search(pat, name, re.I))
-        by_class[cls] = by_class.get(cls, 0.0) + ms
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
-    lines = [f"step {step_ms:.1f} ms (events), GPU kernel time {total:.1f} ms "
-             f"(idle/overhead {step_ms - total:.1f} ms)", "", "| class | ms | % of step |", "|---|---|---|"]
-    lines += [f"| {c} | {ms:.1f} | {100 * ms / step_ms:.1f}% |" for c, ms in sorted(by_class.items(), key=lambda kv: -kv[1])]
-    lines += ["", "| kernel | calls | ms | % of step |", "|---|---|---|---|"]
-    lines += [f"| `{n[:90]}` | {c} | {ms:.2f} | {100 * ms / step_ms:.1f}% |" for n, (ms, c) in top]
-    gaps = idle_gaps(prof)
-    lines += ["", f"GPU idle inside the profiled step: {gaps['idle_ms']} ms in {gaps['count']} gaps > "
-              f"{gaps['min_gap_us']} us (first kernel to last: {gaps['span_ms']} ms); host calls that "
-              "wait for the GPU: " + (", ".join(f"{n} x{c} ({ms} ms)" for n, c, ms in gaps["host_waits"]) or "none"),
-              "", "| gap ms | after kernel | before kernel | host op running at the gap's start |", "|---|---|---|---|"]
-    lines += [f"| {g['ms']} | `{g['after'][:50]}` | `{g['before'][:50]}` | `{g['host'][:60]}` |" for g in gaps["largest"]]
-    text = "\n".join(lines)
-    path.write_text(text + "\n\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
-    print(text, flush=True)
-    return {"gpu_ms": round(total, 2), "by_class_ms": {k: round(x, 2) for k, x in by_class.items()},
-            "top": [(n[:120], c, round(ms, 3)) for n, (ms, c) in top], "gaps": gaps}
-
-
-HOST_WAITS = r"Synchronize|cudaMemcpy(?!Async)|_local_scalar_dense|aten::nonzero|aten::item|cudaMalloc|cudaFree"
-
-
-def idle_gaps(prof, min_gap_us: float = 50.0, largest: int = 15) -> dict:
-    """Where the GPU waits in a profiled step: the gaps between consecutive GPU activities (kernels,
-    copies, fills) longer than `min_gap_us`, the largest with the activities around them and the
-    innermost host op running when the gap began, and the host calls that block on the GPU
-    (synchronisations, blocking copies, .item(), nonzero, allocator calls) with counts."""
-    gpu, host = [], []
-    for e in prof.events():
-        if "#" in e.name:
-            continue
-        if e.device_type.name == "CUDA" and e.device_time > 0:
-            gpu.append((e.time_range.start, e.time_range.end, e.name))
-        elif e.device_type.name == "CPU":
-            host.append((e.time_range.start, e.time_range.end, e.name))
-    gpu.sort()
-    found = []
-    end = gpu[0][1] if gpu else 0
-    for (s0, e0, n0), (s1, e1, n1) in zip(gpu, gpu[1:]):
-        end = max(end, e0)
-        if s1 - end > min_gap_us:
-            found.append((s1 - end, end, n0, n1))
-    found.sort(reverse=True)
-
-    def host_at(t):
-        running = [h for h in host if h[0] <= t <= h[1]]
-        return min(running, key=lambda h: h[1] - h[0])[2] if running else "-"
-
-    waits: dict[str, list] = {}
-    for s0, e0, name in host:
-        if re.search(HOST_WAITS, name):
-            w = waits.setdefault(name, [0, 0.0])
-            w[0] += 1
-            w[1] += (e0 - s0) / 1e3
-    return {"min_gap_us": min_gap_us, "count": len(found), "idle_ms": round(sum(g[0] for g in found) / 1e3, 2),
-            "span_ms": round((max(g[1] for g in gpu) - gpu[0][0]) / 1e3, 2) if gpu else 0.0,
-            "largest": [{"ms": round(g / 1e3, 3), "after": a, "before": b, "host": host_at(t)}
-                        for g, t, a, b in found[:largest]],
-            "host_waits": sorted(((n, c, round(ms, 2)) for n, (c, ms) in waits.items()), key=lambda w: -w[2])}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,23 +78,17 @@ def _time(run_at: int, tokens: int, heads: int, iters: int) -> dict:
     import torch.nn.functional as F
 
     from mugv.torch_backend.models.attention import fa4_attention
+    from mugv.torch_backend.profiling import call_ms
     base = [torch.randn(1, tokens, heads, MODEL_D, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     qkv = [F.pad(t, (0, run_at - MODEL_D)).contiguous().requires_grad_() for t in base]
     flops_fwd = 4 * tokens * tokens * heads * MODEL_D
     out = {}
     for what in ("fwd", "fwd+bwd"):
-        times = []
-        for i in range(iters + 1):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        def call():
             o = fa4_attention(*qkv, scale=MODEL_D ** -0.5)
             if what == "fwd+bwd":
                 o.backward(torch.ones_like(o))
-            end.record()
-            torch.cuda.synchronize()
-            if i:
-                times.append(start.elapsed_time(end))
-            del o
+        times = call_ms(call, iters, warmup=1, device="cuda")  # the first call compiles
         ms = statistics.median(times)
         flops = flops_fwd * (3 if what == "fwd+bwd" else 1)
         out[what] = {"ms": round(ms, 2), "useful_tflops": round(flops / ms / 1e9, 1)}

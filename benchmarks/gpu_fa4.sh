@@ -8,7 +8,7 @@
 #           the compiled DiT's parity on this device -> MUGV_VERIFIED_KERNELS (copied to $OUT/verified_kernels.json)
 #   step    benchmarks/dit_step.py: whole training steps with and without FA4 (the plain-PyTorch
 #           block baseline in the same run), table last
-# Usage: bash benchmarks/gpu_fa4.sh fix|verify|step [dit_step args]
+# Usage: bash benchmarks/gpu_fa4.sh fix|verify|step [verify-kernels args | dit_step args]
 set -uo pipefail
 # the record lives in /tmp (kept between runs on the same warm machine; $OUT is emptied per run)
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 MUGV_VERIFIED_KERNELS=/tmp/mugv_verified_kernels.json
@@ -30,8 +30,8 @@ PY
   echo "$mode" > /tmp/mugv_fa4_fix; export MUGV_FA4_DQ_FIX=$mode; echo "dQ fix used from here: $mode"
   time python3 -P -m mugv.kernels.verify --only fa4 --log-dir "$OUT/verify" 2>&1 | tee "$OUT/verify.txt"
   cp "$MUGV_VERIFIED_KERNELS" "$OUT/verified_kernels.json"
-elif [ "$what" = verify ]; then
-  time python3 -P -m mugv.kernels.verify --log-dir "$OUT" 2>&1 | tee "$OUT/verify.txt"
+elif [ "$what" = verify ]; then   # extra args go to verify-kernels (e.g. --only fa4)
+  time python3 -P -m mugv.kernels.verify --log-dir "$OUT" "$@" 2>&1 | tee "$OUT/verify.txt"
   cp "$MUGV_VERIFIED_KERNELS" "$OUT/verified_kernels.json"
 else
   time python3 -P benchmarks/dit_step.py --out "$OUT" "$@" 2>&1 | tail -60

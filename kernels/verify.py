@@ -109,6 +109,7 @@ def time_attention(record: dict, tokens: int = 16384, heads: int = 16, iters: in
     import torch.nn.functional as F
 
     from mugv.torch_backend.models.attention import fa4_attention
+    from mugv.torch_backend.profiling import call_ms
     entry = record.get("fa4")
     if not entry:
         return record
@@ -123,15 +124,7 @@ def time_attention(record: dict, tokens: int = 16384, heads: int = 16, iters: in
                 q, k, v = (F.pad(t, (0, p - d)).requires_grad_() for t in base)
                 out = fa4_attention(q, k, v, scale=d ** -0.5)[..., :d]
                 out.backward(torch.ones_like(out))
-            times = []
-            for i in range(iters + 1):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                torch.cuda.synchronize()
-                if i:  # the first call compiles
-                    times.append(start.elapsed_time(end))
+            times = call_ms(step, iters, warmup=1, device="cuda")  # the first call compiles
             ms.setdefault(str(d), {})[str(p)] = round(statistics.median(times), 3)
     entry["ms"] = ms
     entry["timing"] = f"fwd+bwd, bf16, 1 x {tokens} tokens x {heads} heads, median of {iters}"
@@ -145,7 +138,7 @@ def tests_passed(parity: dict, entry) -> bool:
 
 # fast paths besides the kernels that `--only` may name, with their parity files: FlashAttention-4,
 # and the compiled transformer layers (KernelConfig.compile_layers)
-ATTENTION_TESTS = {"fa4": "parity_tests/kernels/test_attention_fa4.py",
+FAST_PATH_TESTS = {"fa4": "parity_tests/kernels/test_attention_fa4.py",
                    "compiled_layers": "parity_tests/kernels/test_dit_compiled.py"}
 
 
@@ -156,7 +149,7 @@ def test_files(only: set[str] | None) -> list[str] | None:
     if not only:
         return None
     return sorted({t for k in only if k in KERNELS for t in KERNELS[k].tests}
-                  | {ATTENTION_TESTS[k] for k in only if k in ATTENTION_TESTS})
+                  | {FAST_PATH_TESTS[k] for k in only if k in FAST_PATH_TESTS})
 
 
 def device_record(device: str, parity: dict, only: set[str] | None, previous: dict) -> dict:
@@ -206,10 +199,10 @@ def verify(only: set[str] | None = None, record_path: pathlib.Path | None = None
     from mugv.kernels.registry import KERNELS, verified_devices
     if not torch.cuda.is_available():
         raise RuntimeError("verify-kernels needs a CUDA GPU: on the CPU the reference is always used")
-    unknown = (only or set()) - set(KERNELS) - set(ATTENTION_TESTS)
+    unknown = (only or set()) - set(KERNELS) - set(FAST_PATH_TESTS)
     if unknown:
         raise ValueError(f"--only: unknown kernels {sorted(unknown)}; expected names from "
-                         f"{sorted(KERNELS) + sorted(ATTENTION_TESTS)}")
+                         f"{sorted(KERNELS) + sorted(FAST_PATH_TESTS)}")
     device = torch.cuda.get_device_name()
     parity = run_parity_tests(test_files(only), log_dir)
     record = device_record(device, parity, only, verified_devices().get(device, {}))

@@ -94,6 +94,6 @@ def test_trainer_applies_and_records_the_kernel_config(tmp_path):
     pad = got["head_dim"] + 8 - got["head_dim"] % 8
     assert (got["backend"], got["pad"]) == ("math", pad)
     assert got["config"] == {"attention_backend": "math", "pad_head_dim": pad, "kernels": "auto", "device": "cpu",
-                             "compile_layers": "auto", "compiled_layers": False,
+                             "compile_layers": "auto",
                              "selected": {"adaln_modulate": "reference", "gated_residual_modulate": "reference",
                                           "qk_rmsnorm_rope": "reference"}}

@@ -189,6 +189,9 @@ def benchmark(seq: int = 16384, heads: int = 12, head_dim: int = 72, batch: int 
     """Forward+backward TFLOP/s of each SDPA backend on this GPU: self-attention (no mask) and
     cross-attention (key padding mask). How the "auto" order was chosen; run
     `python -m mugv.torch_backend.models.attention` on the GPU machine."""
+    import statistics
+
+    from mugv.torch_backend.profiling import call_ms
     dev = torch.device("cuda")
     results: dict[str, dict] = {}
     shapes = {"self": (seq, seq, False), "cross": (seq, text_len, True)}
@@ -205,16 +208,9 @@ def benchmark(seq: int = 16384, heads: int = 12, head_dim: int = 72, batch: int 
                 continue
             try:
                 with sdpa_context(name, dev):
-                    for _ in range(2):
-                        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(iters):
-                        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
-                    end.record()
-                    torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / iters
+                    ms = statistics.median(call_ms(
+                        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward(),
+                        iters, warmup=2, device=dev))
                 results.setdefault(kind, {})[name] = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)}
             except RuntimeError as e:  # backend cannot take these inputs
                 results.setdefault(kind, {})[name] = {"error": str(e).splitlines()[0][:120]}

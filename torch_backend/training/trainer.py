@@ -272,7 +272,6 @@ class Trainer(CheckpointMixin):
                 # what produced the weights: the run's choice and what it resolved to on this device
                 "kernels": {**to_dict(self.kernels),
                             "selected": kernels_selected(self.kernels, self.device, self.pm.compiled[0]),
-                            "compiled_layers": self.pm.compiled[0],
                             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}}
 
     # ------------------------------------------------------------------------------------------

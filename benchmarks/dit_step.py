@@ -55,6 +55,7 @@ RES = {"256p": (14, 32, 56), "720p": (14, 90, 160),
        # longer 720p clips for the memory limit (item 3 of issue 13): 3,600 tokens per latent frame
        "720p-18f": (18, 90, 160), "720p-23f": (23, 90, 160), "720p-40f": (40, 90, 160)}
 TEXT = 300
+BATCH = 1   # samples per step (--batch): token-balanced buckets put several small clips in one step
 DEV, DT = "cuda", torch.bfloat16
 
 
@@ -67,7 +68,8 @@ class Variant:
     pad_head_dim: int | None = None
     recompute: str = "none"         # none | selective | full
     attention: str = "cudnn"        # torch_backend/models/attention.py BACKENDS; fa4 = FlashAttention-4
-    host_grad_norm: bool = False    # Megatron's Apex-less grad norm (one host sync per tensor), as before session 8
+    host_grad_norm: bool = False    # Megatron's Apex-less grad norm (one host sync per tensor) and
+                                    # per-tensor scale/copy loops, as before sessions 8 and 9
     compile_mode: str | None = None  # torch.compile mode of the compiled layers ("reduce-overhead": CUDA graphs)
 
 
@@ -329,30 +331,33 @@ def build(cfg, v: Variant):
     finally:
         torch.optim.AdamW = adamw
     import megatron.core.optimizer.clip_grads as clip_grads
-    from megatron.core.utils import local_multi_tensor_l2_norm
+    import megatron.core.optimizer.optimizer as megatron_opt
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
     from mugv.torch_backend.training.parallelize import use_device_grad_norm
-    if v.host_grad_norm:   # read at each step: this variant's steps use Megatron's fallback
+    if v.host_grad_norm:   # read at each step: this variant's steps use Megatron's fallbacks
         clip_grads.l2_norm_impl = local_multi_tensor_l2_norm
+        clip_grads.multi_tensor_scale_impl = megatron_opt.multi_tensor_scale_impl = local_multi_tensor_scale
     else:
         use_device_grad_norm()
     return model, ddp, opt
 
 
 def make_batch(cfg, thw, device, seed: int = 0):
+    """BATCH samples of one latent size; sample i has TEXT - 17 - 3 i real text tokens."""
     from mugv.core.dit import patch_grid
     g = torch.Generator(device=device).manual_seed(seed)
-    t = thw[0]
+    t, b = thw[0], BATCH
     tp = patch_grid(cfg, thw)[0]
-    text_mask = torch.arange(TEXT, device=device)[None] < TEXT - 17
+    real = TEXT - 17 - 3 * torch.arange(b, device=device)[:, None]
     return dict(
-        x=torch.randn(1, cfg.in_channels, *thw, device=device, generator=g),
-        timestep=torch.tensor([640.0], device=device),
-        text=torch.randn(1, TEXT, cfg.text_dim, device=device, generator=g),
-        text_mask=text_mask,
-        x_mask=torch.ones(1, t, dtype=torch.bool, device=device),
-        fps=torch.tensor([24.0], device=device),
-        frame_indice=torch.arange(tp + 2, device=device)[None],
-    ), torch.randn(1, cfg.in_channels, *thw, device=device, generator=g)
+        x=torch.randn(b, cfg.in_channels, *thw, device=device, generator=g),
+        timestep=torch.full((b,), 640.0, device=device),
+        text=torch.randn(b, TEXT, cfg.text_dim, device=device, generator=g),
+        text_mask=torch.arange(TEXT, device=device)[None] < real,
+        x_mask=torch.ones(b, t, dtype=torch.bool, device=device),
+        fps=torch.full((b,), 24.0, device=device),
+        frame_indice=torch.arange(tp + 2, device=device)[None].expand(b, -1).contiguous(),
+    ), torch.randn(b, cfg.in_channels, *thw, device=device, generator=g)
 
 
 def bench_model(cfg, thw, v: Variant, steps: int, profile_dir: pathlib.Path | None) -> dict:
@@ -397,7 +402,7 @@ def bench_model(cfg, thw, v: Variant, steps: int, profile_dir: pathlib.Path | No
     peak = torch.cuda.max_memory_allocated() if DEV == "cuda" else 0
     layers = len(model.layers)
     rec = layers if v.recompute == "full" else 0
-    fl = step_flops(cfg, thw, TEXT, layers=layers, recompute_layers=rec)
+    fl = step_flops(cfg, thw, TEXT, batch=BATCH, layers=layers, recompute_layers=rec)
     med = statistics.median(st)
     row = {"variant": dataclasses.asdict(v), "step_ms": round(med, 2), "step_ms_all": [round(t, 2) for t in st],
            "fwd_bwd_ms": round(statistics.median(fb), 2),
@@ -407,12 +412,12 @@ def bench_model(cfg, thw, v: Variant, steps: int, profile_dir: pathlib.Path | No
            "model_tflop": fl.model / 1e12, "attention_fraction": fl.attention_fraction,
            "loss0": loss0, "attention_ran": {"self": backend, "head_dim": run_at or cfg.head_dim, "why": why},
            "peak_gib": peak / 2**30, "states_gib": states / 2**30,
-           "activations_gib": (peak - states) / 2**30, "layers": layers, "tokens": video_tokens(cfg, thw),
+           "activations_gib": (peak - states) / 2**30, "layers": layers, "tokens": BATCH * video_tokens(cfg, thw), "batch": BATCH,
            "ops_used": {f: getattr(getattr(model.layers["0"].ops, f), "__name__", "?")
                         for f in ("adaln_modulate", "gated_residual_modulate", "qk_rmsnorm_rope")},
            "wall_s": round(time.time() - t0, 1)}
     if profile_dir is not None and DEV == "cuda":
-        row["profile"] = profile_step(step, profile_dir / f"profile_{video_tokens(cfg, thw)}_{v.name.replace('+', '_')}.txt", med)
+        row["profile"] = profile_step(step, profile_dir / f"profile_{video_tokens(cfg, thw)}x{BATCH}_{v.name.replace('+', '_')}.txt", med)
     del model, ddp, opt, batch, target
     return row
 
@@ -436,7 +441,8 @@ def table(results: dict) -> str:
             ratio = f"{x['mfu'] / base:.2f}" if base else "-"
             ran = x.get("attention_ran", {})
             ran = f", {ran['self']} d={ran['head_dim']}" if ran else ""
-            lines.append(f"| {res} | {name} (step{ran}, fwd+bwd {x['fwd_bwd_ms']} ms) | {x['step_ms']} | "
+            per = f", {x['batch']} samples" if x.get("batch", 1) > 1 else ""
+            lines.append(f"| {res} | {name} (step{per}{ran}, fwd+bwd {x['fwd_bwd_ms']} ms) | {x['step_ms']} | "
                          f"{100 * x['mfu']:.1f}% ({100 * x['hfu']:.1f}%) | {ratio} | "
                          f"{x['peak_gib']:.1f} ({x['activations_gib']:.1f}) | {x['loss0']:.5f} |")
     att = ["", "| res | attention fwd+bwd | ms | useful TFLOP/s |", "|---|---|---|---|"]
@@ -452,12 +458,14 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    global DEV, DT, RES, TEXT
+    global DEV, DT, RES, TEXT, BATCH
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--res", nargs="+", default=list(RES))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1, help="samples per step (the model variants; the "
+                    "reference block and attention micro-benchmarks stay at one)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--profile", nargs="*", default=["eager", "kernels+fadam"])
     ap.add_argument("--skip-ref", action="store_true")
@@ -465,6 +473,7 @@ def main() -> None:
                     help="SDPA micro-benchmarks: self- and cross-attention, cross only, none")
     ap.add_argument("--dry-run", action="store_true")
     a = ap.parse_args()
+    BATCH = a.batch
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from mugv.core.dit import dit_config, sequence_length
@@ -481,7 +490,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu",
                "torch": torch.__version__, "peak_tflops": PEAK / 1e12, "peak_source": PEAK_SOURCE, "text_tokens": TEXT,
                "hidden": cfg.hidden_size, "heads": cfg.num_heads, "head_dim": cfg.head_dim,
-               "layers": a.layers, "command": " ".join(sys.argv), "runs": {}}
+               "layers": a.layers, "batch": BATCH, "command": " ".join(sys.argv), "runs": {}}
     t_start = time.time()
 
     def save():

@@ -70,3 +70,41 @@ def test_device_l2_norm_is_megatrons_norm_without_a_sync_per_tensor():
     finally:
         clip_grads.l2_norm_impl = saved
 
+
+
+def test_foreach_scale_is_megatrons_scale_and_copy():
+    """The drop-in for Megatron's Apex-less `multi_tensor_scale` (clipping's in-place gradient
+    scaling, and the fp32 main -> bf16 model weight copy) writes exactly what the fallback's
+    per-tensor loop writes, bit for bit: the same rounding in the same order."""
+    import torch
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+
+    from mugv.torch_backend.training.parallelize import foreach_multi_tensor_scale, use_device_grad_norm
+    g = torch.Generator().manual_seed(1)
+    shapes = [(64, 48), (48,), (7, 5, 3), (1,)]
+    flag = torch.zeros(1, dtype=torch.int)
+    for scale in (0.37, 1.0):
+        grads = [torch.randn(s, generator=g) * 10 for s in shapes]
+        ours, theirs = [t.clone() for t in grads], [t.clone() for t in grads]
+        foreach_multi_tensor_scale(0, flag, [ours, ours], scale)            # in place (clipping)
+        local_multi_tensor_scale(0, flag, [theirs, theirs], scale)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        assert scale == 1.0 or not torch.equal(ours[0], grads[0])
+        main = [torch.randn(s, generator=g) for s in shapes]                # main -> model weights
+        ours = [torch.empty(s, dtype=torch.bfloat16) for s in shapes]
+        theirs = [torch.empty(s, dtype=torch.bfloat16) for s in shapes]
+        foreach_multi_tensor_scale(0, flag, [main, ours], scale)
+        local_multi_tensor_scale(0, flag, [main, theirs], scale)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    foreach_multi_tensor_scale(0, flag, [[], []], 0.5)
+    saved = clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl
+    try:
+        clip_grads.l2_norm_impl = local_multi_tensor_l2_norm
+        clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = local_multi_tensor_scale
+        assert use_device_grad_norm()
+        assert clip_grads.multi_tensor_scale_impl is foreach_multi_tensor_scale
+        assert optimizer.multi_tensor_scale_impl is foreach_multi_tensor_scale
+    finally:
+        clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl = saved

@@ -287,15 +287,39 @@ def device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor=False, *args)
     return total.reshape(1), None
 
 
+def foreach_multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """`dst = src * scale` for each pair of `tensor_lists[0]`, `tensor_lists[1]`: a drop-in for
+    Megatron's local fallback of Apex's `multi_tensor_scale` (`megatron.core.utils.
+    local_multi_tensor_scale`), which runs one multiply and one copy kernel per tensor from a Python
+    loop. Megatron calls it to scale the gradients when clipping (dst is src) and to copy the fp32
+    main weights into the bf16 model weights (scale 1). Here each is one foreach op; the arithmetic
+    is the fallback's: the product rounded in src's dtype, then converted to dst's."""
+    src, dst = list(tensor_lists[0]), list(tensor_lists[1])
+    if not src:
+        return
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    elif scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
 def use_device_grad_norm() -> bool:
-    """Route Megatron's gradient norm through `device_l2_norm` when it runs on its local fallback
-    (no Apex/TE); Apex's or TE's fused kernel is left alone. Returns whether the fallback was replaced."""
+    """Route Megatron's gradient norm through `device_l2_norm` and its gradient scaling and
+    main-to-model weight copy through `foreach_multi_tensor_scale` where they run on the local
+    fallbacks (no Apex/TE); Apex's or TE's fused kernels are left alone. Returns whether the
+    fallbacks were replaced."""
     import megatron.core.optimizer.clip_grads as clip_grads
-    from megatron.core.utils import local_multi_tensor_l2_norm
-    if clip_grads.l2_norm_impl in (local_multi_tensor_l2_norm, device_l2_norm):
-        clip_grads.l2_norm_impl = device_l2_norm
-        return True
-    return False
+    import megatron.core.optimizer.optimizer as optimizer
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+    if clip_grads.l2_norm_impl not in (local_multi_tensor_l2_norm, device_l2_norm):
+        return False
+    clip_grads.l2_norm_impl = device_l2_norm
+    for module in (clip_grads, optimizer):
+        if module.multi_tensor_scale_impl in (local_multi_tensor_scale, foreach_multi_tensor_scale):
+            module.multi_tensor_scale_impl = foreach_multi_tensor_scale
+    return True
 
 
 def megatron_optimizer(pm: ParallelDiT, opt, fused: Optional[bool] = None):

@@ -31,9 +31,19 @@ class ShotConfig:
     dissolve_threshold: a gradual transition when frames `dissolve_window` apart differ by more
       than this while no single step is a cut.
     dissolve_window: frames each side of a dissolve's centre.
+    colour_threshold: a gradual transition too when the hue distribution of the saturated pixels
+      (S > 60, V > 40 of 255) of the frames `dissolve_window` before and after a frame differs by at
+      least this total variation (0-1; 0 turns it off) while no cut, fade or dissolve is there: the
+      colour-structure check that finds dissolves between look-alike shots (same background, another
+      product), whose whole-frame change stays under `dissolve_threshold`. Motion within a shot
+      moves coloured pixels but keeps their hue distribution.
     min_duration_s / max_duration_s: shorter shots are rejected; longer ones are split into
       pieces of at most max_duration_s (ours: the paper's summaries give no numbers).
     analysis_width: frames are shrunk to this width for detection (aspect kept).
+    edge_trim_s: seconds dropped from a shot's side that touches a detected transition (not the
+      source's own start and end), before the length limits: a gradual transition found a few
+      frames off, or one whose faint tail is under the threshold, leaves blended frames of the
+      other shot there. 0 keeps PySceneDetect's boundaries.
     """
 
     content_threshold: float = 27.0
@@ -42,11 +52,15 @@ class ShotConfig:
     fade_threshold: float = 12.0
     dissolve_threshold: float = 20.0
     dissolve_window: int = 4
+    colour_threshold: float = 0.4
     min_duration_s: float = 2.0
     max_duration_s: float = 10.0
     analysis_width: int = 128
+    edge_trim_s: float = 0.0
 
     def __post_init__(self) -> None:
+        validate.in_range(self, "edge_trim_s", 0.0, None)
+        validate.in_range(self, "colour_threshold", 0.0, 1.0)
         for f in ("content_threshold", "adaptive_min", "fade_threshold", "dissolve_threshold"):
             validate.in_range(self, f, 0.0, 255.0, lo_open=True)
         validate.in_range(self, "adaptive_ratio", 1.0, None)
@@ -193,8 +207,12 @@ def embedded_curate_config(input_dir: str, out_dir: str, **overrides) -> CurateC
     - adaptive_min 8: a cut that swaps only the object (about a tenth of the frame) on the same
       background changes the mean HSV by 10-12, under PySceneDetect's 15.
     - shots are 2.5-4 s at 16 fps: min 1 s, max 4 s; aesthetic off (no CLIP weights offline).
+    - edge_trim_s 0.25: on seed 100, 31 of 200 kept clips began or ended inside a true dissolve
+      (0.5 s long), by 0.06-0.25 s (1-4 frames), after the detector placed its window a few frames
+      off (`python -P benchmarks/curate_demo_sources.py DIR` prints the depths, "edge_depth_s").
     """
-    shots = ShotConfig(adaptive_min=8.0, min_duration_s=1.0, max_duration_s=4.0, analysis_width=64)
+    shots = ShotConfig(adaptive_min=8.0, min_duration_s=1.0, max_duration_s=4.0, analysis_width=64,
+                       edge_trim_s=0.25)
     filters = FilterConfig(sharpness_min=12.0, sharpness_max=None, motion_min=0.015, motion_max=0.8,
                            motion_width=64, aesthetic_min=None, min_short_side=32)
     return CurateConfig(input_dir=input_dir, out_dir=out_dir, shots=shots, filters=filters,

@@ -2,6 +2,7 @@
 video, long-shot splitting, and perceptual-hash dedup."""
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction
 
 import av
@@ -80,6 +81,46 @@ def test_long_shots_split_into_pieces_of_at_most_max_duration():
     lengths = [(times[e] if e < 100 else 10.0) - times[s] for s, e in pieces]
     assert len(pieces) == 4 and max(lengths) <= 3.0 + 1e-9, f"pieces {pieces}, lengths {lengths}"
     assert pieces[0][0] == 0 and pieces[-1][1] == 100 and all(p[1] == q[0] for p, q in zip(pieces, pieces[1:]))
+
+
+def _dissolve(a: np.ndarray, b: np.ndarray, frames: int = 8) -> np.ndarray:
+    w = np.linspace(0, 1, frames + 2)[1:-1, None, None, None]
+    mid = (a[-frames:] * (1 - w) + b[:frames] * w).round().astype(np.uint8)
+    return np.concatenate([a[:-frames], mid, b[frames:]])
+
+
+def test_colour_structure_finds_a_dissolve_between_look_alike_shots(tmp_path):
+    """Another product on the same background, both shots moving: the whole-frame tests see a
+    small change (under dissolve_threshold) and miss the dissolve; the hue distribution of the
+    saturated pixels changes completely and finds it. One shot with the same motion is not split."""
+    a = render(Scene("cone", "red", "matte", "light grey", "rotate"), 1, 64, 40)
+    b = render(Scene("cone", "blue", "matte", "light grey", "rotate"), 2, 64, 40)
+    write_mp4(tmp_path / "pair.mp4", _dissolve(a, b), 16, crf=18)
+    frames = media.scan(tmp_path / "pair.mp4", 64).frames          # 72 frames, dissolve over 32..39
+    cfg = embedded_curate_config(str(tmp_path), str(tmp_path / "out")).shots
+    without = shots.detect(frames, dataclasses.replace(cfg, colour_threshold=0.0))
+    assert without == [], f"the pixel tests alone should miss this dissolve (else the test shows nothing): {without}"
+    found = shots.detect(frames, cfg)
+    assert [f.kind for f in found] == ["dissolve"] and abs((found[0].start + found[0].end) / 2 - 35.5) <= 2, found
+    for motion in ("rotate", "zoom in", "pan right"):   # zoom: the coloured area grows, its hues stay
+        long_shot = render(Scene("cone", "red", "matte", "light grey", motion), 1, 64, 72, motion_frames=40)
+        write_mp4(tmp_path / "one.mp4", long_shot, 16, crf=18)
+        assert shots.detect(media.scan(tmp_path / "one.mp4", 64).frames, cfg) == [], motion
+
+
+def test_edge_trim_drops_frames_next_to_transitions_only():
+    times = np.arange(100) / 16.0                       # 6.25 s at 16 fps
+    # a shot after a transition and before another: 4 frames (0.25 s) off each side
+    assert shots.trim_edges(20, 60, times, 6.25, 0.25, True, True) == (24, 56)
+    # the source's own start and end stay
+    assert shots.trim_edges(0, 60, times, 6.25, 0.25, False, True) == (0, 56)
+    assert shots.trim_edges(20, 100, times, 6.25, 0.25, True, False) == (24, 100)
+    assert shots.trim_edges(20, 60, times, 6.25, 0.0, True, True) == (20, 60)
+    # a shot trimming would empty stays whole (the length filter rejects it, and the report counts it)
+    assert shots.trim_edges(20, 26, times, 6.25, 0.25, True, True) == (20, 26)
+    # variable frame rate: by presentation time, not frame count (20 fps, then 40 fps)
+    vfr = np.concatenate([np.arange(30) * 0.05, 1.5 + np.arange(30) * 0.025])
+    assert shots.trim_edges(10, 50, vfr, 2.25, 0.1, True, True) == (12, 46)
 
 
 def _roundtrip(clip, tmp_path, name):

@@ -123,7 +123,8 @@ def test_rows_spanning_transitions_counts_centres_and_edges():
             {"path": "s.mp4", "start_s": 1.0, "end_s": 3.0},               # holds the cut
             {"path": "s.mp4", "start_s": 2.0, "end_s": 4.125},             # a dissolve's first frames
             {"path": "s.mp4", "start_s": 4.5}]                             # to the end: clean
-    assert rows_spanning_transitions(truth, rows) == {"rows": 4, "transition_centre": 1, "transition_edge": 1}
+    assert rows_spanning_transitions(truth, rows) == {"rows": 4, "transition_centre": 1, "transition_edge": 1,
+                                                      "edge_depth_s": [0.125]}
 
 
 @pytest.mark.parametrize("motion", ["zoom in", "pan left", "pan right", "rotate", "orbit"])

@@ -159,7 +159,8 @@ def _curation_section(cur: dict, out: pathlib.Path) -> str:
     seen = cur.get("seen_in_train", [0, 0])
     spans = cur.get("kept_rows")
     spans = (f"{spans['transition_centre']} of the {spans['rows']} kept clips hold a true transition's centre "
-             f"(a missed boundary: two scenes, one caption), {spans['transition_edge']} some frames of one at an end. "
+             f"(a missed boundary: two scenes, one caption), {spans['transition_edge']} some frames of one at an end"
+             + (f" (at most {max(spans['edge_depth_s']):.2f} s)" if spans.get("edge_depth_s") else "") + ". "
              if spans else "")
     return (f"The training split was curated (`--curated`): {c['sources']} sources of {spec['shots']} shots "
             f"({spec['size']} px, {spec['shot_frames'][0]}-{spec['shot_frames'][1]} frames a shot, defects planted "

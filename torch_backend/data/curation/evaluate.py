@@ -138,12 +138,24 @@ def transition_in_row(truth: dict, row: dict) -> str | None:
     return None
 
 
+def edge_depth(truth: dict, row: dict) -> float:
+    """Seconds of true transitions inside a clip at its ends (0 when none reaches in)."""
+    src = truth["sources"][pathlib.Path(row["path"]).name]
+    s0 = row.get("start_s") or 0.0
+    s1 = row["end_s"] if row.get("end_s") is not None else src["duration"]
+    return max([min(tr["end"], s1) - max(tr["start"], s0) for tr in src["transitions"]
+                if tr["end"] > s0 + 1e-6 and tr["start"] < s1 - 1e-6] or [0.0])
+
+
 def rows_spanning_transitions(truth: dict, rows: list[dict]) -> dict:
     """Of kept clips (source path, start_s/end_s), how many hold a true transition's centre and
-    how many only some frames of one at an end (`transition_in_row`)."""
+    how many only some frames of one at an end (`transition_in_row`), with how deep those reach
+    in (seconds, each such clip's deepest)."""
     rows = [r for r in rows if pathlib.Path(r["path"]).name in truth["sources"]]   # generated sources only
     found = [transition_in_row(truth, r) for r in rows]
-    return {"rows": len(rows), "transition_centre": found.count("centre"), "transition_edge": found.count("edge")}
+    depths = sorted(round(edge_depth(truth, r), 4) for r, f in zip(rows, found) if f == "edge")
+    return {"rows": len(rows), "transition_centre": found.count("centre"), "transition_edge": found.count("edge"),
+            "edge_depth_s": depths}
 
 
 def evaluate_on_truth(out_dir: str | pathlib.Path, truth_path: str | pathlib.Path) -> dict:

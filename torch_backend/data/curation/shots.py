@@ -16,6 +16,10 @@ opencv-python, a second `cv2` that needs libGL; see docs/curation.md):
   cross-fade is exactly that average; a hard cut's middle frame equals one end, half the span
   away; a pan's middle frame is shifted, not blended). A "cut" inside a dissolve (one blended
   step can jump in hue, which is unstable at low saturation) merges into the dissolve.
+- Colour structure (MUG-V's classifier for gradual transitions works on colour structure): where the
+  hue distribution of the saturated pixels changes by >= `colour_threshold` across the same window
+  and nothing above fired, a dissolve too. It finds the dissolves between look-alike shots (same
+  background, another product) whose whole-frame change is small; motion keeps the distribution.
 
 Clips are the frames between transitions, timed by presentation timestamps; shots shorter than
 `min_duration_s` stay as rejected clips (so the report counts them); longer ones are cut into
@@ -83,6 +87,7 @@ def detect(frames: np.ndarray, cfg: ShotConfig) -> list[Transition]:
         else:
             i += 1
     found.extend(_dissolves(frames, d, cfg, found))
+    found.extend(_colour_changes(frames, cfg, found))
     return _merge(sorted(found, key=lambda x: (x.start, x.end)))
 
 
@@ -111,6 +116,52 @@ def _dissolves(frames: np.ndarray, d: np.ndarray, cfg: ShotConfig, known: list[T
     return out
 
 
+_HUE_BINS = 18          # 10 degrees each
+_SATURATED = (60, 40)  # S and V (0-255) above which a pixel's hue counts
+_MIN_SATURATED = 0.003  # fraction of a frame's pixels that must be saturated for its hue to count
+
+
+def hue_histograms(frames: np.ndarray) -> np.ndarray:
+    """(T, 18) hue distribution of each frame's saturated pixels, each spread over its two
+    neighbouring bins too (hue is circular, and a shade on a bin edge should not count as a change);
+    NaN rows for frames with too few saturated pixels (grey scenes: no colour to compare)."""
+    out = np.full((len(frames), _HUE_BINS), np.nan, dtype=np.float64)
+    for i, f in enumerate(frames):
+        hsv = cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2HSV).reshape(-1, 3)
+        sat = (hsv[:, 1] > _SATURATED[0]) & (hsv[:, 2] > _SATURATED[1])
+        if sat.mean() < _MIN_SATURATED:
+            continue
+        h = np.bincount((hsv[sat, 0].astype(np.int64) * _HUE_BINS) // 180, minlength=_HUE_BINS)[:_HUE_BINS]
+        h = h / h.sum()
+        out[i] = (h + np.roll(h, 1) + np.roll(h, -1)) / 3
+    return out
+
+
+def _colour_changes(frames: np.ndarray, cfg: ShotConfig, known: list[Transition]) -> list[Transition]:
+    """Gradual transitions the pixel tests miss: the saturated pixels' hue distribution of the frames
+    `dissolve_window` before and after a centre differs by >= `colour_threshold` (total variation),
+    at a local maximum, away from the transitions already found."""
+    w, t = cfg.dissolve_window, len(frames)
+    if cfg.colour_threshold <= 0 or t < 2 * w + 1:
+        return []
+    hist = hue_histograms(frames)
+    centres = np.arange(w, t - w)
+    change = 0.5 * np.abs(hist[centres + w] - hist[centres - w]).sum(axis=1)
+    change = np.where(np.isnan(change), 0.0, change)
+    busy = np.zeros(t, dtype=bool)
+    for tr in known:
+        busy[max(0, tr.start - w):min(t, tr.end + w + 1)] = True
+    out = []
+    for k, c in enumerate(centres):
+        if change[k] < cfg.colour_threshold or busy[c]:
+            continue
+        lo, hi = max(0, k - w), min(len(change), k + w + 1)
+        if change[k] < change[lo:hi].max() or (change[lo:k] == change[k]).any():
+            continue   # the local maximum only (the first of equal ones)
+        out.append(Transition("dissolve", int(c - w), int(c + w), float(change[k])))
+    return out
+
+
 def _merge(transitions: list[Transition]) -> list[Transition]:
     """Overlapping transitions become one (gradual kinds win over a cut found inside a fade)."""
     out: list[Transition] = []
@@ -134,6 +185,23 @@ def shot_ranges(num_frames: int, transitions: list[Transition]) -> list[tuple[in
     if num_frames > start:
         edges.append((start, num_frames))
     return edges
+
+
+def trim_edges(start: int, end: int, times: np.ndarray, end_time: float, trim_s: float,
+               after_transition: bool, before_transition: bool) -> tuple[int, int]:
+    """[start, end) without the frames within `trim_s` seconds of a side that touches a transition:
+    kept are the frames whose time is >= the shot's start + trim_s (when `after_transition`) and
+    < its end - trim_s (when `before_transition`), by presentation time (variable frame rates
+    alike). A shot that trimming would empty is returned whole (the length filter judges it)."""
+    if trim_s <= 0:
+        return start, end
+    a, b = start, end
+    if after_transition:
+        a = int(np.searchsorted(times, times[start] + trim_s - 1e-9, side="left"))
+    if before_transition:
+        t_end = times[end] if end < len(times) else end_time
+        b = int(np.searchsorted(times, t_end - trim_s - 1e-9, side="left"))
+    return (a, b) if b > a else (start, end)
 
 
 def split_long(start: int, end: int, times: np.ndarray, end_time: float, max_s: float) -> list[tuple[int, int]]:

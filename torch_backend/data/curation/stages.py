@@ -71,6 +71,8 @@ def _clips(source: str, scan: media.Scan, cfg: CurateConfig) -> tuple[list[dict]
     transitions = [{"kind": t.kind, "start_s": at(t.start), "end_s": at(t.end), "score": t.score} for t in found]
     clips = []
     for shot, (a, b) in enumerate(shots.shot_ranges(n, found)):
+        a, b = shots.trim_edges(a, b, scan.times, scan.end_time, cfg.shots.edge_trim_s,
+                                after_transition=a > 0, before_transition=b < n)
         for piece, (s, e) in enumerate(shots.split_long(a, b, scan.times, scan.end_time, cfg.shots.max_duration_s)):
             clips.append({"kind": "clip", "key": clip_key(source, at(s), at(e)), "source": source,
                           "start_s": at(s), "end_s": at(e), "start_frame": s, "end_frame": e,

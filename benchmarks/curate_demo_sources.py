@@ -5,6 +5,11 @@ distinct shots (can dedup's pHash <= 8 bits AND chroma layout <= 12 separate the
 
     python -P benchmarks/curate_demo_sources.py /tmp/demo_curated/data/curated_train
 
+Then the colour-structure check of `shots._colour_changes` on these sources: the hue-distribution
+change (total variation, 0-1) at each true dissolve that the whole-frame dissolve test alone
+misses, against every frame inside a shot (more than 10 frames from any true transition), with
+how many reach `colour_threshold`.
+
 Pairs: clips that passed every filter (rejected at most as duplicates) and overlap a true shot;
 "copies" descend from one original shot, "same look" are distinct shots of one colour, shape and
 background, "other" the rest.
@@ -18,7 +23,8 @@ import sys
 
 import numpy as np
 
-from mugv.torch_backend.data.curation import dedup
+from mugv.core.curation import embedded_curate_config
+from mugv.torch_backend.data.curation import dedup, media, shots
 from mugv.torch_backend.data.curation.evaluate import evaluate_on_truth, label_clips
 
 
@@ -61,5 +67,36 @@ def main(root: pathlib.Path, max_phash: float = 8.0, max_chroma: float = 12.0) -
               f"median {np.median(x[:, 1]):.1f} max {x[:, 1].max():.1f}")
 
 
+def colour_check(root: pathlib.Path) -> None:
+    import dataclasses
+    cfg = embedded_curate_config("", "").shots
+    pixel_only = dataclasses.replace(cfg, colour_threshold=0.0)
+    w = cfg.dissolve_window
+    truth = json.loads((root / "sources" / "truth.json").read_text())
+    missed, inside = [], []
+    for name, src in sorted(truth["sources"].items()):
+        scan = media.scan(root / "sources" / name, cfg.analysis_width)
+        hist = shots.hue_histograms(scan.frames)
+        t = len(hist)
+
+        def change(c):
+            v = 0.5 * np.abs(hist[c + w] - hist[c - w]).sum()
+            return 0.0 if np.isnan(v) else float(v)
+        found = shots.detect(scan.frames, pixel_only)
+        near = np.zeros(t, dtype=bool)
+        for tr in src["transitions"]:
+            c = int(np.argmin(np.abs(scan.times - tr["time"])))
+            near[max(0, c - 10):c + 11] = True
+            if tr["kind"] == "dissolve" and w + 1 <= c < t - w - 1 and not any(f.start <= c <= f.end for f in found):
+                missed.append(max(change(k) for k in (c - 1, c, c + 1)))
+        inside += [change(c) for c in range(w, t - w) if not near[c]]
+    missed, inside = np.asarray(missed), np.asarray(inside)
+    th = cfg.colour_threshold
+    print(f"colour check (threshold {th}): true dissolves the whole-frame test misses: {len(missed)}, "
+          f">= threshold {int((missed >= th).sum())}, quartiles {np.percentile(missed, [0, 25, 50, 75, 100]).round(3).tolist()}; "
+          f"frames inside shots: {len(inside)}, >= threshold {int((inside >= th).sum())}, max {inside.max():.3f}")
+
+
 if __name__ == "__main__":
     main(pathlib.Path(sys.argv[1]))
+    colour_check(pathlib.Path(sys.argv[1]))

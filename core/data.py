@@ -136,6 +136,18 @@ def frames_available(num_source_frames: int, source_fps: float, target_fps: floa
     return math.ceil((num_source_frames - 1e-9) * target_fps / source_fps)
 
 
+def centre_window_start(num_source_frames: int, num_frames: int, source_fps: float, target_fps: float) -> int:
+    """First source frame of the middle `num_frames` output frames at `target_fps` of a clip of
+    `num_source_frames` at `source_fps` (the decode rule: output frame k shows source frame
+    start + floor(k * source_fps / target_fps)). A clip longer than its bucket gives its middle,
+    as the spatial crop gives the middle of the frame: a shot's first and last frames are the
+    ones nearest its transitions. 0 when the clip is no longer than it must be (or unknown: 0)."""
+    if num_source_frames <= 0:
+        return 0
+    span = math.floor((num_frames - 1) * source_fps / target_fps + 1e-9) + 1 if num_frames > 1 else 1
+    return max(0, (num_source_frames - span) // 2)
+
+
 def assign_bucket(buckets: tuple[BucketSpec, ...], height: int, width: int, num_frames: int,
                   source_fps: float) -> tuple[int | None, str]:
     """Index of the nearest bucket a (height, width, num_frames @ source_fps) clip can fill.

@@ -330,7 +330,9 @@ def test_ranges_of_generated_shots_equal_the_whole_file_and_fill_buckets(tmp_pat
     assert skipped["after"][0] == "range outside file" and "ranges.jsonl:7: field 'start_s'" in skipped["after"][1]
     assert index.skip_counts == {"too short": 1, "range outside file": 2}
     batch = dataset.load_batch(index, [0, 1], 0, "t2v")
-    first = decode_clip(path, 9, 32, 32, 16.0, start=int(round(source["shots"][0]["start"] * 16)))
+    shot = source["shots"][0]
+    frames = round((shot["end"] - shot["start"]) * 16)          # 36-44 source frames: the middle 9
+    first = decode_clip(path, 9, 32, 32, 16.0, start=int(round(shot["start"] * 16)) + (frames - 9) // 2)
     assert np.array_equal(batch.pixels[0].numpy(), dataset.to_model_range(first))
 
 
@@ -347,3 +349,14 @@ def test_bad_ranges_name_the_line_and_field(tmp_path):
     m.write_text('{"path": "a.mp4", "caption": "ok", "start_s": 1, "end_s": "2.5"}\n')
     (entry,) = read_manifest(m)
     assert (entry.start_s, entry.end_s) == (1.0, 2.5)
+
+
+def test_a_longer_clip_gives_its_middle_frames():
+    from mugv.core.data import centre_window_start
+    assert centre_window_start(45, 17, 16.0, 16.0) == 14            # 14 before, 14 after
+    assert centre_window_start(17, 17, 16.0, 16.0) == 0
+    assert centre_window_start(46, 17, 16.0, 16.0) == 14            # an odd spare frame goes after
+    assert centre_window_start(60, 17, 30.0, 15.0) == 13            # 17 at 15 fps span 33 of 30 fps frames
+    assert centre_window_start(45, 1, 16.0, 16.0) == 22             # one frame: the middle one
+    assert centre_window_start(0, 17, 16.0, 16.0) == 0              # unknown length: from the start
+

@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 import torch
 
-from mugv.core.data import BucketSpec, assign_bucket
+from mugv.core.data import BucketSpec, assign_bucket, centre_window_start
 from mugv.torch_backend.data.decode import MediaError, decode_clip, probe, to_model_range
 from mugv.torch_backend.data.manifest import ManifestEntry, read_manifest
 
@@ -30,6 +30,7 @@ class IndexItem:
     entry: ManifestEntry
     bucket: int
     source_fps: float
+    num_frames: int = 0   # source frames of the clip (its time range); 0 = unknown: decode from its start
 
 
 @dataclasses.dataclass
@@ -103,14 +104,14 @@ def build_index(manifest: str | pathlib.Path | list[ManifestEntry],
         if info.num_frames > 1 and video_buckets:
             b, why = assign_bucket(buckets, info.height, info.width, info.num_frames, info.fps)
             if b is not None:
-                items.append(IndexItem(entry, b, info.fps))
+                items.append(IndexItem(entry, b, info.fps, info.num_frames))
                 placed = True
             else:
                 reasons.append(why)
         if image_buckets:  # any decodable file can give one frame to an image bucket
             b, why = assign_bucket(buckets, info.height, info.width, 1, info.fps)
             if b is not None:
-                items.append(IndexItem(entry, b, info.fps))
+                items.append(IndexItem(entry, b, info.fps, info.num_frames))
                 placed = True
             else:
                 reasons.append(why)
@@ -124,21 +125,28 @@ def build_index(manifest: str | pathlib.Path | list[ManifestEntry],
     return index
 
 
+def window_start(item: IndexItem, bucket: BucketSpec) -> int:
+    """First source frame of the frames an item gives its bucket: the middle of a longer clip
+    (core/data.py::centre_window_start)."""
+    return centre_window_start(item.num_frames, bucket.frames, item.source_fps, bucket.fps)
+
+
 def load_item(item: IndexItem, bucket: BucketSpec) -> np.ndarray:
-    """float32 (3, T, H, W) in [-1, 1] for one indexed item."""
+    """float32 (3, T, H, W) in [-1, 1] for one indexed item: the middle `bucket.frames` frames."""
     clip = decode_clip(item.entry.path, bucket.frames, bucket.height, bucket.width, bucket.fps,
-                       source_fps=item.source_fps, start_s=item.entry.start_s, end_s=item.entry.end_s)
+                       source_fps=item.source_fps, start=window_start(item, bucket),
+                       start_s=item.entry.start_s, end_s=item.entry.end_s)
     return to_model_range(clip)
 
 
 def load_reference(item: IndexItem, bucket: BucketSpec) -> np.ndarray:
     """float32 (3, 1, H, W) in [-1, 1]: the i2v reference image of an item (its manifest
-    `reference`, else the clip's first frame), resized and cropped like the clip."""
+    `reference`, else the first frame of what `load_item` gives), resized and cropped like the clip."""
     if item.entry.reference:
         frame = decode_clip(item.entry.reference, 1, bucket.height, bucket.width, bucket.fps)
     else:
         frame = decode_clip(item.entry.path, 1, bucket.height, bucket.width, bucket.fps, source_fps=item.source_fps,
-                            start_s=item.entry.start_s, end_s=item.entry.end_s)
+                            start=window_start(item, bucket), start_s=item.entry.start_s, end_s=item.entry.end_s)
     return to_model_range(frame)
 
 

@@ -141,10 +141,12 @@ def centre_window_start(num_source_frames: int, num_frames: int, source_fps: flo
     `num_source_frames` at `source_fps` (the decode rule: output frame k shows source frame
     start + floor(k * source_fps / target_fps)). A clip longer than its bucket gives its middle,
     as the spatial crop gives the middle of the frame: a shot's first and last frames are the
-    ones nearest its transitions. 0 when the clip is no longer than it must be (or unknown: 0)."""
-    if num_source_frames <= 0:
+    ones nearest its transitions. 0 when the clip is no longer than it must be, for an image
+    bucket (one frame: a video's first, which is also what an i2v reference shows), and when the
+    length is unknown (0)."""
+    if num_source_frames <= 0 or num_frames <= 1:
         return 0
-    span = math.floor((num_frames - 1) * source_fps / target_fps + 1e-9) + 1 if num_frames > 1 else 1
+    span = math.floor((num_frames - 1) * source_fps / target_fps + 1e-9) + 1
     return max(0, (num_source_frames - span) // 2)
 
 

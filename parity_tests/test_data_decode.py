@@ -357,6 +357,6 @@ def test_a_longer_clip_gives_its_middle_frames():
     assert centre_window_start(17, 17, 16.0, 16.0) == 0
     assert centre_window_start(46, 17, 16.0, 16.0) == 14            # an odd spare frame goes after
     assert centre_window_start(60, 17, 30.0, 15.0) == 13            # 17 at 15 fps span 33 of 30 fps frames
-    assert centre_window_start(45, 1, 16.0, 16.0) == 22             # one frame: the middle one
+    assert centre_window_start(45, 1, 16.0, 16.0) == 0              # an image bucket: the first frame
     assert centre_window_start(0, 17, 16.0, 16.0) == 0              # unknown length: from the start
 

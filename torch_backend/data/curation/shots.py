@@ -101,18 +101,23 @@ def _dissolves(frames: np.ndarray, d: np.ndarray, cfg: ShotConfig, known: list[T
     blend = np.abs(f[centres] - 0.5 * (f[centres + w] + f[centres - w])).mean(axis=(1, 2, 3))
     # evidence: a large change across the window that the middle frame explains as a blend
     evidence = np.where((span >= cfg.dissolve_threshold) & (blend <= 0.25 * span), span - 2 * blend, 0.0)
+    return _peaks(evidence, centres, w, [tr for tr in known if tr.kind == "fade"], t)
+
+
+def _peaks(score: np.ndarray, centres: np.ndarray, w: int, known: list[Transition], t: int) -> list[Transition]:
+    """A dissolve [c - w, c + w) at each centre c whose score is > 0 and the largest within +-w
+    (the first of equal ones), unless c lies within w frames of a `known` transition."""
     busy = np.zeros(t, dtype=bool)
     for tr in known:
-        if tr.kind == "fade":
-            busy[max(0, tr.start - w):min(t, tr.end + w + 1)] = True
+        busy[max(0, tr.start - w):min(t, tr.end + w + 1)] = True
     out = []
     for k, c in enumerate(centres):
-        if evidence[k] <= 0 or busy[c]:
+        if score[k] <= 0 or busy[c]:
             continue
-        lo, hi = max(0, k - w), min(len(evidence), k + w + 1)
-        if evidence[k] < evidence[lo:hi].max() or (evidence[lo:k] == evidence[k]).any():
-            continue   # keep the local maximum only (the first of equal ones)
-        out.append(Transition("dissolve", int(c - w), int(c + w), float(evidence[k])))
+        lo, hi = max(0, k - w), min(len(score), k + w + 1)
+        if score[k] < score[lo:hi].max() or (score[lo:k] == score[k]).any():
+            continue
+        out.append(Transition("dissolve", int(c - w), int(c + w), float(score[k])))
     return out
 
 
@@ -148,18 +153,7 @@ def _colour_changes(frames: np.ndarray, cfg: ShotConfig, known: list[Transition]
     centres = np.arange(w, t - w)
     change = 0.5 * np.abs(hist[centres + w] - hist[centres - w]).sum(axis=1)
     change = np.where(np.isnan(change), 0.0, change)
-    busy = np.zeros(t, dtype=bool)
-    for tr in known:
-        busy[max(0, tr.start - w):min(t, tr.end + w + 1)] = True
-    out = []
-    for k, c in enumerate(centres):
-        if change[k] < cfg.colour_threshold or busy[c]:
-            continue
-        lo, hi = max(0, k - w), min(len(change), k + w + 1)
-        if change[k] < change[lo:hi].max() or (change[lo:k] == change[k]).any():
-            continue   # the local maximum only (the first of equal ones)
-        out.append(Transition("dissolve", int(c - w), int(c + w), float(change[k])))
-    return out
+    return _peaks(np.where(change >= cfg.colour_threshold, change, 0.0), centres, w, known, t)
 
 
 def _merge(transitions: list[Transition]) -> list[Transition]:

@@ -1,12 +1,12 @@
-"""The step profile's arithmetic (torch_backend/profiling.py) on a hand-made timeline whose answer
-is known: the benchmarks' idle-time and kernel-time tables come from it."""
+"""The step profile's arithmetic (torch_backend/parallel/profiling.py) on a hand-made timeline
+whose answer is known: the benchmarks' idle-time and kernel-time tables come from it."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
 
-from mugv.torch_backend.profiling import call_ms, idle_gaps, kernel_times
+from mugv.torch_backend.parallel.profiling import call_ms, idle_gaps, kernel_times
 
 
 def _event(kind: str, start: float, end: float, name: str):

@@ -191,7 +191,7 @@ def benchmark(seq: int = 16384, heads: int = 12, head_dim: int = 72, batch: int 
     `python -m mugv.torch_backend.models.attention` on the GPU machine."""
     import statistics
 
-    from mugv.torch_backend.profiling import call_ms
+    from mugv.torch_backend.parallel.profiling import call_ms
     dev = torch.device("cuda")
     results: dict[str, dict] = {}
     shapes = {"self": (seq, seq, False), "cross": (seq, text_len, True)}

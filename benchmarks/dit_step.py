@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from mugv.core.flops import benchmark_peak  # noqa: E402
-from mugv.torch_backend.profiling import call_ms, profile_step  # noqa: E402
+from mugv.torch_backend.parallel.profiling import call_ms, profile_step  # noqa: E402
 
 # MFU's denominator: this GPU's dense bf16 peak (core/flops.py BF16_PEAKS; MUGV_PEAK_TFLOPS overrides)
 PEAK, PEAK_SOURCE = benchmark_peak(torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -78,7 +78,7 @@ def _time(run_at: int, tokens: int, heads: int, iters: int) -> dict:
     import torch.nn.functional as F
 
     from mugv.torch_backend.models.attention import fa4_attention
-    from mugv.torch_backend.profiling import call_ms
+    from mugv.torch_backend.parallel.profiling import call_ms
     base = [torch.randn(1, tokens, heads, MODEL_D, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     qkv = [F.pad(t, (0, run_at - MODEL_D)).contiguous().requires_grad_() for t in base]
     flops_fwd = 4 * tokens * tokens * heads * MODEL_D

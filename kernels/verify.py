@@ -109,7 +109,7 @@ def time_attention(record: dict, tokens: int = 16384, heads: int = 16, iters: in
     import torch.nn.functional as F
 
     from mugv.torch_backend.models.attention import fa4_attention
-    from mugv.torch_backend.profiling import call_ms
+    from mugv.torch_backend.parallel.profiling import call_ms
     entry = record.get("fa4")
     if not entry:
         return record

@@ -333,12 +333,12 @@ def build(cfg, v: Variant):
     import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.optimizer.optimizer as megatron_opt
     from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
-    from mugv.torch_backend.training.parallelize import use_device_grad_norm
+    from mugv.torch_backend.training.parallelize import use_device_optimizer_fallbacks
     if v.host_grad_norm:   # read at each step: this variant's steps use Megatron's fallbacks
         clip_grads.l2_norm_impl = local_multi_tensor_l2_norm
         clip_grads.multi_tensor_scale_impl = megatron_opt.multi_tensor_scale_impl = local_multi_tensor_scale
     else:
-        use_device_grad_norm()
+        use_device_optimizer_fallbacks()
     return model, ddp, opt
 
 

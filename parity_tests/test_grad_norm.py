@@ -50,7 +50,7 @@ def test_device_l2_norm_is_megatrons_norm_without_a_sync_per_tensor():
     from megatron.core.utils import local_multi_tensor_l2_norm
 
     from mugv.torch_backend.parallel import megatron_compat
-    from mugv.torch_backend.training.parallelize import device_l2_norm, use_device_grad_norm
+    from mugv.torch_backend.training.parallelize import device_l2_norm, use_device_optimizer_fallbacks
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(shape, generator=g) * s for shape, s in
              [((64, 48), 1.0), ((48,), 3e-3), ((7, 5, 3), 40.0), ((1,), 0.5), ((1000,), 1e-4)]]
@@ -66,7 +66,7 @@ def test_device_l2_norm_is_megatrons_norm_without_a_sync_per_tensor():
     saved = clip_grads.l2_norm_impl
     try:
         clip_grads.l2_norm_impl = local_multi_tensor_l2_norm
-        assert use_device_grad_norm() and clip_grads.l2_norm_impl is device_l2_norm
+        assert use_device_optimizer_fallbacks() and clip_grads.l2_norm_impl is device_l2_norm
     finally:
         clip_grads.l2_norm_impl = saved
 
@@ -81,7 +81,7 @@ def test_foreach_scale_is_megatrons_scale_and_copy():
     import megatron.core.optimizer.optimizer as optimizer
     from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
 
-    from mugv.torch_backend.training.parallelize import foreach_multi_tensor_scale, use_device_grad_norm
+    from mugv.torch_backend.training.parallelize import foreach_multi_tensor_scale, use_device_optimizer_fallbacks
     g = torch.Generator().manual_seed(1)
     shapes = [(64, 48), (48,), (7, 5, 3), (1,)]
     flag = torch.zeros(1, dtype=torch.int)
@@ -103,7 +103,7 @@ def test_foreach_scale_is_megatrons_scale_and_copy():
     try:
         clip_grads.l2_norm_impl = local_multi_tensor_l2_norm
         clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = local_multi_tensor_scale
-        assert use_device_grad_norm()
+        assert use_device_optimizer_fallbacks()
         assert clip_grads.multi_tensor_scale_impl is foreach_multi_tensor_scale
         assert optimizer.multi_tensor_scale_impl is foreach_multi_tensor_scale
     finally:

@@ -305,7 +305,7 @@ def foreach_multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
 
-def use_device_grad_norm() -> bool:
+def use_device_optimizer_fallbacks() -> bool:
     """Route Megatron's gradient norm through `device_l2_norm` and its gradient scaling and
     main-to-model weight copy through `foreach_multi_tensor_scale` where they run on the local
     fallbacks (no Apex/TE); Apex's or TE's fused kernels are left alone. Returns whether the
@@ -334,7 +334,7 @@ def megatron_optimizer(pm: ParallelDiT, opt, fused: Optional[bool] = None):
     from megatron.core.optimizer import get_megatron_optimizer
 
     dtype = pm.config.params_dtype
-    use_device_grad_norm()
+    use_device_optimizer_fallbacks()
     optimizer = get_megatron_optimizer(
         MegatronOptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
                                 adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_eps=opt.eps,

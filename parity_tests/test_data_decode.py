@@ -58,6 +58,21 @@ def test_fps_resampling_picks_the_right_source_frames(tmp_path, src_fps, dst_fps
         decode_clip(path, n + 1, 16, 16, dst_fps)
 
 
+def test_lossless_writes_decode_to_the_same_frames(tmp_path):
+    """The generated datasets' store: two lossless writes of one 32 px clip (the size where x264's
+    crf mode gives a different file and different decoded frames on each write,
+    benchmarks/x264_repeatability.py) decode to exactly the clip's yuv420p conversion."""
+    from mugv.torch_backend.data.decode import read_frames
+    from mugv.torch_backend.data.product_videos import Scene, render
+    video = render(Scene(shape="cube", colour="red", material="matte", background="white studio",
+                         motion="pan right"), 123, 32, 17)
+    expected = np.stack([av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p")
+                         .to_ndarray(format="rgb24") for f in video])
+    for k in range(3):
+        got = read_frames(write_mp4(tmp_path / f"clip{k}.mp4", video, 8, lossless=True))
+        np.testing.assert_array_equal(got, expected)
+
+
 # H.265 is decoded by the same path, but the PyAV 18.1 wheel's libx265 *encoder* took 50 s on 20
 # tiny frames and corrupted the heap at exit here, so no H.265 file is written in tests.
 @pytest.mark.parametrize("codec,suffix", [("libx264", "mkv"), ("libvpx-vp9", "webm")])

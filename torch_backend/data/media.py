@@ -60,20 +60,26 @@ def write_png(path: str | pathlib.Path, rgb: np.ndarray) -> pathlib.Path:
     return path
 
 
-def write_mp4(target: str | pathlib.Path | io.BytesIO, video: np.ndarray, fps: float, crf: int = 12):
+def write_mp4(target: str | pathlib.Path | io.BytesIO, video: np.ndarray, fps: float, crf: int = 12,
+              lossless: bool = False):
     """uint8 (T, H, W, 3) RGB -> H.264 (yuv420p) mp4 at a path (parent folder created) or into a
     BytesIO. yuv420p needs even sizes: odd ones are padded by one edge pixel. crf 12: samples and
-    reconstructions to look at; the generated datasets use 18. Returns `target`."""
+    reconstructions to look at. `lossless` (x264 qp 0; `crf` ignored): the decoded frames are
+    exactly the yuv420p conversion of `video`, whatever the encoder decides, so a dataset written
+    twice decodes to the same frames. The generated training datasets use it: x264's lossy modes
+    are not repeatable on frames as small as the demo's (distinct encodes and decodes of one clip
+    in repeated writes: `python -P benchmarks/x264_repeatability.py`). Returns `target`."""
     t, h, w, _ = video.shape
     video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    write_mp4_frames(target, iter(video), fps, video.shape[2], video.shape[1], crf=crf)
+    write_mp4_frames(target, iter(video), fps, video.shape[2], video.shape[1], crf=crf, lossless=lossless)
     return target
 
 
 def write_mp4_frames(target: str | pathlib.Path | io.BytesIO, frames: Iterable[np.ndarray], fps: float,
-                     width: int, height: int, crf: int = 12, preset: str = "medium") -> int:
+                     width: int, height: int, crf: int = 12, preset: str = "medium", lossless: bool = False) -> int:
     """Stream uint8 (H, W, 3) RGB frames (even `width` x `height`) into an H.264 mp4 without holding
-    the clip in memory (re-encoding a range of a long source). Returns the frames written."""
+    the clip in memory (re-encoding a range of a long source). `lossless`: x264 qp 0 (see
+    `write_mp4`). Returns the frames written."""
     import av
     if not isinstance(target, io.IOBase):
         target = pathlib.Path(target)
@@ -82,7 +88,7 @@ def write_mp4_frames(target: str | pathlib.Path | io.BytesIO, frames: Iterable[n
     with av.open(target if isinstance(target, io.IOBase) else str(target), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": preset}
+        stream.options = {"qp": "0", "preset": preset} if lossless else {"crf": str(crf), "preset": preset}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)

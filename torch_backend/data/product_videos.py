@@ -242,7 +242,7 @@ def generate_dataset(out_dir: str | pathlib.Path, count: int, seed: int = 0, siz
         name = f"clips/{i:06d}.mp4"
         if not (out_dir / name).exists():
             tmp = out_dir / (name + ".part")
-            write_mp4(tmp, render(scene, render_seed, size, frames), fps, crf=18)
+            write_mp4(tmp, render(scene, render_seed, size, frames), fps, lossless=True)
             tmp.rename(out_dir / name)  # atomic: a killed run never leaves a half-written clip
         rows.append({"id": f"product_{i:06d}", "path": name, "caption": scene.caption(variant),
                      "fps": fps, "attributes": dataclasses.asdict(scene)})

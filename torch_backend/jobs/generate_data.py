@@ -172,7 +172,7 @@ def generate(cfg: DemoData, out_dir: str | pathlib.Path, log=print) -> dict[str,
             name = f"clips/{split}_{i:05d}.mp4"
             if not (out / name).exists():
                 tmp = out / (name + ".part.mp4")
-                write_mp4(tmp, render(scene, render_seed, cfg.size, cfg.frames), cfg.fps, crf=18)
+                write_mp4(tmp, render(scene, render_seed, cfg.size, cfg.frames), cfg.fps, lossless=True)
                 tmp.rename(out / name)   # atomic: a killed run never leaves half a clip
             rows.append({"id": f"{split}_{i:05d}", "path": name, "fps": cfg.fps, "caption": text,
                          "attributes": {"colour": scene.colour, "shape": scene.shape, "motion": scene.motion}})

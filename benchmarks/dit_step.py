@@ -62,7 +62,7 @@ DEV, DT = "cuda", torch.bfloat16
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    ops: str = "reference"          # reference | kernels | compiled
+    ops: str = "reference"          # reference | kernels | compiled | qk-op (compiled layers' QK kernel op)
     fused_adam: bool = False
     compile_layers: bool = False
     pad_head_dim: int | None = None
@@ -98,6 +98,9 @@ VARIANTS = {v.name: v for v in [
     # compiled layers replayed as CUDA graphs (cudagraph trees; FA4's calls split each layer's graph)
     Variant("compiled-layers-cg+fadam+auto", compile_layers=True, fused_adam=True, attention="auto",
             compile_mode="reduce-overhead"),
+    # compiled layers calling the QK-RMSNorm + RoPE kernel as a custom op (dit_layers.compiled_ops;
+    # forced here: run `mugv verify-kernels --only qk_rmsnorm_rope,compiled_layers` first)
+    Variant("compiled-layers-qk+fadam+auto", ops="qk-op", compile_layers=True, fused_adam=True, attention="auto"),
 ]}
 
 
@@ -288,6 +291,8 @@ def _ops(kind: str, device):
         return dl.REFERENCE_OPS
     if kind == "kernels":
         return dl.kernel_ops(device)
+    if kind == "qk-op":
+        return dl.compiled_ops(device, force=True)
     if kind == "compiled":
         c = lambda f: torch.compile(f, dynamic=False)  # noqa: E731
         return dl.DiTOps(adaln_modulate=c(dl.reference_adaln_modulate),

@@ -194,8 +194,13 @@ def _tiling(b: int, length: int, nh: int, device) -> dict:
 
 
 class _QKRMSNormRoPE(torch.autograd.Function):
+    """The kernel pair as an autograd Function. `launch_forward` / `launch_backward` are the
+    launches alone, shared with the custom ops that let compiled layers call the kernels
+    (`torch_backend/models/dit_layers.py`, "Kernels inside compiled layers")."""
+
     @staticmethod
-    def forward(ctx, q, weight, angles, eps):
+    def launch_forward(q, weight, angles, eps):
+        """-> (out (B, L, n, d) in q's dtype, rstd (B L n,) fp32, cos, sin (B or 1, L, d/2) fp32)."""
         _launch.check_runnable()
         _validate(q, weight, angles)
         b, length, nh, d = q.shape
@@ -210,13 +215,13 @@ class _QKRMSNormRoPE(torch.autograd.Function):
             q, weight, cos, sin, out, rstd, length, t["n_tok"], t["n_hb"], *args.pop("strides"), eps,
             NH=nh, D=d, **args, HB=t["hb"], BLOCK_P=triton.next_power_of_2(d // 2),
             **_launch.launch_config("token_tile"))
-        ctx.save_for_backward(q, weight, cos, sin, rstd)
-        return out
+        return out, rstd, cos, sin
 
     @staticmethod
-    def backward(ctx, dout):
-        q, weight, cos, sin, rstd = ctx.saved_tensors
+    def launch_backward(q, weight, cos, sin, rstd, dout):
+        """-> (dq (B, L, n, d) in q's dtype, dweight in weight's dtype)."""
         b, length, nh, d = q.shape
+        weight = weight.contiguous()
         dout = dout.contiguous()
         dq = torch.empty((b, length, nh, d), dtype=q.dtype, device=q.device)
         t, args = _tiling(b, length, nh, q.device), _launch_args(q, cos)
@@ -226,7 +231,19 @@ class _QKRMSNormRoPE(torch.autograd.Function):
             q, weight, cos, sin, rstd, dout, dq, dw, length, t["n_tok"], t["n_hb"], *args.pop("strides"),
             NH=nh, D=d, **args, HB=t["hb"], BLOCK_P=triton.next_power_of_2(d // 2),
             **_launch.launch_config("token_tile_loop"))
-        return dq, dw.sum(0).to(weight.dtype), None, None
+        return dq, dw.sum(0).to(weight.dtype)
+
+    @staticmethod
+    def forward(ctx, q, weight, angles, eps):
+        out, rstd, cos, sin = _QKRMSNormRoPE.launch_forward(q, weight, angles, eps)
+        ctx.save_for_backward(q, weight, cos, sin, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, weight, cos, sin, rstd = ctx.saved_tensors
+        dq, dw = _QKRMSNormRoPE.launch_backward(q, weight, cos, sin, rstd, dout)
+        return dq, dw, None, None
 
 
 def qk_rmsnorm_rope(q, weight, angles, eps: float = 1e-6):

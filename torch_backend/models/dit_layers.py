@@ -111,6 +111,74 @@ def _ops(pick) -> DiTOps:
     )
 
 
+# Kernels inside compiled layers. torch.compile does not trace into the Triton kernels'
+# autograd Functions (their host code picks tiles and launch configs); as torch.library custom ops
+# they are opaque nodes of the compiled graph, and Inductor fuses the code around them. Only the
+# QK-RMSNorm + RoPE kernel is offered there: the H100 profile of the compiled 720p step
+# (docs/benchmarks.md, session 9) spends 30 ms in Inductor's RMSNorm + RoPE kernels against 9 ms
+# for this kernel, while Inductor's fusions of the AdaLN and residual ops beat the other kernels.
+COMPILED_KERNELS = ("qk_rmsnorm_rope",)
+
+
+@torch.library.custom_op("mugv::qk_rmsnorm_rope_fwd", mutates_args=())
+def _qk_rmsnorm_rope_fwd(q: torch.Tensor, weight: torch.Tensor, angles: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from mugv.kernels.qk_rmsnorm_rope import _QKRMSNormRoPE
+    return _QKRMSNormRoPE.launch_forward(q, weight, angles, eps)
+
+
+@_qk_rmsnorm_rope_fwd.register_fake
+def _(q, weight, angles, eps):
+    b, length, nh, d = q.shape
+    table = angles.new_empty((angles.shape[0], length, d // 2), dtype=torch.float32)
+    return (q.new_empty((b, length, nh, d)), q.new_empty((b * length * nh,), dtype=torch.float32),
+            table, torch.empty_like(table))
+
+
+@torch.library.custom_op("mugv::qk_rmsnorm_rope_bwd", mutates_args=())
+def _qk_rmsnorm_rope_bwd(q: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         rstd: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from mugv.kernels.qk_rmsnorm_rope import _QKRMSNormRoPE
+    return _QKRMSNormRoPE.launch_backward(q, weight, cos, sin, rstd, dout)
+
+
+@_qk_rmsnorm_rope_bwd.register_fake
+def _(q, weight, cos, sin, rstd, dout):
+    return q.new_empty(q.shape), torch.empty_like(weight)
+
+
+def _qk_setup_context(ctx, inputs, output):
+    q, weight, _, _ = inputs
+    _, rstd, cos, sin = output
+    ctx.save_for_backward(q, weight, cos, sin, rstd)
+
+
+def _qk_backward(ctx, dout, _drstd, _dcos, _dsin):
+    q, weight, cos, sin, rstd = ctx.saved_tensors
+    dq, dw = _qk_rmsnorm_rope_bwd(q, weight, cos, sin, rstd, dout)
+    return dq, dw, None, None
+
+
+_qk_rmsnorm_rope_fwd.register_autograd(_qk_backward, setup_context=_qk_setup_context)
+
+
+def qk_rmsnorm_rope_op(q, weight, angles, eps: float = 1e-6):
+    """The QK-RMSNorm + RoPE kernel as the custom op (same signature and result as
+    `mugv.kernels.qk_rmsnorm_rope`)."""
+    return _qk_rmsnorm_rope_fwd(q, weight, angles, eps)[0]
+
+
+def compiled_ops(device, choice: str | None = None, force: bool = False) -> DiTOps:
+    """DiTOps for compiled layers on `device`: the references (Inductor fuses them), with the QK
+    slots on the custom op where the registry enables that kernel there (`force`: whatever the
+    device and records say, for the parity test that verifies this configuration)."""
+    from mugv.kernels.registry import kernel_enabled
+    if not (force or kernel_enabled("qk_rmsnorm_rope", device, choice)):
+        return REFERENCE_OPS
+    return dataclasses.replace(REFERENCE_OPS, qk_rmsnorm_rope=qk_rmsnorm_rope_op,
+                               qk_rmsnorm=_rmsnorm_through_rope(qk_rmsnorm_rope_op))
+
+
 def kernel_ops(device, choice: str | None = None) -> DiTOps:
     """DiTOps with each slot chosen by `mugv.kernels.registry.select` on `device` (the Triton
     kernel where verified there, else its plain-torch reference; `choice`: a KernelConfig's
@@ -128,13 +196,16 @@ def triton_ops() -> DiTOps:
 
 
 def kernels_selected(kernels: KernelConfig, device, compiled: bool = False) -> dict[str, str]:
-    """Which code each DiT kernel slot runs under `kernels` on `device`: "triton", "reference", or
-    "compiled" inside compiled layers (what a checkpoint records next to the KernelConfig)."""
+    """Which code each DiT kernel slot runs under `kernels` on `device`: "triton", "reference",
+    "compiled" (the reference, fused by Inductor inside compiled layers) or "triton op" (the
+    kernel as a custom op inside compiled layers): what a checkpoint records next to the
+    KernelConfig."""
     from mugv.kernels.registry import kernel_enabled
+    enabled = {name: kernel_enabled(name, device, kernels.kernel_choice) for name in DIT_KERNELS}
     if compiled:
-        return {name: "compiled" for name in DIT_KERNELS}
-    return {name: "triton" if kernel_enabled(name, device, kernels.kernel_choice) else "reference"
-            for name in DIT_KERNELS}
+        return {name: "triton op" if name in COMPILED_KERNELS and enabled[name] else "compiled"
+                for name in DIT_KERNELS}
+    return {name: "triton" if enabled[name] else "reference" for name in DIT_KERNELS}
 
 
 COMPILED_TEST = "parity_tests/kernels/test_dit_compiled.py"
@@ -181,7 +252,10 @@ def layer_spec_for(kernels: KernelConfig, device, compiled: bool = False) -> Mod
     CPU, and inside compiled layers, where Inductor fuses them), the attention backend, and
     head-dim padding of the self-attention."""
     on_gpu = getattr(device, "type", str(device)) == "cuda"
-    ops = kernel_ops(device, kernels.kernel_choice) if on_gpu and not compiled else REFERENCE_OPS
+    if not on_gpu:
+        ops = REFERENCE_OPS
+    else:
+        ops = (compiled_ops if compiled else kernel_ops)(device, kernels.kernel_choice)
     return mugdit_layer_spec(ops=ops, attention_backend=kernels.attention_backend,
                              pad_head_dim=kernels.pad_head_dim)
 

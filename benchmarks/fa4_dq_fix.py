@@ -129,6 +129,21 @@ SWEEP = {
     "64x128, 1-stage PdS": dict(m_block_size=64, n_block_size=128, num_stages_Q=2, num_stages_dO=2,
                                 num_stages_PdS=1, SdP_swapAB=True, dKV_swapAB=False, dQ_swapAB=False,
                                 AtomLayoutMSdP=1, AtomLayoutNdKV=2, AtomLayoutMdQ=1, dQ_single_wg=True),
+    # session 10: wider key tiles (fewer dQ atomic adds per key; a head dim of 80 leaves the
+    # registers and shared memory that 96 and 128 need) and one-stage pipelines
+    **{f"64x{n}, 1-stage PdS": dict(m_block_size=64, n_block_size=n, num_stages_Q=2, num_stages_dO=2,
+                                    num_stages_PdS=1, SdP_swapAB=True, dKV_swapAB=False, dQ_swapAB=False,
+                                    AtomLayoutMSdP=1, AtomLayoutNdKV=2, AtomLayoutMdQ=1, dQ_single_wg=True)
+       for n in (144, 160, 192)},
+    "64x128, 1-stage PdS and dO": dict(m_block_size=64, n_block_size=128, num_stages_Q=2, num_stages_dO=1,
+                                       num_stages_PdS=1, SdP_swapAB=True, dKV_swapAB=False, dQ_swapAB=False,
+                                       AtomLayoutMSdP=1, AtomLayoutNdKV=2, AtomLayoutMdQ=1, dQ_single_wg=True),
+    "128x128, 1-stage PdS": dict(m_block_size=128, n_block_size=128, num_stages_Q=2, num_stages_dO=2,
+                                 num_stages_PdS=1, SdP_swapAB=True, dKV_swapAB=False, dQ_swapAB=False,
+                                 AtomLayoutMSdP=1, AtomLayoutNdKV=2, AtomLayoutMdQ=2),
+    "96x128, 1-stage PdS": dict(m_block_size=96, n_block_size=128, num_stages_Q=2, num_stages_dO=2,
+                                num_stages_PdS=1, SdP_swapAB=True, dKV_swapAB=False, dQ_swapAB=False,
+                                AtomLayoutMSdP=1, AtomLayoutNdKV=2, AtomLayoutMdQ=1, dQ_single_wg=True),
 }
 
 
@@ -154,7 +169,7 @@ def child(args) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=".")
-    ap.add_argument("--modes", nargs="+", default=["off", "postprocess16", "kernel32"])
+    ap.add_argument("--modes", nargs="*", default=["off", "postprocess16", "kernel32"])
     ap.add_argument("--sweep", default="", help="a mode to sweep the SM90 backward's tile configs in")
     ap.add_argument("--tokens", type=int, default=50400)
     ap.add_argument("--heads", type=int, default=48)

@@ -71,6 +71,8 @@ class Variant:
     host_grad_norm: bool = False    # Megatron's Apex-less grad norm (one host sync per tensor) and
                                     # per-tensor scale/copy loops, as before sessions 8 and 9
     compile_mode: str | None = None  # torch.compile mode of the compiled layers ("reduce-overhead": CUDA graphs)
+    key_packing: str = "sorted"     # FA4 cross-attention keys: "sorted" (attention.pack_keys, no host
+                                    # sync) | "boolean" (k[key_mask], two syncs a layer, before session 11)
 
 
 VARIANTS = {v.name: v for v in [
@@ -101,7 +103,33 @@ VARIANTS = {v.name: v for v in [
     # compiled layers calling the QK-RMSNorm + RoPE kernel as a custom op (dit_layers.compiled_ops;
     # forced here: run `mugv verify-kernels --only qk_rmsnorm_rope,compiled_layers` first)
     Variant("compiled-layers-qk+fadam+auto", ops="qk-op", compile_layers=True, fused_adam=True, attention="auto"),
+    # the same with FA4's cross-attention keys packed by boolean indexing (host syncs), as in session 10
+    Variant("compiled-layers-qk+fadam+auto+bool-pack", ops="qk-op", compile_layers=True, fused_adam=True,
+            attention="auto", key_packing="boolean"),
 ]}
+
+
+def _boolean_pack_keys(key_mask, *tensors):
+    """Session 10's packing of FA4's cross-attention keys (timing comparison only): boolean
+    indexing, the same first cu[-1] rows as attention.pack_keys, one host sync per index."""
+    cu = torch.nn.functional.pad(torch.cumsum(key_mask.sum(1, dtype=torch.int32), 0, dtype=torch.int32), (1, 0))
+    return cu, [t[key_mask] for t in tensors]
+
+
+def _key_packing(kind: str) -> None:
+    """Install the variant's key packing in the attention module. "boolean" keeps the FA4
+    fingerprint of the verified (sorted) calling code, so that the record switches FA4 on: a
+    benchmark-only override of the same kernels with session 10's (verified then) packing."""
+    from mugv.torch_backend.models import attention
+    if not hasattr(attention, "_mugv_sorted_pack"):
+        attention._mugv_sorted_pack = (attention.pack_keys, attention.fa4_fingerprint)
+    sorted_pack, fingerprint = attention._mugv_sorted_pack
+    attention.pack_keys, attention.fa4_fingerprint = sorted_pack, fingerprint
+    if kind == "boolean":
+        verified = fingerprint(attention.fa4_version())
+        attention.pack_keys, attention.fa4_fingerprint = _boolean_pack_keys, lambda version: verified
+    elif kind != "sorted":
+        raise ValueError(f"key_packing {kind!r}: expected 'sorted' or 'boolean'")
 
 
 def sync():
@@ -318,6 +346,7 @@ def build(cfg, v: Variant):
                                                          wrap_in_ddp)
 
     device = torch.device(DEV, 0) if DEV == "cuda" else torch.device("cpu")
+    _key_packing(v.key_packing)
     tcfg = transformer_config(cfg, params_dtype=DT, **recompute_overrides(v.recompute))
     attention = v.attention if DEV == "cuda" else "auto"   # --dry-run: the CPU's SDPA
     spec = mugdit_layer_spec(ops=_ops(v.ops, device), attention_backend=attention,

@@ -46,3 +46,42 @@ def test_bad_pad_is_named():
     x = torch.randn(3, 1, 2, 72)
     with pytest.raises(ValueError, match="pad_head_dim=64"):
         attn(x, x, x)
+
+
+@pytest.mark.parametrize("lengths", [[11, 4, 1], [11, 11, 11], [1, 1, 1]])
+def test_packed_keys_equal_boolean_indexing(lengths):
+    """FA4's cross-attention packs the real text keys with `pack_keys` (no host sync): the first
+    cu[-1] rows are exactly `k[key_mask]`, the rest zeros; the gradient reaching k is boolean
+    indexing's even where the kernel leaves the rows past cu[-1] as garbage (here NaN), and a row's
+    masked keys get none. Mask positions are scattered, not a prefix, to test the order."""
+    from mugv.torch_backend.models.attention import pack_keys
+    gen = torch.Generator(device="cpu").manual_seed(sum(lengths))
+    b, sk, n, d = len(lengths), 11, 3, 8
+    mask = torch.zeros(b, sk, dtype=torch.bool)
+    for i, length in enumerate(lengths):
+        mask[i, torch.randperm(sk, generator=gen)[:length]] = True
+    k = torch.randn(b, sk, n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, sk, n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    cu, (kp, vp) = pack_keys(mask, k, v)
+    total = sum(lengths)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert kp.shape == (b * sk, n, d) and vp.shape == (b * sk, n, d)
+    assert torch.equal(kp[:total], k[mask]) and torch.equal(vp[:total], v[mask])
+    assert torch.count_nonzero(kp[total:]) == 0 and torch.count_nonzero(vp[total:]) == 0
+    up_k = torch.randn(b * sk, n, d, generator=gen, dtype=torch.float64)
+    up_v = torch.randn(b * sk, n, d, generator=gen, dtype=torch.float64)
+    up_k[total:] = float("nan")   # what an unwritten gradient buffer may hold
+    up_v[total:] = float("nan")
+    gk, gv = torch.autograd.grad((kp * up_k).nansum() + (vp * up_v).nansum(), (k, v))
+    kb, vb = (t.detach().requires_grad_() for t in (k, v))
+    rk, rv = torch.autograd.grad((kb[mask] * up_k[:total]).sum() + (vb[mask] * up_v[:total]).sum(), (kb, vb))
+    assert torch.equal(gk, rk) and torch.equal(gv, rv)
+    assert torch.count_nonzero(gk[~mask]) == 0
+
+
+def test_packed_keys_name_bad_input():
+    from mugv.torch_backend.models.attention import pack_keys
+    with pytest.raises(ValueError, match="key_mask: expected a .batch, keys. bool tensor"):
+        pack_keys(torch.ones(2, 3), torch.zeros(2, 3, 1))
+    with pytest.raises(ValueError, match=r"tensor of shape \(2, 4, 1\) does not start with the key mask's shape \(2, 3\)"):
+        pack_keys(torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 4, 1))

@@ -91,14 +91,41 @@ def resolve(backend: str, device: torch.device, head_dim: int, pad_head_dim: int
     return "auto", pad_head_dim, f"SDPA cuDNN order: fa4 not used ({why})"
 
 
+def pack_keys(key_mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Each row's real keys (`key_mask` (b, Sk), True = attend) packed to the front of one
+    (b * Sk, ...) buffer per tensor of `tensors` (each (b, Sk, ...)), with no host sync and no
+    data-dependent shape: a stable sort puts the True entries first, in row order, so row i's keys
+    are rows cu[i]:cu[i+1]. Returns (cu (b + 1,) int32, packed tensors).
+
+    The rows past cu[-1] are zeros, and no gradient flows back from them: FA4's varlen backward
+    leaves dK/dV of rows outside every sequence unwritten (uninitialised memory), and `where`
+    selects, so even a NaN there is dropped. Boolean indexing (`k[key_mask]`) gives the same rows
+    but syncs the host twice per call (forward and backward): 16 syncs in a 4-layer step."""
+    if key_mask.dtype != torch.bool or key_mask.dim() != 2:
+        raise ValueError(f"key_mask: expected a (batch, keys) bool tensor, got {key_mask.dtype} "
+                         f"{tuple(key_mask.shape)}")
+    b, sk = key_mask.shape
+    cu = F.pad(torch.cumsum(key_mask.sum(1, dtype=torch.int32), 0, dtype=torch.int32), (1, 0))
+    order = torch.argsort(torch.logical_not(key_mask.reshape(-1)).to(torch.uint8), stable=True)
+    keep = torch.arange(b * sk, device=key_mask.device) < cu[-1]
+    packed = []
+    for t in tensors:
+        if t.shape[:2] != key_mask.shape:
+            raise ValueError(f"pack_keys: tensor of shape {tuple(t.shape)} does not start with the "
+                             f"key mask's shape {tuple(key_mask.shape)}")
+        rows = t.reshape(b * sk, *t.shape[2:]).index_select(0, order)
+        packed.append(torch.where(keep.view(-1, *([1] * (t.dim() - 2))), rows, 0))
+    return cu, packed
+
+
 def fa4_attention(q, k, v, key_mask=None, scale: float | None = None):
     """FlashAttention-4 over (b, S, n, d) tensors (head dim already padded as wanted): the full
-    sequence for self-attention, the `key_mask` keys only (varlen, packed by boolean indexing:
-    one host sync per call) for cross-attention. Returns (b, Sq, n, d).
+    sequence for self-attention, the `key_mask` keys only (varlen over `pack_keys`' buffers, no
+    host sync) for cross-attention. Returns (b, Sq, n, d).
 
-    Not used: passing all keys with `seqused_k` after moving each row's real keys to the front
-    (no host sync). FA4 4.0.0b36 then leaves dK/dV of the keys beyond `seqused_k` unwritten
-    (uninitialised memory: an infinite error on the H100 in `mugv verify-kernels`, 2026-12-05)."""
+    Not used: passing all keys with `seqused_k` after moving each row's real keys to the front.
+    FA4 4.0.0b36 then leaves dK/dV of the keys beyond `seqused_k` unwritten (uninitialised memory:
+    an infinite error on the H100 in `mugv verify-kernels`, 2026-12-05); `pack_keys` drops them."""
     if fa4_version() is None:
         raise RuntimeError("attention backend 'fa4': flash-attn-4 is not installed (pip install 'mugv[hopper]')")
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
@@ -106,20 +133,20 @@ def fa4_attention(q, k, v, key_mask=None, scale: float | None = None):
         out = flash_attn_func(q, k, v, softmax_scale=scale)
         return out[0] if isinstance(out, tuple) else out
     b, sq, n, d = q.shape
-    lengths = key_mask.sum(1, dtype=torch.int32)
-    cu_k = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    cu_k, (k, v) = pack_keys(key_mask, k, v)
     cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
-    out = flash_attn_varlen_func(q.reshape(b * sq, n, d), k[key_mask], v[key_mask], cu_seqlens_q=cu_q,
-                                 cu_seqlens_k=cu_k, max_seqlen_q=sq, max_seqlen_k=k.shape[1],
-                                 softmax_scale=scale)
+    out = flash_attn_varlen_func(q.reshape(b * sq, n, d), k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                 max_seqlen_q=sq, max_seqlen_k=key_mask.shape[1], softmax_scale=scale)
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(b, sq, n, d)
 
 
 def fa4_fingerprint(version: str | None) -> str:
     """What an FA4 verification record binds to besides the version: the dQ fix applied
-    (`kernels/fa4_sm90.py`) and the source of `fa4_attention` (how the backend calls FA4)."""
-    code = hashlib.sha256(inspect.getsource(fa4_attention).encode()).hexdigest()[:16]
+    (`kernels/fa4_sm90.py`) and the source of `fa4_attention` and `pack_keys` (how the backend
+    calls FA4)."""
+    source = inspect.getsource(fa4_attention) + inspect.getsource(pack_keys)
+    code = hashlib.sha256(source.encode()).hexdigest()[:16]
     return f"{fa4_sm90.fingerprint(version)}|call:{code}"
 
 

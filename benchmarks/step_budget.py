@@ -8,8 +8,10 @@ optimizer; with a profile, GPU time by kernel class and the idle time inside the
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import pathlib
+import statistics
 
 
 def main() -> None:
@@ -20,6 +22,7 @@ def main() -> None:
     print(f"| file | res | variant | samples | step ms | MFU | ms at {a.target:.0%} | short by ms | fwd+bwd ms | optimizer ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     profiles = []
+    runs = collections.defaultdict(list)   # (res, variant, samples) -> [(step ms, MFU)]
     for path in a.results:
         d = json.loads(path.read_text())
         for res, run in d["runs"].items():
@@ -29,8 +32,17 @@ def main() -> None:
                 need = x["step_ms"] * x["mfu"] / a.target
                 print(f"| {path.name} | {res} | {name} | {x.get('batch', 1)} | {x['step_ms']:.1f} | {100 * x['mfu']:.1f}% | "
                       f"{need:.1f} | {x['step_ms'] - need:.1f} | {x['fwd_bwd_ms']:.1f} | {x['optimizer_ms']:.1f} |")
+                runs[res, name, x.get("batch", 1)].append((x["step_ms"], x["mfu"]))
                 if "profile" in x:
                     profiles.append((path.name, res, name, x))
+    if any(len(v) > 1 for v in runs.values()):   # repeated runs (e.g. benchmarks/gpu_step_repeats.sh)
+        print("\n| res | variant | samples | runs | step ms mean | sd | min-max | MFU mean | sd |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for (res, name, samples), v in runs.items():
+            ms, mfu = [t for t, _ in v], [100 * m for _, m in v]
+            sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0   # noqa: E731
+            print(f"| {res} | {name} | {samples} | {len(v)} | {statistics.mean(ms):.1f} | {sd(ms):.1f} | "
+                  f"{min(ms):.1f}-{max(ms):.1f} | {statistics.mean(mfu):.2f}% | {sd(mfu):.2f} |")
     for file, res, name, x in profiles:
         p = x["profile"]
         classes = ", ".join(f"{k} {v:.1f}" for k, v in sorted(p["by_class_ms"].items(), key=lambda kv: -kv[1]))

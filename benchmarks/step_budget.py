@@ -30,7 +30,7 @@ def main() -> None:
                 if "mfu" not in x:
                     continue
                 need = x["step_ms"] * x["mfu"] / a.target
-                print(f"| {path.name} | {res} | {name} | {x.get('batch', 1)} | {x['step_ms']:.1f} | {100 * x['mfu']:.1f}% | "
+                print(f"| {path.parent.name}/{path.name} | {res} | {name} | {x.get('batch', 1)} | {x['step_ms']:.1f} | {100 * x['mfu']:.1f}% | "
                       f"{need:.1f} | {x['step_ms'] - need:.1f} | {x['fwd_bwd_ms']:.1f} | {x['optimizer_ms']:.1f} |")
                 runs[res, name, x.get("batch", 1)].append((x["step_ms"], x["mfu"]))
                 if "profile" in x:

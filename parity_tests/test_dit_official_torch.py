@@ -112,7 +112,14 @@ def test_bf16_model(golden, official_model):
     rounded = dict(inputs, timestep=inputs["timestep"].bfloat16().float())
     assert not torch.equal(rounded["timestep"], inputs["timestep"])  # 990 -> 992
     with torch.no_grad():
-        out, out_rounded, ref = model(**inputs), model(**rounded), official_model(**rounded)
+        try:
+            out, out_rounded = model(**inputs), model(**rounded)
+        except RuntimeError as err:   # torch's own dispatch, not this model: seen in session 11
+            if "pack_vnni2 is only supported when avx512" in str(err):
+                pytest.skip("torch's bf16 matmul on an AMX CPU with ATen held to AVX2 "
+                            f"(scripts/test_dispatch.sh) raises: {err}")
+            raise
+        ref = official_model(**rounded)
     assert out.dtype == torch.float32
     assert torch.equal(out, out_rounded)
     assert_close(out, ref, "*", "bfloat16", name="bf16 model vs fp32 model")

@@ -111,8 +111,10 @@ VARIANTS = {v.name: v for v in [
 
 def _boolean_pack_keys(key_mask, *tensors):
     """Session 10's packing of FA4's cross-attention keys (timing comparison only): boolean
-    indexing, the same first cu[-1] rows as attention.pack_keys, one host sync per index."""
-    cu = torch.nn.functional.pad(torch.cumsum(key_mask.sum(1, dtype=torch.int32), 0, dtype=torch.int32), (1, 0))
+    indexing, the same first cu[-1] rows as attention.pack_keys (whose offsets it takes), one
+    host sync per index."""
+    from mugv.torch_backend.models import attention
+    cu, _ = attention._mugv_sorted_pack[0](key_mask)
     return cu, [t[key_mask] for t in tensors]
 
 

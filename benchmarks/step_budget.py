@@ -38,9 +38,9 @@ def main() -> None:
     if any(len(v) > 1 for v in runs.values()):   # repeated runs (e.g. benchmarks/gpu_step_repeats.sh)
         print("\n| res | variant | samples | runs | step ms mean | sd | min-max | MFU mean | sd |")
         print("|---|---|---|---|---|---|---|---|---|")
+        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0   # noqa: E731
         for (res, name, samples), v in runs.items():
             ms, mfu = [t for t, _ in v], [100 * m for _, m in v]
-            sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0   # noqa: E731
             print(f"| {res} | {name} | {samples} | {len(v)} | {statistics.mean(ms):.1f} | {sd(ms):.1f} | "
                   f"{min(ms):.1f}-{max(ms):.1f} | {statistics.mean(mfu):.2f}% | {sd(mfu):.2f} |")
     for file, res, name, x in profiles:

@@ -16,6 +16,9 @@ MUGV_FA4_DQ_FIX set:
 3. `--sweep MODE`: in that mode, the SM90 backward at head dim 80 with other tile configs
    (`interface._tile_size_bwd_sm90` replaced for this process only), each checked for correctness
    as in 1 (self-attention) and timed as in 2.
+4. `--sweep-fwd MODE`: the same for the SM90 forward's tile configs at head dim 80
+   (`interface._tile_size_fwd_sm90`; `FWD_SWEEP`). The backward reads the forward's output and
+   log-sum-exp, so each config is checked on dQ, dK, dV too.
 Prints a table last and writes DIR/fa4_dq_fix.json. Needs an SM90 GPU with flash-attn-4.
 """
 from __future__ import annotations
@@ -147,15 +150,39 @@ SWEEP = {
 }
 
 
+# SM90 forward configs tried at head dims 65..96 (session 12): fields of interface.FwdConfig
+# (tile_m, tile_n, P.V with P in registers, intra-warpgroup overlap). The released one is
+# 192x144 without RS (its comment: RS is "catastrophic" at 192-row tiles); the C++ FA3 takes 144
+# for head dims up to 96. At 80 the S accumulator of a wider key tile still fits the registers
+# that 96 needs for O, so wider key tiles are candidates, and the <= 128 family's 128-row RS tiles.
+FWD_SWEEP = {
+    "released (192x144, no RS, overlap)": None,
+    **{f"192x{n}, no RS, overlap": (192, n, False, True) for n in (112, 128, 160, 176)},
+    "192x144, no RS, no overlap": (192, 144, False, False),
+    **{f"128x{n}, RS, overlap": (128, n, True, True) for n in (128, 176, 192)},
+    "128x176, no RS, overlap": (128, 176, False, True),
+}
+
+
 def child(args) -> None:
     from mugv.torch_backend.models.attention import fa4_version
     version = fa4_version()   # applies this process's fix
     print(json.dumps({"mode": os.environ.get("MUGV_FA4_DQ_FIX"), "version": version}), flush=True)
-    if not args.sweep_child:
+    if not (args.sweep_child or args.sweep_fwd_child):
         for p in CHECK_AT[args.child]:
             _check_and_time(f"{args.child}", p, args)
         return
     from flash_attn.cute import interface
+    if args.sweep_fwd_child:
+        released_fwd = interface._tile_size_fwd_sm90
+        for name, cfg in FWD_SWEEP.items():
+            def fwd_tile(head_dim, head_dim_v, is_causal, is_local, sparse_block_size_q=None, _cfg=cfg):
+                if _cfg is not None and 64 < head_dim <= 96 and not (is_causal or is_local):
+                    return interface.FwdConfig(*_cfg)
+                return released_fwd(head_dim, head_dim_v, is_causal, is_local, sparse_block_size_q)
+            interface._tile_size_fwd_sm90 = fwd_tile   # tile_m/n, RS and overlap are compile keys
+            _check_and_time(f"{args.child} | fwd {name}", SWEEP_AT, args, kinds=("self",))
+        return
     released = interface._tile_size_bwd_sm90
     for name, cfg in SWEEP.items():
         def tile(head_dim, head_dim_v, causal, local, sparse_block_size_q=None, _cfg=cfg):
@@ -171,12 +198,14 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--modes", nargs="*", default=["off", "postprocess16", "kernel32"])
     ap.add_argument("--sweep", default="", help="a mode to sweep the SM90 backward's tile configs in")
+    ap.add_argument("--sweep-fwd", default="", help="a mode to sweep the SM90 forward's tile configs in")
     ap.add_argument("--tokens", type=int, default=50400)
     ap.add_argument("--heads", type=int, default=48)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--child-timeout", type=int, default=150, help="seconds per mode's process")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sweep-fwd-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -184,13 +213,14 @@ def main() -> int:
     import torch
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [(m, False) for m in args.modes] + ([(args.sweep, True)] if args.sweep else [])
+    runs = [(m, None) for m in args.modes] + ([(args.sweep, "--sweep-child")] if args.sweep else []) \
+        + ([(args.sweep_fwd, "--sweep-fwd-child")] if args.sweep_fwd else [])
     rows, meta = [], {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       "command": "python -P benchmarks/fa4_dq_fix.py " + " ".join(sys.argv[1:])}
     for mode, sweep in runs:
         cmd = [sys.executable, "-P", __file__, "--child", mode, "--tokens", str(args.tokens),
-               "--heads", str(args.heads), "--iters", str(args.iters)] + (["--sweep-child"] if sweep else [])
+               "--heads", str(args.heads), "--iters", str(args.iters)] + ([sweep] if sweep else [])
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout,
                                   env={**os.environ, "MUGV_FA4_DQ_FIX": mode})
@@ -206,7 +236,7 @@ def main() -> int:
                 else:
                     meta.setdefault("children", []).append(rec)
         if failed:
-            rows.append({"label": mode + (" sweep" if sweep else ""), "error": failed})
+            rows.append({"label": mode + (f" {sweep}" if sweep else ""), "error": failed})
         (out / "fa4_dq_fix.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['date']}; self-attention 1 x {args.tokens} "
           f"tokens x {args.heads} heads, head dim {MODEL_D} (useful TFLOP/s at {MODEL_D})")

@@ -2,6 +2,7 @@
 correctness and speed, and the SM90 backward's tile configs at the padded head dims (issue 22).
 
     python -P benchmarks/fa4_dq_fix.py --out DIR [--modes off postprocess16 kernel32] [--sweep MODE]
+    python -P benchmarks/fa4_dq_fix.py --table DIR/fa4_dq_fix.json   (or a child's JSON lines)
 
 Each mode runs in its own process (a fix patches flash_attn.cute for the process), with
 MUGV_FA4_DQ_FIX set:
@@ -193,12 +194,38 @@ def child(args) -> None:
         _check_and_time(f"{args.child} | {name}", SWEEP_AT, args, kinds=("self",))
 
 
+def print_table(rows: list[dict]) -> None:
+    print("| fix (mode, config) | runs at | worst error / bound (self, cross; pass <= 1) | fwd ms | "
+          "fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['label'].replace(' | ', ' / ')} | {r.get('run_at', '')} | error: {r['error'][:120]} | | | | |")
+            continue
+        dq = ", ".join(f"dQ {k} {v['dq']:.3f}" for k, v in r["ratios"].items())
+        print(f"| {r['label'].replace(' | ', ' / ')} | {r['run_at']} | {r['worst_ratio']:.3f} ({dq}) "
+              f"{'pass' if r['passes'] else 'FAIL'} | {r['fwd']['ms']} | "
+              f"{r['fwd']['useful_tflops']} | {r['fwd+bwd']['ms']} | {r['fwd+bwd']['useful_tflops']} |")
+
+
+def table_of(path: pathlib.Path) -> int:
+    """--table: the table of a finished run, from its fa4_dq_fix.json or a child's JSON lines."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        rows = json.loads(text)["rows"]
+    else:
+        rows = [r for r in map(json.loads, filter(str.strip, text.splitlines())) if "label" in r]
+    print_table(rows)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--modes", nargs="*", default=["off", "postprocess16", "kernel32"])
     ap.add_argument("--sweep", default="", help="a mode to sweep the SM90 backward's tile configs in")
     ap.add_argument("--sweep-fwd", default="", help="a mode to sweep the SM90 forward's tile configs in")
+    ap.add_argument("--table", default="", help="print the table of a finished run's .json / .jsonl")
     ap.add_argument("--tokens", type=int, default=50400)
     ap.add_argument("--heads", type=int, default=48)
     ap.add_argument("--iters", type=int, default=5)
@@ -207,6 +234,8 @@ def main() -> int:
     ap.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sweep-fwd-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.table:
+        return table_of(pathlib.Path(args.table))
     if args.child:
         child(args)
         return 0
@@ -240,17 +269,7 @@ def main() -> int:
         (out / "fa4_dq_fix.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['date']}; self-attention 1 x {args.tokens} "
           f"tokens x {args.heads} heads, head dim {MODEL_D} (useful TFLOP/s at {MODEL_D})")
-    print("| fix (mode, config) | runs at | worst error / bound (self, cross; pass <= 1) | fwd ms | "
-          "fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['label']} | {r.get('run_at', '')} | error: {r['error'][:120]} | | | | |")
-            continue
-        dq = ", ".join(f"dQ {k} {v['dq']:.3f}" for k, v in r["ratios"].items())
-        print(f"| {r['label']} | {r['run_at']} | {r['worst_ratio']:.3f} ({dq}) "
-              f"{'pass' if r['passes'] else 'FAIL'} | {r['fwd']['ms']} | "
-              f"{r['fwd']['useful_tflops']} | {r['fwd+bwd']['ms']} | {r['fwd+bwd']['useful_tflops']} |")
+    print_table(rows)
     return 0
 
 

@@ -113,9 +113,11 @@ def _boolean_pack_keys(key_mask, *tensors):
     """Session 10's packing of FA4's cross-attention keys (timing comparison only): boolean
     indexing, the same first cu[-1] rows as attention.pack_keys (whose offsets it takes), one
     host sync per index."""
-    from mugv.torch_backend.models import attention
-    cu, _ = attention._mugv_sorted_pack[0](key_mask)
+    cu, _ = _SORTED_PACKING[0](key_mask)
     return cu, [t[key_mask] for t in tensors]
+
+
+_SORTED_PACKING: list = []   # attention's own (pack_keys, fa4_fingerprint), kept by _key_packing
 
 
 def _key_packing(kind: str) -> None:
@@ -123,9 +125,9 @@ def _key_packing(kind: str) -> None:
     fingerprint of the verified (sorted) calling code, so that the record switches FA4 on: a
     benchmark-only override of the same kernels with session 10's (verified then) packing."""
     from mugv.torch_backend.models import attention
-    if not hasattr(attention, "_mugv_sorted_pack"):
-        attention._mugv_sorted_pack = (attention.pack_keys, attention.fa4_fingerprint)
-    sorted_pack, fingerprint = attention._mugv_sorted_pack
+    if not _SORTED_PACKING:
+        _SORTED_PACKING.extend((attention.pack_keys, attention.fa4_fingerprint))
+    sorted_pack, fingerprint = _SORTED_PACKING
     attention.pack_keys, attention.fa4_fingerprint = sorted_pack, fingerprint
     if kind == "boolean":
         verified = fingerprint(attention.fa4_version())

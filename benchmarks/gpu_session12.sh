@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session 12's GPU call (after `source scripts/install_gpu_offline.sh`; no FA4 needed). On an H200,
-# whose records predate sessions 8-11: `mugv verify-kernels` for the four Triton kernels and the
+# Session 12's GPU call (after `source scripts/install_gpu_offline.sh`; no FA4 needed). On an H200
+# (whose records then predated sessions 8-11): `mugv verify-kernels` for the four Triton kernels and the
 # compiled layers (FA4 needs the two-call install and is left for a session with more device
 # time). On either GPU: benchmarks/kernel_host.py, where the Triton kernels' wall time goes at
 # 256p and 720p against torch.compile. Each part has its own time limit.

@@ -4,7 +4,7 @@
 # install FA4, `mugv verify-kernels --only fa4` into the user record (merged over the device's
 # entry in the wheel's kernels/verified.json), then the 720p step with the trainer's defaults.
 source scripts/install_gpu_offline.sh >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages:/tmp/site/nvidia_cutlass_dsl/dsl_packages PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1   # PYTHONPATH: set by install_gpu_offline.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 mkdir -p $OUT/v
 timeout 200 python3 -P -m mugv.kernels.verify --only fa4 --log-dir $OUT/v > $OUT/v/verify_fa4.txt 2>&1; echo "verify rc $?"; tail -4 $OUT/v/verify_fa4.txt

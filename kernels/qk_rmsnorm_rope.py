@@ -115,7 +115,6 @@ def _qk_fwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
     tl.store(rstd_ptr + row, rstd, mask=rmask)
 
 
-@_launch.tuned(["L"], "token_tile_loop")
 @triton.jit
 def _qk_bwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dout_ptr, dq_ptr, dw_part_ptr,
                    L, n_tok, n_hb, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
@@ -148,6 +147,16 @@ def _qk_bwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dout_ptr, dq_ptr, d
                  ((dn - n * proj) * rstd).to(dq_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_part_ptr + tl.program_id(0).to(tl.int64) * D + cols, tl.sum(tl.sum(acc, axis=0), axis=0),
              mask=cols < D)
+
+
+if _launch.autotuning():
+    # Autotuned like `_launch.tuned(["L"], "token_tile_loop")`, and the partial rows zeroed before
+    # each config the autotuner tries and before the chosen one runs: the configs launch different
+    # numbers of programs (PER_SM), and rows left by a config with more programs were summed into
+    # the weight gradient of the call that tuned a new length (found in session 13's review).
+    _qk_bwd_kernel = triton.autotune(
+        [triton.Config(dict(meta), num_warps=w) for meta, w in _launch.FAMILIES["token_tile_loop"][0]],
+        key=["L"], reset_to_zero=["dw_part_ptr"])(_qk_bwd_kernel)
 
 
 def _validate(q, weight, angles):

@@ -1,0 +1,177 @@
+"""Direct launches (`kernels/_launch.py::launch`) against Triton's own launch path.
+
+On the GPU (a child process with the kernels autotuned, as production runs them, whatever
+MUGV_KERNEL_AUTOTUNE the verification sets): every kernel's forward and gradients in fp32 and bf16
+are bit-equal when launched directly and through Triton's path; after the first launch of a
+signature no launch goes through Triton's path; a tensor that is not 16-byte aligned is its own
+signature (Triton compiles another binary for it) and still equal; and the compiled kernel a direct
+launch calls has the autotuner's chosen config. On the CPU: the argument binding and signature
+logic on stand-ins (the interpreter has no compiled kernels to launch directly).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from mugv.kernels import _launch
+
+KERNEL_MODULES = ["adaln_modulate", "gated_residual_modulate", "qk_rmsnorm_rope", "groupnorm_silu"]
+
+
+def _param(name, default=None, has_default=False):
+    return types.SimpleNamespace(name=name, default=default, has_default=has_default)
+
+
+def test_bound_tail_takes_keywords_then_the_autotuners_choice_then_defaults():
+    jit = types.SimpleNamespace(__name__="k", params=[_param("x_ptr"), _param("n"), _param("BLOCK"),
+                                                      _param("ROWS"), _param("FLAG", 7, True)],
+                                arg_names=["x_ptr", "n", "BLOCK", "ROWS", "FLAG"])
+    tuned = types.SimpleNamespace(fn=jit, best_config=types.SimpleNamespace(kwargs={"ROWS": 4}))
+    tail, names = _launch._bound_tail(tuned, 2, {"BLOCK": 128})
+    assert tail == [128, 4, 7] and names == jit.arg_names
+    with pytest.raises(TypeError, match="ROWS"):
+        _launch._bound_tail(jit, 2, {"BLOCK": 128})
+
+
+def test_signature_separates_dtype_alignment_values_and_keywords():
+    buf = torch.zeros(64)
+    base = _launch._signature("k", 0, (buf[:8], 3, 1.5), {"B": 1})
+    assert base == _launch._signature("k", 0, (buf[4:12], 3, 1.5), {"B": 1})  # 16 bytes on: aligned
+    for other in [_launch._signature("k", 0, (buf[1:9], 3, 1.5), {"B": 1}),      # 4 bytes on
+                  _launch._signature("k", 0, (buf[:8].double(), 3, 1.5), {"B": 1}),
+                  _launch._signature("k", 0, (buf[:8], 4, 1.5), {"B": 1}),
+                  _launch._signature("k", 0, (buf[:8], 3.0, 1.5), {"B": 1}),     # int 3 vs float 3.0
+                  _launch._signature("k", 0, (buf[:8], 3, 1.5), {"B": 2}),
+                  _launch._signature("k", 1, (buf[:8], 3, 1.5), {"B": 1})]:
+        assert other != base
+
+
+def _cases(dtype: torch.dtype, dev: str, misaligned: bool = False):
+    """(kernel name, function, float inputs that take gradients, all arguments) per kernel, at
+    small production-like shapes (the DiT's bool frame mask, a view of the fused qkv projection)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=g) * scale
+        if misaligned:  # one element past an aligned allocation: 4 or 2 bytes off 16
+            buf = torch.empty(t.numel() + 1, dtype=dtype, device=dev)
+            out = buf[1:].view(*shape)
+            out.copy_(t.to(dtype))
+            return out.requires_grad_()
+        return t.to(dev, dtype).requires_grad_()
+
+    from mugv.kernels.adaln_modulate import adaln_modulate
+    from mugv.kernels.gated_residual_modulate import gated_residual_modulate
+    from mugv.kernels.groupnorm_silu import groupnorm_silu
+    from mugv.kernels.qk_rmsnorm_rope import qk_rmsnorm_rope
+    b, length, h = 2, 300, 256
+    mask = (torch.arange(length) < 40).expand(b, length).to(dev)
+    x, shift, scale = rand(b, length, h), rand(b, 2, h), rand(b, 2, h, scale=0.5)
+    y, gate = rand(b, length, h), rand(b, 2, h)
+    qkv = rand(b, length, 6, 3 * 72)
+    q = qkv[..., :72]
+    angles = (torch.rand(1, length, 36, generator=g) * 6).to(dev)
+    w = rand(72)
+    fmap, gw, gb = rand(2, 64, 3, 16, 16), rand(64), rand(64)
+    return [("adaln_modulate", lambda: adaln_modulate(x, shift, scale, mask), [x, shift, scale]),
+            ("gated_residual_modulate", lambda: gated_residual_modulate(x, y, gate, shift, scale, mask.long()),
+             [x, y, gate, shift, scale]),
+            ("qk_rmsnorm_rope", lambda: qk_rmsnorm_rope(q, w, angles), [qkv, w]),
+            ("groupnorm_silu", lambda: groupnorm_silu(fmap, gw, gb, 32), [fmap, gw, gb])]
+
+
+def _run(fn, inputs):
+    outs = fn()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    ups = [(torch.arange(o.numel(), device=o.device) % 3).view(o.shape).to(o.dtype) - 0.75 for o in outs]
+    grads = torch.autograd.grad(outs, inputs, ups)
+    return [o.detach() for o in outs] + list(grads)
+
+
+def _module_kernels():
+    import importlib
+    found = {}
+    for name in KERNEL_MODULES:
+        module = importlib.import_module(f"mugv.kernels.{name}")
+        for attr, obj in vars(module).items():
+            if hasattr(obj, "run") and (hasattr(obj, "params") or hasattr(obj, "configs")):
+                found[f"{name}.{attr}"] = obj
+    return found
+
+
+def child() -> None:
+    """In a process with the kernels autotuned: one JSON line per check."""
+    assert _launch.autotuning(), "the direct-launch test runs the kernels autotuned"
+    kernels = _module_kernels()
+    triton_path_calls = {k: 0 for k in kernels}
+    for key, kernel in kernels.items():
+        def counting(*args, _run=kernel.run, _key=key, **kw):
+            triton_path_calls[_key] += 1
+            return _run(*args, **kw)
+        kernel.run = counting
+    results = []
+    for misaligned in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            if misaligned and dtype == torch.bfloat16:
+                continue
+            for name, fn, inputs in _cases(dtype, "cuda", misaligned):
+                _launch.DIRECT = False
+                _run(fn, inputs)  # tunes new keys
+                want = _run(fn, inputs)
+                _launch.DIRECT = True
+                first = _run(fn, inputs)   # Triton's path where the signature is new
+                before = dict(triton_path_calls)
+                later = [_run(fn, inputs) for _ in range(2)]
+                torch.cuda.synchronize()
+                via_triton = {k: triton_path_calls[k] - before[k] for k in kernels if triton_path_calls[k] != before[k]}
+                equal = all(torch.equal(a, b) for got in [first, *later] for a, b in zip(got, want))
+                worst = max(float((a.float() - b.float()).abs().max()) for got in [first, *later]
+                            for a, b in zip(got, want))
+                results.append({"kernel": name, "dtype": str(dtype), "misaligned": misaligned, "equal": equal,
+                                "max_abs_diff": worst, "triton_path_after_first": via_triton})
+    # the config a direct launch uses is the autotuner's choice for its key
+    by_id = {id(k): (key, k) for key, k in kernels.items()}
+    aligned = {}
+    for sig, (compiled, tail, names) in _launch._DIRECT_CACHE.items():
+        key, kernel = by_id[sig[0]]
+        aligned.setdefault(key, set()).add(all(part[1] for part in sig[2:] if isinstance(part, tuple)
+                                               and len(part) == 2 and isinstance(part[0], torch.dtype)))
+        if not hasattr(kernel, "configs"):
+            continue
+        bound = dict(zip(names[len(names) - len(tail):], tail))
+        choices = [c for c in kernel.cache.values()
+                   if all(bound.get(m) == v for m, v in c.kwargs.items()) and c.num_warps == compiled.metadata.num_warps]
+        results.append({"kernel": key, "autotuned_choice": bool(choices),
+                        "config": {m: bound.get(m) for m in kernel.configs[0].kwargs}
+                        | {"num_warps": compiled.metadata.num_warps}})
+    results.append({"signatures_by_alignment": {k: sorted(v) for k, v in aligned.items()}})
+    for r in results:
+        print(json.dumps(r))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need a GPU (the interpreter has none)")
+def test_direct_launch_equals_tritons_path():
+    env = {**os.environ, "MUGV_KERNEL_AUTOTUNE": "1", "PYTHONSAFEPATH": "1"}
+    proc = subprocess.run([sys.executable, "-P", "-c",
+                           "from mugv.parity_tests.kernels.test_launch import child; child()"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    checks = [r for r in rows if "equal" in r]
+    assert len(checks) == 4 * 3, rows
+    for r in checks:
+        assert r["equal"], f"direct launch differs from Triton's path: {r}"
+        assert not r["triton_path_after_first"], f"launched through Triton's path after the first call: {r}"
+    tuned = [r for r in rows if "autotuned_choice" in r]
+    assert tuned and all(r["autotuned_choice"] for r in tuned), tuned
+    by_alignment = next(r for r in rows if "signatures_by_alignment" in r)["signatures_by_alignment"]
+    # the kernels that read the test's misaligned inputs got a signature of each kind
+    for kernel in ("adaln_modulate._adaln_fwd_kernel", "gated_residual_modulate._gated_bwd_kernel",
+                   "qk_rmsnorm_rope._qk_fwd_kernel", "groupnorm_silu._gn_stats_kernel"):
+        assert by_alignment.get(kernel) == [False, True], by_alignment

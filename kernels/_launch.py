@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402  (after the environment decision above)
 import triton.language as tl  # noqa: E402
+from triton import knobs as _knobs  # noqa: E402
 
 # True when triton.language was imported (e.g. by torch.use_deterministic_algorithms or megatron)
 # before TRITON_INTERPRET=1 was set: its own jit helpers (tl.sum) then refuse to run interpreted.
@@ -164,21 +165,30 @@ _DIRECT_CACHE: dict = {}
 
 
 def _signature(kernel, device: int, args: tuple, meta: dict) -> tuple:
-    key = [id(kernel), device]
+    # Triton's compile key also holds these two knobs, read at every launch
+    key = [id(kernel), device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode]
     for a in args:
         if isinstance(a, torch.Tensor):
             key.append((a.dtype, a.data_ptr() % 16 == 0))
         else:
             key.append((type(a), a))
-    key.extend(sorted(meta.items()))
+    key.extend((k, type(v), v) for k, v in sorted(meta.items()))   # TWO=True is not TWO=1
     return tuple(key)
+
+
+def _jit_function(kernel):
+    """The JITFunction under a kernel (an Autotuner's `.fn` chain; a JITFunction's own `.fn` is
+    the Python function, so stop at the JITFunction)."""
+    from triton.runtime.jit import JITFunction
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
 
 
 def _launch_hooks() -> bool:
     """Whether Triton's launch hooks are set (profilers such as proton): then every launch goes
     through Triton's path, which calls them."""
-    from triton import knobs
-    rt = knobs.runtime
+    rt = _knobs.runtime
     return bool(getattr(rt.launch_enter_hook, "calls", rt.launch_enter_hook)
                 or getattr(rt.launch_exit_hook, "calls", rt.launch_exit_hook))
 
@@ -186,8 +196,7 @@ def _launch_hooks() -> bool:
 def _hooked(kernel) -> bool:
     """Whether Triton runs something for this kernel that a direct launch would skip: pre-run hooks
     of the kernel or a config's own pre-hook."""
-    jit = getattr(kernel, "fn", kernel)
-    if getattr(jit, "pre_run_hooks", None):
+    if _jit_function(kernel).pre_run_hooks:
         return True
     return any(c.pre_hook is not None for c in getattr(kernel, "configs", []))
 
@@ -195,7 +204,7 @@ def _hooked(kernel) -> bool:
 def _bound_tail(kernel, n_args: int, meta: dict) -> tuple[list, list[str]]:
     """The values Triton binds after the `n_args` positional arguments (the launch keywords, the
     autotuner's chosen meta-parameters, defaults), and every parameter's name."""
-    jit = getattr(kernel, "fn", kernel)
+    jit = _jit_function(kernel)
     chosen = dict(kernel.best_config.kwargs) if hasattr(kernel, "best_config") else {}
     given = {**meta, **chosen}
     tail = []
@@ -221,9 +230,9 @@ def launch(kernel, grid, args: tuple, meta: dict | None = None) -> None:
     device = torch.cuda.current_device()
     sig = _signature(kernel, device, args, meta)
     entry = _DIRECT_CACHE.get(sig)
-    if entry is None:
+    if entry is None or _hooked(kernel):
         compiled = kernel[grid](*args, **meta)
-        if compiled is not None and not _hooked(kernel):
+        if entry is None and compiled is not None and not _hooked(kernel):
             tail, names = _bound_tail(kernel, len(args), meta)
             compiled._init_handles()
             _DIRECT_CACHE[sig] = (compiled, tail, names)

@@ -5,8 +5,8 @@ MUGV_KERNEL_AUTOTUNE the verification sets): every kernel's forward and gradient
 are bit-equal when launched directly and through Triton's path; after the first launch of a
 signature no launch goes through Triton's path; a tensor that is not 16-byte aligned is its own
 signature (Triton compiles another binary for it) and still equal; and the compiled kernel a direct
-launch calls has the autotuner's chosen config. On the CPU: the argument binding and signature
-logic on stand-ins (the interpreter has no compiled kernels to launch directly).
+launch calls has the autotuner's chosen config. On the CPU: the argument binding on Triton's own
+(uncompiled) objects and the signature (the interpreter has no compiled kernels to launch).
 """
 from __future__ import annotations
 
@@ -14,29 +14,36 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 
 from mugv.kernels import _launch
 
+import triton.language as tl  # noqa: E402  (after _launch: the interpreter decision)
+
 KERNEL_MODULES = ["adaln_modulate", "gated_residual_modulate", "qk_rmsnorm_rope", "groupnorm_silu"]
 
 
-def _param(name, default=None, has_default=False):
-    return types.SimpleNamespace(name=name, default=default, has_default=has_default)
+def _kernel_for_binding(x_ptr, n, BLOCK: tl.constexpr, ROWS: tl.constexpr, FLAG: tl.constexpr = 7):
+    pass
 
 
-def test_bound_tail_takes_keywords_then_the_autotuners_choice_then_defaults():
-    jit = types.SimpleNamespace(__name__="k", params=[_param("x_ptr"), _param("n"), _param("BLOCK"),
-                                                      _param("ROWS"), _param("FLAG", 7, True)],
-                                arg_names=["x_ptr", "n", "BLOCK", "ROWS", "FLAG"])
-    tuned = types.SimpleNamespace(fn=jit, best_config=types.SimpleNamespace(kwargs={"ROWS": 4}))
-    tail, names = _launch._bound_tail(tuned, 2, {"BLOCK": 128})
-    assert tail == [128, 4, 7] and names == jit.arg_names
-    with pytest.raises(TypeError, match="ROWS"):
-        _launch._bound_tail(jit, 2, {"BLOCK": 128})
+def test_binding_on_real_triton_objects():
+    """The same on Triton's own classes (built without compiling): a JITFunction's `.fn` is the
+    Python function, so the walk down an Autotuner stops at the JITFunction."""
+    import triton
+    from triton.runtime.jit import JITFunction
+    jit = JITFunction(_kernel_for_binding)
+    tuned = triton.autotune([triton.Config({"ROWS": 4}, num_warps=2), triton.Config({"ROWS": 2}, num_warps=4)],
+                            key=["n"])(jit)
+    tuned.best_config = tuned.configs[0]
+    assert _launch._jit_function(tuned) is jit and _launch._jit_function(jit) is jit
+    assert _launch._bound_tail(tuned, 2, {"BLOCK": 128}) == ([128, 4, 7], ["x_ptr", "n", "BLOCK", "ROWS", "FLAG"])
+    assert _launch._bound_tail(jit, 2, {"BLOCK": 128, "ROWS": 1, "FLAG": 3})[0] == [128, 1, 3]
+    assert not _launch._hooked(tuned)
+    jit.add_pre_run_hook(lambda *a, **k: None)
+    assert _launch._hooked(tuned) and _launch._hooked(jit)
 
 
 def test_signature_separates_dtype_alignment_values_and_keywords():
@@ -48,6 +55,7 @@ def test_signature_separates_dtype_alignment_values_and_keywords():
                   _launch._signature("k", 0, (buf[:8], 4, 1.5), {"B": 1}),
                   _launch._signature("k", 0, (buf[:8], 3.0, 1.5), {"B": 1}),     # int 3 vs float 3.0
                   _launch._signature("k", 0, (buf[:8], 3, 1.5), {"B": 2}),
+                  _launch._signature("k", 0, (buf[:8], 3, 1.5), {"B": True}),   # a constexpr's type counts
                   _launch._signature("k", 1, (buf[:8], 3, 1.5), {"B": 1})]:
         assert other != base
 

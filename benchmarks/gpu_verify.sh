@@ -5,7 +5,7 @@
 # record's FA4 entries are carried over by the verification).
 #
 #   PARTS="verify host" VERIFY_S=300 HOST_S=110 HOST_RES=256p bash benchmarks/gpu_verify.sh
-#   PARTS="verify-old verify host" ...   (also verifies the wheel carried in .whl-old first)
+#   PARTS="verify host verify-old" VERIFY_OLD_S=150 ...   (then verifies the wheel carried in .whl-old)
 #
 # verify: `mugv verify-kernels` for the four Triton kernels and the compiled layers, writing
 #         $OUT/verify/verified_kernels.json (copy its device entry into kernels/verified.json);
@@ -29,20 +29,28 @@ verify() {  # $1: output folder; the rest: extra environment
   echo "verify ($dir) rc $? in $((SECONDS - t0)) s"; tail -12 "$dir/verify.txt"
   rm -f "$dir/parity_junit.xml"   # at most 8 files come back
 }
-# verify-old: the same verification of another checkout's wheel carried as .whl-old (e.g. main's,
-# so that a branch that fails here still leaves main a current record)
-if [[ " $PARTS " == *" verify-old "* ]] && ls .whl-old/mugv-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-old \
-      .whl-old/mugv-*.whl
-  verify "$OUT/verify-old" PYTHONPATH="/tmp/site-old:$PYTHONPATH"
-fi
-if [[ " $PARTS " == *" verify "* ]]; then
-  verify "$OUT/verify"
-fi
-if [[ " $PARTS " == *" host "* ]]; then
-  t0=$SECONDS
+host() {
+  local t0=$SECONDS
   # shellcheck disable=SC2086
   timeout "${HOST_S:-110}" python3 -P benchmarks/kernel_host.py --out "$OUT/host" \
       --res ${HOST_RES:-256p} --calls 200 > "$OUT/host.log" 2>&1
   echo "kernel_host rc $? in $((SECONDS - t0)) s"; grep -v "^{" "$OUT/host.log" | tail -60
-fi
+}
+# the parts in the order PARTS names them. verify-old: the same verification of another
+# checkout's wheel carried as .whl-old (e.g. main's, so that a branch that fails here still
+# leaves main a current record), with its own limit VERIFY_OLD_S
+for part in $PARTS; do
+  case $part in
+    verify) verify "$OUT/verify" ;;
+    verify-old)
+      if ls .whl-old/mugv-*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site-old .whl-old/mugv-*.whl
+        VERIFY_S=${VERIFY_OLD_S:-${VERIFY_S:-300}} verify "$OUT/verify-old" PYTHONPATH="/tmp/site-old:$PYTHONPATH"
+      else
+        echo "verify-old: no .whl-old/mugv-*.whl carried"
+      fi ;;
+    host) host ;;
+    *) echo "unknown part $part (verify, verify-old, host)" ;;
+  esac
+done

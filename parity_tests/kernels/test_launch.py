@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -44,6 +45,73 @@ def test_binding_on_real_triton_objects():
     assert not _launch._hooked(tuned)
     jit.add_pre_run_hook(lambda *a, **k: None)
     assert _launch._hooked(tuned) and _launch._hooked(jit)
+
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: records what a direct launch passes its launcher."""
+    function, packed_metadata = "cu-function", "packed"
+
+    def __init__(self):
+        self.calls = []
+
+    def _init_handles(self):
+        pass
+
+    def run(self, *launch_args):
+        self.calls.append(launch_args)
+
+
+class _FakeTuned:
+    """Stands in for an Autotuner over `_kernel_for_binding`: `kernel[grid](...)` is Triton's path."""
+
+    def __init__(self):
+        from triton.runtime.jit import JITFunction
+        self.fn = JITFunction(_kernel_for_binding)
+        self.configs = []
+        self.best_config = types.SimpleNamespace(kwargs={"ROWS": 4})
+        self.compiled = _FakeCompiled()
+        self.triton_path = []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.triton_path.append((grid, args, meta))
+            return self.compiled
+        return run
+
+
+def test_direct_launch_control_flow(monkeypatch):
+    """The direct path's logic without a GPU: the first launch of a signature goes through Triton's
+    path, later ones call the kept compiled kernel with the launcher's layout (grid, stream,
+    function, metadata, no hooks, then every bound argument); a callable grid gets the bound
+    arguments by name; a new signature or a set launch hook goes through Triton's path again."""
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(_launch, "DIRECT", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 77, raising=False)
+    monkeypatch.setattr(_launch, "_DIRECT_CACHE", {})
+    kernel = _FakeTuned()
+    x = torch.zeros(8)
+    grid = lambda meta: (meta["n"] // meta["ROWS"], 2)  # noqa: E731
+    _launch.launch(kernel, grid, (x, 40), {"BLOCK": 64})
+    assert len(kernel.triton_path) == 1 and not kernel.compiled.calls
+    _launch.launch(kernel, grid, (x, 40), {"BLOCK": 64})
+    assert len(kernel.triton_path) == 1
+    assert kernel.compiled.calls == [(10, 2, 1, 77, "cu-function", "packed", None, None, None, x, 40, 64, 4, 7)]
+    _launch.launch(kernel, grid, (x, 41), {"BLOCK": 64})           # another value: Triton's path
+    _launch.launch(kernel, grid, (x[1:], 40), {"BLOCK": 64})       # misaligned: Triton's path
+    assert len(kernel.triton_path) == 3 and len(kernel.compiled.calls) == 1
+    hook = lambda *a: None  # noqa: E731
+    _launch._knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        _launch.launch(kernel, grid, (x, 40), {"BLOCK": 64})       # a profiler's hook: Triton's path
+    finally:
+        _launch._knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(kernel.triton_path) == 4 and len(kernel.compiled.calls) == 1
+    _launch.launch(kernel, (3,), (x, 40), {"BLOCK": 64})
+    assert kernel.compiled.calls[-1][:3] == (3, 1, 1)
+    monkeypatch.setattr(_launch, "DIRECT", False)                  # benchmarks: always Triton's path
+    _launch.launch(kernel, (3,), (x, 40), {"BLOCK": 64})
+    assert len(kernel.triton_path) == 5 and len(kernel.compiled.calls) == 2
 
 
 def test_signature_separates_dtype_alignment_values_and_keywords():

@@ -1,11 +1,11 @@
 """Direct launches (`kernels/_launch.py::launch`) against Triton's own launch path.
 
-On the GPU (a child process with the kernels autotuned, as production runs them, whatever
-MUGV_KERNEL_AUTOTUNE the verification sets): every kernel's forward and gradients in fp32 and bf16
-are bit-equal when launched directly and through Triton's path; after the first launch of a
-signature no launch goes through Triton's path; a tensor that is not 16-byte aligned is its own
-signature (Triton compiles another binary for it) and still equal; and the compiled kernel a direct
-launch calls has the autotuner's chosen config. On the CPU: the argument binding on Triton's own
+On the GPU: every kernel's forward and gradients are bit-equal when launched directly and through
+Triton's path, and after the first launch of a signature no launch goes through Triton's path, in
+fp32 with the kernels autotuned as production runs them (a child process, whatever
+MUGV_KERNEL_AUTOTUNE the verification sets; the compiled kernel a direct launch calls has the
+autotuner's chosen config), and in this process's configuration in bf16 and with tensors that are
+not 16-byte aligned (their own signature: Triton compiles another binary for them). On the CPU: the argument binding on Triton's own
 (uncompiled) objects and the signature (the interpreter has no compiled kernels to launch).
 """
 from __future__ import annotations
@@ -181,9 +181,11 @@ def _module_kernels():
     return found
 
 
-def child() -> None:
-    """In a process with the kernels autotuned: one JSON line per check."""
-    assert _launch.autotuning(), "the direct-launch test runs the kernels autotuned"
+def compare(variants) -> list[dict]:
+    """For each (dtype, misaligned) variant and kernel: outputs and gradients launched directly vs
+    through Triton's path (bit-equal?), which kernels still went through Triton's path after the
+    first direct call, and then, per kept compiled kernel, its alignment and (autotuned) whether
+    its config is the autotuner's choice. One dict per finding."""
     kernels = _module_kernels()
     triton_path_calls = {k: 0 for k in kernels}
     for key, kernel in kernels.items():
@@ -191,11 +193,11 @@ def child() -> None:
             triton_path_calls[_key] += 1
             return _run(*args, **kw)
         kernel.run = counting
+    direct, cache = _launch.DIRECT, dict(_launch._DIRECT_CACHE)
+    _launch._DIRECT_CACHE.clear()
     results = []
-    for misaligned in (False, True):
-        for dtype in (torch.float32, torch.bfloat16):
-            if misaligned and dtype == torch.bfloat16:
-                continue
+    try:
+        for dtype, misaligned in variants:
             for name, fn, inputs in _cases(dtype, "cuda", misaligned):
                 _launch.DIRECT = False
                 _run(fn, inputs)  # tunes new keys
@@ -205,47 +207,74 @@ def child() -> None:
                 before = dict(triton_path_calls)
                 later = [_run(fn, inputs) for _ in range(2)]
                 torch.cuda.synchronize()
-                via_triton = {k: triton_path_calls[k] - before[k] for k in kernels if triton_path_calls[k] != before[k]}
+                via_triton = {k: triton_path_calls[k] - before[k] for k in kernels
+                              if triton_path_calls[k] != before[k]}
                 equal = all(torch.equal(a, b) for got in [first, *later] for a, b in zip(got, want))
                 worst = max(float((a.float() - b.float()).abs().max()) for got in [first, *later]
                             for a, b in zip(got, want))
                 results.append({"kernel": name, "dtype": str(dtype), "misaligned": misaligned, "equal": equal,
                                 "max_abs_diff": worst, "triton_path_after_first": via_triton})
-    # the config a direct launch uses is the autotuner's choice for its key
-    by_id = {id(k): (key, k) for key, k in kernels.items()}
-    aligned = {}
-    for sig, (compiled, tail, names) in _launch._DIRECT_CACHE.items():
-        key, kernel = by_id[sig[0]]
-        aligned.setdefault(key, set()).add(all(part[1] for part in sig[2:] if isinstance(part, tuple)
-                                               and len(part) == 2 and isinstance(part[0], torch.dtype)))
-        if not hasattr(kernel, "configs"):
-            continue
-        bound = dict(zip(names[len(names) - len(tail):], tail))
-        choices = [c for c in kernel.cache.values()
-                   if all(bound.get(m) == v for m, v in c.kwargs.items()) and c.num_warps == compiled.metadata.num_warps]
-        results.append({"kernel": key, "autotuned_choice": bool(choices),
-                        "config": {m: bound.get(m) for m in kernel.configs[0].kwargs}
-                        | {"num_warps": compiled.metadata.num_warps}})
-    results.append({"signatures_by_alignment": {k: sorted(v) for k, v in aligned.items()}})
-    for r in results:
+        by_id = {id(k): (key, k) for key, k in kernels.items()}
+        aligned = {}
+        for sig, (compiled, tail, names) in _launch._DIRECT_CACHE.items():
+            key, kernel = by_id[sig[0]]
+            aligned.setdefault(key, set()).add(all(part[1] for part in sig[2:] if isinstance(part, tuple)
+                                                   and len(part) == 2 and isinstance(part[0], torch.dtype)))
+            if not hasattr(kernel, "configs"):
+                continue
+            # the config a direct launch uses is the autotuner's choice for its key
+            bound = dict(zip(names[len(names) - len(tail):], tail))
+            choices = [c for c in kernel.cache.values() if all(bound.get(m) == v for m, v in c.kwargs.items())
+                       and c.num_warps == compiled.metadata.num_warps]
+            results.append({"kernel": key, "autotuned_choice": bool(choices),
+                            "config": {m: bound.get(m) for m in kernel.configs[0].kwargs}
+                            | {"num_warps": compiled.metadata.num_warps}})
+        results.append({"signatures_by_alignment": {k: sorted(v) for k, v in aligned.items()}})
+    finally:
+        for kernel in kernels.values():
+            del kernel.run
+        _launch.DIRECT = direct
+        _launch._DIRECT_CACHE.clear()
+        _launch._DIRECT_CACHE.update(cache)
+    return results
+
+
+def child() -> None:
+    """In a process with the kernels autotuned (fp32: autotuning every kernel compiles ~90
+    configs per dtype): one JSON line per finding."""
+    assert _launch.autotuning(), "the direct-launch test runs the kernels autotuned"
+    for r in compare([(torch.float32, False)]):
         print(json.dumps(r))
 
 
+def _check_equal(rows: list[dict], n: int) -> None:
+    checks = [r for r in rows if "equal" in r]
+    assert len(checks) == n, rows
+    for r in checks:
+        assert r["equal"], f"direct launch differs from Triton's path: {r}"
+        assert not r["triton_path_after_first"], f"launched through Triton's path after the first call: {r}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need a GPU (the interpreter has none)")
-def test_direct_launch_equals_tritons_path():
+def test_direct_launch_equals_tritons_path_autotuned():
+    """As production runs: autotuned (a child process, whatever MUGV_KERNEL_AUTOTUNE this one has)."""
     env = {**os.environ, "MUGV_KERNEL_AUTOTUNE": "1", "PYTHONSAFEPATH": "1"}
     proc = subprocess.run([sys.executable, "-P", "-c",
                            "from mugv.parity_tests.kernels.test_launch import child; child()"],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    checks = [r for r in rows if "equal" in r]
-    assert len(checks) == 4 * 3, rows
-    for r in checks:
-        assert r["equal"], f"direct launch differs from Triton's path: {r}"
-        assert not r["triton_path_after_first"], f"launched through Triton's path after the first call: {r}"
+    _check_equal(rows, 4)
     tuned = [r for r in rows if "autotuned_choice" in r]
-    assert tuned and all(r["autotuned_choice"] for r in tuned), tuned
+    assert len(tuned) == 10 and all(r["autotuned_choice"] for r in tuned), tuned   # 10 autotuned kernels
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need a GPU (the interpreter has none)")
+def test_direct_launch_equals_tritons_path_bf16_and_misaligned():
+    """bf16, and fp32 tensors 4 bytes off 16-byte alignment (their own signature: Triton compiles
+    another binary), in this process's launch configuration."""
+    rows = compare([(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)])
+    _check_equal(rows, 12)
     by_alignment = next(r for r in rows if "signatures_by_alignment" in r)["signatures_by_alignment"]
     # the kernels that read the test's misaligned inputs got a signature of each kind
     for kernel in ("adaln_modulate._adaln_fwd_kernel", "gated_residual_modulate._gated_bwd_kernel",

@@ -160,7 +160,8 @@ def check(cond: bool, name: str, value, expected: str) -> None:
 # tensor's dtype and whether its address is 16-byte aligned (what Triton specialises a pointer
 # on), the exact value and type of every other argument, the launch keywords and the device.
 
-DIRECT = not interpreting()  # benchmarks set False to time Triton's own path
+# MUGV_KERNEL_LAUNCH=triton: every launch through Triton's path (to bisect; benchmarks set False)
+DIRECT = not interpreting() and os.environ.get("MUGV_KERNEL_LAUNCH", "direct") != "triton"
 _DIRECT_CACHE: dict = {}
 
 

@@ -7,7 +7,8 @@
 #   PARTS="verify host" VERIFY_S=300 HOST_S=110 HOST_RES=256p bash benchmarks/gpu_verify.sh
 #   PARTS="verify host verify-old" VERIFY_OLD_S=150 ...   (then verifies the wheel carried in .whl-old)
 #
-# verify: `mugv verify-kernels` for the four Triton kernels and the compiled layers, writing
+# verify: `mugv verify-kernels` for the four Triton kernels and the compiled layers (or the list
+#         VERIFY_ONLY names; the record keeps the others whose code is unchanged), writing
 #         $OUT/verify/verified_kernels.json (copy its device entry into kernels/verified.json);
 # host:   benchmarks/kernel_host.py at HOST_RES (wall, loop and GPU time per forward+backward
 #         call of each kernel against torch.compile of its reference) into $OUT/host.
@@ -24,7 +25,7 @@ verify() {  # $1: output folder; the rest: extra environment
   mkdir -p "$dir"
   local t0=$SECONDS
   env "$@" timeout "${VERIFY_S:-300}" python3 -P -m mugv.kernels.verify \
-      --only adaln_modulate,gated_residual_modulate,qk_rmsnorm_rope,groupnorm_silu,compiled_layers \
+      --only "${VERIFY_ONLY:-adaln_modulate,gated_residual_modulate,qk_rmsnorm_rope,groupnorm_silu,compiled_layers}" \
       --record "$dir/verified_kernels.json" --log-dir "$dir" > "$dir/verify.txt" 2>&1
   echo "verify ($dir) rc $? in $((SECONDS - t0)) s"; tail -12 "$dir/verify.txt"
   rm -f "$dir/parity_junit.xml"   # at most 8 files come back

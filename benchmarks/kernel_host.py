@@ -4,8 +4,10 @@ kernel's host path (issue 22: "faster than torch.compile by wall time at 256p").
 
     python -P benchmarks/kernel_host.py --out DIR [--res 256p 720p] [--calls 200]
 
-For each kernel of benchmarks/kernels.py's cases at the chosen shapes, each variant ("triton",
-"compile") runs `calls` forward+backward calls back to back (the same step as kernels.py: the
+For each kernel of benchmarks/kernels.py's cases at the chosen shapes, each variant ("tritonpath":
+the kernel launched through Triton's own launch path every time; "triton": as the package runs it,
+launched directly after the first launch of each signature, `kernels/_launch.py::launch`;
+"compile": torch.compile of the reference) runs `calls` forward+backward calls back to back (the same step as kernels.py: the
 op, then torch.autograd.grad of its outputs):
 - host ms: host time per call until the last call returns (no synchronisation inside the loop);
 - loop ms: time per call until the GPU has finished them all (a training loop's cost: the larger
@@ -82,7 +84,7 @@ def main() -> int:
         sys.exit("benchmarks/kernel_host.py needs a CUDA GPU (or --dry-run)")
     else:
         kb.TOKENS = {k: v for k, v in kb.TOKENS.items() if k in args.res}
-    import mugv.kernels._launch  # noqa: F401
+    from mugv.kernels import _launch
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if kb.DEV == "cuda" else "cpu (dry run)",
@@ -100,14 +102,18 @@ def main() -> int:
         upstream = [torch.randn_like(o) for o in probe]
         row = {"kernel": name, "shape": label}
         compiled = torch.compile(reference, dynamic=False) if kb.DEV == "cuda" else reference
-        for variant, fn in (("triton", kernel), ("compile", compiled)):
+        direct = _launch.DIRECT
+        for variant, fn in (("tritonpath", kernel), ("triton", kernel), ("compile", compiled)):
+            _launch.DIRECT = direct and variant == "triton"
             step = kb._fwd_bwd(fn, inputs, upstream)
             host, loop = per_call(step, args.calls)
             row[f"{variant}_host_ms"], row[f"{variant}_loop_ms"] = round(host, 4), round(loop, 4)
             row[f"{variant}_gpu_ms"] = round(kb.gpu_time_ms(step), 4)
             if variant == "triton":
                 profiles[f"{name} {label}"] = profile_host(step, args.calls, args.top)
+        _launch.DIRECT = direct
         row["loop_speedup"] = round(row["compile_loop_ms"] / row["triton_loop_ms"], 3)
+        row["tritonpath_loop_speedup"] = round(row["compile_loop_ms"] / row["tritonpath_loop_ms"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
         (out / "kernel_host.json").write_text(json.dumps({"meta": meta, "rows": rows, "profiles": profiles},
@@ -119,13 +125,15 @@ def main() -> int:
             print(f"| {r['function']} | {r['calls_per_step']:.0f} | {r['own_ms']:.4f} | {r['cum_ms']:.4f} |")
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['date']}; forward+backward per call, "
           f"{args.calls} calls back to back")
-    print("| kernel | shape | triton host ms | triton loop ms | triton gpu ms | compile host ms | "
-          "compile loop ms | compile gpu ms | compile / triton (loop) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | shape | triton's path host / loop ms | direct host ms | direct loop ms | triton gpu ms | "
+          "compile host ms | compile loop ms | compile gpu ms | compile / triton's path (loop) | "
+          "compile / direct (loop) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kernel']} | {r['shape']} | {r['triton_host_ms']} | {r['triton_loop_ms']} | "
-              f"{r['triton_gpu_ms']} | {r['compile_host_ms']} | {r['compile_loop_ms']} | "
-              f"{r['compile_gpu_ms']} | {r['loop_speedup']} |")
+        print(f"| {r['kernel']} | {r['shape']} | {r['tritonpath_host_ms']} / {r['tritonpath_loop_ms']} | "
+              f"{r['triton_host_ms']} | {r['triton_loop_ms']} | {r['triton_gpu_ms']} | {r['compile_host_ms']} | "
+              f"{r['compile_loop_ms']} | {r['compile_gpu_ms']} | {r['tritonpath_loop_speedup']} | "
+              f"{r['loop_speedup']} |")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared launch plumbing of the Triton kernels: interpreter detection and launch configs.
+"""Shared launch plumbing of the Triton kernels: interpreter detection, launch configs and the
+direct launch path (`launch`).
 
 Importing this module before any `@triton.jit` definition matters: Triton decides at decoration
 time whether a kernel is compiled or interpreted. On a machine without CUDA the interpreter is the
@@ -8,6 +9,7 @@ only way a kernel can run, so TRITON_INTERPRET=1 is set here when no GPU is visi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -17,6 +19,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402  (after the environment decision above)
 import triton.language as tl  # noqa: E402
+from triton import knobs as _knobs  # noqa: E402
 
 # True when triton.language was imported (e.g. by torch.use_deterministic_algorithms or megatron)
 # before TRITON_INTERPRET=1 was set: its own jit helpers (tl.sum) then refuse to run interpreted.
@@ -75,14 +78,16 @@ FAMILIES = {
 }
 
 
-def tuned(key: list[str], family: str = "row"):
+def tuned(key: list[str], family: str = "row", reset: list[str] | None = None):
     """Decorator over @triton.jit: on the GPU, autotune over the family's configs per `key` (the
-    size arguments); otherwise the kernel as it is, launched with `launch_config(family)`."""
+    size arguments); otherwise the kernel as it is, launched with `launch_config(family)`.
+    `reset`: output arguments the autotuner zeroes before each config it tries and before the
+    chosen one runs after tuning (partial-sum buffers whose used rows depend on the config)."""
     def wrap(kernel):
         if not autotuning():
             return kernel
         configs = [triton.Config(dict(meta), num_warps=w) for meta, w in FAMILIES[family][0]]
-        return triton.autotune(configs, key=key)(kernel)
+        return triton.autotune(configs, key=key, reset_to_zero=reset)(kernel)
     return wrap
 
 
@@ -123,8 +128,13 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a GPU; 2 "SMs" in the interpreter (few, long-lived programs,
     so that the CPU tests cover loops of several steps)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(torch.cuda.current_device() if device.index is None else device.index)
     return 2
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def reduction_programs(device: torch.device) -> int:
@@ -138,3 +148,106 @@ def check(cond: bool, name: str, value, expected: str) -> None:
     """Raise ValueError naming the argument, the value and what was expected."""
     if not cond:
         raise ValueError(f"{name}: got {value}, expected {expected}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct launches. Triton's own launch path (`kernel[grid](...)`: the autotuner's key, then
+# `JITFunction.run` binding and specialising every argument and looking up its compile cache)
+# costs ~0.1 ms of host time per launch, more than the GPU time of a 256p kernel. `launch` goes
+# through that path once per launch signature and keeps the compiled kernel Triton returned (the
+# autotuner's choice included); later launches of the signature call it with the same argument
+# list Triton would have built. The signature is stricter than Triton's specialisation: each
+# tensor's dtype and whether its address is 16-byte aligned (what Triton specialises a pointer
+# on), the exact value and type of every other argument, the launch keywords and the device.
+
+# MUGV_KERNEL_LAUNCH=triton: every launch through Triton's path (to bisect; benchmarks set False)
+DIRECT = not interpreting() and os.environ.get("MUGV_KERNEL_LAUNCH", "direct") != "triton"
+_DIRECT_CACHE: dict = {}
+
+
+def _signature(kernel, device: int, args: tuple, meta: dict) -> tuple:
+    # Triton's compile key also holds these two knobs, read at every launch
+    key = [id(kernel), device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            key.append((type(a), a))
+    key.extend((k, type(v), v) for k, v in sorted(meta.items()))   # TWO=True is not TWO=1
+    return tuple(key)
+
+
+def _jit_function(kernel):
+    """The JITFunction under a kernel (an Autotuner's `.fn` chain; a JITFunction's own `.fn` is
+    the Python function, so stop at the JITFunction)."""
+    from triton.runtime.jit import JITFunction
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _launch_hooks() -> bool:
+    """Whether Triton's launch hooks are set (profilers such as proton): then every launch goes
+    through Triton's path, which calls them."""
+    rt = _knobs.runtime
+    return bool(getattr(rt.launch_enter_hook, "calls", rt.launch_enter_hook)
+                or getattr(rt.launch_exit_hook, "calls", rt.launch_exit_hook))
+
+
+def _hooked(kernel) -> bool:
+    """Whether Triton runs something for this kernel that a direct launch would skip: pre-run hooks
+    of the kernel or a config's own pre-hook."""
+    if _jit_function(kernel).pre_run_hooks:
+        return True
+    return any(c.pre_hook is not None for c in getattr(kernel, "configs", []))
+
+
+def _bound_tail(kernel, n_args: int, meta: dict) -> tuple[list, list[str]]:
+    """The values Triton binds after the `n_args` positional arguments (the launch keywords, the
+    autotuner's chosen meta-parameters, defaults), and every parameter's name."""
+    jit = _jit_function(kernel)
+    chosen = dict(kernel.best_config.kwargs) if hasattr(kernel, "best_config") else {}
+    given = {**meta, **chosen}
+    tail = []
+    for p in jit.params[n_args:]:
+        if p.name in given:
+            tail.append(given[p.name])
+        elif p.has_default:
+            tail.append(p.default)
+        else:
+            raise TypeError(f"launch: {jit.__name__} parameter {p.name!r} has no value")
+    return tail, list(jit.arg_names)
+
+
+def launch(kernel, grid, args: tuple, meta: dict | None = None) -> None:
+    """Launch a `tuned` Triton kernel: `kernel[grid](*args, **meta)`, directly after the first
+    launch of its signature (see above). `args` are the kernel's leading parameters, positional;
+    `meta` its constexpr keywords (and, untuned, `launch_config`'s). `grid` is a tuple or, as in
+    Triton, a function of the bound arguments by name."""
+    meta = meta or {}
+    if not DIRECT or interpreting() or _launch_hooks():
+        kernel[grid](*args, **meta)
+        return
+    device = torch.cuda.current_device()
+    sig = _signature(kernel, device, args, meta)
+    entry = _DIRECT_CACHE.get(sig)
+    if entry is None or _hooked(kernel):
+        compiled = kernel[grid](*args, **meta)
+        if entry is None and compiled is not None and not _hooked(kernel):
+            tail, names = _bound_tail(kernel, len(args), meta)
+            compiled._init_handles()
+            _DIRECT_CACHE[sig] = (compiled, tail, names)
+        return
+    compiled, tail, names = entry
+    if callable(grid):
+        grid = grid(dict(zip(names, (*args, *tail))))
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                 *args, *tail)
+
+
+def clear_direct_cache() -> None:
+    """Forget the kept compiled kernels (tests)."""
+    _DIRECT_CACHE.clear()

@@ -136,6 +136,26 @@ def _index_or_zeros(x, shift, index):
     return index
 
 
+def kernel_index(x, shift, index):
+    """The branch index as the kernels read it, without a cast kernel where possible: a bool mask
+    as its bytes (0 or 1, a view), int32 as it is, other integers cast to int32."""
+    index = _index_or_zeros(x, shift, index)
+    if index.dtype == torch.bool:
+        index = index.view(torch.uint8)
+    elif index.dtype != torch.int32:
+        index = index.to(torch.int32)
+    return index.contiguous()
+
+
+def sum_partials(parts, dtypes):
+    """The parameter gradients from one fp32 partial-sum buffer (n, B, programs, K, h): one sum over
+    the programs and one cast per distinct dtype (instead of a sum and a cast per gradient)."""
+    sums = parts.sum(2)
+    if len(set(dtypes)) == 1:
+        return sums.to(dtypes[0]).unbind(0)
+    return tuple(s.to(d) for s, d in zip(sums.unbind(0), dtypes))
+
+
 def validate_modulation(x, tables: dict, index, what: str = "adaln_modulate"):
     """Shared argument checks: x (B, L, h), every table (B, K, h) of one K, index (B, L) ints."""
     check(x.dim() == 3, f"{what}: x", tuple(x.shape), "(B, L, h)")
@@ -176,13 +196,12 @@ class _AdaLNModulate(torch.autograd.Function):
         b, length, h, k = validate_modulation(x, {"shift": shift, "scale": scale}, index)
         x = x.contiguous()
         shift, scale = shift.contiguous(), scale.contiguous()
-        index = _index_or_zeros(x, shift, index).to(torch.int32).contiguous()
+        index = kernel_index(x, shift, index)
         y = torch.empty_like(x)
-        mean = torch.empty(b * length, dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
-        block = _launch.row_block(h)
-        _adaln_fwd_kernel[(b * length,)](x, shift, scale, index, y, mean, rstd, length, h, k, eps,
-                                         BLOCK_H=block, **_launch.launch_config())
+        stats = torch.empty((2, b * length), dtype=torch.float32, device=x.device)
+        mean, rstd = stats[0], stats[1]
+        _launch.launch(_adaln_fwd_kernel, (b * length,), (x, shift, scale, index, y, mean, rstd, length, h, k, eps),
+                       dict(BLOCK_H=_launch.row_block(h), **_launch.launch_config()))
         ctx.save_for_backward(x, scale, index, mean, rstd)
         ctx.shift_dtype = shift.dtype
         return y
@@ -195,13 +214,12 @@ class _AdaLNModulate(torch.autograd.Function):
         dy = dy.contiguous()
         dx = torch.empty_like(x)
         n_prog, rows = backward_grid(b, length, x.device)
-        dshift = torch.empty((b, n_prog, k, h), dtype=torch.float32, device=x.device)
-        dscale = torch.empty_like(dshift)
-        block = _launch.row_block(h)
-        _adaln_bwd_kernel[(b, n_prog)](x, scale, index, mean, rstd, dy, dx, dshift, dscale,
-                                       length, h, rows, TWO=k == 2, BLOCK_H=block,
-                                       **_launch.launch_config("row_loop"))
-        return (dx, dshift.sum(1).to(ctx.shift_dtype), dscale.sum(1).to(scale.dtype), None, None)
+        parts = torch.empty((2, b, n_prog, k, h), dtype=torch.float32, device=x.device)
+        _launch.launch(_adaln_bwd_kernel, (b, n_prog),
+                       (x, scale, index, mean, rstd, dy, dx, parts[0], parts[1], length, h, rows),
+                       dict(TWO=k == 2, BLOCK_H=_launch.row_block(h), **_launch.launch_config("row_loop")))
+        dshift, dscale = sum_partials(parts, (ctx.shift_dtype, scale.dtype))
+        return dx, dshift, dscale, None, None
 
 
 def adaln_modulate(x, shift, scale, index=None, eps: float = 1e-6):

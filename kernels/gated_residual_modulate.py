@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from mugv.kernels import _launch
-from mugv.kernels.adaln_modulate import _index_or_zeros, backward_grid, gather_rows, validate_modulation
+from mugv.kernels.adaln_modulate import (_index_or_zeros, backward_grid, gather_rows, kernel_index, sum_partials,
+                                         validate_modulation)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -146,15 +147,14 @@ class _GatedResidualModulate(torch.autograd.Function):
                       tuple(y.shape), f"x's shape {tuple(x.shape)}")
         x, y = x.contiguous(), y.contiguous()
         gate, shift, scale = gate.contiguous(), shift.contiguous(), scale.contiguous()
-        index = _index_or_zeros(x, shift, index).to(torch.int32).contiguous()
+        index = kernel_index(x, shift, index)
         x_res = torch.empty_like(x)
         out = torch.empty_like(x)
-        mean = torch.empty(b * length, dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
-        block = _launch.row_block(h)
-        _gated_fwd_kernel[(b * length,)](x, y, gate, shift, scale, index, x_res, out, mean, rstd,
-                                         length, h, k, eps, BLOCK_H=block,
-                                         **_launch.launch_config())
+        stats = torch.empty((2, b * length), dtype=torch.float32, device=x.device)
+        mean, rstd = stats[0], stats[1]
+        _launch.launch(_gated_fwd_kernel, (b * length,),
+                       (x, y, gate, shift, scale, index, x_res, out, mean, rstd, length, h, k, eps),
+                       dict(BLOCK_H=_launch.row_block(h), **_launch.launch_config()))
         ctx.save_for_backward(x, y, gate, scale, index, mean, rstd)
         ctx.shift_dtype = shift.dtype
         return x_res, out
@@ -169,14 +169,14 @@ class _GatedResidualModulate(torch.autograd.Function):
         dx_res = dx_res.contiguous() if has_dxres else dout  # placeholder pointer, never read
         dx, dy = torch.empty_like(x), torch.empty_like(y)
         n_prog, rows = backward_grid(b, length, x.device)
-        parts = [torch.empty((b, n_prog, k, h), dtype=torch.float32, device=x.device) for _ in range(3)]
-        block = _launch.row_block(h)
-        _gated_bwd_kernel[(b, n_prog)](x, y, gate, scale, index, mean, rstd, dout, dx_res, dx, dy,
-                                       *parts, length, h, rows, TWO=k == 2, HAS_DXRES=has_dxres,
-                                       BLOCK_H=block, **_launch.launch_config("row_loop"))
-        dgate, dshift, dscale = (p.sum(1) for p in parts)
-        return (dx, dy, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype),
-                None, None)
+        parts = torch.empty((3, b, n_prog, k, h), dtype=torch.float32, device=x.device)
+        _launch.launch(_gated_bwd_kernel, (b, n_prog),
+                       (x, y, gate, scale, index, mean, rstd, dout, dx_res, dx, dy, parts[0], parts[1], parts[2],
+                        length, h, rows),
+                       dict(TWO=k == 2, HAS_DXRES=has_dxres, BLOCK_H=_launch.row_block(h),
+                            **_launch.launch_config("row_loop")))
+        dgate, dshift, dscale = sum_partials(parts, (gate.dtype, ctx.shift_dtype, scale.dtype))
+        return dx, dy, dgate, dshift, dscale, None, None
 
 
 def gated_residual_modulate(x, y, gate, shift, scale, index=None, eps: float = 1e-6):

@@ -285,20 +285,22 @@ class _GroupNormSiLU(torch.autograd.Function):
         x = x.contiguous()
         spatial = x[0, 0].numel()
         block, span, spans = _launch_shape(b * c, spatial, x.device)
-        parts = [torch.empty((b * c, spans), dtype=torch.float32, device=x.device) for _ in range(3)]
-        _gn_stats_kernel[_grid(b * c, spans)](x, *parts, spatial, span, BLOCK=block,
-                                         **_launch.launch_config("span_loop"))
-        mean = torch.empty(b * groups, dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
+        grid = _grid(b * c, spans)
+        span_meta = dict(BLOCK=block, **_launch.launch_config("span_loop"))
+        parts = torch.empty((3, b * c, spans), dtype=torch.float32, device=x.device)
+        _launch.launch(_gn_stats_kernel, grid, (x, parts[0], parts[1], parts[2], spatial, span), span_meta)
+        stats = torch.empty((2, b * groups), dtype=torch.float32, device=x.device)
+        mean, rstd = stats[0], stats[1]
         n_part = (c // groups) * spans
-        _gn_merge_kernel[(b * groups,)](*parts, mean, rstd, spatial, span, spans, n_part, eps,
-                                        BLOCK=triton.next_power_of_2(n_part))
+        _launch.launch(_gn_merge_kernel, (b * groups,),
+                       (parts[0], parts[1], parts[2], mean, rstd, spatial, span, spans, n_part, eps),
+                       dict(BLOCK=triton.next_power_of_2(n_part)))
         y = torch.empty_like(x)
-        _gn_apply_kernel[_grid(b * c, spans)](x, weight, bias, mean, rstd, y, c, c // groups, spatial,
-                                         span, BLOCK=block, PRECISE=not _launch.interpreting(),
-                                         **_launch.launch_config("span_loop"))
+        _launch.launch(_gn_apply_kernel, grid, (x, weight, bias, mean, rstd, y, c, c // groups, spatial, span),
+                       dict(PRECISE=not _launch.interpreting(), **span_meta))
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.groups = groups
+        ctx.shape = (block, span, spans)  # the backward's launch shape is the forward's
         return y
 
     @staticmethod
@@ -308,23 +310,29 @@ class _GroupNormSiLU(torch.autograd.Function):
         groups = ctx.groups
         dy = dy.contiguous()
         spatial = x[0, 0].numel()
-        block, span, spans = _launch_shape(b * c, spatial, x.device)
-        sdz, sdzx = (torch.empty((b * c, spans), dtype=torch.float32, device=x.device) for _ in range(2))
-        _gn_bwd_reduce_kernel[_grid(b * c, spans)](x, dy, weight, bias, mean, rstd, sdz, sdzx,
-                                              c, c // groups, spatial, span, BLOCK=block,
-                                              PRECISE=not _launch.interpreting(), **_launch.launch_config("span_loop"))
-        c_mean = torch.empty(b * groups, dtype=torch.float32, device=x.device)
-        c_proj = torch.empty_like(c_mean)
+        block, span, spans = ctx.shape
+        grid = _grid(b * c, spans)
+        span_meta = dict(BLOCK=block, PRECISE=not _launch.interpreting(), **_launch.launch_config("span_loop"))
+        sums = torch.empty((2, b * c, spans), dtype=torch.float32, device=x.device)
+        sdz, sdzx = sums[0], sums[1]
+        _launch.launch(_gn_bwd_reduce_kernel, grid,
+                       (x, dy, weight, bias, mean, rstd, sdz, sdzx, c, c // groups, spatial, span), span_meta)
+        centred = torch.empty((2, b * groups), dtype=torch.float32, device=x.device)
+        c_mean, c_proj = centred[0], centred[1]
         n_part = (c // groups) * spans
-        _gn_bwd_merge_kernel[(b * groups,)](sdz, sdzx, weight, c_mean, c_proj, c, c // groups, spans,
-                                            n_part, 1.0 / ((c // groups) * spatial),
-                                            BLOCK=triton.next_power_of_2(n_part))
+        _launch.launch(_gn_bwd_merge_kernel, (b * groups,),
+                       (sdz, sdzx, weight, c_mean, c_proj, c, c // groups, spans, n_part,
+                        1.0 / ((c // groups) * spatial)),
+                       dict(BLOCK=triton.next_power_of_2(n_part)))
         dx = torch.empty_like(x)
-        _gn_bwd_apply_kernel[_grid(b * c, spans)](x, dy, weight, bias, mean, rstd, c_mean, c_proj, dx,
-                                             c, c // groups, spatial, span, BLOCK=block,
-                                             PRECISE=not _launch.interpreting(), **_launch.launch_config("span_loop"))
-        dweight = sdzx.view(b, c, spans).sum((0, 2)).to(weight.dtype)
-        dbias = sdz.view(b, c, spans).sum((0, 2)).to(bias.dtype)
+        _launch.launch(_gn_bwd_apply_kernel, grid,
+                       (x, dy, weight, bias, mean, rstd, c_mean, c_proj, dx, c, c // groups, spatial, span),
+                       span_meta)
+        grads = sums.view(2, b, c, spans).sum((1, 3))   # fp32 (dbias, dweight); one cast where they share a dtype
+        if bias.dtype == weight.dtype:
+            dbias, dweight = grads.to(weight.dtype).unbind(0)
+        else:
+            dbias, dweight = grads[0].to(bias.dtype), grads[1].to(weight.dtype)
         return dx, dweight, dbias, None, None
 
 

@@ -115,6 +115,11 @@ def _qk_fwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
     tl.store(rstd_ptr + row, rstd, mask=rmask)
 
 
+# The partial rows are zeroed before each config the autotuner tries and before the chosen one
+# runs: the configs launch different numbers of programs (PER_SM), and rows left by a config with
+# more programs were summed into the weight gradient of the call that tuned a new length (found in
+# session 13's review).
+@_launch.tuned(["L"], "token_tile_loop", reset=["dw_part_ptr"])
 @triton.jit
 def _qk_bwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dout_ptr, dq_ptr, dw_part_ptr,
                    L, n_tok, n_hb, stride_qb, stride_ql, stride_qh, stride_ab, stride_al,
@@ -147,16 +152,6 @@ def _qk_bwd_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dout_ptr, dq_ptr, d
                  ((dn - n * proj) * rstd).to(dq_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_part_ptr + tl.program_id(0).to(tl.int64) * D + cols, tl.sum(tl.sum(acc, axis=0), axis=0),
              mask=cols < D)
-
-
-if _launch.autotuning():
-    # Autotuned like `_launch.tuned(["L"], "token_tile_loop")`, and the partial rows zeroed before
-    # each config the autotuner tries and before the chosen one runs: the configs launch different
-    # numbers of programs (PER_SM), and rows left by a config with more programs were summed into
-    # the weight gradient of the call that tuned a new length (found in session 13's review).
-    _qk_bwd_kernel = triton.autotune(
-        [triton.Config(dict(meta), num_warps=w) for meta, w in _launch.FAMILIES["token_tile_loop"][0]],
-        key=["L"], reset_to_zero=["dw_part_ptr"])(_qk_bwd_kernel)
 
 
 def _validate(q, weight, angles):
@@ -220,10 +215,10 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         out = torch.empty((b, length, nh, d), dtype=q.dtype, device=q.device)
         rstd = torch.empty((b * length * nh,), dtype=torch.float32, device=q.device)
         t, args = _tiling(b, length, nh, q.device), _launch_args(q, cos)
-        _qk_fwd_kernel[t["fwd_grid"]](
-            q, weight, cos, sin, out, rstd, length, t["n_tok"], t["n_hb"], *args.pop("strides"), eps,
-            NH=nh, D=d, **args, HB=t["hb"], BLOCK_P=triton.next_power_of_2(d // 2),
-            **_launch.launch_config("token_tile"))
+        _launch.launch(_qk_fwd_kernel, t["fwd_grid"],
+                       (q, weight, cos, sin, out, rstd, length, t["n_tok"], t["n_hb"], *args.pop("strides"), eps),
+                       dict(NH=nh, D=d, **args, HB=t["hb"], BLOCK_P=triton.next_power_of_2(d // 2),
+                            **_launch.launch_config("token_tile")))
         return out, rstd, cos, sin
 
     @staticmethod
@@ -236,10 +231,10 @@ class _QKRMSNormRoPE(torch.autograd.Function):
         t, args = _tiling(b, length, nh, q.device), _launch_args(q, cos)
         # zeros: the tuned grid may launch fewer programs than there are partial rows
         dw = torch.zeros((t["partials"], d), dtype=torch.float32, device=q.device)
-        _qk_bwd_kernel[t["bwd_grid"]](
-            q, weight, cos, sin, rstd, dout, dq, dw, length, t["n_tok"], t["n_hb"], *args.pop("strides"),
-            NH=nh, D=d, **args, HB=t["hb"], BLOCK_P=triton.next_power_of_2(d // 2),
-            **_launch.launch_config("token_tile_loop"))
+        _launch.launch(_qk_bwd_kernel, t["bwd_grid"],
+                       (q, weight, cos, sin, rstd, dout, dq, dw, length, t["n_tok"], t["n_hb"], *args.pop("strides")),
+                       dict(NH=nh, D=d, **args, HB=t["hb"], BLOCK_P=triton.next_power_of_2(d // 2),
+                            **_launch.launch_config("token_tile_loop")))
         return dq, dw.sum(0).to(weight.dtype)
 
     @staticmethod

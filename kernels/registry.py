@@ -18,6 +18,7 @@ chosen there. Kernel modules are imported lazily: importing the registry defines
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
@@ -43,18 +44,19 @@ class KernelEntry:
 # The DiT's kernels are verified alone and together in the whole DiT (forward and every gradient);
 # the VAE's kernel file has its whole-VAE test inside.
 _WHOLE_DIT = "parity_tests/kernels/test_dit_kernels.py"
+_LAUNCH = "parity_tests/kernels/test_launch.py"  # direct launches equal Triton's path, autotuned
 KERNELS: dict[str, KernelEntry] = {e.name: e for e in [
     KernelEntry("adaln_modulate", "adaln_modulate", "adaln_modulate", "adaln_modulate_reference",
-                ("parity_tests/kernels/test_adaln_modulate.py", _WHOLE_DIT), "DiT block AdaLN sites"),
+                ("parity_tests/kernels/test_adaln_modulate.py", _WHOLE_DIT, _LAUNCH), "DiT block AdaLN sites"),
     KernelEntry("gated_residual_modulate", "gated_residual_modulate", "gated_residual_modulate",
                 "gated_residual_modulate_reference",
-                ("parity_tests/kernels/test_gated_residual_modulate.py", _WHOLE_DIT),
+                ("parity_tests/kernels/test_gated_residual_modulate.py", _WHOLE_DIT, _LAUNCH),
                 "DiT block: gated residual into the next AdaLN site"),
     KernelEntry("qk_rmsnorm_rope", "qk_rmsnorm_rope", "qk_rmsnorm_rope", "qk_rmsnorm_rope_reference",
-                ("parity_tests/kernels/test_qk_rmsnorm_rope.py", _WHOLE_DIT),
+                ("parity_tests/kernels/test_qk_rmsnorm_rope.py", _WHOLE_DIT, _LAUNCH),
                 "DiT self-attention q and k (RMSNorm + RoPE); cross-attention q and k (RMSNorm, zero angles)"),
     KernelEntry("groupnorm_silu", "groupnorm_silu", "groupnorm_silu", "groupnorm_silu_reference",
-                ("parity_tests/kernels/test_groupnorm_silu.py",), "VAE ResBlocks"),
+                ("parity_tests/kernels/test_groupnorm_silu.py", _LAUNCH), "VAE ResBlocks"),
 ]}
 
 
@@ -80,25 +82,47 @@ def verified_devices() -> dict:
     return records
 
 
+def _kernel_source(module) -> str:
+    """A kernel module's source less its docstrings and `*_reference` functions (cut by line, so
+    the text, comments included, is what was written, whatever the Python version)."""
+    source = inspect.getsource(module)
+    drop = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.endswith("_reference"):
+            drop.append((min([d.lineno for d in node.decorator_list] + [node.lineno]), node.end_lineno))
+        if (isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body
+                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+                and isinstance(node.body[0].value.value, str)):
+            drop.append((node.body[0].lineno, node.body[0].end_lineno))
+    lines = source.splitlines()
+    return "\n".join(line for i, line in enumerate(lines, 1) if not any(a <= i <= b for a, b in drop))
+
+
+def _kernel_modules(module_name: str) -> list[str]:
+    """`module_name` and the mugv.kernels modules it imports, transitively, sorted."""
+    seen, todo = set(), [module_name]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse(inspect.getsource(importlib.import_module(f"mugv.kernels.{name}")))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "mugv.kernels":
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mugv.kernels."):
+                todo.append(node.module.split(".", 2)[2])
+    return sorted(seen)
+
+
 def fingerprint(name: str) -> str:
-    """sha256 over what decides a kernel's numerics and launch: the source of its Triton kernels
-    (decorators included), its autograd Function, its public wrapper, kernels/_launch.py and the
-    names of the parity files it must pass.
-    References and docs are left out, so editing them keeps a GPU verification valid."""
+    """sha256 over what decides a kernel's numerics and launch: the whole source of its module and
+    of the kernel modules it imports (kernels/_launch.py among them), less docstrings and
+    `*_reference` functions, and the names of the parity files it must pass. Launch helpers
+    (grids, tile geometry, gradient epilogues) are inside; editing a reference or a doc keeps a
+    GPU verification valid."""
     entry = _entry(name)
-    module = importlib.import_module(f"mugv.kernels.{entry.module}")
-    from mugv.kernels import _launch
-    import torch
-    parts = [inspect.getsource(_launch)]
-    for obj in vars(module).values():
-        fn = obj
-        while not inspect.isfunction(fn) and hasattr(fn, "fn"):  # Autotuner -> JITFunction -> fn
-            fn = fn.fn
-        is_kernel = fn is not obj and inspect.isfunction(fn)
-        is_function = inspect.isclass(obj) and issubclass(obj, torch.autograd.Function)
-        if (is_kernel or is_function) and getattr(fn, "__module__", None) == module.__name__:
-            parts.append(inspect.getsource(fn))
-    parts.append(inspect.getsource(getattr(module, entry.function)))
+    parts = [_kernel_source(importlib.import_module(f"mugv.kernels.{m}")) for m in _kernel_modules(entry.module)]
     parts.append(repr(entry.tests))  # a new required test voids earlier verifications
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -134,7 +158,18 @@ def kernel_status(name: str, device, choice: str | None = None) -> tuple[bool, s
         return False, f"reference: its parity test did not pass on {gpu} ({record.get('date', '?')})"
     if record.get("fingerprints", {}).get(name) != fingerprint(name):
         return False, f"reference: edited since verified on {gpu} (run `mugv verify-kernels`)"
+    triton_version = _triton_version()
+    if record.get("triton") != triton_version:
+        return False, (f"reference: verified on {gpu} with Triton {record.get('triton')}, this is "
+                       f"Triton {triton_version} (run `mugv verify-kernels`)")
     return True, f"kernel: verified on {gpu} ({record.get('date', '?')}, {record.get('command', '?')})"
+
+
+def _triton_version() -> str:
+    """The running Triton's version, as `mugv verify-kernels` records it (CUDA devices only: the
+    kernel modules' import decides the interpreter first)."""
+    from mugv.kernels import _launch
+    return _launch.triton.__version__
 
 
 def kernel_enabled(name: str, device, choice: str | None = None) -> bool:

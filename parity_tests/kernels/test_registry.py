@@ -43,13 +43,17 @@ def test_verified_record_needs_matching_fingerprint(monkeypatch):
     monkeypatch.delenv("MUGV_KERNELS", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
     current = registry.fingerprint("adaln_modulate")
-    record = {"Some GPU": {"kernels": ["adaln_modulate", "groupnorm_silu"],
+    record = {"Some GPU": {"kernels": ["adaln_modulate", "groupnorm_silu"], "triton": registry._triton_version(),
                            "fingerprints": {"adaln_modulate": current, "groupnorm_silu": "0" * 64}}}
     monkeypatch.setattr(registry, "verified_devices", lambda: record)
     cuda = torch.device("cuda")
     assert registry.kernel_enabled("adaln_modulate", cuda)
     assert not registry.kernel_enabled("groupnorm_silu", cuda)  # edited since its GPU run
     assert not registry.kernel_enabled("qk_rmsnorm_rope", cuda)  # never verified there
+    record["Some GPU"]["triton"] = "0.0.1"   # Triton compiles the kernels: another version, other binaries
+    used, why = registry.kernel_status("adaln_modulate", cuda)
+    assert not used and "Triton 0.0.1" in why and "mugv verify-kernels" in why
+    record["Some GPU"]["triton"] = registry._triton_version()
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Other GPU")
     assert not registry.kernel_enabled("adaln_modulate", cuda)
 
@@ -113,7 +117,7 @@ def test_user_record_switches_a_kernel_on_for_its_device_and_says_why(fake_gpu):
     from mugv.kernels import registry, verify
     used, why = registry.kernel_status("adaln_modulate", "cuda")
     assert not used and "not verified on Fake GPU 9000" in why and "mugv verify-kernels" in why
-    parity = {"files": {"test_adaln_modulate": True, "test_gated_residual_modulate": False,
+    parity = {"files": {"test_launch": True, "test_adaln_modulate": True, "test_gated_residual_modulate": False,
                         "test_qk_rmsnorm_rope": True, "test_dit_kernels": True}}
     record = verify.device_record("Fake GPU 9000", parity, None, {})
     verify.write_record("Fake GPU 9000", record)
@@ -134,7 +138,7 @@ def test_user_record_switches_a_kernel_on_for_its_device_and_says_why(fake_gpu):
 
 def test_edited_kernel_falls_back_until_verified_again(fake_gpu):
     from mugv.kernels import registry, verify
-    record = verify.device_record("Fake GPU 9000", {"files": {"test_qk_rmsnorm_rope": True,
+    record = verify.device_record("Fake GPU 9000", {"files": {"test_qk_rmsnorm_rope": True, "test_launch": True,
                                                              "test_dit_kernels": True}}, None, {})
     record["fingerprints"]["qk_rmsnorm_rope"] = "0" * 64    # verified with other source
     verify.write_record("Fake GPU 9000", record)
@@ -146,6 +150,7 @@ def test_edited_kernel_falls_back_until_verified_again(fake_gpu):
 def test_only_keeps_the_other_verified_kernels(fake_gpu):
     from mugv.kernels import verify
     first = verify.device_record("Fake GPU 9000", {"files": {"test_adaln_modulate": True, "test_dit_kernels": True,
+                                                            "test_launch": True,
                                                             "test_groupnorm_silu": True}}, None, {})
     again = verify.device_record("Fake GPU 9000", {"files": {"test_groupnorm_silu": False}},
                                  {"groupnorm_silu"}, first)

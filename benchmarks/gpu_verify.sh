@@ -5,7 +5,6 @@
 # record's FA4 entries are carried over by the verification).
 #
 #   PARTS="verify host" VERIFY_S=300 HOST_S=110 HOST_RES=256p bash benchmarks/gpu_verify.sh
-#   PARTS="verify host verify-old" VERIFY_OLD_S=150 ...   (then verifies the wheel carried in .whl-old)
 #
 # verify: `mugv verify-kernels` for the four Triton kernels and the compiled layers (or the list
 #         VERIFY_ONLY names; the record keeps the others whose code is unchanged), writing
@@ -20,11 +19,11 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "GPU: $gpu"
 nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.limit --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-verify() {  # $1: output folder; the rest: extra environment
-  local dir=$1; shift
+verify() {  # $1: output folder
+  local dir=$1
   mkdir -p "$dir"
   local t0=$SECONDS
-  env "$@" timeout "${VERIFY_S:-300}" python3 -P -m mugv.kernels.verify \
+  timeout "${VERIFY_S:-300}" python3 -P -m mugv.kernels.verify \
       --only "${VERIFY_ONLY:-adaln_modulate,gated_residual_modulate,qk_rmsnorm_rope,groupnorm_silu,compiled_layers}" \
       --record "$dir/verified_kernels.json" --log-dir "$dir" > "$dir/verify.txt" 2>&1
   echo "verify ($dir) rc $? in $((SECONDS - t0)) s"; tail -12 "$dir/verify.txt"
@@ -37,21 +36,11 @@ host() {
       --res ${HOST_RES:-256p} --calls 200 > "$OUT/host.log" 2>&1
   echo "kernel_host rc $? in $((SECONDS - t0)) s"; grep -v "^{" "$OUT/host.log" | tail -60
 }
-# the parts in the order PARTS names them. verify-old: the same verification of another
-# checkout's wheel carried as .whl-old (e.g. main's, so that a branch that fails here still
-# leaves main a current record), with its own limit VERIFY_OLD_S
+# the parts in the order PARTS names them
 for part in $PARTS; do
   case $part in
     verify) verify "$OUT/verify" ;;
-    verify-old)
-      if ls .whl-old/mugv-*.whl >/dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site-old .whl-old/mugv-*.whl
-        VERIFY_S=${VERIFY_OLD_S:-${VERIFY_S:-300}} verify "$OUT/verify-old" PYTHONPATH="/tmp/site-old:$PYTHONPATH"
-      else
-        echo "verify-old: no .whl-old/mugv-*.whl carried"
-      fi ;;
     host) host ;;
-    *) echo "unknown part $part (verify, verify-old, host)" ;;
+    *) echo "unknown part $part (verify, host)" ;;
   esac
 done

@@ -4,11 +4,11 @@ kernel's host path (issue 22: "faster than torch.compile by wall time at 256p").
 
     python -P benchmarks/kernel_host.py --out DIR [--res 256p 720p] [--calls 200]
 
-For each kernel of benchmarks/kernels.py's cases at the chosen shapes, each variant ("tritonpath":
-the kernel launched through Triton's own launch path every time; "triton": as the package runs it,
-launched directly after the first launch of each signature, `kernels/_launch.py::launch`;
-"compile": torch.compile of the reference) runs `calls` forward+backward calls back to back (the same step as kernels.py: the
-op, then torch.autograd.grad of its outputs):
+For each kernel of benchmarks/kernels.py's cases at the chosen shapes, each variant runs `calls`
+forward+backward calls back to back (the same step as kernels.py: the op, then
+torch.autograd.grad of its outputs). Variants: "tritonpath", every launch through Triton's own
+launch path; "triton", as the package runs it (launched directly after the first launch of each
+signature, `kernels/_launch.py::launch`); "compile", torch.compile of the reference.
 - host ms: host time per call until the last call returns (no synchronisation inside the loop);
 - loop ms: time per call until the GPU has finished them all (a training loop's cost: the larger
   of host and GPU work when they overlap);

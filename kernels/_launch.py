@@ -144,6 +144,14 @@ def reduction_programs(device: torch.device) -> int:
     return 2 * sm_count(device)
 
 
+def cast_rows(grads: torch.Tensor, dtypes) -> tuple[torch.Tensor, ...]:
+    """The fp32 parameter gradients stacked along dim 0 (summed from the kernels' partials), each
+    row in its dtype: one cast where all share one (the usual case), else one per row."""
+    if len(set(dtypes)) == 1:
+        return grads.to(dtypes[0]).unbind(0)
+    return tuple(g.to(d) for g, d in zip(grads.unbind(0), dtypes))
+
+
 def check(cond: bool, name: str, value, expected: str) -> None:
     """Raise ValueError naming the argument, the value and what was expected."""
     if not cond:

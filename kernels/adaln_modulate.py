@@ -150,10 +150,7 @@ def kernel_index(x, shift, index):
 def sum_partials(parts, dtypes):
     """The parameter gradients from one fp32 partial-sum buffer (n, B, programs, K, h): one sum over
     the programs and one cast per distinct dtype (instead of a sum and a cast per gradient)."""
-    sums = parts.sum(2)
-    if len(set(dtypes)) == 1:
-        return sums.to(dtypes[0]).unbind(0)
-    return tuple(s.to(d) for s, d in zip(sums.unbind(0), dtypes))
+    return _launch.cast_rows(parts.sum(2), dtypes)
 
 
 def validate_modulation(x, tables: dict, index, what: str = "adaln_modulate"):

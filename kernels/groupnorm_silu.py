@@ -328,11 +328,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         _launch.launch(_gn_bwd_apply_kernel, grid,
                        (x, dy, weight, bias, mean, rstd, c_mean, c_proj, dx, c, c // groups, spatial, span),
                        span_meta)
-        grads = sums.view(2, b, c, spans).sum((1, 3))   # fp32 (dbias, dweight); one cast where they share a dtype
-        if bias.dtype == weight.dtype:
-            dbias, dweight = grads.to(weight.dtype).unbind(0)
-        else:
-            dbias, dweight = grads[0].to(bias.dtype), grads[1].to(weight.dtype)
+        dbias, dweight = _launch.cast_rows(sums.view(2, b, c, spans).sum((1, 3)), (bias.dtype, weight.dtype))
         return dx, dweight, dbias, None, None
 
 

@@ -280,3 +280,12 @@ def test_direct_launch_equals_tritons_path_bf16_and_misaligned():
     for kernel in ("adaln_modulate._adaln_fwd_kernel", "gated_residual_modulate._gated_bwd_kernel",
                    "qk_rmsnorm_rope._qk_fwd_kernel", "groupnorm_silu._gn_stats_kernel"):
         assert by_alignment.get(kernel) == [False, True], by_alignment
+
+
+def test_cast_rows_one_cast_per_gradient_dtype():
+    grads = torch.tensor([[1.0 + 2 ** -12, 2.0], [3.0, 4.0 + 2 ** -10]])
+    same = _launch.cast_rows(grads, (torch.bfloat16, torch.bfloat16))
+    assert [g.dtype for g in same] == [torch.bfloat16] * 2 and torch.equal(same[0], grads[0].bfloat16())
+    mixed = _launch.cast_rows(grads, (torch.float32, torch.bfloat16))
+    assert mixed[0].dtype == torch.float32 and torch.equal(mixed[0], grads[0])   # not rounded through bf16
+    assert mixed[1].dtype == torch.bfloat16 and torch.equal(mixed[1], grads[1].bfloat16())
